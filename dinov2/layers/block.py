@@ -1,0 +1,115 @@
+"""Pre-norm transformer block that runs one tensor or a list of token groups in one pass.
+
+A list input (e.g. ``[global_crops (B, 1+256, D), local_crops (8B, 1+36, D)]``) is processed
+"nested": the tokens of all groups are concatenated for the norms, ``qkv``, ``proj`` and MLP
+matmuls, and attention stays within each sequence (:func:`dinov2.ops.nested_attention`).
+
+Stochastic depth: for a drop rate above 0.1 in training, each residual branch is computed only
+on a random subset of each group's samples and added back with ``index_add`` and the exact
+inverse keep fraction (:mod:`dinov2.ops.residual`), so the dropped samples cost nothing. For
+smaller rates a per-sample :class:`DropPath` mask is cheaper than the gather/scatter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dinov2.layers.attention import Attention
+from dinov2.layers.drop_path import DropPath
+from dinov2.layers.layer_scale import LayerScale
+from dinov2.layers.mlp import Mlp
+from dinov2.ops.residual import index_add_residual, sample_keep_subset
+
+# Above this drop rate the subset path saves more than its gather/scatter costs.
+SUBSET_DROP_PATH_THRESHOLD = 0.1
+
+GroupShapes = list[tuple[int, int]]
+
+
+def _concat_tokens(xs: list[torch.Tensor]) -> torch.Tensor:
+    flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=0)
+
+
+def _split_tokens(flat: torch.Tensor, shapes: GroupShapes) -> list[torch.Tensor]:
+    parts = torch.split(flat, [b * n for b, n in shapes], dim=0)
+    return [p.view(b, n, flat.shape[-1]) for p, (b, n) in zip(parts, shapes)]
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        attn_class: Callable[..., nn.Module] = Attention,
+        ffn_layer: Callable[..., nn.Module] = Mlp,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_class(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            backend=attn_backend,
+        )
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = ffn_layer(
+            in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, bias=ffn_bias
+        )
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.sample_drop_ratio = drop_path
+
+    # The two residual branches, on flat (T, D) tokens.
+    def _attn_branch(self, flat: torch.Tensor, shapes: GroupShapes) -> torch.Tensor:
+        return self.ls1(self.attn.forward_nested(self.norm1(flat), shapes))
+
+    def _ffn_branch(self, flat: torch.Tensor, shapes: GroupShapes) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(flat)))
+
+    def _add_residual(self, xs: list[torch.Tensor], branch, drop_path: nn.Module) -> list[torch.Tensor]:
+        shapes = [(x.shape[0], x.shape[1]) for x in xs]
+        residuals = _split_tokens(branch(_concat_tokens(xs), shapes), shapes)
+        return [x + drop_path(r) for x, r in zip(xs, residuals)]
+
+    def _add_residual_on_subsets(self, xs: list[torch.Tensor], branch) -> list[torch.Tensor]:
+        subsets = [sample_keep_subset(x.shape[0], self.sample_drop_ratio, x.device) for x in xs]
+        kept = [x[indices] for x, (indices, _) in zip(xs, subsets)]
+        shapes = [(x.shape[0], x.shape[1]) for x in kept]
+        residuals = _split_tokens(branch(_concat_tokens(kept), shapes), shapes)
+        return [index_add_residual(x, indices, r, scale) for x, r, (indices, scale) in zip(xs, residuals, subsets)]
+
+    def forward_list(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.training and self.sample_drop_ratio > SUBSET_DROP_PATH_THRESHOLD:
+            xs = self._add_residual_on_subsets(xs, self._attn_branch)
+            return self._add_residual_on_subsets(xs, self._ffn_branch)
+        xs = self._add_residual(xs, self._attn_branch, self.drop_path1)
+        return self._add_residual(xs, self._ffn_branch, self.drop_path2)
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(x, list):
+            return self.forward_list(x)
+        return self.forward_list([x])[0]
+
+
+# Published name of the block that accepts lists; every Block here does.
+NestedTensorBlock = Block

@@ -1,0 +1,119 @@
+"""Multi-head attention kernels behind one interface.
+
+Layout: every function here takes ``q, k, v`` in "BNHD" layout, ``(batch, tokens, heads,
+head_dim)``, which is what a fused ``qkv`` projection reshapes into without a copy and what
+xFormers consumes directly. The softmax scale is always ``head_dim ** -0.5``.
+
+Backends:
+
+- ``math``: the explicit ``softmax(q k^T / sqrt(d)) v``; the reference every other backend is
+  tested against. Softmax runs in float32.
+- ``sdpa``: :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient /
+  C++ kernels chosen by PyTorch for the device).
+- ``xformers``: ``xformers.ops.memory_efficient_attention``, imported lazily (CUDA only).
+- ``auto``: ``xformers`` on CUDA when it imports, else ``sdpa``.
+
+Nested (variable-length) attention runs several groups of sequences whose tokens have been
+concatenated into one ``(T, heads, head_dim)`` tensor, e.g. the 2 global and 8 local crops
+of a DINOv2 batch. Group ``i`` holds ``B_i`` sequences of ``N_i`` tokens and attention never
+crosses sequence boundaries. The native path runs one dense call per group; the xFormers path
+runs one call with a block-diagonal bias.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dinov2.ops.xformers import xformers_available, xformers_ops
+
+BACKENDS = ("math", "sdpa", "xformers", "auto")
+
+GroupShapes = tuple[tuple[int, int], ...]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map a requested backend (possibly ``auto``) to the one that will run on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    return backend
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference attention: explicit scores, float32 softmax. BNHD in, BNHD out."""
+    scale = q.shape[-1] ** -0.5
+    scores = torch.einsum("bnhd,bmhd->bhnm", q.float() * scale, k.float())
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bhnm,bmhd->bnhd", probs, v.float()).to(q.dtype)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Dense multi-head attention over ``(B, N, H, D)`` inputs with the chosen backend."""
+    backend = resolve_backend(backend, q.device)
+    if backend == "math":
+        return math_attention(q, k, v)
+    if backend == "sdpa":
+        return _sdpa(q, k, v)
+    return xformers_ops().memory_efficient_attention(q, k, v)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_diagonal_bias(group_shapes: GroupShapes):
+    """xFormers block-diagonal bias for the given groups, cached per shape tuple."""
+    seqlens = [n for b, n in group_shapes for _ in range(b)]
+    return xformers_ops().fmha.BlockDiagonalMask.from_seqlens(seqlens)
+
+
+def _check_groups(total_tokens: int, group_shapes: Sequence[tuple[int, int]]) -> GroupShapes:
+    shapes = tuple((int(b), int(n)) for b, n in group_shapes)
+    expected = sum(b * n for b, n in shapes)
+    if expected != total_tokens:
+        raise ValueError(
+            f"nested_attention: group shapes {shapes} describe {expected} tokens but the inputs hold {total_tokens}"
+        )
+    return shapes
+
+
+def nested_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_shapes: Sequence[tuple[int, int]],
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over concatenated groups of sequences.
+
+    Args:
+        q, k, v: ``(T, H, D)``, the tokens of all groups concatenated group by group, each group
+            laid out sequence-major (``B_i`` sequences of ``N_i`` consecutive tokens).
+        group_shapes: ``[(B_0, N_0), (B_1, N_1), ...]`` with ``sum(B_i * N_i) == T``.
+        backend: see :data:`BACKENDS`.
+
+    Returns:
+        ``(T, H, D)``; equal to running :func:`attention` on each group separately.
+    """
+    shapes = _check_groups(q.shape[0], group_shapes)
+    backend = resolve_backend(backend, q.device)
+    if backend == "xformers":
+        bias = _block_diagonal_bias(shapes)
+        out = xformers_ops().memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)
+        return out[0]
+    heads, dim = q.shape[1:]
+    outputs = []
+    start = 0
+    for b, n in shapes:
+        end = start + b * n
+        group = [t[start:end].reshape(b, n, heads, dim) for t in (q, k, v)]
+        outputs.append(attention(*group, backend=backend).reshape(b * n, heads, dim))
+        start = end
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+
+from dinov2.ops import attention, math_attention, nested_attention, resolve_backend, xformers_available
+
+
+def _reference(q, k, v):
+    """Per-sequence, per-head float64 loops: softmax(q k^T / sqrt(d)) v."""
+    q, k, v = (t.double() for t in (q, k, v))
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            scores = q[b, :, h] @ k[b, :, h].T / math.sqrt(q.shape[-1])
+            weights = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
+            out[b, :, h] = (weights / weights.sum(dim=-1, keepdim=True)) @ v[b, :, h]
+    return out
+
+
+def _qkv(b, n, h, d, dtype=torch.float32, device="cpu"):
+    return [torch.randn(b, n, h, d, dtype=dtype, device=device) for _ in range(3)]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 8), (1, 17, 2, 16), (3, 1, 1, 4)])
+def test_math_matches_float64_reference(shape):
+    q, k, v = _qkv(*shape)
+    torch.testing.assert_close(math_attention(q, k, v).double(), _reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 8), (4, 50, 6, 32)])
+def test_sdpa_matches_math(shape):
+    q, k, v = _qkv(*shape)
+    torch.testing.assert_close(attention(q, k, v, "sdpa"), attention(q, k, v, "math"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_nested_equals_separate_groups(backend):
+    heads, dim = 3, 8
+    shapes = [(2, 17), (6, 5), (1, 9)]
+    groups = [_qkv(b, n, heads, dim) for b, n in shapes]
+    flat = [torch.cat([g[i].reshape(-1, heads, dim) for g in groups]) for i in range(3)]
+    out = nested_attention(*flat, shapes, backend=backend)
+    expected = torch.cat([_reference(*g).reshape(-1, heads, dim) for g in groups]).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nested_attention_rejects_inconsistent_groups():
+    q = torch.randn(10, 2, 4)
+    with pytest.raises(ValueError, match="describe 12 tokens but the inputs hold 10"):
+        nested_attention(q, q, q, [(2, 6)], backend="math")
+
+
+def test_backend_names():
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("math", torch.device("cpu")) == "math"
+    with pytest.raises(ValueError, match="flash2.*valid backends: math, sdpa, xformers, auto"):
+        resolve_backend("flash2", torch.device("cpu"))
+
+
+@pytest.mark.skipif(xformers_available(), reason="xFormers is installed here")
+def test_missing_xformers_gives_a_clear_error():
+    q, k, v = _qkv(1, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="xFormers cannot be imported.*sdpa"):
+        attention(q, k, v, "xformers")
+
+
+@pytest.mark.gpu
+@pytest.mark.xformers
+@pytest.mark.parametrize("nested", [False, True])
+def test_xformers_matches_sdpa_bf16(nested):
+    device = torch.device("cuda")
+    heads, dim = 6, 64
+    if nested:
+        shapes = [(8, 257), (32, 37)]
+        tokens = sum(b * n for b, n in shapes)
+        q, k, v = (torch.randn(tokens, heads, dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+        out = nested_attention(q, k, v, shapes, backend="xformers")
+        ref = nested_attention(q, k, v, shapes, backend="sdpa")
+    else:
+        q, k, v = _qkv(8, 257, heads, dim, torch.bfloat16, device)
+        out, ref = attention(q, k, v, "xformers"), attention(q, k, v, "math")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
