@@ -1,0 +1,116 @@
+"""Released DINOv2 backbones: ``dinov2_vit{s,b,l,g}14`` and their ``_reg`` (4 registers) variants.
+
+``weights`` is ``Weights.LVD142M`` (the official download), a local path (``.pth`` or
+``.safetensors``) or a URL. Files are read with ``weights_only=True`` and loaded strictly
+through :func:`dinov2.checkpoint.load_backbone_state_dict`, which also accepts training
+checkpoints (``teacher.backbone.`` keys, chunked blocks, ``module.`` prefixes).
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+from dinov2.checkpoint import load_backbone_state_dict, load_weights_file
+from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer
+
+logger = logging.getLogger("dinov2")
+
+DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
+
+
+class Weights(Enum):
+    LVD142M = "LVD142M"
+
+
+def model_names(arch_name: str, patch_size: int, num_register_tokens: int = 0) -> tuple[str, str]:
+    """``("dinov2_vitl14", "dinov2_vitl14_reg4")``-style base and full names of a released model."""
+    compact = arch_name.replace("_", "")[:4]  # vit_small -> vits, vit_giant2 -> vitg
+    base = f"dinov2_{compact}{patch_size}"
+    return base, base + (f"_reg{num_register_tokens}" if num_register_tokens else "")
+
+
+# Names of the released weight sets, accepted as enums or plain strings.
+OFFICIAL_WEIGHT_NAMES = {"LVD142M", "IMAGENET1K"}
+
+
+def resolve_weights_location(weights, default_url: str) -> str:
+    """An official weight-set name (enum or string) maps to ``default_url``; anything else is a
+    path or URL."""
+    if isinstance(weights, Enum) or weights in OFFICIAL_WEIGHT_NAMES:
+        return default_url
+    return str(weights)
+
+
+def make_dinov2_model(
+    *,
+    arch_name: str = "vit_large",
+    img_size: int = 518,
+    patch_size: int = 14,
+    init_values: float = 1.0,
+    ffn_layer: str = "mlp",
+    block_chunks: int = 0,
+    num_register_tokens: int = 0,
+    interpolate_antialias: bool = False,
+    interpolate_offset: float = 0.1,
+    pretrained: bool = True,
+    weights=Weights.LVD142M,
+    **kwargs,
+) -> DinoVisionTransformer:
+    """Build a backbone with the released models' settings and optionally load weights."""
+    model = ARCHS[arch_name](
+        img_size=img_size,
+        patch_size=patch_size,
+        init_values=init_values,
+        ffn_layer=ffn_layer,
+        block_chunks=block_chunks,
+        num_register_tokens=num_register_tokens,
+        interpolate_antialias=interpolate_antialias,
+        interpolate_offset=interpolate_offset,
+        **kwargs,
+    )
+    if pretrained:
+        base, full = model_names(arch_name, patch_size, num_register_tokens)
+        location = resolve_weights_location(weights, f"{DINOV2_BASE_URL}/{base}/{full}_pretrain.pth")
+        report = load_backbone_state_dict(model, load_weights_file(location), source=location)
+        logger.info("loaded %s backbone weights from %s (%s)", full, location, report)
+    return model
+
+
+# The released "_reg" models were trained with 4 registers, antialiased interpolation, no offset.
+REGISTERS_KWARGS = {"num_register_tokens": 4, "interpolate_antialias": True, "interpolate_offset": 0.0}
+
+
+def _backbone(arch_name: str, registers: bool, doc: str):
+    def entry(*, pretrained: bool = True, weights=Weights.LVD142M, **kwargs) -> DinoVisionTransformer:
+        if registers:
+            kwargs = {**REGISTERS_KWARGS, **kwargs}
+        if arch_name == "vit_giant2":
+            kwargs.setdefault("ffn_layer", "swiglufused")
+        return make_dinov2_model(arch_name=arch_name, pretrained=pretrained, weights=weights, **kwargs)
+
+    base, _ = model_names(arch_name, 14)
+    entry.__name__ = entry.__qualname__ = base + ("_reg" if registers else "")
+    entry.__doc__ = (
+        f"{doc}. ``pretrained=False`` gives random weights; ``weights`` is ``Weights.LVD142M`` "
+        "(official download), a path (.pth / .safetensors) or a URL; other kwargs go to the model."
+    )
+    return entry
+
+
+dinov2_vits14 = _backbone("vit_small", False, "ViT-S/14 (21M parameters), distilled from ViT-g/14 on LVD-142M")
+dinov2_vitb14 = _backbone("vit_base", False, "ViT-B/14 (86M parameters), distilled from ViT-g/14 on LVD-142M")
+dinov2_vitl14 = _backbone("vit_large", False, "ViT-L/14 (300M parameters), distilled from ViT-g/14 on LVD-142M")
+dinov2_vitg14 = _backbone("vit_giant2", False, "ViT-g/14 (1.1B parameters, SwiGLU), pretrained on LVD-142M")
+dinov2_vits14_reg = _backbone("vit_small", True, "ViT-S/14 with 4 registers")
+dinov2_vitb14_reg = _backbone("vit_base", True, "ViT-B/14 with 4 registers")
+dinov2_vitl14_reg = _backbone("vit_large", True, "ViT-L/14 with 4 registers")
+dinov2_vitg14_reg = _backbone("vit_giant2", True, "ViT-g/14 with 4 registers (SwiGLU)")
+
+BACKBONES = {
+    fn.__name__: fn
+    for fn in (
+        dinov2_vits14, dinov2_vitb14, dinov2_vitl14, dinov2_vitg14,
+        dinov2_vits14_reg, dinov2_vitb14_reg, dinov2_vitl14_reg, dinov2_vitg14_reg,
+    )
+}  # fmt: skip

@@ -1,0 +1,113 @@
+"""Backbones with linear ImageNet-1k classifiers: ``dinov2_vit{s,b,l,g}14[_reg]_lc``.
+
+A head file holds ``{"weight": (1000, (1 + layers) * D), "bias": (1000,)}``: a linear layer on
+the concatenated CLS tokens of the last ``layers`` blocks (1 or 4) and the average of the last
+block's patch tokens. The linear-probing evaluation saves its best classifier in this format.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import nn
+
+from dinov2.checkpoint import check_state_dict, load_weights_file
+from dinov2.hub import backbones
+from dinov2.hub.backbones import DINOV2_BASE_URL, Weights, model_names, resolve_weights_location
+
+
+class ClassifierWeights(Enum):
+    IMAGENET1K = "IMAGENET1K"
+
+
+def linear_head_url(arch_name: str, patch_size: int, num_register_tokens: int, layers: int) -> str:
+    base, full = model_names(arch_name, patch_size, num_register_tokens)
+    return f"{DINOV2_BASE_URL}/{base}/{full}_linear{layers if layers == 4 else ''}_head.pth"
+
+
+class LinearClassifierWrapper(nn.Module):
+    """``backbone`` + linear head on ``[cls_1, ..., cls_layers, mean(patch tokens)]``."""
+
+    def __init__(self, *, backbone: nn.Module, linear_head: nn.Linear, layers: int = 4) -> None:
+        super().__init__()
+        if layers not in (1, 4):
+            raise ValueError(f"layers must be 1 or 4, got {layers}")
+        self.backbone = backbone
+        self.linear_head = linear_head
+        self.layers = layers
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layers == 1:
+            out = self.backbone.forward_features(x)
+            return torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(dim=1)], dim=1)
+        outputs = self.backbone.get_intermediate_layers(x, n=self.layers, return_class_token=True)
+        class_tokens = [cls for _, cls in outputs]
+        return torch.cat([*class_tokens, outputs[-1][0].mean(dim=1)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_head(self.features(x))
+
+
+def make_dinov2_linear_classifier(
+    *,
+    arch_name: str,
+    layers: int = 4,
+    pretrained: bool = True,
+    weights=ClassifierWeights.IMAGENET1K,
+    backbone_weights=Weights.LVD142M,
+    num_register_tokens: int = 0,
+    num_classes: int = 1000,
+    **kwargs,
+) -> LinearClassifierWrapper:
+    """Backbone (``backbone_weights``) plus a linear head (``weights``: enum, path or URL)."""
+    if num_register_tokens:
+        kwargs.update(num_register_tokens=num_register_tokens, interpolate_antialias=True, interpolate_offset=0.0)
+    backbone = backbones.make_dinov2_model(
+        arch_name=arch_name, pretrained=pretrained, weights=backbone_weights, **kwargs
+    )
+    head = nn.Linear((1 + layers) * backbone.embed_dim, num_classes)
+    if pretrained:
+        default = linear_head_url(arch_name, backbone.patch_size, num_register_tokens, layers)
+        location = resolve_weights_location(weights, default)
+        state = load_weights_file(location)
+        check_state_dict(head, state, source=location)
+        head.load_state_dict(state, strict=True)
+    return LinearClassifierWrapper(backbone=backbone, linear_head=head, layers=layers)
+
+
+def _lc(arch_name: str, registers: bool, doc: str):
+    def entry(*, layers: int = 4, pretrained: bool = True, weights=ClassifierWeights.IMAGENET1K, **kwargs):
+        if registers:
+            kwargs.setdefault("num_register_tokens", 4)
+        if arch_name == "vit_giant2":
+            kwargs.setdefault("ffn_layer", "swiglufused")
+        return make_dinov2_linear_classifier(
+            arch_name=arch_name, layers=layers, pretrained=pretrained, weights=weights, **kwargs
+        )
+
+    base, _ = model_names(arch_name, 14)
+    entry.__name__ = entry.__qualname__ = f"{base}{'_reg' if registers else ''}_lc"
+    entry.__doc__ = (
+        f"{doc} with a linear ImageNet-1k head. ``layers``: 1 or 4; ``weights``: the head file "
+        "(enum, path or URL); ``backbone_weights``: the backbone file; ``pretrained=False``: random weights."
+    )
+    return entry
+
+
+dinov2_vits14_lc = _lc("vit_small", False, "ViT-S/14")
+dinov2_vitb14_lc = _lc("vit_base", False, "ViT-B/14")
+dinov2_vitl14_lc = _lc("vit_large", False, "ViT-L/14")
+dinov2_vitg14_lc = _lc("vit_giant2", False, "ViT-g/14")
+dinov2_vits14_reg_lc = _lc("vit_small", True, "ViT-S/14 with registers")
+dinov2_vitb14_reg_lc = _lc("vit_base", True, "ViT-B/14 with registers")
+dinov2_vitl14_reg_lc = _lc("vit_large", True, "ViT-L/14 with registers")
+dinov2_vitg14_reg_lc = _lc("vit_giant2", True, "ViT-g/14 with registers")
+
+CLASSIFIERS = {
+    fn.__name__: fn
+    for fn in (
+        dinov2_vits14_lc, dinov2_vitb14_lc, dinov2_vitl14_lc, dinov2_vitg14_lc,
+        dinov2_vits14_reg_lc, dinov2_vitb14_reg_lc, dinov2_vitl14_reg_lc, dinov2_vitg14_reg_lc,
+    )
+}  # fmt: skip
