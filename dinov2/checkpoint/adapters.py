@@ -146,6 +146,24 @@ def adapt_backbone_state_dict(
     return state, report
 
 
+# The original heads used the deprecated torch.nn.utils.weight_norm; ours use parametrizations.
+_WEIGHT_NORM_KEYS = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
+
+
+def convert_weight_norm_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``*.weight_g`` / ``*.weight_v`` (old weight-norm API) to the parametrization keys."""
+    out = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _WEIGHT_NORM_KEYS:
+            key = f"{prefix}.{_WEIGHT_NORM_KEYS[leaf]}" if prefix else _WEIGHT_NORM_KEYS[leaf]
+        out[key] = value
+    return out
+
+
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "") -> None:
     """Raise :class:`StateDictMismatchError` unless ``state`` has exactly ``model``'s keys and shapes."""
     expected = model.state_dict()
