@@ -12,6 +12,7 @@ from dinov2.models.vision_transformer import (
     vit_giant2,
     vit_large,
     vit_small,
+    vit_tiny,
 )
 
 # Keys of the config's `student` section that shape the backbone, with their defaults.

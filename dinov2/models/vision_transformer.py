@@ -304,6 +304,14 @@ class DinoVisionTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------- architecture registry
+def vit_tiny(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
+    """ViT-Ti (DeiT-Tiny shape): width 192, 12 blocks, 3 heads; for laptops and quick experiments."""
+    return DinoVisionTransformer(
+        patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
+        num_register_tokens=num_register_tokens, **kwargs,
+    )  # fmt: skip
+
+
 def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     return DinoVisionTransformer(
         patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
@@ -334,6 +342,7 @@ def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> 
 
 
 ARCHS: dict[str, Callable[..., DinoVisionTransformer]] = {
+    "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_base": vit_base,
     "vit_large": vit_large,

@@ -179,7 +179,7 @@ def test_build_model_from_cfg():
         only_teacher, dim = build_model_from_cfg(cfg, only_teacher=True)
     assert dim == 384 and isinstance(only_teacher, DinoVisionTransformer)
     cfg.student.arch = "vit_huge"
-    with pytest.raises(ValueError, match="vit_huge.*vit_small, vit_base, vit_large, vit_giant2"):
+    with pytest.raises(ValueError, match="vit_huge.*vit_tiny, vit_small, vit_base, vit_large, vit_giant2"):
         build_model_from_cfg(cfg)
 
 
