@@ -1,0 +1,148 @@
+"""Teacher-target normalisation shared by the DINO and iBOT losses.
+
+Two ways turn teacher logits ``z`` (rows = samples, columns = K prototypes) into targets:
+
+* centering + sharpening: ``p = softmax((z - c) / T)`` where ``c`` is an exponential moving
+  average of the batch mean of ``z`` (``c <- m c + (1 - m) mean(z)``), reduced over all ranks;
+* Sinkhorn-Knopp: the matrix ``Q = exp(z / T)`` is alternately rescaled so that every prototype
+  receives the same total mass over the global batch and every sample's row sums to 1.
+
+All maths runs in float32, whatever the input dtype. Collectives use the helpers of
+:mod:`dinov2.distributed`, so everything also works in one process without a process group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dinov2.distributed import all_reduce, get_world_size
+
+
+def _reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place MAX all-reduce (identity in a single process)."""
+    op = dist.ReduceOp.MAX if dist.is_available() else None
+    return all_reduce(tensor, op=op, group=group)
+
+
+def _logit_shift(logits: torch.Tensor, per_prototype: bool, group=None) -> torch.Tensor:
+    """Global maximum of the logits over all ranks: per prototype (shape (K,)) or overall (shape (1,)).
+
+    An empty local batch contributes -inf, so ranks without samples still join the collective.
+    """
+    if logits.shape[0] == 0:
+        shift = logits.new_full((logits.shape[1],), float("-inf"))
+    else:
+        shift = logits.amax(dim=0)
+    if not per_prototype:
+        shift = shift.amax(dim=0, keepdim=True)
+    return _reduce_max(shift, group=group)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_output: torch.Tensor,
+    teacher_temp: float,
+    n_iterations: int = 3,
+    n_samples=None,
+    group=None,
+) -> torch.Tensor:
+    """Sinkhorn-Knopp targets for ``teacher_output`` of shape (B_local, K); returns (B_local, K) float32.
+
+    With ``Q = exp(z / T).T`` (K x B_local) and ``B`` the number of samples over all ranks
+    (``n_samples``, already summed over ranks, else ``B_local * world_size``)::
+
+        Q /= sum(Q)                                     # all-reduced
+        repeat n_iterations:
+            Q /= Q.sum(dim=1) ; Q /= K                  # prototype rows (all-reduced) -> mass 1/K
+            Q /= Q.sum(dim=0) ; Q /= B                  # sample columns -> mass 1/B
+        return (Q * B).T                                # each row sums to 1
+
+    so at convergence every prototype holds total mass ``B / K`` over the global batch.
+
+    Overflow guard: before ``exp`` the global (all-rank, MAX-reduced) maximum of each prototype's
+    logits is subtracted. Scaling a prototype row of ``Q`` by a constant cancels exactly in the
+    first row normalisation (and a global constant in the first total normalisation), so the result
+    is unchanged in exact arithmetic while ``exp`` can neither overflow nor zero a whole row. With
+    ``n_iterations == 0`` only the overall maximum is subtracted, which cancels in ``Q /= sum(Q)``.
+    """
+    logits = teacher_output.float() / teacher_temp
+    n_prototypes = logits.shape[-1]
+    shift = _logit_shift(logits, per_prototype=n_iterations > 0, group=group)
+    q = torch.exp(logits - shift).t()
+    if n_samples is None:
+        n_samples = logits.shape[0] * get_world_size(group)
+    if torch.is_tensor(n_samples):
+        n_samples = n_samples.to(device=q.device, dtype=torch.float32)
+
+    total = all_reduce(q.sum(), group=group)
+    q /= total
+    for _ in range(n_iterations):
+        rows = all_reduce(q.sum(dim=1, keepdim=True), group=group)
+        q /= rows
+        q /= n_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n_samples
+    q *= n_samples
+    return q.t()
+
+
+@torch.no_grad()
+def softmax_center(teacher_output: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """``softmax((z - c) / T)`` over the last dim, in float32.
+
+    ``center`` has shape (1, ..., 1, K); it is broadcast as a K-vector so the output keeps the
+    shape of ``teacher_output``.
+    """
+    shifted = teacher_output.float() - center.float().reshape(center.shape[-1])
+    return F.softmax(shifted / teacher_temp, dim=-1)
+
+
+class CenterEMA:
+    """EMA update of a center buffer with a deferred (asynchronous) all-reduce.
+
+    ``start`` sums the teacher logits over all rows locally, packs the row count as an extra
+    entry and launches one async all-reduce; ``apply`` waits for it and sets::
+
+        mean   = (sum of rows over all ranks) / (number of rows over all ranks)
+        center = m * center + (1 - m) * mean
+
+    With equal row counts per rank this is ``all_reduce(sum) / (n_local * world_size)``; with
+    unequal counts (iBOT's masked tokens) it is the exact token mean of the concatenated batch.
+    A batch without any row anywhere leaves the center unchanged. The owner calls ``apply``
+    lazily, right before the center is next read, so the communication overlaps with compute.
+    """
+
+    def __init__(self, momentum: float, group=None):
+        self.momentum = momentum
+        self.group = group
+        self._stats: torch.Tensor | None = None
+        self._work = None
+
+    @property
+    def pending(self) -> bool:
+        return self._stats is not None
+
+    @torch.no_grad()
+    def start(self, center: torch.Tensor, teacher_output: torch.Tensor) -> None:
+        """Apply any pending update to ``center``, then launch the reduction for ``teacher_output``."""
+        self.apply(center)
+        rows = teacher_output.detach().float().reshape(-1, teacher_output.shape[-1])
+        count = rows.new_full((1,), rows.shape[0])
+        stats = torch.cat([rows.sum(dim=0), count])
+        self._work = all_reduce(stats, group=self.group, async_op=True)
+        self._stats = stats
+
+    @torch.no_grad()
+    def apply(self, center: torch.Tensor) -> None:
+        """Finish the pending reduction (if any) and update ``center`` in place."""
+        if self._stats is None:
+            return
+        if self._work is not None:
+            self._work.wait()
+        stats, self._stats, self._work = self._stats, None, None
+        count = stats[-1]
+        mean = (stats[:-1] / count.clamp(min=1)).reshape(center.shape).to(center.dtype)
+        updated = center * self.momentum + mean * (1 - self.momentum)
+        center.copy_(torch.where(count > 0, updated, center))

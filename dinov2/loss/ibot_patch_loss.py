@@ -1,0 +1,107 @@
+"""iBOT masked-image-modelling (patch-token) self-distillation loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinov2.distributed import all_reduce
+from dinov2.loss.centering import CenterEMA, sinkhorn_knopp, softmax_center
+
+
+def _token_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+    """``sum_k t[..., k] * log_softmax(s / temp)[..., k]`` (float32); shape of the inputs minus the last dim."""
+    lsm = F.log_softmax(student.float() / temp, dim=-1)
+    return (teacher.float() * lsm).sum(dim=-1)
+
+
+class iBOTPatchLoss(nn.Module):
+    """Cross-entropy between teacher and student patch tokens at the masked positions.
+
+    For image ``b`` with mask ``m_b`` (``n_b = sum m_b`` masked patches)::
+
+        loss = - (1 / n_images) sum_b (1 / max(n_b, 1)) sum_{p: m_b[p]} sum_k t[b, p, k] log_softmax(s[b, p] / T_s)[k]
+
+    so every image weighs the same however many patches it masks, and images without masked
+    patches contribute zero (while still counting in ``n_images``). The EMA ``center`` buffer has
+    shape (1, 1, patch_out_dim).
+    """
+
+    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, group=None):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.group = group
+        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
+        self._center_ema = CenterEMA(center_momentum, group=group)
+
+    def apply_center_update(self) -> None:
+        """Wait for a pending :meth:`update_center` reduction and fold it into ``center``."""
+        self._center_ema.apply(self.center)
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """``softmax((z - center) / T_t)`` in float32 (output shape = input shape), after any pending update."""
+        self.apply_center_update()
+        return softmax_center(teacher_patch_tokens, self.center, teacher_temp)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self,
+        teacher_output: torch.Tensor,
+        teacher_temp: float,
+        n_masked_patches_tensor,
+        n_iterations: int = 3,
+    ) -> torch.Tensor:
+        """Sinkhorn-Knopp targets for this rank's masked-patch logits (n_masked, K).
+
+        ``B`` is ``n_masked_patches_tensor`` summed over all ranks; the sum is taken on a copy, so
+        the caller's tensor is left untouched. Works without an initialised process group.
+        """
+        n_total = torch.as_tensor(n_masked_patches_tensor, device=teacher_output.device)
+        n_total = all_reduce(n_total.detach().to(torch.float32).clone(), group=self.group)
+        return sinkhorn_knopp(
+            teacher_output, teacher_temp, n_iterations=n_iterations, n_samples=n_total, group=self.group
+        )
+
+    def forward(
+        self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor, student_masks_flat: torch.Tensor
+    ) -> torch.Tensor:
+        """Loss on full token grids: tokens (B, N, K), masks (B, N) bool."""
+        ce = _token_cross_entropy(student_patch_tokens, teacher_patch_tokens, self.student_temp)
+        masks = student_masks_flat.to(ce.dtype)
+        per_image = (ce * masks).sum(dim=-1) / masks.sum(dim=-1).clamp(min=1.0)
+        return -per_image.mean()
+
+    def forward_masked(
+        self,
+        student_patch_tokens_masked: torch.Tensor,
+        teacher_patch_tokens_masked: torch.Tensor,
+        student_masks_flat: torch.Tensor,
+        n_masked_patches=None,
+        masks_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss on the masked tokens only: inputs (M, K), rows in the order of ``student_masks_flat[mask]``.
+
+        Rows beyond ``n_masked_patches`` (padding) are dropped. ``masks_weight`` (one weight per
+        masked token) defaults to ``1 / (number of masked patches of the token's image)``, which
+        makes this equal to :meth:`forward` on the full grids.
+        """
+        ce = _token_cross_entropy(student_patch_tokens_masked, teacher_patch_tokens_masked, self.student_temp)
+        if masks_weight is None:
+            masks = student_masks_flat.bool()
+            per_image = 1.0 / masks.sum(dim=-1).clamp(min=1).to(ce.dtype)
+            masks_weight = per_image.unsqueeze(-1).expand_as(masks)[masks]
+        if n_masked_patches is not None:
+            ce = ce[: int(n_masked_patches)]
+        return -(ce * masks_weight).sum() / student_masks_flat.shape[0]
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
+        """Start the EMA update towards the mean of the teacher's masked-token logits.
+
+        Accepts (n_masked, K) or (1, n_masked, K) (any leading shape: every row is one token). The
+        mean is over all tokens of all ranks; the reduction is applied before the center is next used.
+        """
+        self._center_ema.start(self.center, teacher_patch_tokens)
