@@ -1,0 +1,1 @@
+"""Training utilities: per-iteration schedules and optimizer parameter groups."""

@@ -1,0 +1,136 @@
+"""Per-iteration hyper-parameter schedules (learning rate, weight decay, teacher momentum and
+temperature) and the helpers that push them into an optimizer.
+
+Every schedule is precomputed as a numpy array indexed by training iteration; epochs are
+converted to iterations with ``cfg.train.OFFICIAL_EPOCH_LENGTH``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256")
+
+
+class CosineScheduler:
+    """``freeze_iters`` zeros, a linear warm-up from ``start_warmup_value`` to ``base_value``
+    (``warmup_iters`` points, both ends included), then a half-cosine from ``base_value`` to
+    ``final_value`` over the remaining iterations. ``sched[it]`` is ``final_value`` once
+    ``it >= total_iters``."""
+
+    def __init__(
+        self,
+        base_value: float,
+        final_value: float,
+        total_iters: int,
+        warmup_iters: int = 0,
+        start_warmup_value: float = 0.0,
+        freeze_iters: int = 0,
+    ) -> None:
+        counts = {"total_iters": total_iters, "warmup_iters": warmup_iters, "freeze_iters": freeze_iters}
+        for key, value in counts.items():
+            if int(value) != value or value < 0:
+                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+        total_iters, warmup_iters, freeze_iters = int(total_iters), int(warmup_iters), int(freeze_iters)
+        if warmup_iters + freeze_iters > total_iters:
+            raise ValueError(
+                f"warmup_iters ({warmup_iters}) + freeze_iters ({freeze_iters}) exceed total_iters ({total_iters})"
+            )
+        self.base_value = float(base_value)
+        self.final_value = float(final_value)
+        self.total_iters = total_iters
+        freeze = np.zeros(freeze_iters)
+        warmup = np.linspace(float(start_warmup_value), self.base_value, warmup_iters)
+        remaining = total_iters - warmup_iters - freeze_iters
+        phase = np.pi * np.arange(remaining) / max(remaining, 1)
+        cosine = self.final_value + 0.5 * (self.base_value - self.final_value) * (1.0 + np.cos(phase))
+        self.schedule = np.concatenate((freeze, warmup, cosine)).astype(np.float64)
+
+    def __len__(self) -> int:
+        return self.total_iters
+
+    def __getitem__(self, it: int) -> float:
+        if it < 0:
+            raise IndexError(f"iteration must be non-negative, got {it}")
+        if it >= self.total_iters:
+            return self.final_value
+        return float(self.schedule[it])
+
+
+class Schedulers(NamedTuple):
+    """The five schedules of a DINOv2 run, all indexed by iteration."""
+
+    lr: CosineScheduler
+    wd: CosineScheduler
+    momentum: CosineScheduler
+    teacher_temp: CosineScheduler
+    last_layer_lr: CosineScheduler
+
+
+def _get(cfg: Any, path: str) -> Any:
+    """``cfg.a.b`` for a dotted ``path``, accepting attribute or key access at every level."""
+    node = cfg
+    for key in path.split("."):
+        if isinstance(node, dict) or (not hasattr(node, key) and hasattr(node, "__getitem__")):
+            node = node[key]
+        else:
+            node = getattr(node, key)
+    return node
+
+
+def build_schedulers(cfg: Any) -> Schedulers:
+    """Build (lr, wd, momentum, teacher_temp, last_layer_lr) schedules from a training config.
+
+    ``cfg.optim.lr`` is used as is: it should already be scaled to the batch size (see
+    :func:`scaled_lr`). The last-layer lr equals the lr schedule, zeroed for the first
+    ``cfg.optim.freeze_last_layer_epochs`` epochs.
+    """
+    epoch_len = int(_get(cfg, "train.OFFICIAL_EPOCH_LENGTH"))
+    total = int(_get(cfg, "optim.epochs") * epoch_len)
+
+    def lr_schedule() -> CosineScheduler:
+        return CosineScheduler(
+            base_value=_get(cfg, "optim.lr"),
+            final_value=_get(cfg, "optim.min_lr"),
+            total_iters=total,
+            warmup_iters=int(_get(cfg, "optim.warmup_epochs") * epoch_len),
+            start_warmup_value=0.0,
+        )
+
+    wd = CosineScheduler(_get(cfg, "optim.weight_decay"), _get(cfg, "optim.weight_decay_end"), total)
+    momentum = CosineScheduler(
+        _get(cfg, "teacher.momentum_teacher"), _get(cfg, "teacher.final_momentum_teacher"), total
+    )
+    temp_iters = int(_get(cfg, "teacher.warmup_teacher_temp_epochs") * epoch_len)
+    teacher_temp = CosineScheduler(
+        base_value=_get(cfg, "teacher.teacher_temp"),
+        final_value=_get(cfg, "teacher.teacher_temp"),
+        total_iters=temp_iters,
+        warmup_iters=temp_iters,
+        start_warmup_value=_get(cfg, "teacher.warmup_teacher_temp"),
+    )
+    last_layer_lr = lr_schedule()
+    last_layer_lr.schedule[: int(_get(cfg, "optim.freeze_last_layer_epochs") * epoch_len)] = 0.0
+    return Schedulers(lr_schedule(), wd, momentum, teacher_temp, last_layer_lr)
+
+
+def apply_optim_scheduler(optimizer: Any, lr: float, wd: float, last_layer_lr: float) -> None:
+    """Set every param group's ``lr`` and ``weight_decay`` from the current schedule values and
+    the group's ``lr_multiplier`` / ``wd_multiplier`` / ``is_last_layer`` keys."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = wd * group.get("wd_multiplier", 1.0)
+        base = last_layer_lr if group.get("is_last_layer", False) else lr
+        group["lr"] = base * group.get("lr_multiplier", 1.0)
+
+
+def scaled_lr(base_lr: float, global_batch_size: int, scaling_rule: str) -> float:
+    """The learning rate for ``global_batch_size`` under ``scaling_rule``:
+    ``sqrt_wrt_1024`` (base * sqrt(B / 1024)) or ``linear_wrt_256`` (base * B / 256)."""
+    if scaling_rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(global_batch_size / 1024)
+    if scaling_rule == "linear_wrt_256":
+        return base_lr * global_batch_size / 256
+    raise ValueError(f"Unknown lr scaling rule {scaling_rule!r}; valid: {', '.join(SCALING_RULES)}")

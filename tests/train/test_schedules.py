@@ -1,0 +1,163 @@
+"""Tests for dinov2.train.schedules: cosine schedules, config-built schedules, optimizer updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dinov2.train.schedules import CosineScheduler, apply_optim_scheduler, build_schedulers, scaled_lr
+
+
+def expected_cosine(base, final, n):
+    return [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
+
+
+def test_cosine_start_middle_end():
+    sched = CosineScheduler(1.0, 0.1, total_iters=10)
+    expected = expected_cosine(1.0, 0.1, 10)
+    assert len(sched) == 10
+    assert sched[0] == pytest.approx(1.0)
+    assert sched[5] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert sched[5] == pytest.approx(0.55)
+    assert sched[9] == pytest.approx(expected[9])
+    for it in range(10):
+        assert sched[it] == pytest.approx(expected[it])
+    values = [sched[it] for it in range(10)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_cosine_increasing_schedule():
+    sched = CosineScheduler(0.99, 1.0, total_iters=7)
+    values = [sched[it] for it in range(7)]
+    assert values[0] == pytest.approx(0.99)
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert sched[7] == 1.0
+
+
+def test_warmup_is_linear_and_includes_endpoints():
+    sched = CosineScheduler(2.0, 0.0, total_iters=15, warmup_iters=5, start_warmup_value=0.5)
+    for i in range(5):
+        assert sched[i] == pytest.approx(0.5 + i * (2.0 - 0.5) / 4)
+    assert sched[4] == pytest.approx(2.0)
+    cosine = expected_cosine(2.0, 0.0, 10)
+    for i in range(10):
+        assert sched[5 + i] == pytest.approx(cosine[i])
+
+
+def test_freeze_zeros_then_warmup_then_cosine():
+    sched = CosineScheduler(1.0, 0.2, total_iters=12, warmup_iters=3, start_warmup_value=0.1, freeze_iters=4)
+    assert [sched[i] for i in range(4)] == [0.0] * 4
+    assert [sched[4 + i] for i in range(3)] == pytest.approx([0.1, 0.55, 1.0])
+    assert [sched[7 + i] for i in range(5)] == pytest.approx(expected_cosine(1.0, 0.2, 5))
+
+
+def test_past_total_returns_final():
+    sched = CosineScheduler(1.0, 0.25, total_iters=4)
+    assert sched[4] == 0.25
+    assert sched[1000] == 0.25
+    assert CosineScheduler(1.0, 0.25, total_iters=0)[0] == 0.25
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(total_iters=5, warmup_iters=6),
+        dict(total_iters=5, warmup_iters=3, freeze_iters=3),
+        dict(total_iters=-1),
+        dict(total_iters=5, warmup_iters=-1),
+        dict(total_iters=5, freeze_iters=-2),
+    ],
+)
+def test_bad_counts_raise(kwargs):
+    with pytest.raises(ValueError):
+        CosineScheduler(1.0, 0.0, **kwargs)
+
+
+def make_cfg():
+    return OmegaConf.create(
+        {
+            "train": {"OFFICIAL_EPOCH_LENGTH": 4},
+            "optim": {
+                "epochs": 5,
+                "lr": 0.004,
+                "min_lr": 1e-6,
+                "warmup_epochs": 1,
+                "weight_decay": 0.04,
+                "weight_decay_end": 0.4,
+                "freeze_last_layer_epochs": 2,
+            },
+            "teacher": {
+                "momentum_teacher": 0.992,
+                "final_momentum_teacher": 1.0,
+                "teacher_temp": 0.07,
+                "warmup_teacher_temp": 0.04,
+                "warmup_teacher_temp_epochs": 2,
+            },
+        }
+    )
+
+
+def test_build_schedulers_lr_and_wd():
+    lr, wd, _, _, _ = build_schedulers(make_cfg())
+    assert len(lr) == 20 and len(wd) == 20
+    assert [lr[i] for i in range(4)] == pytest.approx([0.0, 0.004 / 3, 0.008 / 3, 0.004])
+    assert [lr[4 + i] for i in range(16)] == pytest.approx(expected_cosine(0.004, 1e-6, 16))
+    assert lr[20] == 1e-6
+    assert [wd[i] for i in range(20)] == pytest.approx(expected_cosine(0.04, 0.4, 20))
+    assert wd[25] == 0.4
+
+
+def test_build_schedulers_teacher_temp_warmup_then_constant():
+    _, _, _, temp, _ = build_schedulers(make_cfg())
+    warmup = [0.04 + i * (0.07 - 0.04) / 7 for i in range(8)]
+    assert [temp[i] for i in range(8)] == pytest.approx(warmup)
+    assert all(temp[i] == pytest.approx(0.07) for i in range(7, 40))
+
+
+def test_build_schedulers_last_layer_frozen_then_equal_to_lr():
+    lr, _, _, _, last = build_schedulers(make_cfg())
+    assert [last[i] for i in range(8)] == [0.0] * 8
+    for i in range(8, 25):
+        assert last[i] == lr[i]
+    assert lr[5] > 0
+
+
+def test_build_schedulers_momentum_increases_to_final():
+    _, _, momentum, _, _ = build_schedulers(make_cfg())
+    values = [momentum[i] for i in range(21)]
+    assert values[0] == pytest.approx(0.992)
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert values[-1] == 1.0
+
+
+def test_build_schedulers_accepts_plain_objects():
+    cfg = OmegaConf.to_container(make_cfg())
+    lr, *_ = build_schedulers(cfg)
+    assert lr[3] == pytest.approx(0.004)
+
+
+def test_apply_optim_scheduler_sets_each_group():
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    groups = [
+        {"params": [params[0]], "lr_multiplier": 0.5, "wd_multiplier": 1.0, "is_last_layer": False},
+        {"params": [params[1]], "lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False},
+        {"params": [params[2]], "lr_multiplier": 2.0, "wd_multiplier": 1.0, "is_last_layer": True},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    apply_optim_scheduler(optimizer, lr=0.1, wd=0.05, last_layer_lr=0.01)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.1, 0.02])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.0, 0.05])
+    apply_optim_scheduler(optimizer, lr=0.1, wd=0.05, last_layer_lr=0.0)
+    assert optimizer.param_groups[2]["lr"] == 0.0
+
+
+def test_scaled_lr_rules():
+    assert scaled_lr(0.004, 1024, "sqrt_wrt_1024") == pytest.approx(0.004)
+    assert scaled_lr(0.004, 256, "sqrt_wrt_1024") == pytest.approx(0.002)
+    assert scaled_lr(0.001, 512, "linear_wrt_256") == pytest.approx(0.002)
+    assert scaled_lr(0.001, 64, "linear_wrt_256") == pytest.approx(0.00025)
+    with pytest.raises(ValueError, match="sqrt_wrt_1024.*linear_wrt_256"):
+        scaled_lr(0.001, 64, "quadratic")
