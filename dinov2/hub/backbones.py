@@ -81,12 +81,18 @@ def make_dinov2_model(
 REGISTERS_KWARGS = {"num_register_tokens": 4, "interpolate_antialias": True, "interpolate_offset": 0.0}
 
 
+def released_kwargs(arch_name: str, registers: bool, **overrides) -> dict:
+    """Constructor settings of a released model (registers variant, SwiGLU for ViT-g), with the
+    caller's ``overrides`` on top."""
+    settings = dict(REGISTERS_KWARGS) if registers else {}
+    if arch_name == "vit_giant2":
+        settings["ffn_layer"] = "swiglufused"
+    return {**settings, **overrides}
+
+
 def _backbone(arch_name: str, registers: bool, doc: str):
     def entry(*, pretrained: bool = True, weights=Weights.LVD142M, **kwargs) -> DinoVisionTransformer:
-        if registers:
-            kwargs = {**REGISTERS_KWARGS, **kwargs}
-        if arch_name == "vit_giant2":
-            kwargs.setdefault("ffn_layer", "swiglufused")
+        kwargs = released_kwargs(arch_name, registers, **kwargs)
         return make_dinov2_model(arch_name=arch_name, pretrained=pretrained, weights=weights, **kwargs)
 
     base, _ = model_names(arch_name, 14)

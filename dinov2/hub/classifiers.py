@@ -14,7 +14,7 @@ from torch import nn
 
 from dinov2.checkpoint import check_state_dict, load_weights_file
 from dinov2.hub import backbones
-from dinov2.hub.backbones import DINOV2_BASE_URL, Weights, model_names, resolve_weights_location
+from dinov2.hub.backbones import DINOV2_BASE_URL, Weights, model_names, released_kwargs, resolve_weights_location
 
 
 class ClassifierWeights(Enum):
@@ -56,19 +56,17 @@ def make_dinov2_linear_classifier(
     pretrained: bool = True,
     weights=ClassifierWeights.IMAGENET1K,
     backbone_weights=Weights.LVD142M,
-    num_register_tokens: int = 0,
     num_classes: int = 1000,
     **kwargs,
 ) -> LinearClassifierWrapper:
-    """Backbone (``backbone_weights``) plus a linear head (``weights``: enum, path or URL)."""
-    if num_register_tokens:
-        kwargs.update(num_register_tokens=num_register_tokens, interpolate_antialias=True, interpolate_offset=0.0)
+    """Backbone (``backbone_weights``; ``kwargs`` go to its constructor) plus a linear head
+    (``weights``: enum, path or URL)."""
     backbone = backbones.make_dinov2_model(
         arch_name=arch_name, pretrained=pretrained, weights=backbone_weights, **kwargs
     )
     head = nn.Linear((1 + layers) * backbone.embed_dim, num_classes)
     if pretrained:
-        default = linear_head_url(arch_name, backbone.patch_size, num_register_tokens, layers)
+        default = linear_head_url(arch_name, backbone.patch_size, backbone.num_register_tokens, layers)
         location = resolve_weights_location(weights, default)
         state = load_weights_file(location)
         check_state_dict(head, state, source=location)
@@ -78,10 +76,7 @@ def make_dinov2_linear_classifier(
 
 def _lc(arch_name: str, registers: bool, doc: str):
     def entry(*, layers: int = 4, pretrained: bool = True, weights=ClassifierWeights.IMAGENET1K, **kwargs):
-        if registers:
-            kwargs.setdefault("num_register_tokens", 4)
-        if arch_name == "vit_giant2":
-            kwargs.setdefault("ffn_layer", "swiglufused")
+        kwargs = released_kwargs(arch_name, registers, **kwargs)
         return make_dinov2_linear_classifier(
             arch_name=arch_name, layers=layers, pretrained=pretrained, weights=weights, **kwargs
         )
