@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from dinov2.distributed import all_reduce, get_world_size
 
@@ -146,3 +147,33 @@ class CenterEMA:
         mean = (stats[:-1] / count.clamp(min=1)).reshape(center.shape).to(center.dtype)
         updated = center * self.momentum + mean * (1 - self.momentum)
         center.copy_(torch.where(count > 0, updated, center))
+
+
+class CenteredTeacherLoss(nn.Module):
+    """Shared state of the DINO and iBOT losses: temperatures, the process group and the EMA
+    ``center`` buffer (shape ``center_shape``) used by softmax-centering."""
+
+    def __init__(self, center_shape: tuple[int, ...], student_temp: float, center_momentum: float, group=None):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.group = group
+        self.register_buffer("center", torch.zeros(*center_shape))
+        self._center_ema = CenterEMA(center_momentum, group=group)
+
+    def apply_center_update(self) -> None:
+        """Wait for a pending :meth:`update_center` reduction and fold it into ``center``."""
+        self._center_ema.apply(self.center)
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """``softmax((z - center) / T_t)`` in float32 (output shape = input shape), after any pending update."""
+        self.apply_center_update()
+        return softmax_center(teacher_output, self.center, teacher_temp)
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """Start the EMA update of ``center`` towards the mean of the teacher logits (every row of any
+        leading shape is one sample or token; the mean is over all rows of all ranks). The cross-rank
+        reduction runs asynchronously and is applied before the center is next used."""
+        self._center_ema.start(self.center, teacher_output)

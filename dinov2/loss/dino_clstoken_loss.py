@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dinov2.loss.centering import CenterEMA, sinkhorn_knopp, softmax_center
+from dinov2.loss.centering import CenteredTeacherLoss, sinkhorn_knopp
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredTeacherLoss):
     """Cross-entropy between teacher targets and student predictions over crop pairs.
 
     For student crops ``s_i`` and teacher targets ``t_j`` (probabilities, one row per image)::
@@ -23,22 +22,7 @@ class DINOLoss(nn.Module):
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, group=None):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.group = group
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self._center_ema = CenterEMA(center_momentum, group=group)
-
-    def apply_center_update(self) -> None:
-        """Wait for a pending :meth:`update_center` reduction and fold it into ``center``."""
-        self._center_ema.apply(self.center)
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """``softmax((z - center) / T_t)`` in float32, after applying any pending center update."""
-        self.apply_center_update()
-        return softmax_center(teacher_output, self.center, teacher_temp)
+        super().__init__((1, out_dim), student_temp, center_momentum, group)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -59,11 +43,3 @@ class DINOLoss(nn.Module):
             lsm = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
             total = total - (teacher_sum * lsm).sum(dim=-1).mean()
         return total
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """Start the EMA update towards the batch mean of the raw teacher logits (B, out_dim).
-
-        The cross-rank reduction runs asynchronously; it is applied before the center is next used.
-        """
-        self._center_ema.start(self.center, teacher_output)

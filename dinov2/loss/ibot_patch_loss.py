@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dinov2.distributed import all_reduce
-from dinov2.loss.centering import CenterEMA, sinkhorn_knopp, softmax_center
+from dinov2.loss.centering import CenteredTeacherLoss, sinkhorn_knopp
 
 
 def _token_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
@@ -16,7 +15,7 @@ def _token_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp: flo
     return (teacher.float() * lsm).sum(dim=-1)
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(CenteredTeacherLoss):
     """Cross-entropy between teacher and student patch tokens at the masked positions.
 
     For image ``b`` with mask ``m_b`` (``n_b = sum m_b`` masked patches)::
@@ -29,22 +28,7 @@ class iBOTPatchLoss(nn.Module):
     """
 
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, group=None):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.group = group
-        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self._center_ema = CenterEMA(center_momentum, group=group)
-
-    def apply_center_update(self) -> None:
-        """Wait for a pending :meth:`update_center` reduction and fold it into ``center``."""
-        self._center_ema.apply(self.center)
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """``softmax((z - center) / T_t)`` in float32 (output shape = input shape), after any pending update."""
-        self.apply_center_update()
-        return softmax_center(teacher_patch_tokens, self.center, teacher_temp)
+        super().__init__((1, 1, patch_out_dim), student_temp, center_momentum, group)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -96,12 +80,3 @@ class iBOTPatchLoss(nn.Module):
         if n_masked_patches is not None:
             ce = ce[: int(n_masked_patches)]
         return -(ce * masks_weight).sum() / student_masks_flat.shape[0]
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
-        """Start the EMA update towards the mean of the teacher's masked-token logits.
-
-        Accepts (n_masked, K) or (1, n_masked, K) (any leading shape: every row is one token). The
-        mean is over all tokens of all ranks; the reduction is applied before the center is next used.
-        """
-        self._center_ema.start(self.center, teacher_patch_tokens)
