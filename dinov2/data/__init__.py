@@ -1,0 +1,1 @@
+"""Data pipeline: augmentations, iBOT masking, collation, datasets, samplers and loaders."""
