@@ -30,6 +30,11 @@ CONTAINER_KEYS = ("teacher", "model", "state_dict", "student")
 WRAPPER_SEGMENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 _WRAPPER_SEGMENT = re.compile(r"(?:^|(?<=\.))(?:" + "|".join(WRAPPER_SEGMENTS) + r")\.")
 BRANCHES = ("teacher", "student")
+
+
+def strip_wrapper_segments(name: str) -> str:
+    """``name`` without the segments wrappers insert (``module.``, ``_orig_mod.``, FSDP1, checkpointing)."""
+    return _WRAPPER_SEGMENT.sub("", name)
 _CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.*)$")
 _FLAT_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 
@@ -124,7 +129,7 @@ def adapt_backbone_state_dict(
         raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
     report = AdaptReport()
     state = _unwrap_container(checkpoint, report)
-    stripped = {_WRAPPER_SEGMENT.sub("", k): v for k, v in state.items()}
+    stripped = {strip_wrapper_segments(k): v for k, v in state.items()}
     if len(stripped) != len(state):
         raise ValueError("removing wrapper prefixes (module., _orig_mod., ...) made keys collide")
     if stripped.keys() != state.keys():

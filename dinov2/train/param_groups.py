@@ -17,15 +17,16 @@ from typing import Any
 
 from torch import nn
 
+from dinov2.checkpoint.adapters import strip_wrapper_segments
+
 EMBEDDING_NAMES = frozenset({"patch_embed", "pos_embed", "cls_token", "mask_token", "register_tokens"})
 TOKEN_NAMES = frozenset({"pos_embed", "cls_token", "mask_token", "register_tokens"})
-WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module", "module"})
 FUSE_KEYS = ("lr_multiplier", "wd_multiplier", "is_last_layer")
 
 
 def _clean_segments(name: str) -> list[str]:
     """Name segments without wrapper segments (FSDP, torch.compile, checkpointing, DDP)."""
-    return [s for s in name.split(".") if s not in WRAPPER_SEGMENTS]
+    return strip_wrapper_segments(name).split(".")
 
 
 def _backbone_segments(name: str) -> list[str]:
