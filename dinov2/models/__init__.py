@@ -14,6 +14,7 @@ from dinov2.models.vision_transformer import (
     vit_small,
     vit_tiny,
 )
+from dinov2.utils.config import select
 
 # Keys of the config's `student` section that shape the backbone, with their defaults.
 _BACKBONE_KEYS = {
@@ -31,10 +32,6 @@ _BACKBONE_KEYS = {
 }
 
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
 def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
     """Build backbones from a ``student``-style config section.
 
@@ -42,10 +39,10 @@ def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
     ``only_teacher``. The teacher is built without stochastic depth. ``arch`` may carry the
     original's ``_memeff`` suffix (the attention kernel is a setting here, not a class).
     """
-    arch = str(_get(args, "arch", "")).removesuffix("_memeff")
+    arch = str(select(args, "arch", "")).removesuffix("_memeff")
     if arch not in ARCHS:
         raise ValueError(f"Unknown student.arch {arch!r}; valid architectures: {', '.join(ARCHS)}")
-    kwargs = {key: _get(args, key, default) for key, default in _BACKBONE_KEYS.items()}
+    kwargs = {key: select(args, key, default) for key, default in _BACKBONE_KEYS.items()}
     kwargs["init_values"] = kwargs.pop("layerscale")
     kwargs["img_size"] = img_size
     teacher = ARCHS[arch](**kwargs)
@@ -53,8 +50,8 @@ def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
         return teacher, teacher.embed_dim
     student = ARCHS[arch](
         **kwargs,
-        drop_path_rate=_get(args, "drop_path_rate", 0.0),
-        drop_path_uniform=_get(args, "drop_path_uniform", False),
+        drop_path_rate=select(args, "drop_path_rate", 0.0),
+        drop_path_uniform=select(args, "drop_path_uniform", False),
     )
     return student, teacher, student.embed_dim
 

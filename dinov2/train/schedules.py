@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dinov2.utils.config import select
+
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256")
 
 
@@ -70,17 +72,6 @@ class Schedulers(NamedTuple):
     last_layer_lr: CosineScheduler
 
 
-def _get(cfg: Any, path: str) -> Any:
-    """``cfg.a.b`` for a dotted ``path``, accepting attribute or key access at every level."""
-    node = cfg
-    for key in path.split("."):
-        if isinstance(node, dict) or (not hasattr(node, key) and hasattr(node, "__getitem__")):
-            node = node[key]
-        else:
-            node = getattr(node, key)
-    return node
-
-
 def build_schedulers(cfg: Any) -> Schedulers:
     """Build (lr, wd, momentum, teacher_temp, last_layer_lr) schedules from a training config.
 
@@ -88,32 +79,32 @@ def build_schedulers(cfg: Any) -> Schedulers:
     :func:`scaled_lr`). The last-layer lr equals the lr schedule, zeroed for the first
     ``cfg.optim.freeze_last_layer_epochs`` epochs.
     """
-    epoch_len = int(_get(cfg, "train.OFFICIAL_EPOCH_LENGTH"))
-    total = int(_get(cfg, "optim.epochs") * epoch_len)
+    epoch_len = int(select(cfg, "train.OFFICIAL_EPOCH_LENGTH"))
+    total = int(select(cfg, "optim.epochs") * epoch_len)
 
     def lr_schedule() -> CosineScheduler:
         return CosineScheduler(
-            base_value=_get(cfg, "optim.lr"),
-            final_value=_get(cfg, "optim.min_lr"),
+            base_value=select(cfg, "optim.lr"),
+            final_value=select(cfg, "optim.min_lr"),
             total_iters=total,
-            warmup_iters=int(_get(cfg, "optim.warmup_epochs") * epoch_len),
+            warmup_iters=int(select(cfg, "optim.warmup_epochs") * epoch_len),
             start_warmup_value=0.0,
         )
 
-    wd = CosineScheduler(_get(cfg, "optim.weight_decay"), _get(cfg, "optim.weight_decay_end"), total)
+    wd = CosineScheduler(select(cfg, "optim.weight_decay"), select(cfg, "optim.weight_decay_end"), total)
     momentum = CosineScheduler(
-        _get(cfg, "teacher.momentum_teacher"), _get(cfg, "teacher.final_momentum_teacher"), total
+        select(cfg, "teacher.momentum_teacher"), select(cfg, "teacher.final_momentum_teacher"), total
     )
-    temp_iters = int(_get(cfg, "teacher.warmup_teacher_temp_epochs") * epoch_len)
+    temp_iters = int(select(cfg, "teacher.warmup_teacher_temp_epochs") * epoch_len)
     teacher_temp = CosineScheduler(
-        base_value=_get(cfg, "teacher.teacher_temp"),
-        final_value=_get(cfg, "teacher.teacher_temp"),
+        base_value=select(cfg, "teacher.teacher_temp"),
+        final_value=select(cfg, "teacher.teacher_temp"),
         total_iters=temp_iters,
         warmup_iters=temp_iters,
-        start_warmup_value=_get(cfg, "teacher.warmup_teacher_temp"),
+        start_warmup_value=select(cfg, "teacher.warmup_teacher_temp"),
     )
     last_layer_lr = lr_schedule()
-    last_layer_lr.schedule[: int(_get(cfg, "optim.freeze_last_layer_epochs") * epoch_len)] = 0.0
+    last_layer_lr.schedule[: int(select(cfg, "optim.freeze_last_layer_epochs") * epoch_len)] = 0.0
     return Schedulers(lr_schedule(), wd, momentum, teacher_temp, last_layer_lr)
 
 
