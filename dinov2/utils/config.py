@@ -1,8 +1,15 @@
-"""Configuration files: the default training config and merging experiment configs on top."""
+"""Configuration: the default training config, experiment configs and ``key=value`` overrides.
+
+Order of precedence: ``configs/ssl_default_config.yaml`` <- an experiment config (a name under
+``configs/train/`` or ``configs/eval/``, or a path) <- command-line ``key=value`` overrides. The
+default config is also the schema: every key of an experiment config or override must exist in
+it, and a misspelt key fails with its dotted name and the nearest valid keys.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "ssl_default_config.yaml"
+CONFIG_KINDS = ("train", "eval", "distill")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (names the offending keys)."""
 
 
 def load_default_config() -> DictConfig:
@@ -22,6 +34,96 @@ def load_default_config() -> DictConfig:
 def default_config_with(*overrides: dict | DictConfig) -> DictConfig:
     """The default config with each mapping in ``overrides`` merged on top, in order."""
     return OmegaConf.merge(load_default_config(), *overrides)
+
+
+def available_configs(kind: str = "train") -> list[str]:
+    """Names of the configs shipped under ``configs/<kind>/`` (without ``.yaml``)."""
+    return sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.yaml"))
+
+
+def resolve_config_path(name: str | Path, kinds: Sequence[str] = CONFIG_KINDS) -> Path:
+    """An existing file path, or a config name looked up (with or without ``.yaml``) under
+    ``configs/<kind>/`` for each of ``kinds`` in turn."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name.removesuffix(".yaml")
+    if path.parent == Path("."):
+        for kind in kinds:
+            candidate = CONFIGS_DIR / kind / f"{stem}.yaml"
+            if candidate.is_file():
+                return candidate
+    known = ", ".join(f"{kind}/{n}" for kind in kinds for n in available_configs(kind))
+    raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a shipped config; shipped: {known}")
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, Mapping | DictConfig):
+        for key in node:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield path
+            yield from _dotted_keys(node[key], path)
+
+
+def _leaf_keys(node: Any, prefix: str) -> list[str]:
+    """Dotted paths of the non-mapping values under ``node`` (``[prefix]`` for a value or empty mapping)."""
+    if not isinstance(node, Mapping | DictConfig) or not node:
+        return [prefix]
+    return [leaf for key in node for leaf in _leaf_keys(node[key], f"{prefix}.{key}")]
+
+
+def unknown_keys(cfg: Any, schema: Any) -> list[str]:
+    """Dotted keys of ``cfg`` that ``schema`` does not have (the leaves of an unknown section)."""
+    problems = []
+
+    def walk(node: Any, ref: Any, prefix: str) -> None:
+        for key in node:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if not isinstance(ref, Mapping | DictConfig) or key not in ref:
+                problems.extend(_leaf_keys(node[key], path))
+            elif isinstance(node[key], Mapping | DictConfig) and isinstance(ref[key], Mapping | DictConfig):
+                walk(node[key], ref[key], path)
+
+    walk(cfg, schema, "")
+    return problems
+
+
+def check_against_schema(cfg: Any, schema: Any, source: str) -> None:
+    """Raise :class:`ConfigError` for every key of ``cfg`` missing from ``schema``, with suggestions."""
+    bad = unknown_keys(cfg, schema)
+    if not bad:
+        return
+    valid = list(_dotted_keys(schema))
+    lines = [f"unknown config key{'s' if len(bad) > 1 else ''} in {source}:"]
+    for key in bad:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        lines.append(f"  {key!r}{hint}")
+    raise ConfigError("\n".join(lines))
+
+
+def parse_overrides(opts: Sequence[str]) -> DictConfig:
+    """``["optim.lr=0.1", "student.arch=vit_small"]`` -> a config (values parsed as YAML)."""
+    bad = [opt for opt in opts if "=" not in opt or not opt.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {', '.join(map(repr, bad))}")
+    return OmegaConf.from_dotlist(list(opts))
+
+
+def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The default config <- ``config`` (name or path; None for the default alone) <- ``overrides``,
+    each layer checked against the default config's keys."""
+    cfg = load_default_config()
+    layers = []
+    if config:
+        path = resolve_config_path(config)
+        layers.append((OmegaConf.load(path), str(path)))
+    if overrides:
+        layers.append((parse_overrides(overrides), "command-line overrides"))
+    for layer, source in layers:
+        check_against_schema(layer, cfg, source)
+        cfg = OmegaConf.merge(cfg, layer)
+    return cfg
 
 
 _REQUIRED = object()
