@@ -1,0 +1,282 @@
+"""Training checkpoints on one filesystem: atomic writes, retention, resume, RNG state, teacher exports.
+
+Layout under a run's output directory (the training loop picks ``directory``)::
+
+    model_0001250.pth                       training state at iteration 1250 (newest ``keep_last`` kept)
+    eval/training_1250/teacher_checkpoint.pth   {"teacher": teacher state dict}, the original's format
+    eval/training_1250/teacher_backbone.safetensors  the teacher backbone, flat ``blocks.N.`` keys
+
+Every file is written to a hidden temporary name in the same directory (``.<name>.<random>.tmp``),
+flushed and fsynced, then renamed onto its final name, so a crash never leaves a half-written
+``model_*.pth`` and a reader never mistakes a temporary file for a checkpoint. Export
+directories are built under a hidden temporary sibling and renamed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dinov2.checkpoint.adapters import adapt_backbone_state_dict, strip_wrapper_segments
+
+logger = logging.getLogger("dinov2")
+
+CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pth$")
+TEACHER_CHECKPOINT = "teacher_checkpoint.pth"
+TEACHER_BACKBONE = "teacher_backbone.safetensors"
+
+
+class CheckpointLoadError(RuntimeError):
+    """A training checkpoint exists but cannot be read (truncated, corrupt or not weights-only)."""
+
+
+# ---------------------------------------------------------------------------------------- files
+def _fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to disk; best effort for directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms (Windows)
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _temp_name(path: Path, directory: bool = False) -> Path:
+    """Create and return a fresh hidden ``.tmp`` sibling of ``path`` (a file, or a directory).
+
+    Unlike :mod:`tempfile`, the permissions follow the umask (0666 / 0777 before it), so the
+    renamed checkpoint is as readable as a file written directly.
+    """
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            if directory:
+                candidate.mkdir()
+            else:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary name next to {path}")
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it untouched.
+
+    Writes a hidden ``.tmp`` file next to ``path``, fsyncs it, then ``os.replace``-s it onto
+    ``path``. On any error the temporary file is removed and the error re-raised.
+    """
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_path(path.parent)
+
+
+# ----------------------------------------------------------------------- training checkpoints
+def _list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of every ``model_<digits>.pth`` file in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = CHECKPOINT_PATTERN.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found, key=lambda item: (item[0], item[1].name))
+
+
+def checkpoint_path(directory: str | os.PathLike, iteration: int) -> Path:
+    """Where :func:`save_training_checkpoint` writes iteration ``iteration``."""
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    return Path(directory) / f"model_{iteration:07d}.pth"
+
+
+def save_training_checkpoint(directory: str | os.PathLike, iteration: int, state: dict, keep_last: int = 3) -> Path:
+    """Write ``state`` to ``directory/model_{iteration:07d}.pth`` atomically, then prune.
+
+    Afterwards only the ``keep_last`` newest ``model_*.pth`` files (by iteration number) remain;
+    ``keep_last <= 0`` keeps all. The file just written is never deleted, even if newer ones exist.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(directory, iteration)
+    atomic_torch_save(state, path)
+    if keep_last > 0:
+        stale = [p for _, p in _list_checkpoints(directory)[:-keep_last] if p != path]
+        for old in stale:
+            _remove_quietly(old)
+        if stale:
+            logger.info("removed %d old checkpoint(s): %s", len(stale), ", ".join(p.name for p in stale))
+    return path
+
+
+def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``model_<N>.pth`` in ``directory`` with the largest ``N``; None if there is none."""
+    found = _list_checkpoints(Path(directory))
+    return found[-1][1] if found else None
+
+
+def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training checkpoint with ``weights_only=True``; names ``path`` if it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointLoadError(
+            f"cannot load training checkpoint {path} (truncated, corrupt or not weights-only?): {exc}"
+        ) from exc
+
+
+# ------------------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict:
+    """The state of Python's ``random``, NumPy's global RNG, torch's CPU RNG and every CUDA RNG.
+
+    Only tensors, ints, floats, strings, None, lists and dicts: it survives
+    ``torch.save`` + ``torch.load(weights_only=True)``.
+    """
+    version, internal, gauss_next = random.getstate()
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": str(bit_generator),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore what :func:`capture_rng_state` captured (CUDA states only where CUDA is available)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"]), py["gauss_next"]))
+    npy = state["numpy"]
+    keys = np.asarray(npy["keys"].cpu().numpy(), dtype=np.uint32)
+    np.random.set_state((npy["bit_generator"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda")
+    if not cuda_states:
+        return
+    if not torch.cuda.is_available():
+        logger.warning("checkpoint holds CUDA RNG states but CUDA is not available; they are not restored")
+        return
+    count = torch.cuda.device_count()
+    if len(cuda_states) != count:
+        logger.warning("checkpoint holds %d CUDA RNG states for %d devices", len(cuda_states), count)
+    for index, device_state in enumerate(cuda_states[:count]):
+        torch.cuda.set_rng_state(device_state.cpu(), device=index)
+
+
+# ---------------------------------------------------------------------------------- teacher export
+def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain, contiguous CPU copy-or-view of ``tensor``; DTensors (FSDP2) are gathered first."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _clean_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as full CPU tensors, without wrapper name segments (``_orig_mod.``...)."""
+    raw = module.state_dict()
+    state = {strip_wrapper_segments(k): _full_cpu(v) for k, v in raw.items()}
+    if len(state) != len(raw):
+        raise ValueError("removing wrapper name segments (module., _orig_mod., ...) made keys collide")
+    return state
+
+
+def _write_export(target: Path, teacher_state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    with open(target / TEACHER_CHECKPOINT, "wb") as f:
+        torch.save({"teacher": teacher_state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    backbone = {k[len("backbone.") :]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise ValueError("teacher has no 'backbone' module to export")
+    flat, _ = adapt_backbone_state_dict(backbone)
+    save_file({k: v.contiguous() for k, v in flat.items()}, str(target / TEACHER_BACKBONE), metadata={"format": "pt"})
+    _fsync_path(target / TEACHER_BACKBONE)
+    _fsync_path(target)
+
+
+def _swap_in_directory(built: Path, final: Path) -> None:
+    """Rename ``built`` onto ``final``; an existing ``final`` is moved aside first and removed after."""
+    old = None
+    if final.exists():
+        old = _temp_name(final, directory=True)
+        os.replace(final, old)  # ``old`` is an empty directory, so this rename is allowed
+    try:
+        os.replace(built, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    _fsync_path(final.parent)
+    if old is not None:
+        _remove_quietly(old)
+
+
+def export_teacher(directory: str | os.PathLike, iteration: int, teacher: nn.Module) -> Path:
+    """Write ``directory/eval/training_{iteration}/`` with the teacher, atomically; returns its path.
+
+    ``teacher`` is the meta-architecture's ``teacher`` ModuleDict (``backbone``, ``dino_head``,
+    optionally ``ibot_head``). The directory holds ``teacher_checkpoint.pth`` (``{"teacher":
+    state_dict}``, keys ``backbone.*``, ``dino_head.*``, ...) and ``teacher_backbone.safetensors``
+    (the backbone alone, flat published key names). It is built under a hidden temporary sibling
+    and renamed into place, replacing an earlier export of the same iteration.
+    """
+    final = Path(directory) / "eval" / f"training_{iteration}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    teacher_state = _clean_state_dict(teacher)
+    built = _temp_name(final, directory=True)
+    try:
+        _write_export(built, teacher_state)
+        _swap_in_directory(built, final)
+    except BaseException:
+        _remove_quietly(built)
+        raise
+    return final

@@ -1,0 +1,257 @@
+import random
+import re
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from dinov2.checkpoint import (
+    CheckpointLoadError,
+    atomic_torch_save,
+    capture_rng_state,
+    export_teacher,
+    find_latest_checkpoint,
+    load_backbone_state_dict,
+    load_training_checkpoint,
+    load_weights_file,
+    restore_rng_state,
+    save_training_checkpoint,
+)
+from dinov2.layers import DINOHead
+from dinov2.models import DinoVisionTransformer
+
+
+def _names(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _state(value: float) -> dict:
+    return {"model": {"w": torch.full((3, 4), value)}, "iteration": int(value), "note": f"v{value}"}
+
+
+def _assert_state_equal(loaded, expected):
+    assert loaded.keys() == expected.keys()
+    assert torch.equal(loaded["model"]["w"], expected["model"]["w"])
+    assert loaded["iteration"] == expected["iteration"] and loaded["note"] == expected["note"]
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def test_atomic_save_writes_and_overwrites(tmp_path):
+    path = tmp_path / "state.pth"
+    atomic_torch_save(_state(1.0), path)
+    atomic_torch_save(_state(2.0), path)
+    _assert_state_equal(torch.load(path, weights_only=True), _state(2.0))
+    assert _names(tmp_path) == ["state.pth"]
+
+
+def test_failed_save_leaves_previous_checkpoint_and_no_temp_files(tmp_path, monkeypatch):
+    previous = save_training_checkpoint(tmp_path, 5, _state(5.0))
+    real_save = torch.save
+    seen = {}
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip archive")
+        seen["names"] = _names(tmp_path)
+        seen["latest"] = find_latest_checkpoint(tmp_path)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save(_state(6.0), previous)
+    with pytest.raises(OSError, match="disk full"):
+        save_training_checkpoint(tmp_path, 6, _state(6.0))
+    monkeypatch.setattr(torch, "save", real_save)
+
+    # While it was being written, the temporary file was hidden and not taken for a checkpoint.
+    temps = [n for n in seen["names"] if n != previous.name]
+    assert len(temps) == 1 and temps[0].startswith(".") and temps[0].endswith(".tmp")
+    assert seen["latest"] == previous
+    assert _names(tmp_path) == [previous.name]
+    _assert_state_equal(load_training_checkpoint(previous), _state(5.0))
+
+
+# ------------------------------------------------------------------------ retention and resume
+def test_retention_keeps_exactly_the_newest(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "model_final.pth").write_bytes(b"x")
+    for iteration in [0, 10, 20, 30, 40]:
+        path = save_training_checkpoint(tmp_path, iteration, _state(float(iteration)), keep_last=3)
+        assert path == tmp_path / f"model_{iteration:07d}.pth" and path.is_file()
+    expected = ["model_0000020.pth", "model_0000030.pth", "model_0000040.pth", "model_final.pth", "notes.txt"]
+    assert _names(tmp_path) == expected
+    _assert_state_equal(load_training_checkpoint(tmp_path / "model_0000030.pth"), _state(30.0))
+
+
+def test_retention_keep_all_and_never_deletes_the_new_file(tmp_path):
+    for iteration in range(5):
+        save_training_checkpoint(tmp_path, iteration, _state(float(iteration)), keep_last=0)
+    assert len(_names(tmp_path)) == 5
+    # An older iteration written after newer ones (a resume from an earlier checkpoint) survives.
+    path = save_training_checkpoint(tmp_path, 2, _state(-2.0), keep_last=1)
+    assert _names(tmp_path) == ["model_0000002.pth", "model_0000004.pth"]
+    _assert_state_equal(load_training_checkpoint(path), _state(-2.0))
+
+
+def test_find_latest_is_numeric_not_lexicographic(tmp_path):
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+    assert find_latest_checkpoint(tmp_path) is None
+    save_training_checkpoint(tmp_path, 9_999_999, _state(1.0), keep_last=0)
+    save_training_checkpoint(tmp_path, 10_000_000, _state(2.0), keep_last=0)  # 8 digits: sorts first as text
+    (tmp_path / "model_99999999.pth.tmp").write_bytes(b"")
+    (tmp_path / ".model_99999999.pth.abc.tmp").write_bytes(b"")
+    (tmp_path / "model_99999999.pth.bak").write_bytes(b"")
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth"))[-1] == "model_9999999.pth"
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "model_10000000.pth"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_checkpoint_error_names_the_path(tmp_path, damage):
+    path = save_training_checkpoint(tmp_path, 3, {"w": torch.randn(64, 64)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00not a checkpoint" * 10)
+    with pytest.raises(CheckpointLoadError, match=re.escape(str(path))):
+        load_training_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.pth"))):
+        load_training_checkpoint(tmp_path / "nope.pth")
+
+
+# ---------------------------------------------------------------------------------- RNG state
+def _draws():
+    return (
+        [random.random() for _ in range(3)] + [random.gauss(0.0, 1.0) for _ in range(3)],
+        np.concatenate([np.random.rand(3), np.random.randn(3)]),
+        torch.cat([torch.rand(3), torch.randn(3)]),
+    )
+
+
+def _assert_draws_equal(a, b):
+    assert a[0] == b[0]
+    np.testing.assert_array_equal(a[1], b[1])
+    assert torch.equal(a[2], b[2])
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0.0, 1.0)  # leaves a cached Gaussian in Python's and NumPy's state
+    np.random.randn(1)
+    path = tmp_path / "rng.pth"
+    atomic_torch_save({"rng": capture_rng_state()}, path)
+    expected = _draws()
+
+    random.seed(11)
+    np.random.seed(12)
+    torch.manual_seed(13)
+    scrambled = _draws()
+    assert scrambled[0] != expected[0] and not np.array_equal(scrambled[1], expected[1])
+    assert not torch.equal(scrambled[2], expected[2])
+
+    restore_rng_state(load_training_checkpoint(path)["rng"])
+    _assert_draws_equal(_draws(), expected)
+
+
+@pytest.mark.gpu
+def test_cuda_rng_state_round_trip(tmp_path):
+    device = torch.device("cuda", 0)
+    path = tmp_path / "rng.pth"
+    atomic_torch_save(capture_rng_state(), path)
+    expected = torch.rand(5, device=device)
+    torch.rand(7, device=device)
+    restore_rng_state(load_training_checkpoint(path))
+    assert torch.equal(torch.rand(5, device=device), expected)
+
+
+# ---------------------------------------------------------------------------- teacher export
+class _Compiled(nn.Module):
+    """Stands in for torch.compile's wrapper: adds an ``_orig_mod.`` segment to every key."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, *args, **kwargs):
+        return self._orig_mod(*args, **kwargs)
+
+
+def _backbone(block_chunks=0):
+    return DinoVisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, init_values=1.0, block_chunks=block_chunks
+    )
+
+
+def _teacher(block_chunks=0, ibot=True):
+    modules = {"backbone": _backbone(block_chunks), "dino_head": DINOHead(32, 16, hidden_dim=24, bottleneck_dim=8)}
+    if ibot:
+        modules["ibot_head"] = DINOHead(32, 12, hidden_dim=24, bottleneck_dim=8)
+    teacher = nn.ModuleDict(modules)
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.normal_(0.0, 0.2)  # no zero or constant tensors: a mix-up would show
+    return teacher.eval()
+
+
+def _outputs(backbone, x):
+    with torch.no_grad():
+        out = backbone.forward_features(x)
+    return out["x_norm_clstoken"], out["x_norm_patchtokens"]
+
+
+@pytest.mark.parametrize("block_chunks", [0, 2])
+def test_export_teacher_formats(tmp_path, block_chunks):
+    teacher = _teacher(block_chunks)
+    out = export_teacher(tmp_path, 12, teacher)
+    assert out == tmp_path / "eval" / "training_12"
+    assert _names(out) == ["teacher_backbone.safetensors", "teacher_checkpoint.pth"]
+    assert _names(tmp_path / "eval") == ["training_12"]
+
+    checkpoint = torch.load(out / "teacher_checkpoint.pth", weights_only=True)
+    assert list(checkpoint) == ["teacher"]
+    expected = teacher.state_dict()
+    assert checkpoint["teacher"].keys() == expected.keys()
+    assert {k.split(".")[0] for k in checkpoint["teacher"]} == {"backbone", "dino_head", "ibot_head"}
+    for key, value in expected.items():
+        assert torch.equal(checkpoint["teacher"][key], value), key
+
+    flat = load_weights_file(out / "teacher_backbone.safetensors")
+    assert flat.keys() == _backbone(block_chunks=0).state_dict().keys()  # flat blocks.N., no heads
+    assert all(v.device.type == "cpu" and v.is_contiguous() for v in flat.values())
+    fresh = _backbone(block_chunks=0).eval()
+    report = load_backbone_state_dict(fresh, flat)
+    assert not report.unchunked and not report.set_aside
+    x = torch.randn(2, 3, 32, 32)
+    for got, want in zip(_outputs(fresh, x), _outputs(teacher["backbone"], x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_export_strips_wrapper_segments(tmp_path):
+    plain = _teacher(ibot=False)
+    wrapped = nn.ModuleDict({"backbone": _Compiled(plain["backbone"]), "dino_head": plain["dino_head"]})
+    out = export_teacher(tmp_path, 3, wrapped)
+    teacher_state = torch.load(out / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert teacher_state.keys() == plain.state_dict().keys()
+    flat = safetensors.torch.load_file(out / "teacher_backbone.safetensors")
+    assert flat.keys() == plain["backbone"].state_dict().keys()
+
+
+def test_export_replaces_previous_export_and_survives_failure(tmp_path, monkeypatch):
+    first, second = _teacher(), _teacher()
+    export_teacher(tmp_path, 7, first)
+    out = export_teacher(tmp_path, 7, second)
+    loaded = torch.load(out / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    key = "dino_head.mlp.0.weight"
+    assert torch.equal(loaded[key], second.state_dict()[key]) and not torch.equal(loaded[key], first.state_dict()[key])
+    assert _names(tmp_path / "eval") == ["training_7"]
+
+    def failing_save_file(*args, **kwargs):
+        raise OSError("quota exceeded")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="quota exceeded"):
+        export_teacher(tmp_path, 7, _teacher())
+    assert _names(tmp_path / "eval") == ["training_7"]
+    loaded = torch.load(out / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert torch.equal(loaded[key], second.state_dict()[key])
+    assert _names(out) == ["teacher_backbone.safetensors", "teacher_checkpoint.pth"]
