@@ -1,0 +1,196 @@
+"""Weighted k-nearest-neighbour classification on frozen features (the DINO k-NN protocol).
+
+Features are L2-normalised; each query's ``k`` most cosine-similar training features vote for
+their labels with weight ``exp(similarity / T)``; classes are ranked by summed votes. Accuracy
+follows :mod:`dinov2.eval.metrics` (ties count as correct, a class without votes is never predicted).
+
+    python dinov2/eval/knn.py --config-file vitl14_pretrain --pretrained-weights W.pth \\
+        --train-dataset ImageNet:split=TRAIN:root=R:extra=E --val-dataset ImageNet:split=VAL:root=R:extra=E \\
+        --output-dir OUT --nb_knn 10 20 100 200 --temperature 0.07
+
+writes ``OUT/results_eval_knn.json``. Under ``torchrun`` the ranks share feature extraction and the
+queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dinov2 import distributed
+from dinov2.data.transforms import make_classification_eval_transform
+from dinov2.eval.features import extract_features, make_eval_dataset
+from dinov2.eval.metrics import format_table, topk_correct, write_json_atomic
+from dinov2.eval.setup import get_args_parser as get_setup_args_parser
+from dinov2.eval.setup import setup_and_build_model
+
+logger = logging.getLogger("dinov2")
+
+RESULTS_FILE = "results_eval_knn.json"
+BACKENDS = ("torch", "faiss")
+
+
+def _torch_neighbours(train: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (queries @ train.T).topk(k, dim=1)
+
+
+def _faiss_index(train: torch.Tensor):
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("backend='faiss' needs faiss (pip install faiss-cpu)") from error
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(train.detach().cpu().float().contiguous().numpy())
+    return index
+
+
+def _faiss_neighbours(index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sims, ids = index.search(queries.detach().cpu().float().contiguous().numpy(), k)
+    return torch.from_numpy(sims).to(queries.device), torch.from_numpy(ids).to(queries.device)
+
+
+def knn_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, temperature: float, num_classes: int):
+    """Class scores (Q, C): the first ``k`` neighbours' ``exp(sim / T)`` summed per label."""
+    weights = (sims[:, :k].float() / temperature).exp()
+    votes = torch.zeros(sims.shape[0], num_classes, dtype=torch.float32, device=sims.device)
+    return votes.scatter_add_(1, neighbour_labels[:, :k], weights)
+
+
+def _query_slice(n: int, shard_queries: bool) -> slice:
+    if not shard_queries:
+        return slice(0, n)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    per_rank = -(-n // world)
+    return slice(min(rank * per_rank, n), min((rank + 1) * per_rank, n))
+
+
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    nb_knn: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 256,
+    backend: str = "torch",
+    shard_queries: bool = False,
+) -> dict[int, dict[str, float]]:
+    """``{k: {"top1": %, "top5": %}}`` for each ``k`` in ``nb_knn`` (``k`` clipped to the training size).
+
+    Runs on the training features' device, ``chunk_size`` queries at a time (memory
+    ``chunk_size x N_train``). ``backend="faiss"`` searches with a flat inner-product index (same
+    neighbours). With ``shard_queries`` each rank classifies a slice of the queries and the counts are
+    summed over ranks (all ranks must call; they must hold the same features).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not nb_knn or min(nb_knn) < 1 or temperature <= 0:
+        raise ValueError(f"need positive nb_knn and temperature, got {tuple(nb_knn)} and {temperature}")
+    if len(train_features) == 0 or len(test_features) == 0:
+        raise ValueError("k-NN needs at least one training and one test feature")
+    device = train_features.device
+    train = F.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.to(device).long()
+    test_labels = test_labels.to(device).long()
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    ks = {int(k): min(int(k), len(train)) for k in nb_knn}
+    k_max = max(ks.values())
+    index = _faiss_index(train) if backend == "faiss" else None
+    correct = torch.zeros(len(ks), 2, dtype=torch.int64, device=device)
+    part = _query_slice(len(test_features), shard_queries)
+    for start in range(part.start, part.stop, chunk_size):
+        stop = min(start + chunk_size, part.stop)
+        queries = F.normalize(test_features[start:stop].to(device).float(), dim=1)
+        if index is None:
+            sims, ids = _torch_neighbours(train, queries, k_max)
+        else:
+            sims, ids = _faiss_neighbours(index, queries, k_max)
+        neighbour_labels = train_labels[ids]
+        for row, k in enumerate(ks.values()):
+            votes = knn_votes(sims, neighbour_labels, k, temperature, num_classes)
+            counts = topk_correct(votes, test_labels[start:stop], (1, 5), require_positive=True)
+            correct[row, 0] += counts[1]
+            correct[row, 1] += counts[5]
+    if shard_queries:
+        distributed.all_reduce(correct)
+    n = len(test_features)
+    return {k: {"top1": 100.0 * int(c[0]) / n, "top5": 100.0 * int(c[1]) / n} for k, c in zip(ks, correct.cpu())}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parents = [get_setup_args_parser(add_help=False)]
+    parser = argparse.ArgumentParser(description="k-NN evaluation", parents=parents, add_help=add_help)
+    parser.add_argument("--nb_knn", "--nb-knn", dest="nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
+    parser.add_argument("--gather-on-cpu", action="store_true", help="keep gathered features in CPU memory")
+    parser.add_argument("--resize-size", type=int, default=256, help="eval transform: shorter side resized to")
+    parser.add_argument("--crop-size", type=int, default=224, help="eval transform: center crop")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="neighbour search")
+    parser.add_argument("--chunk-size", type=int, default=256, help="queries per similarity block")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def extract_train_and_val(args, model, autocast_dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Build both datasets with the eval transform and extract their features (labels included)."""
+    transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
+    out = {}
+    for name, dataset_str in (("train", args.train_dataset), ("val", args.val_dataset)):
+        dataset = make_eval_dataset(dataset_str, transform, role=f"{name} dataset")
+        feats, labels = extract_features(
+            model, dataset, args.batch_size, args.num_workers, device=device, autocast_dtype=autocast_dtype,
+            gather_on_cpu=args.gather_on_cpu, progress=args.progress,
+        )  # fmt: skip
+        out[f"{name}_features"], out[f"{name}_labels"] = feats.to(device), labels.to(device)
+    return out
+
+
+def results_table(results: dict[int, dict[str, float]]) -> str:
+    return format_table([(k, r["top1"], r["top5"]) for k, r in results.items()], ("k", "top-1 %", "top-5 %"))
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run the k-NN evaluation; returns (and on rank 0 writes) the results record."""
+    model, autocast_dtype, _ = setup_and_build_model(args)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    data = extract_train_and_val(args, model, autocast_dtype, device)
+    extract_s = time.perf_counter() - start
+    num_classes = int(max(data["train_labels"].max(), data["val_labels"].max())) + 1
+    results = knn_classify(
+        data["train_features"], data["train_labels"], data["val_features"], data["val_labels"],
+        nb_knn=args.nb_knn, temperature=args.temperature, num_classes=num_classes,
+        chunk_size=args.chunk_size, backend=args.backend, shard_queries=True,
+    )  # fmt: skip
+    best_k = max(results, key=lambda k: results[k]["top1"])
+    record = {
+        "task": "knn",
+        "results": {f"k{k}": r for k, r in results.items()},
+        "best": {"k": best_k, **results[best_k]},
+        "temperature": args.temperature,
+        "num_train": len(data["train_labels"]),
+        "num_val": len(data["val_labels"]),
+        "num_classes": num_classes,
+        "config_file": args.config_file,
+        "pretrained_weights": args.pretrained_weights,
+        "train_dataset": args.train_dataset,
+        "val_dataset": args.val_dataset,
+        "seconds": {"features": extract_s, "total": time.perf_counter() - start},
+    }
+    if distributed.is_main_process():
+        path = write_json_atomic(Path(args.output_dir) / RESULTS_FILE, record)
+        print(results_table(results))
+        logger.info("k-NN results written to %s", path)
+    return record
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,92 @@
+"""Accuracy from class scores, result files and small text tables, shared by the evaluations.
+
+Top-k convention (used by k-NN, logistic regression and linear probing): a sample counts as
+correct at ``k`` when its true class has a positive score margin over all but fewer than ``k``
+classes, i.e. fewer than ``k`` classes score *strictly* higher than the true class. Ties are
+therefore resolved in the sample's favour rather than by an arbitrary sort order, and with fewer
+than ``k`` classes top-k is 100 % (every class is among the top k). For k-NN votes, where a class
+with no vote has score 0, pass ``require_positive=True`` so that a class nobody voted for is never
+counted as predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def topk_correct(
+    scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5), require_positive: bool = False
+) -> dict[int, int]:
+    """Number of rows of ``scores`` (N, C) whose ``labels`` (N,) are within the top ``k``, per ``k``."""
+    if scores.ndim != 2 or labels.shape != scores.shape[:1]:
+        raise ValueError(f"need scores (N, C) and labels (N,), got {tuple(scores.shape)} and {tuple(labels.shape)}")
+    labels = labels.to(scores.device).long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= scores.shape[1]):
+        raise ValueError(f"labels must lie in [0, {scores.shape[1]}), got [{labels.min()}, {labels.max()}]")
+    true_score = scores.gather(1, labels[:, None])
+    higher = (scores > true_score).sum(dim=1)
+    valid = true_score[:, 0] > 0 if require_positive else torch.ones_like(higher, dtype=torch.bool)
+    return {int(k): int(((higher < k) & valid).sum()) for k in ks}
+
+
+def topk_accuracy(
+    scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5), require_positive: bool = False
+) -> dict[int, float]:
+    """Top-k accuracy in percent (0-100) for each ``k``; see the module docstring for ties."""
+    n = labels.shape[0]
+    if n == 0:
+        raise ValueError("cannot compute an accuracy over zero samples")
+    return {k: 100.0 * c / n for k, c in topk_correct(scores, labels, ks, require_positive).items()}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_jsonable(data), handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt: str = ".2f") -> str:
+    """A plain-text table: a header, a rule and one line per row; floats formatted with ``floatfmt``."""
+
+    def cell(value: Any) -> str:
+        return format(value, floatfmt) if isinstance(value, float) else str(value)
+
+    lines = [[str(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    out = ["  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(out)
