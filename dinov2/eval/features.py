@@ -117,7 +117,7 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) float32 and labels (N,) int64 of ``dataset``, in dataset order, on every rank.
 
-    The model runs in eval mode (its previous mode is restored) without gradients, under autocast
+    The model runs in eval mode (every submodule's previous mode is restored) without gradients, under autocast
     when ``autocast_dtype`` is given. Results live on ``device`` (default: the model's), or on the
     CPU with ``gather_on_cpu``. Raises ``ValueError`` for an empty dataset or missing labels.
     """
@@ -131,7 +131,7 @@ def extract_features(
     )  # fmt: skip
     gathered = _Gathered(sampler, torch.device("cpu") if gather_on_cpu else device)
     bar = _progress_bar(sampler.total_size, progress and distributed.is_main_process(), "features")
-    was_training, start = model.training, time.perf_counter()
+    modes, start = [(module, module.training) for module in model.modules()], time.perf_counter()
     model.eval()
     try:
         for images, labels in loader:
@@ -142,7 +142,8 @@ def extract_features(
             if bar is not None:
                 bar.update(images.shape[0] * sampler.world_size)
     finally:
-        model.train(was_training)
+        for module, training in modes:  # exactly as before, also where submodules differed
+            module.training = training
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start

@@ -1,0 +1,209 @@
+"""Multinomial logistic regression on frozen features, fitted with full-batch L-BFGS in torch.
+
+The DINOv2 protocol: an L2-regularised multinomial logistic regression on the CLS features, its
+inverse regularisation strength ``C`` chosen from 45 log-spaced values in ``[1e-6, 1e5]`` on a
+held-out part of the training set, then refitted on the whole training set with the best ``C``
+and tested on the validation set. The objective is scikit-learn's up to a constant factor:
+
+    mean_i CE(W x_i + b, y_i) + ||W||^2 / (2 C n)      (the bias is not penalised)
+
+so a given ``C`` means the same as in ``sklearn.linear_model.LogisticRegression(C=C)``. The fit runs
+on the features' device (GPU when present); under ``torchrun`` the ``C`` values are split over ranks.
+
+    python dinov2/eval/log_regression.py --config-file vitl14_pretrain --pretrained-weights W.pth \\
+        --train-dataset ImageNet:split=TRAIN:root=R:extra=E --val-dataset ImageNet:split=VAL:root=R:extra=E \\
+        --output-dir OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dinov2 import distributed
+from dinov2.eval.knn import extract_train_and_val
+from dinov2.eval.metrics import format_table, topk_accuracy, write_json_atomic
+from dinov2.eval.setup import get_args_parser as get_setup_args_parser
+from dinov2.eval.setup import setup_and_build_model
+
+logger = logging.getLogger("dinov2")
+
+RESULTS_FILE = "results_eval_log_regression.json"
+
+
+def default_c_values(count: int = 45, low_power: float = -6.0, high_power: float = 5.0) -> list[float]:
+    """``count`` values ``10 ** p`` with ``p`` evenly spaced in ``[low_power, high_power]``."""
+    if count == 1:
+        return [10.0**high_power]
+    return [10.0 ** (low_power + (high_power - low_power) * i / (count - 1)) for i in range(count)]
+
+
+def fit_logistic_regression(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    c: float,
+    num_classes: int,
+    max_iter: int = 1000,
+    tolerance_grad: float = 1e-7,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (D, C) and bias (C,) minimising the objective above, from ``init`` or zeros."""
+    if c <= 0:
+        raise ValueError(f"C must be positive, got {c}")
+    x, y = features.float(), labels.long()
+    weight = torch.zeros(x.shape[1], num_classes, device=x.device) if init is None else init[0].clone()
+    bias = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    penalty = 1.0 / (2.0 * c * x.shape[0])
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance_grad, tolerance_change=1e-12,
+        history_size=20, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(torch.addmm(bias, x, weight), y) + penalty * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def predict_scores(features: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    weight, bias = params
+    return torch.addmm(bias, features.float().to(weight.device), weight)
+
+
+def stratified_split(labels: torch.Tensor, holdout_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (fit, holdout): ``holdout_fraction`` of each class (rounded, at least one from classes
+    with two or more samples) held out, chosen by a generator seeded with ``seed``."""
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    fit, holdout = [], []
+    for cls in labels.unique():
+        members = (labels == cls).nonzero()[:, 0]
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(max(round(holdout_fraction * len(members)), 1), len(members) - 1)
+        holdout.append(members[:count])
+        fit.append(members[count:])
+    fit, holdout = torch.cat(fit).sort().values, torch.cat(holdout).sort().values
+    if len(holdout) == 0:
+        raise ValueError("no class has two samples: cannot hold any out to choose C")
+    return fit, holdout
+
+
+def sweep_c(
+    train: tuple[torch.Tensor, torch.Tensor],
+    holdout: tuple[torch.Tensor, torch.Tensor],
+    c_values: Sequence[float],
+    num_classes: int,
+    max_iter: int = 1000,
+) -> list[float]:
+    """Held-out top-1 accuracy (%) for each ``C``. Each rank fits every ``world``-th value (ascending,
+    warm-started from its previous fit); the accuracies are summed over ranks."""
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    accuracies = torch.zeros(len(c_values), dtype=torch.float64, device=train[0].device)
+    params = None
+    for i in sorted(range(len(c_values)), key=lambda j: c_values[j])[rank::world]:
+        start = time.perf_counter()
+        params = fit_logistic_regression(*train, c_values[i], num_classes, max_iter=max_iter, init=params)
+        accuracies[i] = topk_accuracy(predict_scores(holdout[0], params), holdout[1], (1,))[1]
+        logger.info("C=%.3g: held-out top-1 %.2f%% (%.1f s)", c_values[i], accuracies[i], time.perf_counter() - start)
+    distributed.all_reduce(accuracies)
+    return accuracies.tolist()
+
+
+def evaluate_log_regression(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    c_values: Sequence[float] | None = None,
+    holdout_fraction: float = 0.1,
+    max_iter: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Choose ``C`` on a stratified held-out part of train, refit on all of train, test on val.
+
+    Returns ``{"best_c", "top1", "top5", "holdout_top1": {C: %}, ...}`` (percentages).
+    """
+    c_values = list(default_c_values() if c_values is None else c_values)
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    device = train_features.device
+    train_labels, val_labels = train_labels.to(device), val_labels.to(device)
+    if len(c_values) == 1:
+        best_c, holdout_top1 = c_values[0], {}
+    else:
+        fit_idx, holdout_idx = (i.to(device) for i in stratified_split(train_labels, holdout_fraction, seed))
+        accuracies = sweep_c(
+            (train_features[fit_idx], train_labels[fit_idx]),
+            (train_features[holdout_idx], train_labels[holdout_idx]),
+            c_values, num_classes, max_iter=max_iter,
+        )  # fmt: skip
+        best_c = c_values[max(range(len(c_values)), key=lambda i: (accuracies[i], -c_values[i]))]
+        holdout_top1 = dict(zip(c_values, accuracies))
+    params = fit_logistic_regression(train_features, train_labels, best_c, num_classes, max_iter=max_iter)
+    accuracy = topk_accuracy(predict_scores(val_features, params), val_labels, (1, 5))
+    return {"best_c": best_c, "top1": accuracy[1], "top5": accuracy[5], "holdout_top1": holdout_top1}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parents = [get_setup_args_parser(add_help=False)]
+    parser = argparse.ArgumentParser(description="Logistic regression", parents=parents, add_help=add_help)
+    parser.add_argument("--c-values", type=float, nargs="+", default=None, help="explicit C grid")
+    parser.add_argument("--c-count", type=int, default=45, help="number of log-spaced C values")
+    parser.add_argument("--c-powers", type=float, nargs=2, default=(-6.0, 5.0), help="C range as powers of 10")
+    parser.add_argument("--holdout-fraction", type=float, default=0.1, help="part of train used to choose C")
+    parser.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    parser.add_argument("--seed", type=int, default=0, help="held-out split seed")
+    parser.add_argument("--gather-on-cpu", action="store_true", help="keep gathered features in CPU memory")
+    parser.add_argument("--resize-size", type=int, default=256, help="eval transform: shorter side resized to")
+    parser.add_argument("--crop-size", type=int, default=224, help="eval transform: center crop")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Extract features, run the C sweep and the final fit; returns (and on rank 0 writes) the record."""
+    model, autocast_dtype, _ = setup_and_build_model(args)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    data = extract_train_and_val(args, model, autocast_dtype, device)
+    extract_s = time.perf_counter() - start
+    c_values = args.c_values or default_c_values(args.c_count, *args.c_powers)
+    result = evaluate_log_regression(
+        data["train_features"], data["train_labels"], data["val_features"], data["val_labels"],
+        c_values=c_values, holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, seed=args.seed,
+    )  # fmt: skip
+    record = {
+        "task": "log_regression",
+        **result,
+        "num_train": len(data["train_labels"]),
+        "num_val": len(data["val_labels"]),
+        "config_file": args.config_file,
+        "pretrained_weights": args.pretrained_weights,
+        "train_dataset": args.train_dataset,
+        "val_dataset": args.val_dataset,
+        "seconds": {"features": extract_s, "total": time.perf_counter() - start},
+    }
+    if distributed.is_main_process():
+        path = write_json_atomic(Path(args.output_dir) / RESULTS_FILE, record)
+        rows = [(f"{result['best_c']:.3g}", result["top1"], result["top5"])]
+        print(format_table(rows, ("best C", "top-1 %", "top-5 %")))
+        logger.info("Logistic regression results written to %s", path)
+    return record
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

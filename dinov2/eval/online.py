@@ -1,0 +1,95 @@
+"""Online k-NN: a cheap accuracy signal logged by the training loop (``evaluation.knn.*`` in the config).
+
+The loop builds one :class:`OnlineKNN` from ``cfg.evaluation.knn`` and calls it with the teacher
+backbone every ``evaluation.eval_period_iterations`` (and before the first step with ``at_start``).
+All ranks must call it: feature extraction is sharded over ranks and gathered, and the queries are
+split between ranks. Datasets are built once, on the first call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dinov2.data.transforms import make_classification_eval_transform
+from dinov2.eval.features import extract_features, make_eval_dataset
+from dinov2.eval.knn import knn_classify
+from dinov2.utils.config import select
+
+logger = logging.getLogger("dinov2")
+
+
+class OnlineKNN:
+    """Weighted k-NN accuracy of a backbone on a small labelled (memory bank, queries) pair."""
+
+    def __init__(
+        self,
+        train_dataset: str,
+        val_dataset: str,
+        nb_knn: Sequence[int] = (10, 20),
+        temperature: float = 0.07,
+        resize_size: int = 256,
+        crop_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        if not train_dataset or not val_dataset:
+            raise ValueError("OnlineKNN needs both a train_dataset (memory bank) and a val_dataset (queries)")
+        if not nb_knn or min(nb_knn) < 1:
+            raise ValueError(f"nb_knn must be positive integers, got {nb_knn!r}")
+        self.train_dataset_str, self.val_dataset_str = str(train_dataset), str(val_dataset)
+        self.nb_knn = tuple(int(k) for k in nb_knn)
+        self.temperature = float(temperature)
+        self.resize_size, self.crop_size = int(resize_size), int(crop_size)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self._datasets: tuple[Any, Any] | None = None
+
+    @classmethod
+    def from_config(cls, knn_cfg: Any) -> OnlineKNN | None:
+        """From ``cfg.evaluation.knn``; ``None`` (disabled) when either dataset string is empty."""
+        if knn_cfg is None or not select(knn_cfg, "train_dataset", "") or not select(knn_cfg, "val_dataset", ""):
+            return None
+        return cls(
+            train_dataset=select(knn_cfg, "train_dataset"),
+            val_dataset=select(knn_cfg, "val_dataset"),
+            nb_knn=tuple(select(knn_cfg, "nb_knn", (10, 20))),
+            temperature=select(knn_cfg, "temperature", 0.07),
+            resize_size=select(knn_cfg, "resize_size", 256),
+            crop_size=select(knn_cfg, "crop_size", 224),
+            batch_size=select(knn_cfg, "batch_size", 64),
+            num_workers=select(knn_cfg, "num_workers", 0),
+        )
+
+    def datasets(self) -> tuple[Any, Any]:
+        """The (memory bank, queries) datasets with the eval transform, built on first use."""
+        if self._datasets is None:
+            transform = make_classification_eval_transform(resize_size=self.resize_size, crop_size=self.crop_size)
+            self._datasets = (
+                make_eval_dataset(self.train_dataset_str, transform, role="online k-NN train_dataset"),
+                make_eval_dataset(self.val_dataset_str, transform, role="online k-NN val_dataset"),
+            )
+        return self._datasets
+
+    def __call__(
+        self, backbone: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None = None
+    ) -> dict[str, float]:
+        """``{"knn_top1": best, "knn_top1_k10": ..., ...}`` in percent; ``backbone``'s mode is restored."""
+        device = torch.device(device)
+        results = {}
+        for name, dataset in zip(("train", "val"), self.datasets()):
+            results[name] = extract_features(
+                backbone, dataset, self.batch_size, self.num_workers, device=device,
+                autocast_dtype=autocast_dtype, progress=False,
+            )  # fmt: skip
+        (train_x, train_y), (val_x, val_y) = results["train"], results["val"]
+        accuracy = knn_classify(
+            train_x, train_y, val_x, val_y, nb_knn=self.nb_knn, temperature=self.temperature, shard_queries=True
+        )
+        metrics = {f"knn_top1_k{k}": r["top1"] for k, r in accuracy.items()}
+        metrics = {"knn_top1": max(metrics.values()), **metrics}
+        logger.info("Online k-NN: %s", ", ".join(f"{key} {value:.2f}" for key, value in metrics.items()))
+        return metrics

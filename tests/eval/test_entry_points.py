@@ -1,0 +1,82 @@
+"""End to end: knn.py and log_regression.py on a micro ViT and tiny Synthetic splits at 32 px."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinov2.eval import knn, log_regression
+
+REPO = Path(__file__).resolve().parents[2]
+DATASETS = [
+    "--train-dataset", "Synthetic:split=TRAIN:num_images=48:image_size=32",
+    "--val-dataset", "Synthetic:split=VAL:num_images=20:image_size=32",
+]  # fmt: skip
+COMMON = ["--resize-size", "32", "--crop-size", "32", "--batch-size", "16", "--num-workers", "0", "--device", "cpu"]
+
+
+def test_knn_main_writes_results(micro_arch, tmp_path, capsys):
+    args = knn.get_args_parser().parse_args(
+        [*DATASETS, *COMMON, "--output-dir", str(tmp_path), "--nb_knn", "5", "20", "--no-progress", *micro_arch]
+    )
+    record = knn.main(args)
+    saved = json.loads((tmp_path / knn.RESULTS_FILE).read_text())
+    assert saved["task"] == "knn" and set(saved["results"]) == {"k5", "k20"}
+    assert saved["num_train"] == 48 and saved["num_val"] == 20 and saved["num_classes"] == 12
+    for result in saved["results"].values():
+        assert set(result) == {"top1", "top5"}
+        assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
+        assert (result["top1"] * 20 / 100).is_integer()  # a count of the 20 queries
+    assert saved["best"]["top1"] == max(r["top1"] for r in saved["results"].values())
+    assert saved["results"] == {k: dict(v) for k, v in record["results"].items()}
+    assert "top-1 %" in capsys.readouterr().out
+
+
+def test_knn_main_with_trained_weights_equals_direct_computation(micro_arch, tmp_path):
+    """The script's numbers are those of extract_features + knn_classify on the loaded weights."""
+    from dinov2.data.transforms import make_classification_eval_transform
+    from dinov2.eval.features import extract_features, make_eval_dataset
+    from dinov2.eval.setup import build_eval_model
+
+    model, _ = build_eval_model(None, None, micro_arch)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "t.pth")
+    args = knn.get_args_parser().parse_args(
+        [*DATASETS, *COMMON, "--output-dir", str(tmp_path), "--pretrained-weights", str(tmp_path / "t.pth"),
+         "--nb_knn", "3", "--temperature", "0.1", "--no-progress", *micro_arch]
+    )  # fmt: skip
+    record = knn.main(args)
+    transform = make_classification_eval_transform(32, 32)
+    train = extract_features(model, make_eval_dataset(DATASETS[1], transform), 7, progress=False)
+    val = extract_features(model, make_eval_dataset(DATASETS[3], transform), 7, progress=False)
+    expected = knn.knn_classify(*train, *val, nb_knn=(3,), temperature=0.1, num_classes=12)
+    assert record["results"]["k3"] == expected[3]
+
+
+def test_log_regression_main_writes_results(micro_arch, tmp_path):
+    args = log_regression.get_args_parser().parse_args(
+        [*DATASETS, *COMMON, "--output-dir", str(tmp_path), "--c-values", "0.01", "1", "--max-iter", "50",
+         "--holdout-fraction", "0.25", "--no-progress", *micro_arch]
+    )  # fmt: skip
+    log_regression.main(args)
+    saved = json.loads((tmp_path / log_regression.RESULTS_FILE).read_text())
+    assert saved["task"] == "log_regression" and saved["best_c"] in (0.01, 1.0)
+    assert set(saved["holdout_top1"]) == {"0.01", "1.0"}
+    assert 0.0 <= saved["top1"] <= saved["top5"] <= 100.0
+
+
+@pytest.mark.slow
+def test_knn_script_runs_as_a_file_path(tmp_path):
+    """``python dinov2/eval/knn.py ...`` from another directory, on the shipped tiny eval config."""
+    command = [
+        sys.executable, str(REPO / "dinov2" / "eval" / "knn.py"), "--config-file", "vitt8_32px",
+        *DATASETS, *COMMON, "--output-dir", str(tmp_path), "--nb_knn", "10", "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "top-1 %" in done.stdout
+    assert set(json.loads((tmp_path / knn.RESULTS_FILE).read_text())["results"]) == {"k10"}

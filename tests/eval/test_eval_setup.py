@@ -1,0 +1,141 @@
+"""Evaluation setup: arguments, devices, and loading every weights layout into the frozen backbone."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dinov2.checkpoint import StateDictMismatchError
+from dinov2.eval.features import make_eval_dataset
+from dinov2.eval.setup import (
+    autocast_dtype_for,
+    build_eval_model,
+    get_args_parser,
+    resolve_device,
+    setup_and_build_model,
+)
+from dinov2.utils.config import load_config
+
+
+def source_model(opts):
+    """A trained-looking backbone: built from the same config, then perturbed away from any init."""
+    model, _ = build_eval_model(None, None, opts)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+def test_random_init_is_frozen_in_eval_mode_and_warns(micro_arch, caplog):
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        model, cfg = build_eval_model(None, "", micro_arch)
+    assert "randomly initialised" in caplog.text
+    assert cfg.student.arch == micro_arch[0].split("=")[1] and cfg.crops.global_crops_size == 32
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+def test_teacher_checkpoint_and_safetensors_load_exactly(micro_arch, tmp_path):
+    source = source_model(micro_arch)
+    x = torch.randn(3, 3, 32, 32)
+    expected = source(x)
+    teacher = {"teacher": {f"backbone.{k}": v for k, v in source.state_dict().items()}}
+    teacher["teacher"]["dino_head.mlp.0.weight"] = torch.zeros(4, 32)  # a head next to the backbone is set aside
+    torch.save(teacher, tmp_path / "teacher_checkpoint.pth")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "backbone.safetensors")
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    for name in ("teacher_checkpoint.pth", "backbone.safetensors", "backbone.pth"):
+        model, _ = build_eval_model(None, str(tmp_path / name), micro_arch)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_chunked_training_config_loads_flat_weights(micro_arch, tmp_path):
+    source = source_model(micro_arch)
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    model, _ = build_eval_model(None, str(tmp_path / "backbone.pth"), [*micro_arch, "student.block_chunks=2"])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+
+
+def test_weights_of_another_architecture_raise_with_key_names(micro_arch, tmp_path):
+    source = source_model([*micro_arch, "student.num_register_tokens=2"])
+    torch.save(source.state_dict(), tmp_path / "reg.pth")
+    with pytest.raises(StateDictMismatchError, match="register_tokens") as info:
+        build_eval_model(None, str(tmp_path / "reg.pth"), micro_arch)
+    assert info.value.unexpected == ["register_tokens"]
+    source = source_model([*micro_arch, "student.patch_size=4"])
+    torch.save(source.state_dict(), tmp_path / "p4.pth")
+    with pytest.raises(StateDictMismatchError, match=r"patch_embed\.proj\.weight") as info:
+        build_eval_model(None, str(tmp_path / "p4.pth"), micro_arch)
+    assert any(m.startswith("pos_embed ") for m in info.value.mismatched)
+
+
+def test_missing_weights_file_and_bad_config_key_fail_clearly(micro_arch, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_eval_model(None, str(tmp_path / "nowhere.pth"), micro_arch)
+    with pytest.raises(ValueError, match="student.archh"):
+        build_eval_model(None, None, ["student.archh=vit_small"])
+
+
+@pytest.mark.parametrize("name", ["vits14", "vitb14", "vitl14", "vitg14"])
+@pytest.mark.parametrize("reg", ["", "_reg4"])
+def test_released_eval_configs_match_the_hub_settings(name, reg):
+    from dinov2.hub.backbones import released_kwargs
+
+    cfg = load_config(f"{name}{reg}_pretrain")
+    assert cfg.student.patch_size == 14 and cfg.crops.global_crops_size == 518
+    expected = released_kwargs(cfg.student.arch, registers=bool(reg))
+    for key, value in expected.items():
+        assert cfg.student[key] == value, key
+    assert cfg.student.ffn_layer == ("swiglufused" if name == "vitg14" else "mlp")
+    assert cfg.student.num_register_tokens == (4 if reg else 0)
+
+
+def test_parser_reads_shared_options_and_trailing_overrides():
+    parent = get_args_parser(add_help=False)
+    parser = argparse.ArgumentParser(parents=[parent])
+    parser.add_argument("--temperature", type=float, default=0.07)
+    args = parser.parse_args(
+        ["--config", "vits14_pretrain", "--pretrained-weights", "w.pth", "--batch-size", "8",
+         "--temperature", "0.1", "student.attn_backend=math", "crops.global_crops_size=224"]
+    )  # fmt: skip
+    assert args.config_file == "vits14_pretrain" and args.pretrained_weights == "w.pth"
+    assert args.batch_size == 8 and args.temperature == 0.1 and args.device == "auto"
+    assert args.opts == ["student.attn_backend=math", "crops.global_crops_size=224"]
+
+
+def test_devices_and_autocast_dtypes():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert autocast_dtype_for(torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_dtype():
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert autocast_dtype_for(torch.device("cuda")) == expected
+
+
+def test_setup_and_build_model_from_arguments(micro_arch, tmp_path):
+    args = get_args_parser().parse_args(["--output-dir", str(tmp_path / "out"), "--device", "cpu", *micro_arch])
+    model, autocast_dtype, cfg = setup_and_build_model(args)
+    assert (tmp_path / "out").is_dir() and autocast_dtype is None
+    assert cfg.crops.global_crops_size == 32 and next(model.parameters()).device.type == "cpu"
+
+
+def test_dataset_errors_name_the_dataset_and_role():
+    with pytest.raises(ValueError, match="train dataset 'Nope:split=TRAIN'.*unknown dataset"):
+        make_eval_dataset("Nope:split=TRAIN", role="train dataset")
+    with pytest.raises(ValueError, match="'Synthetic:split=VAL:num_images=0' is empty"):
+        make_eval_dataset("Synthetic:split=VAL:num_images=0")
+    with pytest.raises(ValueError, match="no val dataset given"):
+        make_eval_dataset("", role="val dataset")
+    with pytest.raises(ValueError, match="missing_dir"):
+        make_eval_dataset("ImageFolder:root=/missing_dir")

@@ -1,0 +1,140 @@
+"""Feature extraction: dataset order, labels, modes and errors; two gloo ranks equal one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from dinov2.eval.features import extract_features
+from dinov2.eval.knn import knn_classify
+from dinov2.eval.online import OnlineKNN
+
+WORLD = 2
+ODD_SIZE = 7  # not divisible by the world size: the last rank's block ends with padding
+SYNTHETIC = ("Synthetic:split=TRAIN:num_images=30:image_size=32", "Synthetic:split=VAL:num_images=15:image_size=32")
+
+
+class IndexImages(torch.utils.data.Dataset):
+    """Image ``i`` is a 3x4x4 tensor filled with ``i``; its label is ``i % 3`` (``None`` when unlabelled)."""
+
+    def __init__(self, size: int, labelled: bool = True, bad_index: int | None = None) -> None:
+        self.size, self.labelled, self.bad_index = size, labelled, bad_index
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        label = index % 3 if self.labelled and index != self.bad_index else None
+        return torch.full((3, 4, 4), float(index)), label
+
+
+class IndexFeatures(nn.Module):
+    """Features ``(i, 2 i)`` from an image filled with ``i``; records the mode it ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)  # would scramble the features in training mode
+        self.modes_seen = []
+
+    def forward(self, x):
+        self.modes_seen.append(self.training)
+        value = self.dropout(x.flatten(1)[:, :1])
+        return torch.cat([value, 2 * value], dim=1)
+
+
+def expected_features(size: int) -> torch.Tensor:
+    index = torch.arange(size, dtype=torch.float32)[:, None]
+    return torch.cat([index, 2 * index], dim=1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+@pytest.mark.parametrize("gather_on_cpu", [False, True])
+def test_one_process_keeps_dataset_order_and_labels(batch_size, gather_on_cpu):
+    features, labels = extract_features(
+        IndexFeatures(), IndexImages(ODD_SIZE), batch_size, gather_on_cpu=gather_on_cpu, progress=False
+    )
+    torch.testing.assert_close(features, expected_features(ODD_SIZE))
+    assert labels.tolist() == [i % 3 for i in range(ODD_SIZE)]
+    assert features.dtype == torch.float32 and labels.dtype == torch.int64
+
+
+def test_model_runs_in_eval_mode_and_every_submodule_mode_is_restored():
+    model = IndexFeatures().train()
+    model.dropout.eval()  # a deliberately mixed state must come back as it was
+    extract_features(model, IndexImages(5), 2, progress=False)
+    assert model.modes_seen == [False, False, False]
+    assert model.training and not model.dropout.training
+
+
+def test_empty_dataset_and_missing_labels_raise_clear_errors():
+    with pytest.raises(ValueError, match="empty"):
+        extract_features(IndexFeatures(), IndexImages(0), 4, progress=False)
+    with pytest.raises(ValueError, match="no label"):
+        extract_features(IndexFeatures(), IndexImages(4, labelled=False), 4, progress=False)
+    with pytest.raises(ValueError, match="index 5 has no label"):
+        extract_features(IndexFeatures(), IndexImages(7, bad_index=5), 2, progress=False)
+
+
+def _knn_problem():
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(40, 6, generator=gen), torch.randint(0, 5, (40,), generator=gen), \
+        torch.randn(ODD_SIZE + 4, 6, generator=gen), torch.randint(0, 5, (ODD_SIZE + 4,), generator=gen)  # fmt: skip
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        out = {}
+        for batch_size in (1, 3):
+            for on_cpu in (False, True):
+                feats, labels = extract_features(
+                    IndexFeatures(), IndexImages(ODD_SIZE), batch_size, gather_on_cpu=on_cpu, progress=False
+                )
+                out[f"features_{batch_size}_{on_cpu}"], out[f"labels_{batch_size}_{on_cpu}"] = feats, labels
+        out["knn"] = knn_classify(*_knn_problem(), nb_knn=(1, 4, 10), shard_queries=True)
+        from eval_micro import micro_vit
+
+        torch.manual_seed(0)
+        out["online"] = OnlineKNN(*SYNTHETIC, resize_size=32, crop_size=32, batch_size=4)(
+            micro_vit(), torch.device("cpu")
+        )
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist_features")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.distributed
+def test_two_ranks_gather_features_in_dataset_order_without_padding(two_ranks):
+    for result in two_ranks:
+        for batch_size in (1, 3):
+            for on_cpu in (False, True):
+                torch.testing.assert_close(result[f"features_{batch_size}_{on_cpu}"], expected_features(ODD_SIZE))
+                assert result[f"labels_{batch_size}_{on_cpu}"].tolist() == [i % 3 for i in range(ODD_SIZE)]
+
+
+@pytest.mark.distributed
+def test_two_ranks_sharded_knn_equals_one_process(two_ranks):
+    expected = knn_classify(*_knn_problem(), nb_knn=(1, 4, 10))
+    assert [r["knn"] for r in two_ranks] == [expected, expected]
+
+
+@pytest.mark.distributed
+def test_two_ranks_online_knn_equals_one_process(two_ranks):
+    from eval_micro import micro_vit
+
+    torch.manual_seed(0)
+    expected = OnlineKNN(*SYNTHETIC, resize_size=32, crop_size=32, batch_size=4)(micro_vit(), torch.device("cpu"))
+    assert [r["online"] for r in two_ranks] == [expected, expected]

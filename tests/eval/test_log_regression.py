@@ -1,0 +1,91 @@
+"""Logistic regression with torch L-BFGS against scikit-learn on the same features."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dinov2.eval.log_regression import (
+    default_c_values,
+    evaluate_log_regression,
+    fit_logistic_regression,
+    predict_scores,
+    stratified_split,
+)
+
+sklearn_linear = pytest.importorskip("sklearn.linear_model")
+
+
+def overlapping_gaussians(seed, n_train=400, n_val=300, dim=10, num_classes=6, spread=1.6):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=gen) * 1.5 + 0.5
+
+    def draw(n):  # fmt: skip
+        labels = torch.randint(0, num_classes, (n,), generator=gen)
+        return centres[labels] + spread * torch.randn(n, dim, generator=gen), labels
+
+    return (*draw(n_train), *draw(n_val))
+
+
+@pytest.mark.parametrize("c", [0.01, 1.0])
+def test_fit_matches_sklearn_lbfgs_multinomial(c, one_thread):
+    train_x, train_y, val_x, val_y = overlapping_gaussians(0)
+    params = fit_logistic_regression(train_x, train_y, c, num_classes=6)
+    ours = (predict_scores(val_x, params).argmax(1) == val_y).float().mean().item() * 100
+    reference = sklearn_linear.LogisticRegression(C=c, solver="lbfgs", max_iter=5000, tol=1e-8)
+    reference.fit(train_x.double().numpy(), train_y.numpy())
+    theirs = reference.score(val_x.double().numpy(), val_y.numpy()) * 100
+    assert 30.0 < theirs < 99.0  # overlapping classes: the comparison is not trivially 100 %
+    assert abs(ours - theirs) <= 1.0
+    # same objective, same minimiser: the weights agree too, and the (unpenalised) bias up to a
+    # constant shift, which the softmax does not see
+    torch.testing.assert_close(params[0], torch.from_numpy(reference.coef_.T).float(), rtol=0, atol=1e-2)
+    bias = params[1] - torch.from_numpy(reference.intercept_).float()
+    assert (bias - bias.mean()).abs().max() < 1e-2
+
+
+def test_stronger_regularisation_shrinks_weights(one_thread):
+    train_x, train_y, _, _ = overlapping_gaussians(1)
+    norms = [fit_logistic_regression(train_x, train_y, c, 6)[0].norm().item() for c in (1e-4, 1e-2, 1.0)]
+    assert norms[0] < norms[1] < norms[2]
+
+
+def test_sweep_chooses_c_on_held_out_train_and_reports_val_accuracy(one_thread):
+    train_x, train_y, val_x, val_y = overlapping_gaussians(2)
+    c_values = [1e-6, 1e-2, 1.0]
+    result = evaluate_log_regression(train_x, train_y, val_x, val_y, c_values=c_values, holdout_fraction=0.2)
+    assert list(result["holdout_top1"]) == c_values
+    assert result["best_c"] == max(c_values, key=lambda c: (result["holdout_top1"][c], -c))
+    assert result["best_c"] != 1e-6  # barely fitted weights lose on held-out data here
+    params = fit_logistic_regression(train_x, train_y, result["best_c"], 6)
+    expected = (predict_scores(val_x, params).argmax(1) == val_y).float().mean().item() * 100
+    assert result["top1"] == pytest.approx(expected)
+    assert result["top1"] <= result["top5"] <= 100.0
+
+
+def test_single_c_skips_the_sweep(one_thread):
+    train_x, train_y, val_x, val_y = overlapping_gaussians(3, n_train=100, n_val=50)
+    result = evaluate_log_regression(train_x, train_y, val_x, val_y, c_values=[0.5])
+    assert result["best_c"] == 0.5 and result["holdout_top1"] == {}
+
+
+def test_stratified_split_holds_out_each_class_proportionally():
+    labels = torch.tensor([0] * 50 + [1] * 20 + [2] * 2 + [3] * 1)
+    fit, holdout = stratified_split(labels, 0.1, seed=0)
+    assert sorted(torch.cat([fit, holdout]).tolist()) == list(range(len(labels)))
+    counts = torch.bincount(labels[holdout], minlength=4).tolist()
+    assert counts == [5, 2, 1, 0]  # rounded share, at least one, never a whole class
+    assert torch.equal(stratified_split(labels, 0.1, seed=0)[1], holdout)
+    assert not torch.equal(stratified_split(labels, 0.1, seed=1)[1], holdout)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        stratified_split(labels, 1.0)
+
+
+def test_default_grid_is_the_protocols_45_log_spaced_values():
+    values = default_c_values()
+    assert len(values) == 45
+    assert values[0] == pytest.approx(1e-6) and values[-1] == pytest.approx(1e5)
+    steps = [math.log10(b) - math.log10(a) for a, b in zip(values, values[1:])]
+    assert max(steps) == pytest.approx(min(steps)) == pytest.approx(11 / 44)
