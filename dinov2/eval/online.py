@@ -3,7 +3,9 @@
 The loop builds one :class:`OnlineKNN` from ``cfg.evaluation.knn`` and calls it with the teacher
 backbone every ``evaluation.eval_period_iterations`` (and before the first step with ``at_start``).
 All ranks must call it: feature extraction is sharded over ranks and gathered, and the queries are
-split between ranks. Datasets are built once, on the first call.
+split between ranks. Datasets are built once, on the first call, and with ``num_workers=0`` the
+transformed images are kept in memory (up to ``cache_bytes`` per process, half for each dataset), so later calls only
+run the backbone.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval.features import extract_features, make_eval_dataset
@@ -21,6 +24,33 @@ from dinov2.eval.knn import knn_classify
 from dinov2.utils.config import select
 
 logger = logging.getLogger("dinov2")
+
+
+class CachedDataset(Dataset):
+    """``dataset[i]`` memoised in this process while the stored tensors fit in ``max_bytes``.
+
+    The evaluation transform is deterministic, so a cached sample equals a recomputed one. Samples
+    loaded in DataLoader worker processes are not seen here; caching needs ``num_workers=0``.
+    """
+
+    def __init__(self, dataset: Dataset, max_bytes: int) -> None:
+        self.dataset, self.max_bytes = dataset, int(max_bytes)
+        self.cache: dict[int, Any] = {}
+        self.cached_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if index in self.cache:
+            return self.cache[index]
+        sample = self.dataset[index]
+        image = sample[0]
+        size = image.numel() * image.element_size() if isinstance(image, torch.Tensor) else self.max_bytes + 1
+        if self.cached_bytes + size <= self.max_bytes:
+            self.cache[index] = sample
+            self.cached_bytes += size
+        return sample
 
 
 class OnlineKNN:
@@ -36,6 +66,7 @@ class OnlineKNN:
         crop_size: int = 224,
         batch_size: int = 64,
         num_workers: int = 0,
+        cache_bytes: int = 512 * 2**20,
     ) -> None:
         if not train_dataset or not val_dataset:
             raise ValueError("OnlineKNN needs both a train_dataset (memory bank) and a val_dataset (queries)")
@@ -46,6 +77,7 @@ class OnlineKNN:
         self.temperature = float(temperature)
         self.resize_size, self.crop_size = int(resize_size), int(crop_size)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.cache_bytes = int(cache_bytes)
         self._datasets: tuple[Any, Any] | None = None
 
     @classmethod
@@ -68,10 +100,12 @@ class OnlineKNN:
         """The (memory bank, queries) datasets with the eval transform, built on first use."""
         if self._datasets is None:
             transform = make_classification_eval_transform(resize_size=self.resize_size, crop_size=self.crop_size)
-            self._datasets = (
-                make_eval_dataset(self.train_dataset_str, transform, role="online k-NN train_dataset"),
-                make_eval_dataset(self.val_dataset_str, transform, role="online k-NN val_dataset"),
-            )
+            train = make_eval_dataset(self.train_dataset_str, transform, role="online k-NN train_dataset")
+            val = make_eval_dataset(self.val_dataset_str, transform, role="online k-NN val_dataset")
+            if self.cache_bytes > 0 and self.num_workers == 0:
+                train = CachedDataset(train, self.cache_bytes // 2)  # half the budget each
+                val = CachedDataset(val, self.cache_bytes // 2)
+            self._datasets = (train, val)
         return self._datasets
 
     def __call__(

@@ -53,3 +53,18 @@ def test_bad_dataset_fails_on_first_call_with_its_name():
         online(micro_vit(), torch.device("cpu"))
     with pytest.raises(ValueError, match="needs both"):
         OnlineKNN("", VAL)
+
+
+def test_transformed_images_are_cached_within_the_budget():
+    from dinov2.data.datasets import make_dataset
+    from dinov2.eval.online import CachedDataset
+
+    dataset = make_dataset(VAL, transform=lambda image: torch.zeros(3, 8, 8))  # 768 bytes per image
+    cached = CachedDataset(dataset, max_bytes=768 * 3)
+    for index in (0, 1, 2, 3, 1):
+        image, label = cached[index]
+        assert label == dataset.get_target(index)
+    assert sorted(cached.cache) == [0, 1, 2] and cached.cached_bytes == 768 * 3
+    online = OnlineKNN(TRAIN, VAL, resize_size=32, crop_size=32, num_workers=0)
+    assert all(isinstance(d, CachedDataset) for d in online.datasets())
+    assert not any(isinstance(d, CachedDataset) for d in OnlineKNN(TRAIN, VAL, cache_bytes=0).datasets())
