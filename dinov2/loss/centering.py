@@ -118,31 +118,35 @@ class CenterEMA:
     def __init__(self, momentum: float, group=None):
         self.momentum = momentum
         self.group = group
-        self._stats: torch.Tensor | None = None
-        self._work = None
+        self._pending: list[tuple[torch.Tensor, object]] = []
 
     @property
     def pending(self) -> bool:
-        return self._stats is not None
+        return bool(self._pending)
 
     @torch.no_grad()
-    def start(self, center: torch.Tensor, teacher_output: torch.Tensor) -> None:
-        """Apply any pending update to ``center``, then launch the reduction for ``teacher_output``."""
-        self.apply(center)
+    def start(self, center: torch.Tensor, teacher_output: torch.Tensor, accumulate: bool = False) -> None:
+        """Launch the reduction for ``teacher_output``. Any pending update is applied to ``center``
+        first, unless ``accumulate``: then these rows join the pending ones, and one EMA step over the
+        mean of all of them follows at the next :meth:`apply` (gradient accumulation: the micro-batches
+        of one optimiser step update the center once, as one larger batch would)."""
+        if not accumulate:
+            self.apply(center)
         rows = teacher_output.detach().float().reshape(-1, teacher_output.shape[-1])
         count = rows.new_full((1,), rows.shape[0])
         stats = torch.cat([rows.sum(dim=0), count])
-        self._work = all_reduce(stats, group=self.group, async_op=True)
-        self._stats = stats
+        self._pending.append((stats, all_reduce(stats, group=self.group, async_op=True)))
 
     @torch.no_grad()
     def apply(self, center: torch.Tensor) -> None:
-        """Finish the pending reduction (if any) and update ``center`` in place."""
-        if self._stats is None:
+        """Finish the pending reductions (if any) and update ``center`` in place."""
+        if not self._pending:
             return
-        if self._work is not None:
-            self._work.wait()
-        stats, self._stats, self._work = self._stats, None, None
+        for _, work in self._pending:
+            if work is not None:
+                work.wait()
+        stats = torch.stack([s for s, _ in self._pending]).sum(dim=0)
+        self._pending = []
         count = stats[-1]
         mean = (stats[:-1] / count.clamp(min=1)).reshape(center.shape).to(center.dtype)
         updated = center * self.momentum + mean * (1 - self.momentum)
@@ -166,14 +170,18 @@ class CenteredTeacherLoss(nn.Module):
         self._center_ema.apply(self.center)
 
     @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """``softmax((z - center) / T_t)`` in float32 (output shape = input shape), after any pending update."""
-        self.apply_center_update()
+    def softmax_center_teacher(
+        self, teacher_output: torch.Tensor, teacher_temp: float, accumulate: bool = False
+    ) -> torch.Tensor:
+        """``softmax((z - center) / T_t)`` in float32 (output shape = input shape), after any pending
+        update unless ``accumulate`` (a later micro-batch of the same optimiser step keeps the center)."""
+        if not accumulate:
+            self.apply_center_update()
         return softmax_center(teacher_output, self.center, teacher_temp)
 
     @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
+    def update_center(self, teacher_output: torch.Tensor, accumulate: bool = False) -> None:
         """Start the EMA update of ``center`` towards the mean of the teacher logits (every row of any
         leading shape is one sample or token; the mean is over all rows of all ranks). The cross-rank
         reduction runs asynchronously and is applied before the center is next used."""
-        self._center_ema.start(self.center, teacher_output)
+        self._center_ema.start(self.center, teacher_output, accumulate=accumulate)

@@ -88,15 +88,22 @@ class SSLMetaArch(nn.Module):
         return self
 
     # ------------------------------------------------------------------ teacher
-    def _center(self, loss, logits: torch.Tensor, teacher_temp: float, **sinkhorn_kwargs) -> torch.Tensor:
+    def _center(
+        self, loss, logits: torch.Tensor, teacher_temp: float, accumulate: bool, **sinkhorn_kwargs
+    ) -> torch.Tensor:
         if self.cfg.train.centering == "sinkhorn_knopp":
             return loss.sinkhorn_knopp_teacher(logits, teacher_temp=teacher_temp, **sinkhorn_kwargs)
-        targets = loss.softmax_center_teacher(logits, teacher_temp=teacher_temp)
-        loss.update_center(logits)
+        targets = loss.softmax_center_teacher(logits, teacher_temp=teacher_temp, accumulate=accumulate)
+        loss.update_center(logits, accumulate=accumulate)
         return targets
 
+    def apply_center_updates(self) -> None:
+        """Fold pending center updates into the centers (before saving them; otherwise lazy)."""
+        self.dino_loss.apply_center_update()
+        self.ibot_patch_loss.apply_center_update()
+
     @torch.no_grad()
-    def _teacher_targets(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
+    def _teacher_targets(self, batch: dict, teacher_temp: float, accumulate: bool = False) -> dict[str, torch.Tensor]:
         out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
         first, second = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
         cls_tokens = torch.cat((second, first))  # swapped: student view 1 learns from teacher view 2
@@ -110,11 +117,15 @@ class SSLMetaArch(nn.Module):
             cls_scores = self.teacher.dino_head(cls_tokens) if self.do_dino else None
             patch_scores = self.teacher.ibot_head(masked) if self.do_ibot else None
         if self.do_dino:
-            dino = self._center(self.dino_loss, cls_scores, teacher_temp)
+            dino = self._center(self.dino_loss, cls_scores, teacher_temp, accumulate)
             targets["dino"] = dino.view(N_GLOBAL_CROPS, -1, dino.shape[-1])
         if self.do_ibot:
             targets["ibot"] = self._center(
-                self.ibot_patch_loss, patch_scores, teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"]
+                self.ibot_patch_loss,
+                patch_scores,
+                teacher_temp,
+                accumulate,
+                n_masked_patches_tensor=batch["n_masked_patches"],
             )
         return targets
 
@@ -179,9 +190,13 @@ class SSLMetaArch(nn.Module):
         }
         return sum(weights[name] * value for name, value in losses.items())
 
-    def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
-        """Losses for one collated batch (see dinov2.data.collate): ``{"loss": total, term: value}``."""
-        targets = self._teacher_targets(batch, teacher_temp)
+    def forward(self, batch: dict, teacher_temp: float, accumulate: bool = False) -> dict[str, torch.Tensor]:
+        """Losses for one collated batch (see dinov2.data.collate): ``{"loss": total, term: value}``.
+
+        ``accumulate``: this batch is a later micro-batch of the same optimiser step (gradient
+        accumulation); softmax-centering then uses the same centers as the step's first micro-batch
+        and the center update covers all of them, as for one larger batch."""
+        targets = self._teacher_targets(batch, teacher_temp, accumulate)
         losses = self._losses(self._student_outputs(batch), targets, batch)
         return {"loss": self.total_loss(losses), **losses}
 
