@@ -31,6 +31,9 @@ _BACKBONE_KEYS = {
     "attn_backend": "auto",
 }
 
+# Optional keys that override the architecture's width, depth and heads (small experiments).
+_SHAPE_KEYS = ("embed_dim", "depth", "num_heads")
+
 
 def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
     """Build backbones from a ``student``-style config section.
@@ -44,6 +47,9 @@ def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
         raise ValueError(f"Unknown student.arch {arch!r}; valid architectures: {', '.join(ARCHS)}")
     kwargs = {key: select(args, key, default) for key, default in _BACKBONE_KEYS.items()}
     kwargs["init_values"] = kwargs.pop("layerscale")
+    for key in _SHAPE_KEYS:  # optional overrides of the arch's shape (null: the arch's own)
+        if select(args, key, None) is not None:
+            kwargs[key] = int(select(args, key))
     kwargs["img_size"] = img_size
     teacher = ARCHS[arch](**kwargs)
     if only_teacher:

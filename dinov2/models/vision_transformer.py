@@ -304,41 +304,37 @@ class DinoVisionTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------- architecture registry
+def _vit(shape: dict, patch_size: int, num_register_tokens: int, kwargs: dict) -> DinoVisionTransformer:
+    """The architecture ``shape`` (embed_dim, depth, num_heads, mlp_ratio); ``kwargs`` may override any
+    of them (small ablations: e.g. ``vit_tiny(depth=6)``) and set the other constructor arguments."""
+    return DinoVisionTransformer(patch_size=patch_size, num_register_tokens=num_register_tokens, **{**shape, **kwargs})
+
+
 def vit_tiny(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-Ti (DeiT-Tiny shape): width 192, 12 blocks, 3 heads; for laptops and quick experiments."""
-    return DinoVisionTransformer(
-        patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
-        num_register_tokens=num_register_tokens, **kwargs,
-    )  # fmt: skip
+    shape = {"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4}
+    return _vit(shape, patch_size, num_register_tokens, kwargs)
 
 
 def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    return DinoVisionTransformer(
-        patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
-        num_register_tokens=num_register_tokens, **kwargs,
-    )  # fmt: skip
+    shape = {"embed_dim": 384, "depth": 12, "num_heads": 6, "mlp_ratio": 4}
+    return _vit(shape, patch_size, num_register_tokens, kwargs)
 
 
 def vit_base(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    return DinoVisionTransformer(
-        patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4,
-        num_register_tokens=num_register_tokens, **kwargs,
-    )  # fmt: skip
+    shape = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4}
+    return _vit(shape, patch_size, num_register_tokens, kwargs)
 
 
 def vit_large(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    return DinoVisionTransformer(
-        patch_size=patch_size, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4,
-        num_register_tokens=num_register_tokens, **kwargs,
-    )  # fmt: skip
+    shape = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4}
+    return _vit(shape, patch_size, num_register_tokens, kwargs)
 
 
 def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-g as in DINOv2: width 1536, 40 blocks, 24 heads (64 dims each); use with SwiGLU."""
-    return DinoVisionTransformer(
-        patch_size=patch_size, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4,
-        num_register_tokens=num_register_tokens, **kwargs,
-    )  # fmt: skip
+    shape = {"embed_dim": 1536, "depth": 40, "num_heads": 24, "mlp_ratio": 4}
+    return _vit(shape, patch_size, num_register_tokens, kwargs)
 
 
 ARCHS: dict[str, Callable[..., DinoVisionTransformer]] = {
