@@ -45,3 +45,39 @@ def all_gather_cat(tensor: torch.Tensor, group=None) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=0)
+
+
+def init_from_env(device: torch.device | None = None) -> bool:
+    """Join the process group torchrun (or a launcher setting ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``)
+    describes: NCCL for CUDA devices, gloo otherwise. Returns True when running distributed.
+    A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) stays unaffected."""
+    import os
+
+    if is_enabled():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend=backend, **kwargs)
+    return True
+
+
+def all_reduce_mean_grads(parameters, group=None) -> None:
+    """Average the ``.grad`` of ``parameters`` over ranks (data parallelism without a wrapper);
+    one flattened reduction per dtype. A no-op on one process."""
+    world = get_world_size(group)
+    if world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()

@@ -1,0 +1,333 @@
+"""The training loop: schedules -> batch to device -> losses -> backward -> clip -> step -> teacher
+EMA -> logging, with checkpoints, exports and online k-NN on their periods.
+
+One :meth:`Trainer.step` is one optimiser step over ``train.grad_accum_steps`` micro-batches. The
+loop owns everything around the objective; the objective itself is :class:`SSLMetaArch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinov2 import distributed
+from dinov2.checkpoint import (
+    capture_rng_state,
+    export_teacher,
+    find_latest_checkpoint,
+    load_training_checkpoint,
+    restore_rng_state,
+    save_training_checkpoint,
+)
+from dinov2.train.data import build_train_dataset, build_train_loader
+from dinov2.train.param_groups import build_optimizer_param_groups
+from dinov2.train.schedules import apply_optim_scheduler, build_schedulers
+from dinov2.utils.device import autocast
+from dinov2.utils.logging import MetricsWriter, format_duration
+
+logger = logging.getLogger("dinov2")
+
+LOSS_TERMS = ("loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf: the run stops before the optimiser step."""
+
+
+def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.AdamW:
+    groups = build_optimizer_param_groups(
+        model.student, layerwise_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
+    )
+    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def check_finite(losses: dict[str, torch.Tensor], iteration: int, last_checkpoint: Path | None) -> None:
+    """Raise :class:`NonFiniteLossError` naming every non-finite term of ``iteration`` (1-based, as logged)."""
+    names = list(losses)
+    values = torch.stack([losses[n].detach().float() for n in names])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist(), strict=True) if not math.isfinite(v))
+    kept = f"the last checkpoint {last_checkpoint} is untouched" if last_checkpoint else "no checkpoint was written"
+    raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {bad}; stopping ({kept})")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Trainer:
+    """State of one run: model, optimiser, schedules, data stream, writers."""
+
+    def __init__(self, cfg: Any, model: torch.nn.Module, device: torch.device, output_dir: str | Path) -> None:
+        self.cfg, self.model, self.device = cfg, model, device
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.optimizer = build_optimizer(cfg, model)
+        self.schedules = build_schedulers(cfg)
+        self.max_iter = int(cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH)
+        stop = cfg.train.stop_at_iteration
+        self.stop_iter = self.max_iter if stop is None else min(int(stop), self.max_iter)
+        self.accum = int(cfg.train.grad_accum_steps)
+        if self.accum < 1:
+            raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.accum}")
+        self.autocast_dtype = getattr(model, "autocast_dtype", None)
+        use_scaler = self.autocast_dtype == torch.float16 and bool(cfg.compute_precision.grad_scaler)
+        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.iteration = 0
+        self.extra: dict[str, Any] = {}  # persisted with checkpoints (e.g. the random-init k-NN result)
+        self.last_checkpoint: Path | None = None
+        self.metrics = MetricsWriter(self.output_dir, enabled=distributed.is_main_process())
+        self.online_knn = None
+        self.skipped_images = 0
+        self._rng_state: dict | None = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        self.model.apply_center_updates()
+        return {
+            "iteration": self.iteration,
+            "samples_consumed": self.samples_consumed(self.iteration),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": capture_rng_state(),
+            "extra": dict(self.extra),
+        }
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()  # every rank applies its center updates, even if only rank 0 writes
+        if distributed.is_main_process():
+            keep = int(self.cfg.train.checkpoint_keep_last)
+            self.last_checkpoint = save_training_checkpoint(self.checkpoint_dir, self.iteration, state, keep_last=keep)
+            logger.info("checkpoint written: %s", self.last_checkpoint)
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of the output directory, if any."""
+        path = find_latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return False
+        state = load_training_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self._rng_state = state["rng"]  # restored right before the first step (see run)
+        self.iteration, self.extra = int(state["iteration"]), dict(state.get("extra", {}))
+        self.last_checkpoint = path
+        self.metrics.truncate_after(self.iteration)
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+        return True
+
+    def samples_consumed(self, iteration: int) -> int:
+        """Samples this rank has drawn before ``iteration``."""
+        return iteration * int(self.cfg.train.batch_size_per_gpu) * self.accum
+
+    # ------------------------------------------------------------------ one optimiser step
+    def apply_schedules(self, it: int) -> dict[str, float]:
+        values = {
+            "lr": self.schedules.lr[it],
+            "wd": self.schedules.wd[it],
+            "mom": self.schedules.momentum[it],
+            "last_layer_lr": self.schedules.last_layer_lr[it],
+            "teacher_temp": self.schedules.teacher_temp[it],
+        }
+        apply_optim_scheduler(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        return values
+
+    def step(self, data_iter, scheduled: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Micro-batches -> losses -> backward (accumulated) -> clip -> optimiser step -> teacher EMA."""
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        timing = {"data_time": 0.0, "images": 0}
+        for micro in range(self.accum):
+            start = time.perf_counter()
+            batch = next(data_iter)
+            timing["data_time"] += time.perf_counter() - start
+            timing["images"] += len(batch["collated_global_crops"]) // 2
+            self.skipped_images += int(batch.pop("skipped_images", 0))
+            batch = batch_to_device(batch, self.device)
+            with autocast(self.device, self.autocast_dtype):
+                losses = self.model(batch, teacher_temp=scheduled["teacher_temp"], accumulate=micro > 0)
+            check_finite(losses, self.iteration + 1, self.last_checkpoint)
+            loss = losses["loss"] / self.accum
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for name, value in losses.items():
+                totals[name] += value.detach().float() / self.accum
+        params = [p for p in self.model.student.parameters() if p.requires_grad]
+        distributed.all_reduce_mean_grads(params)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.clip_grad:
+            timing["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.model.update_teacher(scheduled["mom"])
+        return dict(totals), timing
+
+    # ------------------------------------------------------------------ logging and evaluation
+    def log(self, losses: dict[str, torch.Tensor], scheduled: dict, window: dict, start_time: float) -> None:
+        names = sorted(losses)
+        values = torch.stack([losses[n] for n in names])
+        distributed.all_reduce(values)
+        values = (values / distributed.get_world_size()).tolist()
+        world = distributed.get_world_size()
+        done = self.iteration - window["start_iteration"]
+        per_iter = (time.perf_counter() - start_time) / max(done, 1)
+        record = dict(zip(names, values, strict=True))
+        record.update({k: v for k, v in scheduled.items()})
+        record.update(
+            {
+                "images_per_s": window["images"] * world / max(window["seconds"], 1e-9),
+                "data_time": window["data_time"] / max(window["steps"], 1),
+                "grad_norm": window.get("grad_norm", float("nan")),
+                "peak_memory_mb": peak_memory_mb(self.device),
+                "skipped_images": self.skipped_images,
+            }
+        )
+        self.metrics.write(self.iteration, record)
+        terms = " ".join(f"{n.removesuffix('_loss').removesuffix('_crops')} {v:.4f}" for n, v in zip(names, values))
+        logger.info(
+            "it %d/%d | eta %s | %s | lr %.3g wd %.3g mom %.4f tt %.3f | %.1f img/s data %.3fs | mem %.0f MB%s",
+            self.iteration,
+            self.stop_iter,
+            format_duration(per_iter * (self.stop_iter - self.iteration)),
+            terms,
+            record["lr"],
+            record["wd"],
+            record["mom"],
+            record["teacher_temp"],
+            record["images_per_s"],
+            record["data_time"],
+            record["peak_memory_mb"],
+            f" | skipped images {self.skipped_images}" if self.skipped_images else "",
+        )
+
+    def evaluate(self, label: str) -> dict[str, float]:
+        """Export the teacher (OUTPUT/eval/training_{it}/) and run the online k-NN, if configured."""
+        results: dict[str, float] = {}
+        if distributed.is_main_process() and label != "start":
+            export_teacher(self.output_dir, self.iteration, self.model.teacher)
+        if self.online_knn is not None:
+            results = self.online_knn(self.model.teacher.backbone, self.device, self.autocast_dtype)
+            self.metrics.write(self.iteration, {"eval": label, **results})
+            logger.info("online k-NN at iteration %d (%s): %s", self.iteration, label, _fmt(results))
+        return results
+
+    # ------------------------------------------------------------------ the run
+    def run(self, resume: bool = True) -> dict[str, Any]:
+        """Train from the latest checkpoint (or from scratch) to ``stop_iter``; returns a summary."""
+        if resume:
+            self.resume()
+        dataset = build_train_dataset(self.cfg)
+        self._log_plan(len(dataset))
+        loader = build_train_loader(self.cfg, dataset, samples_consumed=self.samples_consumed(self.iteration))
+        self.online_knn = _build_online_knn(self.cfg)
+        if self.online_knn is not None and self.iteration == 0 and self.cfg.evaluation.knn.at_start:
+            self.extra["knn_at_start"] = self.evaluate("start")
+        eval_period = int(self.cfg.evaluation.eval_period_iterations)
+        ckpt_period = int(self.cfg.train.checkpoint_period_iterations)
+        log_period = max(int(self.cfg.train.log_period), 1)
+        self.model.train()
+        data_iter = iter(loader)
+        if self._rng_state is not None:  # after everything that draws at start-up (iter(loader) does)
+            restore_rng_state(self._rng_state)
+            self._rng_state = None
+        start_time, window = time.perf_counter(), _new_window(self.iteration)
+        while self.iteration < self.stop_iter:
+            step_start = time.perf_counter()
+            scheduled = self.apply_schedules(self.iteration)
+            losses, timing = self.step(data_iter, scheduled)
+            self.iteration += 1
+            _accumulate(window, timing, time.perf_counter() - step_start)
+            if self.iteration % log_period == 0 or self.iteration == self.stop_iter:
+                self.log(losses, scheduled, window, start_time)
+                window = _new_window(window["start_iteration"])
+            if self.iteration % ckpt_period == 0 or self.iteration == self.stop_iter:
+                self.save_checkpoint()
+            if self.iteration % eval_period == 0 or self.iteration == self.max_iter:
+                self.extra["knn_last"] = self.evaluate(f"training_{self.iteration}")
+                self.model.train()
+        self.metrics.close()
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        summary = {"iteration": self.iteration, "skipped_images": self.skipped_images}
+        start, last = self.extra.get("knn_at_start"), self.extra.get("knn_last")
+        if start and last and self.iteration == self.max_iter:
+            summary.update(knn_top1_random_init=start["knn_top1"], knn_top1_trained=last["knn_top1"])
+            logger.info(
+                "k-NN top-1 on %s: random init %.2f%% -> trained %.2f%% (%+.2f points)",
+                self.cfg.evaluation.knn.val_dataset,
+                start["knn_top1"],
+                last["knn_top1"],
+                last["knn_top1"] - start["knn_top1"],
+            )
+        if self.skipped_images:
+            logger.warning("%d unreadable images were skipped by this rank's data workers", self.skipped_images)
+        return summary
+
+    def _log_plan(self, dataset_len: int) -> None:
+        cfg, world = self.cfg, distributed.get_world_size()
+        batch = int(cfg.train.batch_size_per_gpu) * world * self.accum
+        epoch_len = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+        logger.info(
+            "training to iteration %d of %d (%s epochs of OFFICIAL_EPOCH_LENGTH=%d iterations; an epoch is a "
+            "number of iterations, not a pass over the data: one epoch = %.2f passes over %d images); "
+            "effective batch %d = %d per process x %d processes x %d accumulation steps; lr %.4g",
+            self.stop_iter,
+            self.max_iter,
+            cfg.optim.epochs,
+            epoch_len,
+            epoch_len * batch / max(dataset_len, 1),
+            dataset_len,
+            batch,
+            cfg.train.batch_size_per_gpu,
+            world,
+            self.accum,
+            cfg.optim.lr,
+        )
+
+
+def _build_online_knn(cfg: Any):
+    knn = cfg.evaluation.knn
+    if not knn.train_dataset or not knn.val_dataset:
+        return None
+    from dinov2.eval.online import OnlineKNN
+
+    return OnlineKNN.from_config(knn)
+
+
+def _new_window(start_iteration: int) -> dict[str, float]:
+    return {"start_iteration": start_iteration, "images": 0, "data_time": 0.0, "seconds": 0.0, "steps": 0}
+
+
+def _accumulate(window: dict, timing: dict, seconds: float) -> None:
+    window["images"] += timing["images"]
+    window["data_time"] += timing["data_time"]
+    window["seconds"] += seconds
+    window["steps"] += 1
+    if "grad_norm" in timing:
+        window["grad_norm"] = timing["grad_norm"]
+
+
+def _fmt(results: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in results.items())

@@ -1,0 +1,101 @@
+"""DINOv2 pretraining entry point.
+
+    python dinov2/train/train.py --config quickstart --output-dir runs/quickstart [key=value ...]
+    torchrun --nproc_per_node=8 dinov2/train/train.py --config vitl16_short --output-dir OUT
+
+The same :func:`main` serves ``python -m dinov2.train.train``, the ``dinov2-train`` console script
+and the SLURM launcher. Setup happens here; the loop lives in :mod:`dinov2.train.loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file: import the repository's package, not modules next to this file.
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from dinov2 import distributed  # noqa: E402
+from dinov2.train.schedules import scaled_lr  # noqa: E402
+from dinov2.utils.config import load_config  # noqa: E402
+from dinov2.utils.device import enable_tf32, resolve_autocast_dtype, resolve_device, seed_everything  # noqa: E402
+from dinov2.utils.logging import setup_logging  # noqa: E402
+
+logger = logging.getLogger("dinov2")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DINOv2 training", add_help=add_help)
+    parser.add_argument(
+        "--config", "--config-file", dest="config", default="",
+        help="a config name under configs/train/ (with or without .yaml) or a path; empty: the default config",
+    )  # fmt: skip
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default="", help="run directory")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    parser.add_argument("--eval-only", action="store_true", help="export and evaluate the latest checkpoint, then exit")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides, e.g. optim.epochs=10")
+    return parser
+
+
+def setup_config(args: argparse.Namespace) -> Any:
+    """Default <- experiment config <- overrides; output dir and the derived lr filled in."""
+    cfg = load_config(args.config or None, args.opts)
+    if args.output_dir:
+        cfg.train.output_dir = str(args.output_dir)
+    world = distributed.get_world_size()
+    batch = int(cfg.train.batch_size_per_gpu) * world * int(cfg.train.grad_accum_steps)
+    cfg.optim.lr = scaled_lr(float(cfg.optim.base_lr), batch, str(cfg.optim.scaling_rule))
+    return cfg
+
+
+def build_model(cfg: Any, device):
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+    model = SSLMetaArch(cfg).to(device)
+    model.autocast_dtype = resolve_autocast_dtype(cfg.compute_precision.autocast_dtype, device)
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device(load_config(args.config or None, args.opts).train.device)
+    distributed.init_from_env(device)
+    cfg = setup_config(args)
+    output_dir = Path(cfg.train.output_dir)
+    setup_logging(output_dir, rank=distributed.get_rank())
+    if distributed.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml")
+    logger.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    logger.info("device %s, %d process(es); lr %.4g (base_lr %s, %s)", device, distributed.get_world_size(),
+                cfg.optim.lr, cfg.optim.base_lr, cfg.optim.scaling_rule)  # fmt: skip
+    enable_tf32(device, bool(cfg.compute_precision.tf32))
+    seed_everything(int(cfg.train.seed), distributed.get_rank())
+
+    from dinov2.train.loop import Trainer
+
+    trainer = Trainer(cfg, build_model(cfg, device), device, output_dir)
+    if args.eval_only:
+        if not trainer.resume():
+            logger.warning("--eval-only: no checkpoint in %s; evaluating the initial weights", trainer.checkpoint_dir)
+        from dinov2.train.loop import _build_online_knn
+
+        trainer.online_knn = _build_online_knn(cfg)
+        return {"iteration": trainer.iteration, **trainer.evaluate(f"training_{trainer.iteration}")}
+    return trainer.run(resume=not args.no_resume)
+
+
+def console_main() -> None:
+    """``dinov2-train`` console script."""
+    main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Run logging: a console + file logger, and the per-iteration metrics stream.
+
+:class:`MetricsWriter` appends one JSON object per logged iteration to
+``OUTPUT/training_metrics.json`` (JSON lines, like the original) and mirrors scalars to TensorBoard
+when the ``tensorboard`` package is installed. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+LOGGER_NAME = "dinov2"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(
+    output_dir: str | os.PathLike | None = None, rank: int = 0, level: int = logging.INFO
+) -> logging.Logger:
+    """Configure the ``dinov2`` logger: console on rank 0 (warnings only elsewhere) and
+    ``OUTPUT/log.txt`` (``log.rank{N}.txt`` on other ranks). Idempotent: old handlers are replaced."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(level if rank == 0 else logging.WARNING)
+    console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    logger.addHandler(console)
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        name = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
+        file_handler = logging.FileHandler(Path(output_dir) / name)
+        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        logger.addHandler(file_handler)
+    return logger
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``1:02:05``; ``93784`` -> ``1 day, 2:03:04``."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(seconds, 0.0)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days} day{'s' if days > 1 else ''}, {clock}" if days else clock
+
+
+class MetricsWriter:
+    """JSON-lines metrics file (plus TensorBoard when available); a no-op when not ``enabled``."""
+
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(output_dir) / "training_metrics.json"
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records logged after ``iteration`` (a resumed run rewrites them)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, iteration: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"iteration": int(iteration), **metrics}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, iteration)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -1,0 +1,198 @@
+"""The training entry point and loop, end to end on CPU with a tiny ViT on the Synthetic set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dinov2.checkpoint import find_latest_checkpoint, load_backbone_state_dict, load_training_checkpoint
+from dinov2.train import loop as loop_module
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.train import main
+from dinov2.utils.config import ConfigError
+from dinov2.utils.device import seed_everything
+
+TINY = [
+    "train.dataset_path=Synthetic:split=TRAIN:num_images=64:image_size=32",
+    "train.batch_size_per_gpu=4",
+    "train.num_workers=0",
+    "train.OFFICIAL_EPOCH_LENGTH=6",
+    "train.log_period=1",
+    "train.checkpoint_period_iterations=3",
+    "student.arch=vit_tiny",
+    "student.embed_dim=32",
+    "student.depth=2",
+    "student.num_heads=2",
+    "student.patch_size=8",
+    "student.drop_path_rate=0.1",
+    "dino.head_n_prototypes=64",
+    "dino.head_hidden_dim=32",
+    "dino.head_bottleneck_dim=16",
+    "ibot.head_n_prototypes=64",
+    "ibot.head_hidden_dim=32",
+    "ibot.head_bottleneck_dim=16",
+    "optim.epochs=1",
+    "optim.warmup_epochs=0.5",
+    "optim.freeze_last_layer_epochs=0.5",
+    "teacher.warmup_teacher_temp_epochs=0.5",
+    "crops.global_crops_size=32",
+    "crops.local_crops_size=16",
+    "crops.local_crops_number=2",
+    "evaluation.eval_period_iterations=1000",
+]
+
+
+def run(output_dir: Path, *overrides: str, extra_args: tuple[str, ...] = ()):
+    return main(["--output-dir", str(output_dir), *extra_args, *TINY, *overrides])
+
+
+def records(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "training_metrics.json").read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def loss_records(output_dir: Path) -> dict[int, dict]:
+    return {r["iteration"]: r for r in records(output_dir) if "loss" in r}
+
+
+def initial_state(output_dir: Path) -> dict:
+    """The model as ``main`` builds it before training (same resolved config, same seed)."""
+    cfg = OmegaConf.load(output_dir / "config.yaml")
+    seed_everything(int(cfg.train.seed))
+    return SSLMetaArch(cfg).state_dict()
+
+
+def test_three_iterations_through_main(tmp_path):
+    summary = run(tmp_path, "train.stop_at_iteration=3")
+    assert summary["iteration"] == 3
+    logged = loss_records(tmp_path)
+    assert sorted(logged) == [1, 2, 3]
+    for record in logged.values():
+        for term in ("loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"):
+            assert torch.isfinite(torch.tensor(record[term]))
+        assert record["images_per_s"] > 0 and record["peak_memory_mb"] > 0
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    # derived lr: sqrt rule for a global batch of 4
+    assert saved.optim.lr == pytest.approx(saved.optim.base_lr * (4 / 1024) ** 0.5)
+    assert saved.student.embed_dim == 32
+    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "model_0000003.pth"
+    assert "training to iteration 3 of 6" in (tmp_path / "log.txt").read_text()
+
+
+def test_resume_continues_the_identical_trajectory(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight)
+    run(resumed, "train.stop_at_iteration=4")  # checkpoints at 3 and 4
+    assert find_latest_checkpoint(resumed / "checkpoints").name == "model_0000004.pth"
+    run(resumed)
+    a, b = loss_records(straight), loss_records(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for it in range(1, 7):
+        for term in ("loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "lr"):
+            assert a[it][term] == b[it][term], (it, term)
+    final_a = load_training_checkpoint(find_latest_checkpoint(straight / "checkpoints"))["model"]
+    final_b = load_training_checkpoint(find_latest_checkpoint(resumed / "checkpoints"))["model"]
+    assert final_a.keys() == final_b.keys()
+    for key in final_a:
+        assert torch.equal(final_a[key], final_b[key]), key
+
+
+def test_resume_with_data_workers(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    opts = ("train.num_workers=1", "train.stop_at_iteration=4")
+    run(straight, *opts)
+    run(resumed, "train.num_workers=1", "train.stop_at_iteration=2", "train.checkpoint_period_iterations=2")
+    run(resumed, *opts)
+    a, b = loss_records(straight), loss_records(resumed)
+    assert [a[i]["loss"] for i in (3, 4)] == [b[i]["loss"] for i in (3, 4)]
+
+
+def test_no_resume_starts_over(tmp_path):
+    run(tmp_path, "train.stop_at_iteration=3")
+    first = loss_records(tmp_path)[1]["loss"]
+    run(tmp_path, "train.stop_at_iteration=1", extra_args=("--no-resume",))
+    assert loss_records(tmp_path)[1]["loss"] == first
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path):
+    # Terms that are batch-local by definition (KoLeo, the iBOT mask draw, stochastic depth) are off.
+    common = (
+        "train.stop_at_iteration=2",
+        "dino.koleo_loss_weight=0",
+        "ibot.loss_weight=0",
+        "ibot.mask_sample_probability=0",
+        "student.drop_path_rate=0",
+        "optim.scaling_rule=linear_wrt_256",
+    )
+    run(tmp_path / "big", *common, "train.batch_size_per_gpu=8")
+    run(tmp_path / "accum", *common, "train.batch_size_per_gpu=4", "train.grad_accum_steps=2")
+    big = load_training_checkpoint(find_latest_checkpoint(tmp_path / "big" / "checkpoints"))
+    accum = load_training_checkpoint(find_latest_checkpoint(tmp_path / "accum" / "checkpoints"))
+    assert big["samples_consumed"] == 16 and accum["samples_consumed"] == 16
+    for key, value in big["model"].items():
+        torch.testing.assert_close(accum["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    # the comparison is not vacuous: the two steps moved the student's weights
+    key = "student.backbone.blocks.0.attn.qkv.weight"
+    assert not torch.allclose(big["model"][key], initial_state(tmp_path / "big")[key])
+    lossa, lossb = loss_records(tmp_path / "big"), loss_records(tmp_path / "accum")
+    for it in (1, 2):
+        assert lossb[it]["loss"] == pytest.approx(lossa[it]["loss"], rel=1e-5)
+
+
+def test_misspelt_key_names_it_and_the_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean 'optim\.lr'"):
+        run(tmp_path, "optim.lrr=0.1")
+    with pytest.raises(ConfigError, match=r"studnet\.arch.*'student\.arch'"):
+        run(tmp_path, "studnet.arch=vit_small")
+    with pytest.raises(FileNotFoundError, match="quickstart"):
+        main(["--config", "no_such_recipe", "--output-dir", str(tmp_path)])
+
+
+def test_nan_stops_with_term_and_iteration_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path, "train.stop_at_iteration=3")
+    path = find_latest_checkpoint(tmp_path / "checkpoints")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    original = SSLMetaArch.forward
+
+    def poisoned(self, batch, teacher_temp, accumulate=False):
+        out = original(self, batch, teacher_temp, accumulate)
+        out["koleo_loss"] = out["koleo_loss"] * float("nan")
+        out["loss"] = out["loss"] + out["koleo_loss"]
+        return out
+
+    monkeypatch.setattr(SSLMetaArch, "forward", poisoned)
+    with pytest.raises(loop_module.NonFiniteLossError, match=r"iteration 4.*koleo_loss=nan"):
+        run(tmp_path)
+    assert find_latest_checkpoint(tmp_path / "checkpoints") == path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_teacher_export_loads_into_a_hub_backbone(tmp_path):
+    from dinov2.hub.backbones import dinov2_vits14
+
+    opts = (
+        "student.arch=vit_small",
+        "student.patch_size=14",
+        "student.embed_dim=null",
+        "student.num_heads=null",
+        "crops.global_crops_size=28",
+        "crops.local_crops_size=14",
+        "train.stop_at_iteration=2",
+        "evaluation.eval_period_iterations=2",
+    )
+    run(tmp_path, *opts)
+    export = tmp_path / "eval" / "training_2"
+    trained = load_training_checkpoint(find_latest_checkpoint(tmp_path / "checkpoints"))["model"]
+    teacher = {k.removeprefix("teacher.backbone."): v for k, v in trained.items() if k.startswith("teacher.backbone.")}
+    x = torch.randn(2, 3, 28, 28)
+    for name in ("teacher_checkpoint.pth", "teacher_backbone.safetensors"):
+        model = dinov2_vits14(weights=str(export / name), img_size=28, depth=2).eval()
+        reference = dinov2_vits14(pretrained=False, img_size=28, depth=2).eval()
+        load_backbone_state_dict(reference, teacher)
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
