@@ -1,0 +1,265 @@
+"""Linear probing of a frozen backbone: the DINOv2 protocol, many classifiers trained at once.
+
+    python dinov2/eval/linear.py --config-file vitl14_pretrain --pretrained-weights W.pth \\
+        --train-dataset ImageNet:split=TRAIN:root=R:extra=E --val-dataset ImageNet:split=VAL:root=R:extra=E \\
+        --output-dir OUT
+
+One backbone forward per batch feeds a grid of linear classifiers (:mod:`dinov2.eval.linear_heads`):
+every learning rate of ``--learning-rates`` (scaled by global batch / 256) x ``--n-last-blocks``
+x with/without the average-pooled patch tokens. SGD (momentum 0.9, no weight decay), cosine
+schedule to 0 over ``--epochs`` x ``--epoch-length`` iterations, random-resized crops and flips.
+The validation set is encoded once (eval transform) and every classifier is scored on it; the best
+on ``--val-metric-type`` is saved in the hub ``_lc`` head format.
+
+Outputs in ``OUT``: ``results_eval_linear.json`` (all classifiers, the best), ``results_eval_linear.txt``
+(a table), ``linear_head_best.pth`` and ``checkpoint_linear.pth`` (resumed from unless ``--no-resume``).
+Resuming gives the same result as an uninterrupted run: the data order and every sample's
+augmentation depend only on its position in the training stream. Under ``torchrun`` every rank
+trains the same classifiers on its own share of each batch and gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dinov2 import distributed
+from dinov2.checkpoint import atomic_torch_save
+from dinov2.data.loaders import make_data_loader
+from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.transforms import make_classification_eval_transform, make_classification_train_transform
+from dinov2.eval import linear_heads as core
+from dinov2.eval.features import collate_images_and_labels, extract_features, make_eval_dataset
+from dinov2.eval.metrics import format_table, write_json_atomic
+from dinov2.eval.setup import get_args_parser as get_setup_args_parser
+from dinov2.eval.setup import setup_and_build_model
+
+logger = logging.getLogger("dinov2")
+
+RESULTS_FILE = "results_eval_linear.json"
+TABLE_FILE = "results_eval_linear.txt"
+CHECKPOINT_FILE = "checkpoint_linear.pth"
+BEST_HEAD_FILE = "linear_head_best.pth"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parents = [get_setup_args_parser(add_help=False)]
+    parser = argparse.ArgumentParser(description="Linear probing", parents=parents, add_help=add_help)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epoch-length", type=int, default=1250, help="iterations per epoch")
+    parser.add_argument("--eval-period-iterations", type=int, default=1250, help="0: evaluate at the end only")
+    parser.add_argument("--save-checkpoint-frequency", type=int, default=1, help="epochs between checkpoints")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=list(core.DEFAULT_LEARNING_RATES),
+                        help="base learning rates, scaled by global batch / 256")  # fmt: skip
+    parser.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4], help="CLS tokens of the last n blocks")
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--val-metric-type", choices=core.METRIC_TYPES, default="top1", help="picks the best")
+    parser.add_argument("--resize-size", type=int, default=256, help="eval transform: shorter side resized to")
+    parser.add_argument("--crop-size", type=int, default=224, help="train and eval crop size")
+    parser.add_argument("--seed", type=int, default=0, help="data order, augmentations and classifier init")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+class PositionSampler:
+    """``(global_position, index)`` for this rank from the shuffled infinite stream, starting after
+    ``advance`` samples of this rank (``iteration * batch_size`` on resume)."""
+
+    def __init__(self, sample_count: int, seed: int, advance: int) -> None:
+        self.stream = InfiniteSampler(sample_count, shuffle=True, seed=seed, advance=advance)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rank, world, start = self.stream.rank, self.stream.world_size, self.stream.advance
+        for offset, index in enumerate(self.stream):
+            yield rank + (start + offset) * world, index
+
+
+class PositionSeededDataset(Dataset):
+    """Items ``(position, index)``: ``transform(dataset[index])`` with torch's generator seeded from
+    ``(seed, position)`` (restored afterwards), so augmentations do not depend on workers or restarts."""
+
+    def __init__(self, dataset, transform, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        position, index = item
+        image, target = self.dataset[index]
+        sample_seed = np.random.SeedSequence([self.seed, int(position)]).generate_state(1, dtype=np.uint64)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(sample_seed % (2**63)))
+            image = self.transform(image)
+        return image, target
+
+
+def train_batches(
+    backbone: nn.Module,
+    dataset,
+    args: argparse.Namespace,
+    start_iter: int,
+    n_max: int,
+    autocast_dtype: torch.dtype | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Packed features and labels of the training stream from iteration ``start_iter`` on."""
+    device = next(backbone.parameters()).device
+    seeded = PositionSeededDataset(dataset, make_classification_train_transform(crop_size=args.crop_size), args.seed)
+    sampler = PositionSampler(len(dataset), args.seed, advance=start_iter * args.batch_size)
+    loader = make_data_loader(
+        seeded, args.batch_size, args.num_workers, sampler=sampler, seed=args.seed, drop_last=True,
+        persistent_workers=False, collate_fn=collate_images_and_labels,
+    )  # fmt: skip
+    for images, labels in loader:
+        if (labels < 0).any():
+            raise ValueError(
+                f"the train dataset {args.train_dataset!r} has unlabelled samples; linear probing needs labels"
+            )
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            packed = core.pack_features(backbone, images, n_max)
+        yield packed.float(), labels.to(device)
+
+
+class PackedFeatures(nn.Module):
+    """Backbone -> flattened packed features, for :func:`dinov2.eval.features.extract_features`."""
+
+    def __init__(self, backbone: nn.Module, n_max: int) -> None:
+        super().__init__()
+        self.backbone, self.n_max = backbone, n_max
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return core.pack_features(self.backbone, images, self.n_max).flatten(1)
+
+
+def num_classes_of(dataset) -> int:
+    count = getattr(dataset, "num_classes", None)
+    if count:
+        return int(count)
+    return int(np.max(dataset.get_targets())) + 1
+
+
+def encode_val_set(args, backbone: nn.Module, n_max: int, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (N, n_max + 1, D) features (CPU) and labels of the validation set, computed once."""
+    transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
+    dataset = make_eval_dataset(args.val_dataset, transform, role="val dataset")
+    flat, labels = extract_features(
+        PackedFeatures(backbone, n_max), dataset, args.batch_size, args.num_workers,
+        autocast_dtype=autocast_dtype, gather_on_cpu=True, progress=args.progress,
+    )  # fmt: skip
+    return flat.reshape(len(labels), n_max + 1, -1), labels
+
+
+def _grid(args, backbone: nn.Module, num_classes: int):
+    depth = backbone.n_blocks
+    if any(not 1 <= n <= depth for n in args.n_last_blocks):
+        raise ValueError(f"--n-last-blocks {args.n_last_blocks} must lie in [1, {depth}] for this backbone")
+    scale = args.batch_size * distributed.get_world_size() / 256.0
+    heads, base_lrs = core.build_heads(backbone.embed_dim, num_classes, args.learning_rates, args.n_last_blocks,
+                                       seed=args.seed)  # fmt: skip
+    lrs = {name: lr * scale for name, lr in base_lrs.items()}
+    heads = heads.to(next(backbone.parameters()).device)
+    return heads, core.make_optimizer(heads, lrs), base_lrs, lrs
+
+
+def _evaluate(heads, val, num_classes: int, metric: str, iteration: int) -> dict[str, dict[str, float]]:
+    results = core.evaluate_heads(heads, val[0], val[1], num_classes)
+    best = core.best_classifier(results, metric)
+    logger.info("linear eval at iteration %d: best %s %s = %.2f", iteration, best, metric, results[best][metric])
+    heads.train()
+    return results
+
+
+def _resume(args, heads, optimizer) -> tuple[int, list]:
+    path = Path(args.output_dir) / CHECKPOINT_FILE
+    if args.no_resume or not path.is_file():
+        return 0, []
+    state = core.load_checkpoint(path, heads, optimizer)
+    logger.info("Resumed linear classifiers from %s at iteration %d", path, state["iteration"])
+    return state["iteration"], list(state.get("history", []))
+
+
+def results_table(results: dict[str, dict[str, float]], metric: str, rows: int = 10) -> str:
+    ranked = sorted(results, key=lambda name: -results[name][metric])[:rows]
+    cells = [(name, results[name]["top1"], results[name]["top5"], results[name]["mean_per_class"]) for name in ranked]
+    return format_table(cells, ("classifier", "top-1 %", "top-5 %", "mean per-class %"))
+
+
+def _record(args, results, base_lrs, lrs, heads, max_iter, history, seconds) -> dict:
+    metric = args.val_metric_type
+    best = core.best_classifier(results, metric)
+    head = heads[best]
+    return {
+        "task": "linear",
+        "val_metric_type": metric,
+        "best_classifier": {"name": best, "accuracy": results[best][metric], "n_last_blocks": head.n_blocks,
+                            "use_avgpool": head.use_avgpool, "lr": lrs[best], "base_lr": base_lrs[best]},
+        "classifiers": {name: {**r, "lr": lrs[name], "base_lr": base_lrs[name]} for name, r in results.items()},
+        "iterations": max_iter, "epochs": args.epochs, "epoch_length": args.epoch_length,
+        "batch_size": args.batch_size, "global_batch_size": args.batch_size * distributed.get_world_size(),
+        "history": history, "config_file": args.config_file, "pretrained_weights": args.pretrained_weights,
+        "train_dataset": args.train_dataset, "val_dataset": args.val_dataset, "seconds": seconds,
+    }  # fmt: skip
+
+
+def _write_outputs(args, record: dict, heads: nn.ModuleDict) -> None:
+    output = Path(args.output_dir)
+    best = record["best_classifier"]["name"]
+    atomic_torch_save(heads[best].hub_state_dict(), output / BEST_HEAD_FILE)
+    write_json_atomic(output / RESULTS_FILE, record)
+    table = results_table(record["classifiers"], args.val_metric_type)
+    (output / TABLE_FILE).write_text(f"best ({args.val_metric_type}): {best}\n{table}\n")
+    print(table)
+    logger.info("Linear results written to %s; best head (hub _lc format) %s", output / RESULTS_FILE,
+                output / BEST_HEAD_FILE)  # fmt: skip
+
+
+def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | None) -> dict:
+    """Train the grid, evaluate, write outputs (rank 0); returns the results record."""
+    start = time.perf_counter()
+    train_set = make_eval_dataset(args.train_dataset, None, role="train dataset")
+    num_classes = num_classes_of(train_set)
+    n_max = max(args.n_last_blocks)
+    heads, optimizer, base_lrs, lrs = _grid(args, backbone, num_classes)
+    max_iter = args.epochs * args.epoch_length
+    start_iter, history = _resume(args, heads, optimizer)
+    val = encode_val_set(args, backbone, n_max, autocast_dtype)
+    checkpoint_every = args.save_checkpoint_frequency * args.epoch_length
+
+    def after_step(done: int) -> None:
+        if args.eval_period_iterations and done % args.eval_period_iterations == 0 and done < max_iter:
+            results = _evaluate(heads, val, num_classes, args.val_metric_type, done)
+            best = core.best_classifier(results, args.val_metric_type)
+            history.append({"iteration": done, "best": best, args.val_metric_type: results[best][args.val_metric_type]})
+        if (checkpoint_every and done % checkpoint_every == 0) or done == max_iter:
+            if distributed.is_main_process():
+                state = core.checkpoint_state(heads, optimizer, done, history=history)
+                atomic_torch_save(state, Path(args.output_dir) / CHECKPOINT_FILE)
+
+    batches = train_batches(backbone, train_set, args, start_iter, n_max, autocast_dtype)
+    core.train_heads(heads, optimizer, batches, max_iter, start_iter, after_step, log_period=max(1, max_iter // 20))
+    results = _evaluate(heads, val, num_classes, args.val_metric_type, max_iter)
+    seconds = {"total": time.perf_counter() - start}
+    record = _record(args, results, base_lrs, lrs, heads, max_iter, history, seconds)
+    if distributed.is_main_process():
+        _write_outputs(args, record, heads)
+    return record
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Build the frozen backbone from the arguments and run the linear probe."""
+    torch.manual_seed(args.seed)  # a reproducible random-initialisation baseline when no weights are given
+    model, autocast_dtype, _ = setup_and_build_model(args)
+    return run_linear_probe(args, model, autocast_dtype)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

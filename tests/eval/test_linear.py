@@ -1,0 +1,222 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dinov2.checkpoint import atomic_torch_save
+from dinov2.eval import linear
+from dinov2.eval import linear_heads as core
+from dinov2.eval.setup import build_eval_model
+from dinov2.hub import backbones, classifiers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one intra-op thread avoids oversubscription on a busy 2-core machine (speed only)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _separable(n, dim=16, num_classes=4, margin=0.5, seed=0):
+    """Features labelled by argmax of a fixed random linear map, keeping only samples with a margin."""
+    gen = torch.Generator().manual_seed(seed)
+    w_true = torch.randn(dim, num_classes, generator=torch.Generator().manual_seed(123))
+    kept_x, kept_y = [], []
+    while sum(len(y) for y in kept_y) < n:
+        x = torch.randn(4 * n, dim, generator=gen)
+        scores = x @ w_true
+        top2 = scores.topk(2, dim=1).values
+        keep = top2[:, 0] - top2[:, 1] > margin
+        kept_x.append(x[keep])
+        kept_y.append(scores[keep].argmax(dim=1))
+    return torch.cat(kept_x)[:n], torch.cat(kept_y)[:n]
+
+
+def _packed(x, n_max=1):
+    """Packed features (N, n_max + 1, D) whose every slot is ``x`` scaled differently."""
+    return torch.stack([x * (1.0 + 0.1 * i) for i in range(n_max + 1)], dim=1)
+
+
+def _batches(packed, labels, batch_size, seed=0, start=0):
+    """Batch of iteration ``it`` depends only on ``(seed, it)``: deterministic and resumable."""
+    it = start
+    while True:
+        index = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 100_003 + it))[:batch_size]
+        yield packed[index], labels[index]
+        it += 1
+
+
+def _train(lrs, packed, labels, max_iter=60, n_last_blocks=(1,), avgpool=(False, True)):
+    heads, base_lrs = core.build_heads(packed.shape[-1], int(labels.max()) + 1, lrs, n_last_blocks, avgpool)
+    optimizer = core.make_optimizer(heads, base_lrs)
+    core.train_heads(heads, optimizer, _batches(packed, labels, 32), max_iter)
+    return heads
+
+
+def test_linear_probe_separates_linearly_separable_features():
+    x, y = _separable(1200)
+    train, test = _packed(x[:800]), _packed(x[800:])
+    heads = _train([0.01, 0.1, 1.0], train, y[:800], max_iter=300)
+    results = core.evaluate_heads(heads, test, y[800:], num_classes=4)
+    best = core.best_classifier(results)
+    assert results[best]["top1"] >= 95.0
+    assert results[best]["top1"] == max(r["top1"] for r in results.values())
+    assert set(results) == {core.classifier_name(1, a, lr) for a in (False, True) for lr in (0.01, 0.1, 1.0)}
+    # The metric definitions against a direct computation for one classifier.
+    logits = heads[best](test)
+    assert results[best]["top1"] == pytest.approx(100.0 * (logits.argmax(1) == y[800:]).float().mean().item())
+    per_class = [(logits.argmax(1)[y[800:] == c] == c).float().mean().item() for c in range(4)]
+    assert results[best]["mean_per_class"] == pytest.approx(100.0 * sum(per_class) / 4)
+
+
+def test_grid_classifiers_are_independent():
+    x, y = _separable(256)
+    packed = _packed(x, n_max=4)
+    grid = dict(n_last_blocks=(1, 4), avgpool=(False, True))
+    init, _ = core.build_heads(16, 4, [0.0, 0.1, 0.5], **grid)
+    first = _train([0.0, 0.1, 0.5], packed, y, **grid)
+    second = _train([0.0, 0.1, 0.3], packed, y, **grid)
+    for n in (1, 4):
+        for avg in (False, True):
+            zero, mid = core.classifier_name(n, avg, 0.0), core.classifier_name(n, avg, 0.1)
+            assert first[zero].linear.in_features == (n + avg) * 16
+            # lr 0 stays at its initialisation; the others move.
+            for p, q in zip(first[zero].parameters(), init[zero].parameters()):
+                assert torch.equal(p, q)
+            assert not torch.equal(first[mid].linear.weight, init[mid].linear.weight)
+            # Changing the third classifier's lr leaves the others bit-identical.
+            for name in (zero, mid):
+                for p, q in zip(first[name].parameters(), second[name].parameters()):
+                    assert torch.equal(p, q)
+            high, other = core.classifier_name(n, avg, 0.5), core.classifier_name(n, avg, 0.3)
+            assert not torch.equal(first[high].linear.weight, second[other].linear.weight)
+
+
+def test_head_reads_its_slots_of_the_packed_features():
+    head = core.LinearHead(n_blocks=2, use_avgpool=False, embed_dim=3, num_classes=5)
+    head.reset_parameters(torch.Generator().manual_seed(0))
+    packed = torch.randn(7, 5, 3)  # n_max = 4: cls_1..cls_4, avgpool
+    expected = torch.cat([packed[:, 2], packed[:, 3]], dim=1) @ head.linear.weight.T + head.linear.bias
+    assert torch.allclose(head(packed), expected)
+    hub = head.hub_state_dict()
+    assert hub["weight"].shape == (5, 9) and torch.all(hub["weight"][:, 6:] == 0)
+
+
+def test_resume_of_the_core_loop_matches_uninterrupted(tmp_path):
+    x, y = _separable(256)
+    packed = _packed(x)
+    max_iter, path = 20, tmp_path / "ckpt.pth"
+
+    def run(start=0, crash_at=None, save_at=10):
+        heads, lrs = core.build_heads(16, 4, [0.05, 0.2], n_last_blocks=(1,))
+        optimizer = core.make_optimizer(heads, lrs)
+        if start:
+            assert core.load_checkpoint(path, heads, optimizer)["iteration"] == start
+
+        def hook(done):
+            if done == save_at:
+                atomic_torch_save(core.checkpoint_state(heads, optimizer, done), path)
+            if done == crash_at:
+                raise KeyboardInterrupt
+
+        core.train_heads(heads, optimizer, _batches(packed, y, 32, start=start), max_iter, start, hook)
+        return heads
+
+    reference = run(save_at=None)
+    with pytest.raises(KeyboardInterrupt):
+        run(crash_at=14)
+    resumed = run(start=10)
+    for (name, p), q in zip(reference.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_saved_head_loads_into_hub_classifier_with_identical_logits(tmp_path):
+    settings = dict(img_size=32, patch_size=8)
+    backbone = backbones.make_dinov2_model(arch_name="vit_small", pretrained=False, **settings).eval()
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    heads, _ = core.build_heads(backbone.embed_dim, 6, [0.1], n_last_blocks=(1, 4))
+    for head in heads.values():
+        head.linear.bias.data.normal_()  # nonzero bias, weights as initialised
+    images = torch.randn(3, 3, 32, 32)
+    packed = core.pack_features(backbone, images, 4)
+    for n in (1, 4):
+        path = tmp_path / f"head_{n}.pth"
+        atomic_torch_save(heads[core.classifier_name(n, False, 0.1)].hub_state_dict(), path)
+        wrapper = classifiers.make_dinov2_linear_classifier(
+            arch_name="vit_small", layers=n, weights=str(path),
+            backbone_weights=str(tmp_path / "backbone.pth"), num_classes=6, **settings,
+        ).eval()  # fmt: skip
+        for avgpool in (False, True):
+            head = heads[core.classifier_name(n, avgpool, 0.1)]
+            state = head.hub_state_dict() if avgpool else torch.load(path, weights_only=True)
+            wrapper.linear_head.load_state_dict(state)
+            with torch.no_grad():
+                assert torch.allclose(wrapper(images), head(packed), atol=1e-5)
+
+
+def _main_args(tmp_path, output, num_workers=0, **overrides):
+    argv = [
+        "--config-file", "vitt8_32px", "--output-dir", str(output), "--device", "cpu",
+        "--train-dataset", "Synthetic:split=TRAIN:num_images=40:image_size=40",
+        "--val-dataset", "Synthetic:split=VAL:num_images=24:image_size=32",
+        "--batch-size", "8", "--num-workers", str(num_workers), "--epochs", "2", "--epoch-length", "3",
+        "--eval-period-iterations", "2", "--learning-rates", "0.01", "1.0",
+        "--resize-size", "32", "--crop-size", "32", "--no-progress",
+        "--pretrained-weights", str(tmp_path / "backbone.pth"),
+    ]  # fmt: skip
+    return linear.get_args_parser().parse_args(argv)
+
+
+def _load_heads(path):
+    return torch.load(path, weights_only=True)["heads"]
+
+
+def test_main_end_to_end_and_resume(tmp_path, monkeypatch):
+    backbone, _ = build_eval_model("vitt8_32px", None, device="cpu")
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    record = linear.main(_main_args(tmp_path, tmp_path / "a"))
+
+    results = json.loads((tmp_path / "a" / linear.RESULTS_FILE).read_text())
+    assert len(results["classifiers"]) == 2 * 2 * 2  # lrs x n_last_blocks x avgpool
+    best = results["best_classifier"]["name"]
+    assert results["best_classifier"]["accuracy"] == max(r["top1"] for r in results["classifiers"].values())
+    assert results["classifiers"][best]["lr"] == pytest.approx(results["classifiers"][best]["base_lr"] * 8 / 256)
+    assert [h["iteration"] for h in results["history"]] == [2, 4]
+    assert best in (tmp_path / "a" / linear.TABLE_FILE).read_text()
+    assert record["best_classifier"] == results["best_classifier"]
+
+    # The best head in hub format, in LinearClassifierWrapper, gives the trained classifier's logits.
+    head_state = torch.load(tmp_path / "a" / linear.BEST_HEAD_FILE, weights_only=True)
+    n = results["best_classifier"]["n_last_blocks"]
+    layer = nn.Linear((1 + n) * backbone.embed_dim, 12)
+    layer.load_state_dict(head_state)
+    wrapper = classifiers.LinearClassifierWrapper(backbone=backbone, linear_head=layer, layers=n)
+    trained, _ = core.build_heads(backbone.embed_dim, 12, [0.01, 1.0])
+    trained.load_state_dict(_load_heads(tmp_path / "a" / linear.CHECKPOINT_FILE))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(wrapper(images), trained[best](core.pack_features(backbone, images, 4)), atol=1e-5)
+
+    # Interrupted after 5 steps (checkpoint at 3), then resumed with a worker process: same result.
+    calls, real_step = {"n": 0}, core.train_step
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(core, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        linear.main(_main_args(tmp_path, tmp_path / "b"))
+    assert torch.load(tmp_path / "b" / linear.CHECKPOINT_FILE, weights_only=True)["iteration"] == 3
+    monkeypatch.setattr(core, "train_step", real_step)
+    resumed = linear.main(_main_args(tmp_path, tmp_path / "b", num_workers=1))
+    assert resumed["classifiers"] == record["classifiers"]
+    reference = _load_heads(tmp_path / "a" / linear.CHECKPOINT_FILE)
+    again = _load_heads(tmp_path / "b" / linear.CHECKPOINT_FILE)
+    for key, value in reference.items():
+        assert torch.equal(value, again[key]), key
