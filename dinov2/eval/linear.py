@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from dinov2 import distributed
 from dinov2.checkpoint import atomic_torch_save
 from dinov2.data.loaders import make_data_loader
 from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.seeding import PositionedSampler, SeededSamples
 from dinov2.data.transforms import make_classification_eval_transform, make_classification_train_transform
 from dinov2.eval import linear_heads as core
 from dinov2.eval.features import collate_images_and_labels, extract_features, make_eval_dataset
@@ -69,37 +69,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-class PositionSampler:
-    """``(global_position, index)`` for this rank from the shuffled infinite stream, starting after
-    ``advance`` samples of this rank (``iteration * batch_size`` on resume)."""
-
-    def __init__(self, sample_count: int, seed: int, advance: int) -> None:
-        self.stream = InfiniteSampler(sample_count, shuffle=True, seed=seed, advance=advance)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        rank, world, start = self.stream.rank, self.stream.world_size, self.stream.advance
-        for offset, index in enumerate(self.stream):
-            yield rank + (start + offset) * world, index
-
-
-class PositionSeededDataset(Dataset):
-    """Items ``(position, index)``: ``transform(dataset[index])`` with torch's generator seeded from
-    ``(seed, position)`` (restored afterwards), so augmentations do not depend on workers or restarts."""
-
-    def __init__(self, dataset, transform, seed: int) -> None:
-        self.dataset, self.transform, self.seed = dataset, transform, int(seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        position, index = item
-        image, target = self.dataset[index]
-        sample_seed = np.random.SeedSequence([self.seed, int(position)]).generate_state(1, dtype=np.uint64)[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(sample_seed % (2**63)))
-            image = self.transform(image)
-        return image, target
+def _collate_seeded(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate ``SeededSamples`` items ``(image, label, skipped)``: images and labels."""
+    return collate_images_and_labels([(image, label) for image, label, _ in batch])
 
 
 def train_batches(
@@ -110,13 +82,13 @@ def train_batches(
     n_max: int,
     autocast_dtype: torch.dtype | None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Packed features and labels of the training stream from iteration ``start_iter`` on."""
+    """Packed features and labels of the training stream from iteration ``start_iter`` on: the data
+    order and each sample's augmentation depend only on its position in the stream (``args.seed``)."""
     device = next(backbone.parameters()).device
-    seeded = PositionSeededDataset(dataset, make_classification_train_transform(crop_size=args.crop_size), args.seed)
-    sampler = PositionSampler(len(dataset), args.seed, advance=start_iter * args.batch_size)
+    stream = InfiniteSampler(len(dataset), shuffle=True, seed=args.seed, advance=start_iter * args.batch_size)
     loader = make_data_loader(
-        seeded, args.batch_size, args.num_workers, sampler=sampler, seed=args.seed, drop_last=True,
-        persistent_workers=False, collate_fn=collate_images_and_labels,
+        SeededSamples(dataset, args.seed), args.batch_size, args.num_workers, sampler=PositionedSampler(stream),
+        seed=args.seed, drop_last=True, persistent_workers=False, collate_fn=_collate_seeded,
     )  # fmt: skip
     for images, labels in loader:
         if (labels < 0).any():
@@ -225,7 +197,8 @@ def _write_outputs(args, record: dict, heads: nn.ModuleDict) -> None:
 def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | None) -> dict:
     """Train the grid, evaluate, write outputs (rank 0); returns the results record."""
     start = time.perf_counter()
-    train_set = make_eval_dataset(args.train_dataset, None, role="train dataset")
+    train_transform = make_classification_train_transform(crop_size=args.crop_size)
+    train_set = make_eval_dataset(args.train_dataset, train_transform, role="train dataset")
     num_classes = num_classes_of(train_set)
     n_max = max(args.n_last_blocks)
     heads, optimizer, base_lrs, lrs = _grid(args, backbone, num_classes)

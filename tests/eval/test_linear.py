@@ -157,6 +157,9 @@ def test_saved_head_loads_into_hub_classifier_with_identical_logits(tmp_path):
                 assert torch.allclose(wrapper(images), head(packed), atol=1e-5)
 
 
+TINY_OPTS = ("student.embed_dim=32", "student.depth=4", "student.num_heads=2")
+
+
 def _main_args(tmp_path, output, num_workers=0, **overrides):
     argv = [
         "--config-file", "vitt8_32px", "--output-dir", str(output), "--device", "cpu",
@@ -165,7 +168,7 @@ def _main_args(tmp_path, output, num_workers=0, **overrides):
         "--batch-size", "8", "--num-workers", str(num_workers), "--epochs", "2", "--epoch-length", "3",
         "--eval-period-iterations", "2", "--learning-rates", "0.01", "1.0",
         "--resize-size", "32", "--crop-size", "32", "--no-progress",
-        "--pretrained-weights", str(tmp_path / "backbone.pth"),
+        "--pretrained-weights", str(tmp_path / "backbone.pth"), *TINY_OPTS,
     ]  # fmt: skip
     return linear.get_args_parser().parse_args(argv)
 
@@ -175,7 +178,7 @@ def _load_heads(path):
 
 
 def test_main_end_to_end_and_resume(tmp_path, monkeypatch):
-    backbone, _ = build_eval_model("vitt8_32px", None, device="cpu")
+    backbone, _ = build_eval_model("vitt8_32px", None, opts=TINY_OPTS, device="cpu")
     torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
     record = linear.main(_main_args(tmp_path, tmp_path / "a"))
 

@@ -9,6 +9,8 @@ from dinov2.models import build_model
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.utils.config import load_config
 
+TINY_OPTS = ["student.embed_dim=32", "student.depth=4", "student.num_heads=2"]
+
 
 def _write_images(tmp_path, count=2):
     rng = np.random.default_rng(0)
@@ -22,7 +24,7 @@ def _write_images(tmp_path, count=2):
 
 
 def _tiny_config_weights(tmp_path):
-    cfg = load_config("vitt8_32px")
+    cfg = load_config("vitt8_32px", TINY_OPTS)
     model, _ = build_model(cfg.student, only_teacher=True, img_size=cfg.crops.global_crops_size)
     path = tmp_path / "backbone.pth"
     torch.save(model.state_dict(), path)
@@ -43,7 +45,7 @@ def test_main_writes_png_of_expected_size(tmp_path):
     output = tmp_path / "out" / "pca.png"
     # 30 px is not a multiple of the patch size 8: rounded to 32.
     argv = [*images, "--pretrained-weights", str(weights), "--config-file", "vitt8_32px"]
-    argv += ["--output", str(output), "--image-size", "30", "--device", "cpu"]
+    argv += ["--output", str(output), "--image-size", "30", "--device", "cpu", "--opts", *TINY_OPTS]
     assert pca.main(argv) == output
     with Image.open(output) as figure:
         assert figure.format == "PNG" and figure.mode == "RGB"
@@ -62,12 +64,12 @@ def test_mismatched_weights_raise_naming_keys(tmp_path):
     torch.save(other.state_dict(), path)
     images = _write_images(tmp_path, 1)
     argv = [*images, "--pretrained-weights", str(path), "--config-file", "vitt8_32px"]
-    argv += ["--output", str(tmp_path / "x.png")]
+    argv += ["--output", str(tmp_path / "x.png"), "--opts", *TINY_OPTS]
     with pytest.raises(StateDictMismatchError) as info:
         pca.main(argv)
     error = info.value
-    assert "blocks.11.attn.qkv.weight" in error.missing and "missing keys: blocks.0.ls1.gamma" in str(error)
-    assert any(key.startswith("cls_token (1, 1, 64) vs model (1, 1, 192)") for key in error.mismatched)
+    assert "blocks.3.attn.qkv.weight" in error.missing and "missing keys: blocks.0.ls1.gamma" in str(error)
+    assert any(key.startswith("cls_token (1, 1, 64) vs model (1, 1, 32)") for key in error.mismatched)
     assert not (tmp_path / "x.png").exists()
 
 
