@@ -196,3 +196,30 @@ def test_teacher_export_loads_into_a_hub_backbone(tmp_path):
         reference = dinov2_vits14(pretrained=False, img_size=28, depth=2).eval()
         load_backbone_state_dict(reference, teacher)
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_unreadable_images_are_skipped_and_counted_in_the_log(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 40), (30 * i, 255 - 20 * i, 7 * i)).save(images / f"img_{i}.png")
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    out = tmp_path / "run"
+    # 3 iterations x 4 samples > 9 images: the first pass over the folder meets the broken file
+    summary = run(out, f"train.dataset_path=ImageFolder:root={images}", "train.stop_at_iteration=3")
+    assert summary["skipped_images"] >= 1
+    assert loss_records(out)[3]["skipped_images"] == summary["skipped_images"]
+    log = (out / "log.txt").read_text()
+    assert "broken.jpg" in log and "skipped images" in log
+
+
+def test_eval_only_exports_the_latest_checkpoint(tmp_path):
+    run(tmp_path, "train.stop_at_iteration=2")
+    result = run(tmp_path, extra_args=("--eval-only",))
+    assert result["iteration"] == 2
+    exported = torch.load(tmp_path / "eval" / "training_2" / "teacher_checkpoint.pth", weights_only=True)
+    saved = load_training_checkpoint(find_latest_checkpoint(tmp_path / "checkpoints"))["model"]
+    for key, value in exported["teacher"].items():
+        assert torch.equal(value, saved[f"teacher.{key}"]), key
