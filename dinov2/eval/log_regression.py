@@ -8,7 +8,8 @@ and tested on the validation set. The objective is scikit-learn's up to a consta
     mean_i CE(W x_i + b, y_i) + ||W||^2 / (2 C n)      (the bias is not penalised)
 
 so a given ``C`` means the same as in ``sklearn.linear_model.LogisticRegression(C=C)``. The fit runs
-on the features' device (GPU when present); under ``torchrun`` the ``C`` values are split over ranks.
+in float64 by default (as the original protocol; ``--train-dtype float32`` halves memory) on the
+features' device (GPU when present); under ``torchrun`` the ``C`` values are split over ranks.
 
     python dinov2/eval/log_regression.py --config-file vitl14_pretrain --pretrained-weights W.pth \\
         --train-dataset ImageNet:split=TRAIN:root=R:extra=E --val-dataset ImageNet:split=VAL:root=R:extra=E \\
@@ -35,6 +36,7 @@ from dinov2.eval.setup import setup_and_build_model
 logger = logging.getLogger("dinov2")
 
 RESULTS_FILE = "results_eval_log_regression.json"
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def default_c_values(count: int = 45, low_power: float = -6.0, high_power: float = 5.0) -> list[float]:
@@ -52,13 +54,21 @@ def fit_logistic_regression(
     max_iter: int = 1000,
     tolerance_grad: float = 1e-7,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights (D, C) and bias (C,) minimising the objective above, from ``init`` or zeros."""
+    """Weights (D, C) and bias (C,) in ``dtype`` minimising the objective above, from ``init`` or zeros.
+
+    The fit runs on centred features (the unpenalised bias absorbs the mean, so the minimiser is the
+    same, but the problem is far better conditioned); the returned bias applies to raw features.
+    """
     if c <= 0:
         raise ValueError(f"C must be positive, got {c}")
-    x, y = features.float(), labels.long()
-    weight = torch.zeros(x.shape[1], num_classes, device=x.device) if init is None else init[0].clone()
-    bias = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
+    y = labels.long()
+    mean = features.to(dtype).mean(dim=0)
+    x = features.to(dtype) - mean
+    zeros = {"device": x.device, "dtype": dtype}
+    weight = torch.zeros(x.shape[1], num_classes, **zeros) if init is None else init[0].to(dtype).clone()
+    bias = torch.zeros(num_classes, **zeros) if init is None else init[1].to(dtype) + mean @ weight
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     penalty = 1.0 / (2.0 * c * x.shape[0])
@@ -75,12 +85,13 @@ def fit_logistic_regression(
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    weight, bias = weight.detach(), bias.detach()
+    return weight, bias - mean @ weight
 
 
 def predict_scores(features: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     weight, bias = params
-    return torch.addmm(bias, features.float().to(weight.device), weight)
+    return torch.addmm(bias, features.to(weight.device, weight.dtype), weight)
 
 
 def stratified_split(labels: torch.Tensor, holdout_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +120,7 @@ def sweep_c(
     c_values: Sequence[float],
     num_classes: int,
     max_iter: int = 1000,
+    dtype: torch.dtype = torch.float64,
 ) -> list[float]:
     """Held-out top-1 accuracy (%) for each ``C``. Each rank fits every ``world``-th value (ascending,
     warm-started from its previous fit); the accuracies are summed over ranks."""
@@ -117,7 +129,7 @@ def sweep_c(
     params = None
     for i in sorted(range(len(c_values)), key=lambda j: c_values[j])[rank::world]:
         start = time.perf_counter()
-        params = fit_logistic_regression(*train, c_values[i], num_classes, max_iter=max_iter, init=params)
+        params = fit_logistic_regression(*train, c_values[i], num_classes, max_iter, init=params, dtype=dtype)
         accuracies[i] = topk_accuracy(predict_scores(holdout[0], params), holdout[1], (1,))[1]
         logger.info("C=%.3g: held-out top-1 %.2f%% (%.1f s)", c_values[i], accuracies[i], time.perf_counter() - start)
     distributed.all_reduce(accuracies)
@@ -133,6 +145,7 @@ def evaluate_log_regression(
     holdout_fraction: float = 0.1,
     max_iter: int = 1000,
     seed: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> dict:
     """Choose ``C`` on a stratified held-out part of train, refit on all of train, test on val.
 
@@ -149,11 +162,11 @@ def evaluate_log_regression(
         accuracies = sweep_c(
             (train_features[fit_idx], train_labels[fit_idx]),
             (train_features[holdout_idx], train_labels[holdout_idx]),
-            c_values, num_classes, max_iter=max_iter,
+            c_values, num_classes, max_iter=max_iter, dtype=dtype,
         )  # fmt: skip
         best_c = c_values[max(range(len(c_values)), key=lambda i: (accuracies[i], -c_values[i]))]
         holdout_top1 = dict(zip(c_values, accuracies))
-    params = fit_logistic_regression(train_features, train_labels, best_c, num_classes, max_iter=max_iter)
+    params = fit_logistic_regression(train_features, train_labels, best_c, num_classes, max_iter, dtype=dtype)
     accuracy = topk_accuracy(predict_scores(val_features, params), val_labels, (1, 5))
     return {"best_c": best_c, "top1": accuracy[1], "top5": accuracy[5], "holdout_top1": holdout_top1}
 
@@ -167,6 +180,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--holdout-fraction", type=float, default=0.1, help="part of train used to choose C")
     parser.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     parser.add_argument("--seed", type=int, default=0, help="held-out split seed")
+    parser.add_argument("--train-dtype", choices=tuple(DTYPES), default="float64", help="precision of the fits")
     parser.add_argument("--gather-on-cpu", action="store_true", help="keep gathered features in CPU memory")
     parser.add_argument("--resize-size", type=int, default=256, help="eval transform: shorter side resized to")
     parser.add_argument("--crop-size", type=int, default=224, help="eval transform: center crop")
@@ -185,6 +199,7 @@ def main(args: argparse.Namespace) -> dict:
     result = evaluate_log_regression(
         data["train_features"], data["train_labels"], data["val_features"], data["val_labels"],
         c_values=c_values, holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, seed=args.seed,
+        dtype=DTYPES[args.train_dtype],
     )  # fmt: skip
     record = {
         "task": "log_regression",

@@ -30,20 +30,22 @@ def overlapping_gaussians(seed, n_train=400, n_val=300, dim=10, num_classes=6, s
 
 
 @pytest.mark.parametrize("c", [0.01, 1.0])
-def test_fit_matches_sklearn_lbfgs_multinomial(c, one_thread):
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-4), (torch.float32, 1e-2)])
+def test_fit_matches_sklearn_lbfgs_multinomial(c, dtype, atol, one_thread):
     train_x, train_y, val_x, val_y = overlapping_gaussians(0)
-    params = fit_logistic_regression(train_x, train_y, c, num_classes=6)
-    ours = (predict_scores(val_x, params).argmax(1) == val_y).float().mean().item() * 100
-    reference = sklearn_linear.LogisticRegression(C=c, solver="lbfgs", max_iter=5000, tol=1e-8)
+    params = fit_logistic_regression(train_x, train_y, c, num_classes=6, dtype=dtype)
+    assert params[0].dtype == params[1].dtype == dtype
+    ours = (predict_scores(val_x, params).argmax(1) == val_y).double().mean().item() * 100
+    reference = sklearn_linear.LogisticRegression(C=c, solver="lbfgs", max_iter=5000, tol=1e-10)
     reference.fit(train_x.double().numpy(), train_y.numpy())
     theirs = reference.score(val_x.double().numpy(), val_y.numpy()) * 100
     assert 30.0 < theirs < 99.0  # overlapping classes: the comparison is not trivially 100 %
     assert abs(ours - theirs) <= 1.0
     # same objective, same minimiser: the weights agree too, and the (unpenalised) bias up to a
     # constant shift, which the softmax does not see
-    torch.testing.assert_close(params[0], torch.from_numpy(reference.coef_.T).float(), rtol=0, atol=1e-2)
-    bias = params[1] - torch.from_numpy(reference.intercept_).float()
-    assert (bias - bias.mean()).abs().max() < 1e-2
+    torch.testing.assert_close(params[0].double(), torch.from_numpy(reference.coef_.T), rtol=0, atol=atol)
+    bias = params[1].double() - torch.from_numpy(reference.intercept_)
+    assert (bias - bias.mean()).abs().max() < atol
 
 
 def test_stronger_regularisation_shrinks_weights(one_thread):
@@ -89,3 +91,13 @@ def test_default_grid_is_the_protocols_45_log_spaced_values():
     assert values[0] == pytest.approx(1e-6) and values[-1] == pytest.approx(1e5)
     steps = [math.log10(b) - math.log10(a) for a, b in zip(values, values[1:])]
     assert max(steps) == pytest.approx(min(steps)) == pytest.approx(11 / 44)
+
+
+def test_a_common_offset_in_the_features_changes_only_the_bias(one_thread):
+    """The bias absorbs a shared offset, so the minimiser's weights and predictions stay the same."""
+    train_x, train_y, val_x, _ = overlapping_gaussians(4, n_train=200, n_val=50)
+    offset = torch.linspace(20.0, 60.0, train_x.shape[1])
+    plain = fit_logistic_regression(train_x, train_y, 0.3, 6)
+    shifted = fit_logistic_regression(train_x + offset, train_y, 0.3, 6)
+    torch.testing.assert_close(shifted[0], plain[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(predict_scores(val_x + offset, shifted), predict_scores(val_x, plain), rtol=0, atol=1e-4)
