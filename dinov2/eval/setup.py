@@ -18,18 +18,17 @@ import os
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
 from dinov2 import distributed
 from dinov2.checkpoint import load_backbone_state_dict, load_weights_file
 from dinov2.models import build_model
+from dinov2.utils import device as device_utils
 from dinov2.utils.config import load_config
+from dinov2.utils.logging import setup_logging
 
 logger = logging.getLogger("dinov2")
-
-_AUTOCAST_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def get_args_parser(
@@ -66,39 +65,12 @@ def get_args_parser(
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``"auto"``: this process's CUDA device (``LOCAL_RANK``) when CUDA is available, else the CPU."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
+    return device_utils.resolve_device(name)
 
 
 def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
     """bf16 on CUDA where supported, else fp16; ``None`` (full precision) on the CPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Join the process group when launched by torchrun (``WORLD_SIZE > 1``); no-op otherwise.
-
-    Returns whether a process group is active. NCCL on CUDA, gloo on the CPU.
-    """
-    if distributed.is_enabled():
-        return True
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
+    return device_utils.resolve_autocast_dtype("auto", torch.device(device))
 
 
 def build_eval_model(
@@ -121,42 +93,18 @@ def build_eval_model(
     return model.to(resolve_device(device)), cfg
 
 
-def _configured_autocast(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    """``compute_precision.autocast_dtype`` from the config; ``auto`` picks by device."""
-    name = str(cfg.get("compute_precision", {}).get("autocast_dtype", "auto")).lower()
-    if name == "auto" or device.type != "cuda":
-        return autocast_dtype_for(device)
-    if name not in _AUTOCAST_NAMES:
-        raise ValueError(f"compute_precision.autocast_dtype must be auto, bf16, fp16 or fp32, got {name!r}")
-    return _AUTOCAST_NAMES[name]
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log the ``dinov2`` logger to stderr on rank 0 (warnings only elsewhere), once."""
-    if logger.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(level if distributed.is_main_process() else logging.WARNING)
-    logger.propagate = False
-
-
 def setup_and_build_model(args: argparse.Namespace) -> tuple[nn.Module, torch.dtype | None, DictConfig]:
-    """Entry-point setup: device, process group (torchrun), logging, output dir, frozen model.
+    """Entry-point setup: device, process group (torchrun), logging (console and ``OUTPUT/log.txt``),
+    TF32 on CUDA, the frozen model, autocast from ``compute_precision.autocast_dtype``.
 
     Returns ``(model, autocast_dtype, config)``.
     """
     device = resolve_device(getattr(args, "device", "auto"))
-    init_distributed(device)
-    setup_logging()
-    output_dir = getattr(args, "output_dir", "")
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    distributed.init_from_env(device)
+    output_dir = getattr(args, "output_dir", "") or None
+    setup_logging(output_dir, rank=distributed.get_rank())
+    device_utils.enable_tf32(device)
     model, cfg = build_eval_model(args.config_file, args.pretrained_weights, getattr(args, "opts", ()), device)
-    autocast_dtype = _configured_autocast(cfg, device)
+    autocast_dtype = device_utils.resolve_autocast_dtype(cfg.compute_precision.autocast_dtype, device)
     logger.info("Evaluating on %s (autocast %s, world size %d)", device, autocast_dtype, distributed.get_world_size())
     return model, autocast_dtype, cfg

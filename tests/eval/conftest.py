@@ -1,4 +1,4 @@
-"""Evaluation test fixtures: the micro ViT registered as an architecture, one-thread torch, logger reset."""
+"""Evaluation test fixtures: the micro ViT's config overrides, one-thread torch, logger reset."""
 
 from __future__ import annotations
 
@@ -6,16 +6,12 @@ import logging
 
 import pytest
 import torch
-from eval_micro import MICRO_ARCH, MICRO_OPTS, micro_arch_builder
-
-from dinov2.models.vision_transformer import ARCHS
+from eval_micro import MICRO_OPTS
 
 
 @pytest.fixture
-def micro_arch(monkeypatch):
-    """Registers the micro ViT (dim 32, depth 2) as an architecture for this test; returns the config
-    overrides that select it."""
-    monkeypatch.setitem(ARCHS, MICRO_ARCH, micro_arch_builder)
+def micro_arch():
+    """The config overrides that select the micro ViT (dim 32, depth 2, patch 8, 32 px)."""
     return list(MICRO_OPTS)
 
 
@@ -34,4 +30,6 @@ def _restore_dinov2_logger():
     logger = logging.getLogger("dinov2")
     state = (list(logger.handlers), logger.propagate, logger.level)
     yield
+    for handler in set(logger.handlers) - set(state[0]):
+        handler.close()
     logger.handlers[:], logger.propagate, logger.level = state
