@@ -77,11 +77,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logger.info("device %s, %d process(es); lr %.4g (base_lr %s, %s)", device, distributed.get_world_size(),
                 cfg.optim.lr, cfg.optim.base_lr, cfg.optim.scaling_rule)  # fmt: skip
     enable_tf32(device, bool(cfg.compute_precision.tf32))
-    seed_everything(int(cfg.train.seed), distributed.get_rank())
 
     from dinov2.train.loop import Trainer
 
-    trainer = Trainer(cfg, build_model(cfg, device), device, output_dir)
+    seed_everything(int(cfg.train.seed))  # the same seed on every rank: identical initial weights
+    model = build_model(cfg, device)
+    seed_everything(int(cfg.train.seed), distributed.get_rank())  # then per-rank streams (stochastic depth)
+    trainer = Trainer(cfg, model, device, output_dir)
     if args.eval_only:
         if not trainer.resume():
             logger.warning("--eval-only: no checkpoint in %s; evaluating the initial weights", trainer.checkpoint_dir)
