@@ -223,3 +223,22 @@ def test_eval_only_exports_the_latest_checkpoint(tmp_path):
     saved = load_training_checkpoint(find_latest_checkpoint(tmp_path / "checkpoints"))["model"]
     for key, value in exported["teacher"].items():
         assert torch.equal(value, saved[f"teacher.{key}"]), key
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_steps_are_finite_and_scaled(tmp_path, dtype):
+    # The CUDA paths are the same code under torch.autocast(device_type=...); CPU autocast exercises them here.
+    summary = run(tmp_path, "train.stop_at_iteration=2", f"compute_precision.autocast_dtype={dtype}")
+    assert summary["iteration"] == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in loss_records(tmp_path).values())
+    state = load_training_checkpoint(find_latest_checkpoint(tmp_path / "checkpoints"))
+    if dtype == "fp16":  # fp16 trains with a gradient scaler, saved for resume
+        assert state["grad_scaler"] is not None and state["grad_scaler"]["scale"] > 0
+    else:
+        assert state["grad_scaler"] is None
+    # parameters stay fp32 (autocast computes in low precision, the master weights do not change dtype)
+    assert all(
+        v.dtype == torch.float32
+        for k, v in state["model"].items()
+        if k.startswith("student.") and v.is_floating_point()
+    )
