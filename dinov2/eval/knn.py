@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from dinov2 import distributed
 from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval.features import extract_features, make_eval_dataset
-from dinov2.eval.metrics import format_table, topk_correct, write_json_atomic
+from dinov2.eval.metrics import format_table, run_record, topk_correct, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
 
@@ -171,20 +171,16 @@ def main(args: argparse.Namespace) -> dict:
         chunk_size=args.chunk_size, backend=args.backend, shard_queries=True,
     )  # fmt: skip
     best_k = max(results, key=lambda k: results[k]["top1"])
-    record = {
-        "task": "knn",
-        "results": {f"k{k}": r for k, r in results.items()},
-        "best": {"k": best_k, **results[best_k]},
-        "temperature": args.temperature,
-        "num_train": len(data["train_labels"]),
-        "num_val": len(data["val_labels"]),
-        "num_classes": num_classes,
-        "config_file": args.config_file,
-        "pretrained_weights": args.pretrained_weights,
-        "train_dataset": args.train_dataset,
-        "val_dataset": args.val_dataset,
-        "seconds": {"features": extract_s, "total": time.perf_counter() - start},
-    }
+    record = run_record(
+        "knn",
+        args,
+        data,
+        {"features": extract_s, "total": time.perf_counter() - start},
+        results={f"k{k}": r for k, r in results.items()},
+        best={"k": best_k, **results[best_k]},
+        temperature=args.temperature,
+        num_classes=num_classes,
+    )
     if distributed.is_main_process():
         path = write_json_atomic(Path(args.output_dir) / RESULTS_FILE, record)
         print(results_table(results))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dinov2 import distributed
 from dinov2.eval.knn import extract_train_and_val
-from dinov2.eval.metrics import format_table, topk_accuracy, write_json_atomic
+from dinov2.eval.metrics import format_table, run_record, topk_accuracy, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
 
@@ -201,17 +201,8 @@ def main(args: argparse.Namespace) -> dict:
         c_values=c_values, holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, seed=args.seed,
         dtype=DTYPES[args.train_dtype],
     )  # fmt: skip
-    record = {
-        "task": "log_regression",
-        **result,
-        "num_train": len(data["train_labels"]),
-        "num_val": len(data["val_labels"]),
-        "config_file": args.config_file,
-        "pretrained_weights": args.pretrained_weights,
-        "train_dataset": args.train_dataset,
-        "val_dataset": args.val_dataset,
-        "seconds": {"features": extract_s, "total": time.perf_counter() - start},
-    }
+    seconds = {"features": extract_s, "total": time.perf_counter() - start}
+    record = run_record("log_regression", args, data, seconds, **result)
     if distributed.is_main_process():
         path = write_json_atomic(Path(args.output_dir) / RESULTS_FILE, record)
         rows = [(f"{result['best_c']:.3g}", result["top1"], result["top5"])]

@@ -90,3 +90,19 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt
     out = ["  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(out)
+
+
+def run_record(task: str, args: Any, data: Mapping[str, Any], seconds: Mapping[str, float], **results: Any) -> dict:
+    """The results JSON of an evaluation entry point: ``task``, its ``results``, the sizes of the
+    train/val features in ``data``, the inputs named on the command line and the timings."""
+    return {
+        "task": task,
+        **results,
+        "num_train": len(data["train_labels"]),
+        "num_val": len(data["val_labels"]),
+        "config_file": args.config_file,
+        "pretrained_weights": args.pretrained_weights,
+        "train_dataset": args.train_dataset,
+        "val_dataset": args.val_dataset,
+        "seconds": dict(seconds),
+    }
