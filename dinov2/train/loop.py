@@ -29,7 +29,7 @@ from dinov2.checkpoint import (
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.param_groups import build_optimizer_param_groups
 from dinov2.train.schedules import apply_optim_scheduler, build_schedulers
-from dinov2.utils.device import autocast
+from dinov2.utils.device import autocast, resolve_autocast_dtype
 from dinov2.utils.logging import MetricsWriter, format_duration
 
 logger = logging.getLogger("dinov2")
@@ -86,14 +86,14 @@ class Trainer:
         self.accum = int(cfg.train.grad_accum_steps)
         if self.accum < 1:
             raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.accum}")
-        self.autocast_dtype = getattr(model, "autocast_dtype", None)
+        self.autocast_dtype = resolve_autocast_dtype(cfg.compute_precision.autocast_dtype, device)
         use_scaler = self.autocast_dtype == torch.float16 and bool(cfg.compute_precision.grad_scaler)
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
         self.iteration = 0
         self.extra: dict[str, Any] = {}  # persisted with checkpoints (e.g. the random-init k-NN result)
         self.last_checkpoint: Path | None = None
         self.metrics = MetricsWriter(self.output_dir, enabled=distributed.is_main_process())
-        self.online_knn = None
+        self.online_knn = _online_knn(cfg)  # None when evaluation.knn names no datasets
         self.skipped_images = 0
         self._rng_state: dict | None = None
 
@@ -184,16 +184,15 @@ class Trainer:
         return dict(totals), timing
 
     # ------------------------------------------------------------------ logging and evaluation
-    def log(self, losses: dict[str, torch.Tensor], scheduled: dict, window: dict, start_time: float) -> None:
+    def log(self, losses: dict[str, torch.Tensor], scheduled: dict, window: dict, per_iter: float) -> None:
+        """One log line and metrics record; ``per_iter``: mean seconds per iteration so far (for the ETA)."""
         names = sorted(losses)
+        world = distributed.get_world_size()
         values = torch.stack([losses[n] for n in names])
         distributed.all_reduce(values)
-        values = (values / distributed.get_world_size()).tolist()
-        world = distributed.get_world_size()
-        done = self.iteration - window["start_iteration"]
-        per_iter = (time.perf_counter() - start_time) / max(done, 1)
+        values = (values / world).tolist()
         record = dict(zip(names, values, strict=True))
-        record.update({k: v for k, v in scheduled.items()})
+        record.update(scheduled)
         record.update(
             {
                 "images_per_s": window["images"] * world / max(window["seconds"], 1e-9),
@@ -240,7 +239,6 @@ class Trainer:
         dataset = build_train_dataset(self.cfg)
         self._log_plan(len(dataset))
         loader = build_train_loader(self.cfg, dataset, samples_consumed=self.samples_consumed(self.iteration))
-        self.online_knn = _build_online_knn(self.cfg)
         if self.online_knn is not None and self.iteration == 0 and self.cfg.evaluation.knn.at_start:
             self.extra["knn_at_start"] = self.evaluate("start")
         eval_period = int(self.cfg.evaluation.eval_period_iterations)
@@ -251,7 +249,7 @@ class Trainer:
         if self._rng_state is not None:  # after everything that draws at start-up (iter(loader) does)
             restore_rng_state(self._rng_state)
             self._rng_state = None
-        start_time, window = time.perf_counter(), _new_window(self.iteration)
+        start_time, start_iteration, window = time.perf_counter(), self.iteration, _new_window()
         while self.iteration < self.stop_iter:
             step_start = time.perf_counter()
             scheduled = self.apply_schedules(self.iteration)
@@ -259,8 +257,9 @@ class Trainer:
             self.iteration += 1
             _accumulate(window, timing, time.perf_counter() - step_start)
             if self.iteration % log_period == 0 or self.iteration == self.stop_iter:
-                self.log(losses, scheduled, window, start_time)
-                window = _new_window(window["start_iteration"])
+                per_iter = (time.perf_counter() - start_time) / (self.iteration - start_iteration)
+                self.log(losses, scheduled, window, per_iter)
+                window = _new_window()
             if self.iteration % ckpt_period == 0 or self.iteration == self.stop_iter:
                 self.save_checkpoint()
             if self.iteration % eval_period == 0 or self.iteration == self.max_iter:
@@ -307,17 +306,14 @@ class Trainer:
         )
 
 
-def _build_online_knn(cfg: Any):
-    knn = cfg.evaluation.knn
-    if not knn.train_dataset or not knn.val_dataset:
-        return None
-    from dinov2.eval.online import OnlineKNN
+def _online_knn(cfg: Any):
+    from dinov2.eval.online import OnlineKNN  # the eval package is only needed when training runs
 
-    return OnlineKNN.from_config(knn)
+    return OnlineKNN.from_config(cfg.evaluation.knn)
 
 
-def _new_window(start_iteration: int) -> dict[str, float]:
-    return {"start_iteration": start_iteration, "images": 0, "data_time": 0.0, "seconds": 0.0, "steps": 0}
+def _new_window() -> dict[str, float]:
+    return {"images": 0, "data_time": 0.0, "seconds": 0.0, "steps": 0}
 
 
 def _accumulate(window: dict, timing: dict, seconds: float) -> None:

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from dinov2 import distributed  # noqa: E402
 from dinov2.train.schedules import scaled_lr  # noqa: E402
 from dinov2.utils.config import load_config  # noqa: E402
-from dinov2.utils.device import enable_tf32, resolve_autocast_dtype, resolve_device, seed_everything  # noqa: E402
+from dinov2.utils.device import enable_tf32, resolve_device, seed_everything  # noqa: E402
 from dinov2.utils.logging import setup_logging  # noqa: E402
 
 logger = logging.getLogger("dinov2")
@@ -44,9 +44,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def setup_config(args: argparse.Namespace) -> Any:
-    """Default <- experiment config <- overrides; output dir and the derived lr filled in."""
-    cfg = load_config(args.config or None, args.opts)
+def setup_config(args: argparse.Namespace, cfg: Any = None) -> Any:
+    """Default <- experiment config <- overrides (``cfg`` when already loaded); output dir and the
+    derived lr filled in, for the current world size."""
+    if cfg is None:
+        cfg = load_config(args.config or None, args.opts)
     if args.output_dir:
         cfg.train.output_dir = str(args.output_dir)
     world = distributed.get_world_size()
@@ -58,16 +60,15 @@ def setup_config(args: argparse.Namespace) -> Any:
 def build_model(cfg: Any, device):
     from dinov2.train.ssl_meta_arch import SSLMetaArch
 
-    model = SSLMetaArch(cfg).to(device)
-    model.autocast_dtype = resolve_autocast_dtype(cfg.compute_precision.autocast_dtype, device)
-    return model
+    return SSLMetaArch(cfg).to(device)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
-    device = resolve_device(load_config(args.config or None, args.opts).train.device)
+    cfg = load_config(args.config or None, args.opts)
+    device = resolve_device(cfg.train.device)
     distributed.init_from_env(device)
-    cfg = setup_config(args)
+    cfg = setup_config(args, cfg)  # the lr depends on the world size, known once the group exists
     output_dir = Path(cfg.train.output_dir)
     setup_logging(output_dir, rank=distributed.get_rank())
     if distributed.is_main_process():
@@ -87,9 +88,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.eval_only:
         if not trainer.resume():
             logger.warning("--eval-only: no checkpoint in %s; evaluating the initial weights", trainer.checkpoint_dir)
-        from dinov2.train.loop import _build_online_knn
-
-        trainer.online_knn = _build_online_knn(cfg)
         return {"iteration": trainer.iteration, **trainer.evaluate(f"training_{trainer.iteration}")}
     return trainer.run(resume=not args.no_resume)
 
