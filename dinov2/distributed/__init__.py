@@ -7,6 +7,8 @@ world of size 1: reductions return their input unchanged and gathers return it a
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -51,8 +53,6 @@ def init_from_env(device: torch.device | None = None) -> bool:
     """Join the process group torchrun (or a launcher setting ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``)
     describes: NCCL for CUDA devices, gloo otherwise. Returns True when running distributed.
     A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) stays unaffected."""
-    import os
-
     if is_enabled():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
