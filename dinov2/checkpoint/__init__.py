@@ -1,4 +1,4 @@
-"""Checkpoint I/O, state-dict adapters and training checkpoints (atomic saves, retention, exports)."""
+"""Checkpoint I/O, state-dict adapters and sharded training checkpoints (DCP; atomic, with retention), exports."""
 
 from dinov2.checkpoint.adapters import (
     AdaptReport,
@@ -9,13 +9,11 @@ from dinov2.checkpoint.adapters import (
     load_backbone_state_dict,
 )
 from dinov2.checkpoint.io import load_weights_file
+from dinov2.checkpoint.sharded import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from dinov2.checkpoint.training import (
     CheckpointLoadError,
     atomic_torch_save,
     capture_rng_state,
     export_teacher,
-    find_latest_checkpoint,
-    load_training_checkpoint,
     restore_rng_state,
-    save_training_checkpoint,
 )

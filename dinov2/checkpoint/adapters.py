@@ -35,6 +35,8 @@ BRANCHES = ("teacher", "student")
 def strip_wrapper_segments(name: str) -> str:
     """``name`` without the segments wrappers insert (``module.``, ``_orig_mod.``, FSDP1, checkpointing)."""
     return _WRAPPER_SEGMENT.sub("", name)
+
+
 _CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.*)$")
 _FLAT_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 
@@ -189,5 +191,10 @@ def load_backbone_state_dict(
     """Adapt ``checkpoint`` to ``model`` and load it strictly. Returns what was adapted."""
     state, report = adapt_backbone_state_dict(checkpoint, model, branch=branch)
     check_state_dict(model, state, source)
-    model.load_state_dict(state, strict=True)
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):  # FSDP2-sharded: each rank keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    else:
+        model.load_state_dict(state, strict=True)
     return report

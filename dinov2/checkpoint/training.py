@@ -1,15 +1,14 @@
-"""Training checkpoints on one filesystem: atomic writes, retention, resume, RNG state, teacher exports.
+"""Atomic files, RNG state and teacher exports (sharded training state: :mod:`dinov2.checkpoint.sharded`).
 
-Layout under a run's output directory (the training loop picks ``directory``)::
+Exports under a run's output directory::
 
-    model_0001250.pth                       training state at iteration 1250 (newest ``keep_last`` kept)
     eval/training_1250/teacher_checkpoint.pth   {"teacher": teacher state dict}, the original's format
     eval/training_1250/teacher_backbone.safetensors  the teacher backbone, flat ``blocks.N.`` keys
 
 Every file is written to a hidden temporary name in the same directory (``.<name>.<random>.tmp``),
 flushed and fsynced, then renamed onto its final name, so a crash never leaves a half-written
-``model_*.pth`` and a reader never mistakes a temporary file for a checkpoint. Export
-directories are built under a hidden temporary sibling and renamed the same way.
+file under a final name. Export directories are built under a hidden temporary sibling and
+renamed the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ TEACHER_BACKBONE = "teacher_backbone.safetensors"
 
 
 class CheckpointLoadError(RuntimeError):
-    """A training checkpoint exists but cannot be read (truncated, corrupt or not weights-only)."""
+    """A checkpoint exists but cannot be read (truncated, corrupt or not weights-only)."""
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -106,64 +105,6 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     _fsync_path(path.parent)
 
 
-# ----------------------------------------------------------------------- training checkpoints
-def _list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """``(iteration, path)`` of every ``model_<digits>.pth`` file in ``directory``, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = []
-    for entry in directory.iterdir():
-        match = CHECKPOINT_PATTERN.match(entry.name)
-        if match and entry.is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found, key=lambda item: (item[0], item[1].name))
-
-
-def checkpoint_path(directory: str | os.PathLike, iteration: int) -> Path:
-    """Where :func:`save_training_checkpoint` writes iteration ``iteration``."""
-    if iteration < 0:
-        raise ValueError(f"iteration must be >= 0, got {iteration}")
-    return Path(directory) / f"model_{iteration:07d}.pth"
-
-
-def save_training_checkpoint(directory: str | os.PathLike, iteration: int, state: dict, keep_last: int = 3) -> Path:
-    """Write ``state`` to ``directory/model_{iteration:07d}.pth`` atomically, then prune.
-
-    Afterwards only the ``keep_last`` newest ``model_*.pth`` files (by iteration number) remain;
-    ``keep_last <= 0`` keeps all. The file just written is never deleted, even if newer ones exist.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(directory, iteration)
-    atomic_torch_save(state, path)
-    if keep_last > 0:
-        stale = [p for _, p in _list_checkpoints(directory)[:-keep_last] if p != path]
-        for old in stale:
-            _remove_quietly(old)
-        if stale:
-            logger.info("removed %d old checkpoint(s): %s", len(stale), ", ".join(p.name for p in stale))
-    return path
-
-
-def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The ``model_<N>.pth`` in ``directory`` with the largest ``N``; None if there is none."""
-    found = _list_checkpoints(Path(directory))
-    return found[-1][1] if found else None
-
-
-def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint with ``weights_only=True``; names ``path`` if it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointLoadError(
-            f"cannot load training checkpoint {path} (truncated, corrupt or not weights-only?): {exc}"
-        ) from exc
-
-
 # ------------------------------------------------------------------------------------- RNG state
 def capture_rng_state() -> dict:
     """The state of Python's ``random``, NumPy's global RNG, torch's CPU RNG and every CUDA RNG.
@@ -218,10 +159,21 @@ def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
+def _full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state of ``module`` on CPU; for an FSDP2-sharded module a collective that leaves
+    the gathered tensors on rank 0 only (other ranks get an empty dict), one tensor at a time."""
+    if not any(hasattr(p, "device_mesh") for p in module.parameters()):
+        return {k: _full_cpu(v) for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k: _full_cpu(v) for k, v in get_model_state_dict(module, options=options).items()}
+
+
 def _clean_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` as full CPU tensors, without wrapper name segments (``_orig_mod.``...)."""
-    raw = module.state_dict()
-    state = {strip_wrapper_segments(k): _full_cpu(v) for k, v in raw.items()}
+    """:func:`_full_state_dict` without wrapper name segments (``_orig_mod.``...)."""
+    raw = _full_state_dict(module)
+    state = {strip_wrapper_segments(k): v for k, v in raw.items()}
     if len(state) != len(raw):
         raise ValueError("removing wrapper name segments (module., _orig_mod., ...) made keys collide")
     return state
@@ -260,8 +212,11 @@ def _swap_in_directory(built: Path, final: Path) -> None:
         _remove_quietly(old)
 
 
-def export_teacher(directory: str | os.PathLike, iteration: int, teacher: nn.Module) -> Path:
+def export_teacher(directory: str | os.PathLike, iteration: int, teacher: nn.Module, write: bool = True) -> Path:
     """Write ``directory/eval/training_{iteration}/`` with the teacher, atomically; returns its path.
+
+    With an FSDP2-sharded teacher every rank must call this (the full tensors are gathered) and
+    only the process with ``write`` (rank 0) writes.
 
     ``teacher`` is the meta-architecture's ``teacher`` ModuleDict (``backbone``, ``dino_head``,
     optionally ``ibot_head``). The directory holds ``teacher_checkpoint.pth`` (``{"teacher":
@@ -270,8 +225,10 @@ def export_teacher(directory: str | os.PathLike, iteration: int, teacher: nn.Mod
     and renamed into place, replacing an earlier export of the same iteration.
     """
     final = Path(directory) / "eval" / f"training_{iteration}"
-    final.parent.mkdir(parents=True, exist_ok=True)
     teacher_state = _clean_state_dict(teacher)
+    if not write:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
     built = _temp_name(final, directory=True)
     try:
         _write_export(built, teacher_state)

@@ -27,16 +27,18 @@ def _draw_masks(
     mask_probability: float,
     mask_generator: MaskingGenerator,
     rng,
+    mask_rng=None,
 ) -> tuple[torch.Tensor, int]:
     """(n_crops, n_tokens) bool masks, ``int(n_crops * mask_probability)`` of them non-empty, and the
-    upper bound on their total number of masked tokens."""
+    upper bound on their total number of masked tokens. ``mask_rng`` (default: the generator's own)
+    draws the rectangles."""
     n_masked = int(n_crops * mask_probability)
     probs = np.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_masked + 1)
     masks, upperbound = [], 0
     for prob_min, prob_max in zip(probs[:-1].tolist(), probs[1:].tolist()):
-        masks.append(mask_generator(int(n_tokens * rng.uniform(prob_min, prob_max))))
+        masks.append(mask_generator(int(n_tokens * rng.uniform(prob_min, prob_max)), rng=mask_rng))
         upperbound += int(n_tokens * prob_max)
-    masks += [mask_generator(0) for _ in range(n_crops - n_masked)]
+    masks += [mask_generator(0, rng=mask_rng) for _ in range(n_crops - n_masked)]
     rng.shuffle(masks)
     stacked = torch.from_numpy(np.stack(masks)).reshape(n_crops, -1)
     if stacked.shape[1] != n_tokens:
@@ -63,8 +65,8 @@ def collate_data_and_cast(
 
     ``int(2B * mask_probability)`` crops are masked, crop ``i`` with a ratio drawn uniformly from the ``i``-th
     of the equal bins splitting ``mask_ratio_tuple``; the masks are then shuffled across crops.
-    ``n_tokens`` defaults to the generator's grid size. Randomness comes from ``random_generator`` when
-    given, else the ``random`` module; in ``DataLoader`` workers use the default: each worker's ``random``
+    ``n_tokens`` defaults to the generator's grid size. Randomness (ratios, rectangles, the shuffle) comes
+    from ``random_generator`` when given, else the ``random`` module and the generator's own; in ``DataLoader`` workers use the default: each worker's ``random``
     is seeded from the loader's seed (and ``worker_init_fn``), which makes batches reproducible.
     """
     if mask_generator is None:
@@ -77,8 +79,9 @@ def collate_data_and_cast(
     collated_global_crops = _stack_crop_major(samples_list, "global_crops", dtype)
     collated_local_crops = _stack_crop_major(samples_list, "local_crops", dtype)
     collated_masks, upperbound = _draw_masks(
-        len(collated_global_crops), n_tokens, mask_ratio_tuple, mask_probability, mask_generator, rng
-    )
+        len(collated_global_crops), n_tokens, mask_ratio_tuple, mask_probability, mask_generator, rng,
+        mask_rng=random_generator,
+    )  # fmt: skip
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     per_crop_weight = 1.0 / collated_masks.sum(dim=-1).clamp(min=1).to(torch.float32)
     masks_weight = per_crop_weight.unsqueeze(-1).expand_as(collated_masks)[collated_masks]

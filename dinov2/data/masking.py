@@ -54,17 +54,17 @@ class MaskingGenerator:
         """The mask's shape ``(height, width)``."""
         return self.height, self.width
 
-    def _add_rectangle(self, mask: np.ndarray, budget: int) -> int:
+    def _add_rectangle(self, mask: np.ndarray, budget: int, rng) -> int:
         """Try up to 10 rectangles; mask the first that newly covers 1..``budget`` cells. Returns how many."""
         for _ in range(10):
-            area = self.rng.uniform(self.min_num_patches, budget)
-            aspect = math.exp(self.rng.uniform(*self.log_aspect_ratio))
+            area = rng.uniform(self.min_num_patches, budget)
+            aspect = math.exp(rng.uniform(*self.log_aspect_ratio))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
             if not (0 < h <= self.height and 0 < w <= self.width):
                 continue
-            top = self.rng.randint(0, self.height - h)
-            left = self.rng.randint(0, self.width - w)
+            top = rng.randint(0, self.height - h)
+            left = rng.randint(0, self.width - w)
             window = mask[top : top + h, left : left + w]
             new = h * w - int(window.sum())
             if 0 < new <= budget:
@@ -72,19 +72,21 @@ class MaskingGenerator:
                 return new
         return 0
 
-    def __call__(self, num_masking_patches: int = 0) -> np.ndarray:
+    def __call__(self, num_masking_patches: int = 0, rng: random.Random | None = None) -> np.ndarray:
         """A boolean ``(height, width)`` mask with at most ``num_masking_patches`` True cells.
 
         Rectangles are added until the count is reached or ten tries in a row add nothing, so the count can
-        fall short (typically when the remaining budget is below ``min_num_patches``).
+        fall short (typically when the remaining budget is below ``min_num_patches``). ``rng``
+        overrides the generator given at construction for this call.
         """
+        rng = rng if rng is not None else self.rng
         mask = np.zeros(self.get_shape(), dtype=bool)
         count = 0
         while count < num_masking_patches:
             budget = num_masking_patches - count
             if self.max_num_patches is not None:
                 budget = min(budget, self.max_num_patches)
-            added = self._add_rectangle(mask, budget)
+            added = self._add_rectangle(mask, budget, rng)
             if added == 0:
                 break
             count += added

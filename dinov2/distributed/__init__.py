@@ -49,18 +49,67 @@ def all_gather_cat(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _first_slurm_host() -> str:
+    from submitit import JobEnvironment  # imported lazily: only SLURM jobs need it
+
+    return JobEnvironment().hostnames[0]
+
+
+def setup_env_from_slurm() -> bool:
+    """Fill torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) from SLURM's (``SLURM_PROCID``, ``SLURM_NTASKS``,
+    ``SLURM_LOCALID``, the job's node list and id) when a task started by ``srun`` (or submitit)
+    lacks them. Variables already set win. Returns True when SLURM's were used."""
+    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return False
+    env = {
+        "RANK": os.environ["SLURM_PROCID"],
+        "WORLD_SIZE": os.environ["SLURM_NTASKS"],
+        "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0],
+    }
+    if int(env["WORLD_SIZE"]) > 1:
+        env.setdefault("MASTER_ADDR", os.environ.get("MASTER_ADDR") or _first_slurm_host())
+        job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
+        env.setdefault("MASTER_PORT", os.environ.get("MASTER_PORT") or str(20000 + job_id % 20000))
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return True
+
+
+def local_rank() -> int:
+    """This process's index on its node (``LOCAL_RANK``, or ``SLURM_LOCALID`` under srun); 0 otherwise."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
 def init_from_env(device: torch.device | None = None) -> bool:
-    """Join the process group torchrun (or a launcher setting ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``)
-    describes: NCCL for CUDA devices, gloo otherwise. Returns True when running distributed.
-    A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) stays unaffected."""
+    """Join the process group that torchrun or SLURM (see :func:`setup_env_from_slurm`) describes:
+    NCCL for CUDA devices, gloo otherwise. Returns True when running distributed. A single process
+    (no ``WORLD_SIZE``, or ``WORLD_SIZE=1``) stays unaffected."""
     if is_enabled():
         return True
+    setup_env_from_slurm()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend=backend, **kwargs)
     return True
+
+
+def barrier(group=None) -> None:
+    """Wait for every rank of ``group``; a no-op in a single process."""
+    if get_world_size(group) > 1:
+        dist.barrier(group=group)
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` from rank ``src`` on every rank (pickled; small, trusted values only)."""
+    if get_world_size(group) == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]
 
 
 def all_reduce_mean_grads(parameters, group=None) -> None:

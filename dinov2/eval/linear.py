@@ -33,7 +33,6 @@ from torch import nn
 from dinov2 import distributed
 from dinov2.checkpoint import atomic_torch_save
 from dinov2.data.loaders import make_data_loader
-from dinov2.data.samplers import InfiniteSampler
 from dinov2.data.seeding import PositionedSampler, SeededSamples
 from dinov2.data.transforms import make_classification_eval_transform, make_classification_train_transform
 from dinov2.eval import linear_heads as core
@@ -85,9 +84,10 @@ def train_batches(
     """Packed features and labels of the training stream from iteration ``start_iter`` on: the data
     order and each sample's augmentation depend only on its position in the stream (``args.seed``)."""
     device = next(backbone.parameters()).device
-    stream = InfiniteSampler(len(dataset), shuffle=True, seed=args.seed, advance=start_iter * args.batch_size)
+    start = start_iter * args.batch_size * distributed.get_world_size()
+    stream = PositionedSampler(len(dataset), args.batch_size, seed=args.seed, start=start)
     loader = make_data_loader(
-        SeededSamples(dataset, args.seed), args.batch_size, args.num_workers, sampler=PositionedSampler(stream),
+        SeededSamples(dataset, args.seed), args.batch_size, args.num_workers, sampler=stream,
         seed=args.seed, drop_last=True, persistent_workers=False, collate_fn=_collate_seeded,
     )  # fmt: skip
     for images, labels in loader:

@@ -13,9 +13,11 @@ smaller rates a per-sample :class:`DropPath` mask is cheaper than the gather/sca
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dinov2.layers.attention import Attention
 from dinov2.layers.drop_path import DropPath
@@ -27,6 +29,24 @@ from dinov2.ops.residual import index_add_residual, sample_keep_subset
 SUBSET_DROP_PATH_THRESHOLD = 0.1
 
 GroupShapes = list[tuple[int, int]]
+
+ACTIVATION_CHECKPOINTING = ("off", "full", "selective")
+
+
+def _save_matmuls_policy() -> Callable:
+    """Selective checkpointing: keep the outputs of matmuls and attention kernels (costly to
+    recompute), recompute everything else (norms, activations, residual adds) in backward."""
+    aten = torch.ops.aten
+    names = (
+        "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    )  # fmt: skip
+    saved = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
 def _concat_tokens(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -78,6 +98,10 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.sample_drop_ratio = drop_path
+        # Activation checkpointing (off | full | selective), set by dinov2.distributed.parallelize.
+        # Applied inside forward, so an FSDP2 unit around this block gathers its parameters once for
+        # both the backward and the recomputation it triggers.
+        self.checkpointing = "off"
 
     # The two residual branches, on flat (T, D) tokens.
     def _attn_branch(self, flat: torch.Tensor, shapes: GroupShapes) -> torch.Tensor:
@@ -105,10 +129,23 @@ class Block(nn.Module):
         xs = self._add_residual(xs, self._attn_branch, self.drop_path1)
         return self._add_residual(xs, self._ffn_branch, self.drop_path2)
 
+    def _checkpointed(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.checkpointing == "full":
+            return checkpoint(self.forward_list, xs, use_reentrant=False)
+        if self.checkpointing == "selective":
+            context = partial(create_selective_checkpoint_contexts, _save_matmuls_policy())
+            return checkpoint(self.forward_list, xs, use_reentrant=False, context_fn=context)
+        raise ValueError(
+            f"activation checkpointing {self.checkpointing!r}; valid: {', '.join(ACTIVATION_CHECKPOINTING)}"
+        )
+
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        if isinstance(x, list):
-            return self.forward_list(x)
-        return self.forward_list([x])[0]
+        xs = x if isinstance(x, list) else [x]
+        if self.checkpointing != "off" and torch.is_grad_enabled():
+            out = self._checkpointed(xs)
+        else:
+            out = self.forward_list(xs)
+        return out if isinstance(x, list) else out[0]
 
 
 # Published name of the block that accepts lists; every Block here does.

@@ -230,7 +230,7 @@ class DinoVisionTransformer(nn.Module):
         if len(masks_list) != len(x_list):
             raise ValueError(f"got {len(x_list)} image groups but {len(masks_list)} masks")
         xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
-        for block in self.iter_blocks():
+        for block in self.blocks:  # blocks or chunks: each may be its own FSDP2 unit
             xs = block(xs)
         return [self._output_dict(x, m) for x, m in zip(xs, masks_list)]
 
@@ -241,7 +241,7 @@ class DinoVisionTransformer(nn.Module):
         if isinstance(x, list):
             return self.forward_features_list(x, masks)
         x_tokens = self.prepare_tokens_with_masks(x, masks)
-        for block in self.iter_blocks():
+        for block in self.blocks:
             x_tokens = block(x_tokens)
         return self._output_dict(x_tokens, masks)
 

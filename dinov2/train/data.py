@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
-from dinov2.data.loaders import make_data_loader, make_dataset, sampler_for
+from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.data.masking import MaskingGenerator
-from dinov2.data.seeding import PositionedSampler, SeededSamples
+from dinov2.data.seeding import PositionedSampler, SeededSamples, batch_random
 
 
 def build_augmentation(crops: Any) -> DataAugmentationDINO:
@@ -30,10 +30,13 @@ def build_augmentation(crops: Any) -> DataAugmentationDINO:
     )
 
 
-def collate_training_batch(samples: list[tuple], **collate_kwargs) -> dict[str, Any]:
-    """:func:`collate_data_and_cast` over ``(crops, target, skipped)`` samples, plus
-    ``skipped_images``: how many unreadable images were skipped to produce this batch."""
-    batch = collate_data_and_cast([sample[:2] for sample in samples], **collate_kwargs)
+def collate_training_batch(samples: list[tuple], seed: int = 0, **collate_kwargs) -> dict[str, Any]:
+    """:func:`collate_data_and_cast` over ``(crops, target, skipped, position)`` samples, plus
+    ``skipped_images``: how many unreadable images were skipped to produce this batch. The iBOT
+    masks are drawn from a generator seeded by ``seed`` and the batch's first position, so a batch
+    gets the same masks in any worker, process or world size."""
+    rng = batch_random(seed, int(samples[0][3]))
+    batch = collate_data_and_cast([sample[:2] for sample in samples], random_generator=rng, **collate_kwargs)
     batch["skipped_images"] = sum(int(sample[2]) for sample in samples)
     return batch
 
@@ -43,6 +46,7 @@ def build_collate(cfg: Any, dtype: torch.dtype = torch.float32) -> partial:
     n_tokens = grid * grid
     return partial(
         collate_training_batch,
+        seed=int(cfg.train.seed),
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
         dtype=dtype,
@@ -57,16 +61,17 @@ def build_train_dataset(cfg: Any):
 
 
 def build_train_loader(cfg: Any, dataset, samples_consumed: int = 0) -> DataLoader:
-    """Batches of ``train.batch_size_per_gpu`` from an infinite, sharded stream that starts after
-    ``samples_consumed`` samples of this rank (``iteration * batch_size_per_gpu * grad_accum_steps``)."""
-    sampler = sampler_for(cfg.train.sampler_type, len(dataset), seed=cfg.train.seed, advance=samples_consumed)
-    if not hasattr(sampler, "advance"):
-        raise ValueError(f"train.sampler_type={cfg.train.sampler_type!r}: training needs an infinite sampler")
+    """Batches of ``train.batch_size_per_gpu`` from the infinite global stream, starting after
+    ``samples_consumed`` samples of all ranks together (see :class:`PositionedSampler`)."""
+    if str(cfg.train.sampler_type).upper() not in ("INFINITE", "SHARDED_INFINITE"):
+        raise ValueError(f"train.sampler_type={cfg.train.sampler_type!r}: training needs INFINITE or SHARDED_INFINITE")
+    batch_size = int(cfg.train.batch_size_per_gpu)
+    sampler = PositionedSampler(len(dataset), batch_size, seed=int(cfg.train.seed), start=int(samples_consumed))
     return make_data_loader(
-        SeededSamples(dataset, seed=cfg.train.seed),
-        batch_size=cfg.train.batch_size_per_gpu,
+        SeededSamples(dataset, seed=cfg.train.seed, return_position=True),
+        batch_size=batch_size,
         num_workers=cfg.train.num_workers,
-        sampler=PositionedSampler(sampler),
+        sampler=sampler,
         seed=cfg.train.seed,
         drop_last=True,
         collate_fn=build_collate(cfg),

@@ -22,14 +22,16 @@ from dinov2.checkpoint import (
     capture_rng_state,
     export_teacher,
     find_latest_checkpoint,
-    load_training_checkpoint,
+    load_checkpoint,
     restore_rng_state,
-    save_training_checkpoint,
+    save_checkpoint,
 )
+from dinov2.distributed.grads import clip_grad_norm_
+from dinov2.distributed.parallelize import any_fp16, module_policy, use_mixed_precision
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.param_groups import build_optimizer_param_groups
 from dinov2.train.schedules import apply_optim_scheduler, build_schedulers
-from dinov2.utils.device import autocast, resolve_autocast_dtype
+from dinov2.utils.device import autocast, resolve_autocast_dtype, seed_everything
 from dinov2.utils.logging import MetricsWriter, format_duration
 
 logger = logging.getLogger("dinov2")
@@ -64,6 +66,33 @@ def check_finite(losses: dict[str, torch.Tensor], iteration: int, last_checkpoin
     raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {bad}; stopping ({kept})")
 
 
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 manages ``module``'s parameters (DTensors)."""
+    return any(hasattr(p, "device_mesh") for p in module.parameters())
+
+
+def resolve_precision(cfg: Any, device: torch.device, sharded: bool) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, needs a gradient scaler)``. With FSDP2 mixed precision in use,
+    ``autocast_dtype: auto`` follows the student backbone's ``param_dtype`` so that the two agree."""
+    mixed = sharded and use_mixed_precision(cfg, device)
+    setting = str(cfg.compute_precision.autocast_dtype).lower()
+    if setting == "auto" and mixed:
+        dtype = module_policy(cfg, "student", "backbone", True)["param_dtype"]
+        dtype = None if dtype == torch.float32 else dtype
+    else:
+        dtype = resolve_autocast_dtype(setting, device)
+    fp16 = dtype == torch.float16 or any_fp16(cfg, mixed)
+    return dtype, fp16 and bool(cfg.compute_precision.grad_scaler)
+
+
+def _grad_scaler(device: torch.device, sharded: bool):
+    if sharded:  # found-inf is all-reduced, so every rank skips the same steps
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device.type)
+    return torch.amp.GradScaler(device.type)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -86,57 +115,66 @@ class Trainer:
         self.accum = int(cfg.train.grad_accum_steps)
         if self.accum < 1:
             raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.accum}")
-        self.autocast_dtype = resolve_autocast_dtype(cfg.compute_precision.autocast_dtype, device)
-        use_scaler = self.autocast_dtype == torch.float16 and bool(cfg.compute_precision.grad_scaler)
-        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.sharded = is_sharded(model.student)
+        self.autocast_dtype, use_scaler = resolve_precision(cfg, device, self.sharded)
+        self.scaler = _grad_scaler(device, self.sharded) if use_scaler else None
         self.iteration = 0
+        self.samples_consumed = 0  # by all ranks together: where the data stream resumes
         self.extra: dict[str, Any] = {}  # persisted with checkpoints (e.g. the random-init k-NN result)
         self.last_checkpoint: Path | None = None
         self.metrics = MetricsWriter(self.output_dir, enabled=distributed.is_main_process())
         self.online_knn = _online_knn(cfg)  # None when evaluation.knn names no datasets
         self.skipped_images = 0
         self._rng_state: dict | None = None
+        self._reseed_on_start = False
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        self.model.apply_center_updates()
+    def trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the model, the optimizer and the RNG states."""
         return {
             "iteration": self.iteration,
-            "samples_consumed": self.samples_consumed(self.iteration),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "samples_consumed": self.samples_consumed,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": capture_rng_state(),
             "extra": dict(self.extra),
         }
 
     def save_checkpoint(self) -> None:
-        state = self.state_dict()  # every rank applies its center updates, even if only rank 0 writes
-        if distributed.is_main_process():
-            keep = int(self.cfg.train.checkpoint_keep_last)
-            self.last_checkpoint = save_training_checkpoint(self.checkpoint_dir, self.iteration, state, keep_last=keep)
-            logger.info("checkpoint written: %s", self.last_checkpoint)
+        """A collective: every rank writes its shards of ``checkpoints/step_{it:07d}``."""
+        self.model.apply_center_updates()
+        self.last_checkpoint = save_checkpoint(
+            self.checkpoint_dir,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            self.trainer_state(),
+            capture_rng_state(),
+            keep_last=int(self.cfg.train.checkpoint_keep_last),
+        )
+        logger.info("checkpoint written: %s", self.last_checkpoint)
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of the output directory, if any."""
+        """Load the latest checkpoint of the output directory, if any (saved on any world size)."""
         path = find_latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return False
-        state = load_training_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(path, self.model, self.optimizer)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
-        self._rng_state = state["rng"]  # restored right before the first step (see run)
         self.iteration, self.extra = int(state["iteration"]), dict(state.get("extra", {}))
+        self.samples_consumed = int(state["samples_consumed"])
+        self._rng_state = state["rng"]  # restored right before the first step (see run)
+        self._reseed_on_start = state["rng"] is None
+        if self._reseed_on_start:
+            logger.info("checkpoint saved on %s processes, now %d: RNG streams are reseeded from (seed, rank, "
+                        "iteration); data and masks are unaffected", state.get("world_size"), distributed.get_world_size())  # fmt: skip
         self.last_checkpoint = path
         self.metrics.truncate_after(self.iteration)
         logger.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 
-    def samples_consumed(self, iteration: int) -> int:
-        """Samples this rank has drawn before ``iteration``."""
-        return iteration * int(self.cfg.train.batch_size_per_gpu) * self.accum
+    def samples_per_step(self) -> int:
+        """Samples all ranks together consume per optimiser step."""
+        return int(self.cfg.train.batch_size_per_gpu) * self.accum * distributed.get_world_size()
 
     # ------------------------------------------------------------------ one optimiser step
     def apply_schedules(self, it: int) -> dict[str, float]:
@@ -150,12 +188,20 @@ class Trainer:
         apply_optim_scheduler(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
         return values
 
+    def _set_gradient_sync(self, enabled: bool) -> None:
+        """FSDP2: reduce-scatter gradients only after the last micro-batch of a step."""
+        for module in self.model.student.values():
+            if hasattr(module, "set_requires_gradient_sync"):
+                module.set_requires_gradient_sync(enabled)
+
     def step(self, data_iter, scheduled: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Micro-batches -> losses -> backward (accumulated) -> clip -> optimiser step -> teacher EMA."""
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         timing = {"data_time": 0.0, "images": 0}
         for micro in range(self.accum):
+            if self.sharded and self.accum > 1:
+                self._set_gradient_sync(micro == self.accum - 1)
             start = time.perf_counter()
             batch = next(data_iter)
             timing["data_time"] += time.perf_counter() - start
@@ -170,17 +216,20 @@ class Trainer:
             for name, value in losses.items():
                 totals[name] += value.detach().float() / self.accum
         params = [p for p in self.model.student.parameters() if p.requires_grad]
-        distributed.all_reduce_mean_grads(params)
+        distributed.all_reduce_mean_grads(
+            [p for p in params if not hasattr(p, "device_mesh")]
+        )  # FSDP2 reduced the rest
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.clip_grad:
-            timing["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad))
+            timing["grad_norm"] = float(clip_grad_norm_(params, self.cfg.optim.clip_grad))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.model.update_teacher(scheduled["mom"])
+        self.samples_consumed += self.samples_per_step()
         return dict(totals), timing
 
     # ------------------------------------------------------------------ logging and evaluation
@@ -223,8 +272,8 @@ class Trainer:
     def evaluate(self, label: str) -> dict[str, float]:
         """Export the teacher (OUTPUT/eval/training_{it}/) and run the online k-NN, if configured."""
         results: dict[str, float] = {}
-        if distributed.is_main_process() and label != "start":
-            export_teacher(self.output_dir, self.iteration, self.model.teacher)
+        if label != "start":  # a collective when sharded; rank 0 writes
+            export_teacher(self.output_dir, self.iteration, self.model.teacher, write=distributed.is_main_process())
         if self.online_knn is not None:
             results = self.online_knn(self.model.teacher.backbone, self.device, self.autocast_dtype)
             self.metrics.write(self.iteration, {"eval": label, **results})
@@ -238,7 +287,7 @@ class Trainer:
             self.resume()
         dataset = build_train_dataset(self.cfg)
         self._log_plan(len(dataset))
-        loader = build_train_loader(self.cfg, dataset, samples_consumed=self.samples_consumed(self.iteration))
+        loader = build_train_loader(self.cfg, dataset, samples_consumed=self.samples_consumed)
         if self.online_knn is not None and self.iteration == 0 and self.cfg.evaluation.knn.at_start:
             self.extra["knn_at_start"] = self.evaluate("start")
         eval_period = int(self.cfg.evaluation.eval_period_iterations)
@@ -249,6 +298,8 @@ class Trainer:
         if self._rng_state is not None:  # after everything that draws at start-up (iter(loader) does)
             restore_rng_state(self._rng_state)
             self._rng_state = None
+        elif self._reseed_on_start:
+            seed_everything(int(self.cfg.train.seed) + 1_000_003 * self.iteration, distributed.get_rank())
         start_time, start_iteration, window = time.perf_counter(), self.iteration, _new_window()
         while self.iteration < self.stop_iter:
             step_start = time.perf_counter()

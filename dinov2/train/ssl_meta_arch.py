@@ -25,6 +25,7 @@ from dinov2.checkpoint import load_backbone_state_dict, load_weights_file
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
+from dinov2.models.init import seeded_init_
 
 logger = logging.getLogger("dinov2")
 
@@ -40,6 +41,10 @@ def _head(cfg_section: Any, in_dim: int) -> DINOHead:
         bottleneck_dim=cfg_section.head_bottleneck_dim,
         nlayers=cfg_section.head_nlayers,
     )
+
+
+def _teacher_as_student(name: str) -> str:
+    return "student." + name.removeprefix("teacher.") if name.startswith("teacher.") else name
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,17 +75,38 @@ class SSLMetaArch(nn.Module):
         self.student = nn.ModuleDict(student)
         self.teacher = nn.ModuleDict(teacher)
 
-        if cfg.student.pretrained_weights:
-            location = str(cfg.student.pretrained_weights)
-            report = load_backbone_state_dict(self.student.backbone, load_weights_file(location), source=location)
-            logger.info("student backbone initialised from %s (%s)", location, report)
-        self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        if not self.is_meta:  # on the meta device the builder initialises after sharding
+            self.load_pretrained()
+            self.teacher.load_state_dict(self.student.state_dict())
 
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         self.koleo_loss = KoLeoLoss()
         ibot_prototypes = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
         self.ibot_patch_loss = iBOTPatchLoss(ibot_prototypes)
+
+    @property
+    def is_meta(self) -> bool:
+        return next(self.student.parameters()).is_meta
+
+    def load_pretrained(self) -> None:
+        """Load ``student.pretrained_weights`` (if set) into the student backbone (plain or sharded);
+        the caller copies the student into the teacher."""
+        if not self.cfg.student.pretrained_weights:
+            return
+        location = str(self.cfg.student.pretrained_weights)
+        report = load_backbone_state_dict(self.student.backbone, load_weights_file(location), source=location)
+        logger.info("student backbone initialised from %s (%s)", location, report)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Seeded initialisation (:func:`dinov2.models.init.seeded_init_`), the same sharded or not:
+        the teacher gets the student's values, then the pretrained backbone (if any) is loaded into both."""
+        seeded_init_(self, seed, key_fn=_teacher_as_student)
+        if self.cfg.student.pretrained_weights:
+            self.load_pretrained()
+            for p_t, p_s in zip(self.teacher.backbone.parameters(), self.student.backbone.parameters(), strict=True):
+                _local(p_t).copy_(_local(p_s))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -58,9 +58,21 @@ def setup_config(args: argparse.Namespace, cfg: Any = None) -> Any:
 
 
 def build_model(cfg: Any, device):
+    """The meta-architecture, built on the meta device, parallelised (checkpointing -> compile ->
+    FSDP2 with several processes), then materialised on ``device`` with the seeded initialisation:
+    no process ever holds the whole unsharded model, and the values do not depend on the world size."""
+    import torch
+
+    from dinov2.distributed.parallelize import parallelize
     from dinov2.train.ssl_meta_arch import SSLMetaArch
 
-    return SSLMetaArch(cfg).to(device)
+    with torch.device("meta"):
+        model = SSLMetaArch(cfg)
+    summary = parallelize(model, cfg, device)
+    model.to_empty(device=device)
+    model.init_weights(int(cfg.train.seed))
+    logger.info("parallelism: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

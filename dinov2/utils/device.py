@@ -14,12 +14,13 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """``auto``/None: this process's CUDA device when CUDA is available (``LOCAL_RANK`` under
-    torchrun), else CPU. Anything else is parsed by ``torch.device``; asking for CUDA without it fails."""
+    torchrun, ``SLURM_LOCALID`` under srun), else CPU. Anything else is parsed by ``torch.device``; asking for CUDA without it fails."""
     if isinstance(name, torch.device):
         return name
     if name in (None, "", "auto"):
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():

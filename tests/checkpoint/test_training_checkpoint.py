@@ -14,11 +14,12 @@ from dinov2.checkpoint import (
     export_teacher,
     find_latest_checkpoint,
     load_backbone_state_dict,
-    load_training_checkpoint,
+    load_checkpoint,
     load_weights_file,
     restore_rng_state,
-    save_training_checkpoint,
+    save_checkpoint,
 )
+from dinov2.checkpoint.sharded import load_full_tensors
 from dinov2.layers import DINOHead
 from dinov2.models import DinoVisionTransformer
 
@@ -46,75 +47,104 @@ def test_atomic_save_writes_and_overwrites(tmp_path):
     assert _names(tmp_path) == ["state.pth"]
 
 
+# ------------------------------------------------------------------ sharded (DCP) checkpoints
+def _model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 6)).square().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _save(directory, iteration, model, optimizer, keep_last=3, note="x"):
+    return save_checkpoint(directory, iteration, model, optimizer, {"iteration": iteration, "note": note},
+                           capture_rng_state(), keep_last=keep_last)  # fmt: skip
+
+
+def test_checkpoint_round_trip_restores_model_optimizer_and_state(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    path = _save(tmp_path, 7, model, optimizer, note="seven")
+    assert path == tmp_path / "step_0000007" and (path / ".metadata").is_file()
+    fresh, fresh_opt = _model_and_optimizer(1)
+    state = load_checkpoint(path, fresh, fresh_opt)
+    assert state["iteration"] == 7 and state["note"] == "seven" and state["world_size"] == 1
+    assert state["rng"] is not None  # same world size: this rank's RNG states come back
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    for group in optimizer.state.values():
+        assert any(torch.equal(group["exp_avg"], g["exp_avg"]) for g in fresh_opt.state.values())
+    # and the tensors can be read whole without any model (as consolidation does)
+    weights = load_full_tensors(path, "model.")
+    assert torch.equal(weights["0.weight"], model[0].weight.detach())
+
+
 def test_failed_save_leaves_previous_checkpoint_and_no_temp_files(tmp_path, monkeypatch):
-    previous = save_training_checkpoint(tmp_path, 5, _state(5.0))
-    real_save = torch.save
+    import torch.distributed.checkpoint as dcp
+
+    model, optimizer = _model_and_optimizer(0)
+    previous = _save(tmp_path, 5, model, optimizer)
     seen = {}
 
-    def failing_save(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a zip archive")
+    def failing_save(state, storage_writer=None, **kwargs):
         seen["names"] = _names(tmp_path)
         seen["latest"] = find_latest_checkpoint(tmp_path)
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(dcp, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        atomic_torch_save(_state(6.0), previous)
-    with pytest.raises(OSError, match="disk full"):
-        save_training_checkpoint(tmp_path, 6, _state(6.0))
-    monkeypatch.setattr(torch, "save", real_save)
-
-    # While it was being written, the temporary file was hidden and not taken for a checkpoint.
-    temps = [n for n in seen["names"] if n != previous.name]
-    assert len(temps) == 1 and temps[0].startswith(".") and temps[0].endswith(".tmp")
-    assert seen["latest"] == previous
+        _save(tmp_path, 6, model, optimizer)
+    # While it was being written, the temporary directory was hidden and not taken for a checkpoint.
+    assert seen["names"] == [".step_0000006.tmp", previous.name] and seen["latest"] == previous
     assert _names(tmp_path) == [previous.name]
-    _assert_state_equal(load_training_checkpoint(previous), _state(5.0))
 
 
-# ------------------------------------------------------------------------ retention and resume
-def test_retention_keeps_exactly_the_newest(tmp_path):
+def test_retention_keeps_exactly_the_newest_and_never_the_new_one(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    (tmp_path / "model_final.pth").write_bytes(b"x")
     for iteration in [0, 10, 20, 30, 40]:
-        path = save_training_checkpoint(tmp_path, iteration, _state(float(iteration)), keep_last=3)
-        assert path == tmp_path / f"model_{iteration:07d}.pth" and path.is_file()
-    expected = ["model_0000020.pth", "model_0000030.pth", "model_0000040.pth", "model_final.pth", "notes.txt"]
-    assert _names(tmp_path) == expected
-    _assert_state_equal(load_training_checkpoint(tmp_path / "model_0000030.pth"), _state(30.0))
-
-
-def test_retention_keep_all_and_never_deletes_the_new_file(tmp_path):
-    for iteration in range(5):
-        save_training_checkpoint(tmp_path, iteration, _state(float(iteration)), keep_last=0)
-    assert len(_names(tmp_path)) == 5
+        _save(tmp_path, iteration, model, optimizer, keep_last=3)
+    assert _names(tmp_path) == ["notes.txt", "step_0000020", "step_0000030", "step_0000040"]
     # An older iteration written after newer ones (a resume from an earlier checkpoint) survives.
-    path = save_training_checkpoint(tmp_path, 2, _state(-2.0), keep_last=1)
-    assert _names(tmp_path) == ["model_0000002.pth", "model_0000004.pth"]
-    _assert_state_equal(load_training_checkpoint(path), _state(-2.0))
+    _save(tmp_path, 25, model, optimizer, keep_last=1)
+    assert _names(tmp_path) == ["notes.txt", "step_0000025", "step_0000040"]
 
 
-def test_find_latest_is_numeric_not_lexicographic(tmp_path):
+def test_find_latest_is_numeric_and_skips_incomplete_directories(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
     assert find_latest_checkpoint(tmp_path / "missing") is None
     assert find_latest_checkpoint(tmp_path) is None
-    save_training_checkpoint(tmp_path, 9_999_999, _state(1.0), keep_last=0)
-    save_training_checkpoint(tmp_path, 10_000_000, _state(2.0), keep_last=0)  # 8 digits: sorts first as text
-    (tmp_path / "model_99999999.pth.tmp").write_bytes(b"")
-    (tmp_path / ".model_99999999.pth.abc.tmp").write_bytes(b"")
-    (tmp_path / "model_99999999.pth.bak").write_bytes(b"")
-    assert sorted(p.name for p in tmp_path.glob("model_*.pth"))[-1] == "model_9999999.pth"
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "model_10000000.pth"
+    _save(tmp_path, 9_999_999, model, optimizer, keep_last=0)
+    _save(tmp_path, 10_000_000, model, optimizer, keep_last=0)  # 8 digits: sorts first as text
+    (tmp_path / "step_99999999").mkdir()  # no .metadata: an interrupted copy, not a checkpoint
+    (tmp_path / ".step_99999999.tmp").mkdir()
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "step_10000000"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_corrupt_checkpoint_error_names_the_path(tmp_path, damage):
-    path = save_training_checkpoint(tmp_path, 3, {"w": torch.randn(64, 64)})
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00not a checkpoint" * 10)
+def test_corrupt_checkpoint_error_names_the_path(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    path = _save(tmp_path, 3, model, optimizer)
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:10])
     with pytest.raises(CheckpointLoadError, match=re.escape(str(path))):
-        load_training_checkpoint(path)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.pth"))):
-        load_training_checkpoint(tmp_path / "nope.pth")
+        load_checkpoint(path, model, optimizer)
+    with pytest.raises(FileNotFoundError, match="step_0000099"):
+        load_checkpoint(tmp_path / "step_0000099", model, optimizer)
+
+
+def test_metadata_that_unpickles_anything_else_is_refused(tmp_path):
+    import pickle
+
+    model, optimizer = _model_and_optimizer(0)
+    path = _save(tmp_path, 1, model, optimizer)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointLoadError, match="builtins.print"):
+        load_full_tensors(path, "model.")
 
 
 # ---------------------------------------------------------------------------------- RNG state
@@ -149,7 +179,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     assert scrambled[0] != expected[0] and not np.array_equal(scrambled[1], expected[1])
     assert not torch.equal(scrambled[2], expected[2])
 
-    restore_rng_state(load_training_checkpoint(path)["rng"])
+    restore_rng_state(torch.load(path, weights_only=True)["rng"])
     _assert_draws_equal(_draws(), expected)
 
 
@@ -160,7 +190,7 @@ def test_cuda_rng_state_round_trip(tmp_path):
     atomic_torch_save(capture_rng_state(), path)
     expected = torch.rand(5, device=device)
     torch.rand(7, device=device)
-    restore_rng_state(load_training_checkpoint(path))
+    restore_rng_state(torch.load(path, weights_only=True))
     assert torch.equal(torch.rand(5, device=device), expected)
 
 

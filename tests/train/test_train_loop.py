@@ -10,10 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinov2.checkpoint import find_latest_checkpoint, load_backbone_state_dict, load_training_checkpoint
+from dinov2.checkpoint import find_latest_checkpoint, load_backbone_state_dict
+from dinov2.checkpoint.sharded import load_full_tensors, load_trainer_state
 from dinov2.train import loop as loop_module
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import main
+from dinov2.train.train import build_model, main
 from dinov2.utils.config import ConfigError
 from dinov2.utils.device import seed_everything
 
@@ -64,7 +65,20 @@ def initial_state(output_dir: Path) -> dict:
     """The model as ``main`` builds it before training (same resolved config, same seed)."""
     cfg = OmegaConf.load(output_dir / "config.yaml")
     seed_everything(int(cfg.train.seed))
-    return SSLMetaArch(cfg).state_dict()
+    return build_model(cfg, torch.device("cpu")).state_dict()
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    """A saved training checkpoint as plain tensors: ``{"model": {...}, **trainer state}``."""
+    return {"model": load_full_tensors(path, "model."), **load_trainer_state(path)}
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()
 
 
 def test_three_iterations_through_main(tmp_path):
@@ -80,7 +94,7 @@ def test_three_iterations_through_main(tmp_path):
     # derived lr: sqrt rule for a global batch of 4
     assert saved.optim.lr == pytest.approx(saved.optim.base_lr * (4 / 1024) ** 0.5)
     assert saved.student.embed_dim == 32
-    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "model_0000003.pth"
+    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "step_0000003"
     assert "training to iteration 3 of 6" in (tmp_path / "log.txt").read_text()
 
 
@@ -88,7 +102,7 @@ def test_resume_continues_the_identical_trajectory(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(straight)
     run(resumed, "train.stop_at_iteration=4")  # checkpoints at 3 and 4
-    assert find_latest_checkpoint(resumed / "checkpoints").name == "model_0000004.pth"
+    assert find_latest_checkpoint(resumed / "checkpoints").name == "step_0000004"
     run(resumed)
     a, b = loss_records(straight), loss_records(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -156,7 +170,7 @@ def test_misspelt_key_names_it_and_the_nearest(tmp_path):
 def test_nan_stops_with_term_and_iteration_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     run(tmp_path, "train.stop_at_iteration=3")
     path = find_latest_checkpoint(tmp_path / "checkpoints")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = tree_digest(path)
 
     original = SSLMetaArch.forward
 
@@ -170,7 +184,7 @@ def test_nan_stops_with_term_and_iteration_and_keeps_the_checkpoint(tmp_path, mo
     with pytest.raises(loop_module.NonFiniteLossError, match=r"iteration 4.*koleo_loss=nan"):
         run(tmp_path)
     assert find_latest_checkpoint(tmp_path / "checkpoints") == path
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert tree_digest(path) == digest
 
 
 def test_teacher_export_loads_into_a_hub_backbone(tmp_path):

@@ -1,0 +1,86 @@
+"""Write the full teacher (or student) backbone of a sharded training checkpoint as one file.
+
+    python -m dinov2.checkpoint.consolidate OUT/checkpoints/step_0125000 --output vitg14_teacher.pth
+    python -m dinov2.checkpoint.consolidate OUT --output teacher.pth      # the run's latest checkpoint
+
+The output is the published single-file layout (a flat backbone state dict with ``blocks.N.``
+keys, block chunks flattened, as ``dinov2_vitg14_pretrain.pth``), loadable with
+``dinov2_vitg14(weights=...)``, plus the same tensors as ``.safetensors`` next to it. No process
+group and no knowledge of the world size the checkpoint was saved with are needed: DCP stores each
+tensor whole in its metadata, and only the chosen backbone is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+import torch  # noqa: E402
+
+from dinov2.checkpoint.adapters import adapt_backbone_state_dict  # noqa: E402
+from dinov2.checkpoint.sharded import find_latest_checkpoint, is_complete, load_full_tensors  # noqa: E402
+from dinov2.checkpoint.training import atomic_torch_save  # noqa: E402
+
+logger = logging.getLogger("dinov2")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint, else the latest one in ``path`` or ``path/checkpoints``."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for directory in (path, path / "checkpoints"):
+        latest = find_latest_checkpoint(directory)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"no training checkpoint (step_<N>/ with .metadata) at or under {path}")
+
+
+def consolidate(checkpoint: str | Path, output: str | Path, branch: str = "teacher", safetensors: bool = True) -> dict:
+    """Write ``branch``'s backbone of ``checkpoint`` to ``output`` (and ``output`` with a
+    ``.safetensors`` suffix); returns the flat state dict written."""
+    from safetensors.torch import save_file
+
+    path = resolve_checkpoint(checkpoint)
+    backbone = load_full_tensors(path, f"model.{branch}.backbone.")
+    flat, _ = adapt_backbone_state_dict(backbone)
+    flat = {k: v.contiguous() for k, v in flat.items()}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(flat, output)
+    if safetensors:
+        target = output.with_suffix(".safetensors")
+        tmp = target.with_name(f".{target.name}.tmp")
+        save_file(flat, str(tmp), metadata={"format": "pt"})
+        tmp.replace(target)
+    n_params = sum(v.numel() for v in flat.values())
+    logger.info("wrote %s (%d tensors, %.1fM parameters) from %s", output, len(flat), n_params / 1e6, path)
+    return flat
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Consolidate a sharded DINOv2 training checkpoint into one backbone file")
+    parser.add_argument("checkpoint", help="a step_<N> checkpoint directory, or a run / checkpoints directory")
+    parser.add_argument("--output", required=True, help="the .pth file to write (a .safetensors twin goes next to it)")
+    parser.add_argument("--branch", default="teacher", choices=("teacher", "student"))
+    parser.add_argument("--no-safetensors", action="store_true", help="write only the .pth file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    flat = consolidate(args.checkpoint, args.output, branch=args.branch, safetensors=not args.no_safetensors)
+    print(f"{args.output}: {len(flat)} tensors, {sum(v.numel() for v in flat.values()) / 1e6:.1f}M parameters")
+    return flat
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

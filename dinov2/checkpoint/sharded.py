@@ -1,0 +1,238 @@
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP): world-size independent.
+
+Layout under a run's ``checkpoints/`` directory::
+
+    step_0001250/                   one checkpoint (the newest ``keep_last`` are kept)
+        .metadata, __0_0.distcp ... DCP: model (student, teacher, loss centres) and optimizer state,
+                                    each tensor stored once, whatever the sharding it was saved from
+        trainer_state.pth           iteration, samples consumed, gradient-scaler state, extras
+        rng_rank0.pth ...           each rank's Python/NumPy/torch RNG states
+
+Every process writes its shards into a hidden ``.step_0001250.tmp`` directory; once all are done,
+rank 0 renames it onto ``step_0001250``, so a crash never leaves a half-written checkpoint under a
+final name. Loading reshards to the current world size: a checkpoint saved on N ranks resumes on M.
+
+Only tensors go through DCP (its non-tensor path unpickles arbitrary objects); the small
+non-tensor states are plain ``torch.save`` files read with ``weights_only=True``, and the DCP
+metadata is read with an unpickler that only accepts DCP's own metadata classes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pathlib
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dinov2 import distributed
+from dinov2.checkpoint.training import (
+    CheckpointLoadError,
+    _fsync_path,
+    _remove_quietly,
+    _swap_in_directory,
+)
+
+logger = logging.getLogger("dinov2")
+
+STEP_PATTERN = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.pth"
+METADATA = ".metadata"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pth"
+
+
+def step_path(directory: str | os.PathLike, iteration: int) -> Path:
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    return Path(directory) / f"step_{iteration:07d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / METADATA).is_file() and (path / TRAINER_STATE).is_file()
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of every complete ``step_<digits>`` checkpoint, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = STEP_PATTERN.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            found.append((int(match.group(1)), entry))
+    return sorted(found, key=lambda item: (item[0], item[1].name))
+
+
+def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The complete ``step_<N>`` checkpoint with the largest ``N``; None if there is none."""
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------------------------- metadata
+class _MetadataUnpickler(pickle.Unpickler):
+    """Accepts only what DCP metadata is made of (its dataclasses, sizes, dtypes, paths)."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            module in self.MODULES
+            or (module, name) in self.ALLOWED
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which is not a metadata type")
+        return getattr(__import__(module, fromlist=[name]), name) if module != "pathlib" else getattr(pathlib, name)
+
+
+def _safe_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            rank = kwargs.get("rank")
+            with open(self._get_metadata_path(rank), "rb") as f:
+                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(str(path))
+
+
+def read_tensor_metadata(path: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """``{flattened key: (global shape, dtype)}`` of the tensors stored in the DCP checkpoint ``path``."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not (path / METADATA).is_file():
+        raise FileNotFoundError(f"not a DCP checkpoint (no {METADATA}): {path}")
+    try:
+        metadata = _safe_reader(path).read_metadata()
+    except Exception as exc:
+        raise CheckpointLoadError(f"cannot read checkpoint metadata in {path}: {exc}") from exc
+    return {
+        key: (meta.size, meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+
+
+def load_full_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor whose key starts with ``prefix``, whole and on CPU, keys without the prefix.
+    Needs no process group and no knowledge of the world size the checkpoint was saved with."""
+    import torch.distributed.checkpoint as dcp
+
+    wanted = {k: v for k, v in read_tensor_metadata(path).items() if k.startswith(prefix)}
+    if not wanted:
+        raise KeyError(f"no tensor under {prefix!r} in checkpoint {path}")
+    state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in wanted.items()}
+    try:
+        dcp.load(state, storage_reader=_safe_reader(Path(path)), no_dist=True)
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointLoadError(f"cannot read tensors of checkpoint {path}: {exc}") from exc
+    return {k[len(prefix) :]: v for k, v in state.items()}
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The iteration, samples consumed, gradient-scaler state and extras of checkpoint ``path``."""
+    return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------- save / load
+def _model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _prune(directory: Path, keep_last: int, just_written: Path) -> None:
+    if keep_last <= 0:
+        return
+    stale = [p for _, p in list_checkpoints(directory)[:-keep_last] if p != just_written]
+    for old in stale:
+        _remove_quietly(old)
+    if stale:
+        logger.info("removed %d old checkpoint(s): %s", len(stale), ", ".join(p.name for p in stale))
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    iteration: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    rng_state: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Write ``directory/step_{iteration:07d}`` (a collective: every rank calls it); returns its path.
+
+    ``trainer_state`` (rank 0's is written) and ``rng_state`` (each rank's own) must survive
+    ``torch.load(weights_only=True)``. Afterwards the newest ``keep_last`` checkpoints remain."""
+    import torch.distributed.checkpoint as dcp
+
+    directory, rank = Path(directory), distributed.get_rank()
+    final = step_path(directory, iteration)
+    tmp = directory / f".{final.name}.tmp"
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_quietly(tmp)  # a crashed earlier attempt
+        tmp.mkdir()
+    distributed.barrier()
+    try:
+        dcp.save(_model_and_optimizer_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp)))
+        torch.save(rng_state, tmp / rng_file(rank))
+        if rank == 0:
+            torch.save({**trainer_state, "world_size": distributed.get_world_size()}, tmp / TRAINER_STATE)
+        distributed.barrier()
+        if rank == 0:
+            for entry in tmp.iterdir():
+                _fsync_path(entry)
+            _fsync_path(tmp)
+            _swap_in_directory(tmp, final)
+            _prune(directory, keep_last, final)
+    except BaseException:
+        if rank == 0:
+            _remove_quietly(tmp)
+        raise
+    distributed.barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load ``path`` into ``model`` and ``optimizer`` (resharded to the current world size; a
+    collective). Returns the trainer state, with ``"rng"``: this rank's RNG states when the world
+    size is the one the checkpoint was saved with, else None."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(f"not a complete training checkpoint: {path}")
+    try:
+        trainer_state = load_trainer_state(path)
+        state = _model_and_optimizer_state(model, optimizer)
+        dcp.load(state, storage_reader=_safe_reader(path))
+    except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
+        raise CheckpointLoadError(f"cannot load training checkpoint {path}: {exc}") from exc
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rng_path = path / rng_file(rank)
+    same_world = int(trainer_state.get("world_size", -1)) == world
+    trainer_state["rng"] = torch.load(rng_path, weights_only=True) if same_world and rng_path.is_file() else None
+    return trainer_state
