@@ -159,20 +159,20 @@ def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
-def _full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state of ``module`` on CPU; for an FSDP2-sharded module a collective that leaves
-    the gathered tensors on rank 0 only (other ranks get an empty dict), one tensor at a time."""
-    if not any(hasattr(p, "device_mesh") for p in module.parameters()):
-        return {k: _full_cpu(v) for k, v in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The whole state of ``module`` as CPU tensors. FSDP2-sharded tensors are gathered one at a
+    time (a collective: every rank calls this); ranks with ``keep=False`` return an empty dict."""
+    state = {}
+    for key, value in module.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if keep:
+            state[key] = full.detach().to("cpu").contiguous()
+    return state
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {k: _full_cpu(v) for k, v in get_model_state_dict(module, options=options).items()}
 
-
-def _clean_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+def _clean_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """:func:`_full_state_dict` without wrapper name segments (``_orig_mod.``...)."""
-    raw = _full_state_dict(module)
+    raw = _full_state_dict(module, keep)
     state = {strip_wrapper_segments(k): v for k, v in raw.items()}
     if len(state) != len(raw):
         raise ValueError("removing wrapper name segments (module., _orig_mod., ...) made keys collide")
@@ -225,7 +225,7 @@ def export_teacher(directory: str | os.PathLike, iteration: int, teacher: nn.Mod
     and renamed into place, replacing an earlier export of the same iteration.
     """
     final = Path(directory) / "eval" / f"training_{iteration}"
-    teacher_state = _clean_state_dict(teacher)
+    teacher_state = _clean_state_dict(teacher, keep=write)
     if not write:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

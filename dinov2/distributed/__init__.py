@@ -71,7 +71,7 @@ def setup_env_from_slurm() -> bool:
     if int(env["WORLD_SIZE"]) > 1:
         env.setdefault("MASTER_ADDR", os.environ.get("MASTER_ADDR") or _first_slurm_host())
         job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
-        env.setdefault("MASTER_PORT", os.environ.get("MASTER_PORT") or str(20000 + job_id % 20000))
+        env.setdefault("MASTER_PORT", os.environ.get("MASTER_PORT") or str(20000 + job_id % 10000))
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return True

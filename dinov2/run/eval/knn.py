@@ -1,0 +1,31 @@
+"""Submit the k-NN evaluation to SLURM: one task per GPU, each running :func:`dinov2.eval.knn.main`.
+
+    python dinov2/run/eval/knn.py --nodes 1 --ngpus 8 --partition P --config-file vitl14_pretrain \\
+        --pretrained-weights W.pth --output-dir OUT/%j [the other arguments of dinov2/eval/knn.py]
+
+SLURM options (:func:`dinov2.run.submit.get_slurm_args_parser`) are taken out wherever they
+appear; everything else goes to the evaluation unchanged. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file: import the repository's package, not modules next to this file.
+    sys.path[0] = str(Path(__file__).resolve().parents[3])
+
+from dinov2.run.submit import EntryPoint, submit  # noqa: E402
+
+ENTRY = EntryPoint("dinov2.eval.knn", "dinov2-knn")
+
+
+def main(argv: Sequence[str] | None = None):
+    """Submit the job; returns the submitit job."""
+    return submit(ENTRY, argv)
+
+
+if __name__ == "__main__":
+    main()

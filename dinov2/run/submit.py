@@ -1,0 +1,254 @@
+"""Submit an entry point's ``main`` to SLURM (or to this machine) through submitit.
+
+The submitting process splits the command line into SLURM arguments (:func:`get_slurm_args_parser`)
+and the entry point's own arguments, checks the latter (argument parser and config schema) so that
+mistakes fail here rather than in the queue, and submits a :class:`Launched` callable. Every task
+of the job then describes the process group in the environment variables that
+``dinov2.distributed.init_from_env`` reads (:func:`setup_distributed_env`) and calls the entry
+point's ``main`` with the same arguments a ``torchrun`` user would pass.
+
+``%j`` in any entry-point argument (typically ``--output-dir runs/%j``) becomes the job id inside
+the job; submitit resolves ``%j`` in its own folder (``--slurm-output-dir``, by default
+``OUTPUT_DIR/slurm``). On preemption or time-out submitit asks the callable for a checkpoint:
+:meth:`Launched.checkpoint` resubmits the same arguments (without ``--no-resume``) and the entry
+point resumes from the checkpoints it wrote in its output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.utils import JobPaths
+
+from dinov2.utils.config import ConfigError, load_config
+
+EXECUTORS = ("slurm", "local")
+NO_RESUME = "--no-resume"
+# MASTER_PORT range: above the commonly used service ports, below Linux's ephemeral range (32768-60999).
+PORT_BASE, PORT_SPAN = 20000, 10000
+# What submitit does before a job hits its time limit: SIGUSR2 this many seconds ahead.
+SIGNAL_DELAY_S = 120
+
+
+def get_slurm_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    """The launcher arguments, meant as a parent parser; abbreviations are off so that they never
+    swallow an entry-point option (``--no`` is not ``--nodes``)."""
+    parser = argparse.ArgumentParser(add_help=add_help, allow_abbrev=False)
+    group = parser.add_argument_group("job submission (submitit)")
+    group.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    group.add_argument("--ngpus", "--gpus-per-node", dest="ngpus", type=int, default=8,
+                       help="GPUs per node; one task (process) per GPU, one task when 0")  # fmt: skip
+    group.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    group.add_argument("--timeout", type=int, default=2800, help="time limit of one job, in minutes")
+    group.add_argument("--comment", default=None, help="SLURM job comment")
+    group.add_argument("--exclude", default=None, help="nodes not to run on, e.g. node[01-04],node17")
+    group.add_argument("--account", default=None, help="SLURM account")
+    group.add_argument("--qos", default=None, help="SLURM quality of service")
+    group.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the cluster's)")
+    group.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per task (data loader workers)")
+    group.add_argument("--slurm-output-dir", default=None,
+                       help="submitit's logs and pickles (default: OUTPUT_DIR/slurm; %%j is the job id)")  # fmt: skip
+    group.add_argument("--max-num-timeout", type=int, default=3,
+                       help="how many times a job that reaches --timeout is requeued (preemptions do not count)")  # fmt: skip
+    group.add_argument("--executor", choices=EXECUTORS, default="slurm",
+                       help="slurm: sbatch; local: run the tasks on this machine (one node)")  # fmt: skip
+    return parser
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """The ``main`` a job runs: ``module.main(argv)`` when ``main_takes_argv`` (training), else
+    ``module.main(module.get_args_parser().parse_args(argv))`` (evaluations).
+
+    ``config_attr`` names the parsed argument that holds the config (checked before submission).
+    """
+
+    module: str
+    job_name: str
+    main_takes_argv: bool = False
+    config_attr: str = "config_file"
+
+    def get_args_parser(self, add_help: bool = True) -> argparse.ArgumentParser:
+        return importlib.import_module(self.module).get_args_parser(add_help=add_help)
+
+    def run(self, argv: Sequence[str]) -> Any:
+        module = importlib.import_module(self.module)
+        if self.main_takes_argv:
+            return module.main(list(argv))
+        return module.main(module.get_args_parser().parse_args(list(argv)))
+
+
+# ---------------------------------------------------------------------------------- inside the job
+def master_port(job_id: str) -> int:
+    """A port in ``[PORT_BASE, PORT_BASE + PORT_SPAN)`` that every task of a job derives alike:
+    the job id modulo the span (consecutive jobs get different ports), a CRC of it for array ids."""
+    value = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return PORT_BASE + value % PORT_SPAN
+
+
+def setup_distributed_env(job_env: Any) -> dict[str, str]:
+    """Describe the process group of a submitit job in the torch.distributed environment variables
+    (what torchrun would set), overwriting any inherited from the submitting shell. Returns them.
+
+    ``job_env`` is a :class:`submitit.JobEnvironment` (or anything with ``job_id``, ``hostnames``,
+    ``num_nodes``, ``num_tasks``, ``global_rank`` and ``local_rank``). On one node the rendezvous
+    is on the loopback address, so no host name needs to resolve.
+    """
+    num_nodes, num_tasks = int(job_env.num_nodes), int(job_env.num_tasks)
+    if num_nodes < 1 or num_tasks < num_nodes or num_tasks % num_nodes:
+        raise ValueError(f"expected the same number of tasks on each node, got {num_tasks} tasks on {num_nodes} nodes")
+    variables = {
+        "MASTER_ADDR": "127.0.0.1" if num_nodes == 1 else str(job_env.hostnames[0]),
+        "MASTER_PORT": str(master_port(str(job_env.job_id))),
+        "WORLD_SIZE": str(num_tasks),
+        "RANK": str(int(job_env.global_rank)),
+        "LOCAL_RANK": str(int(job_env.local_rank)),
+        "LOCAL_WORLD_SIZE": str(num_tasks // num_nodes),
+    }
+    os.environ.update(variables)
+    return variables
+
+
+def resolve_job_id(argv: Sequence[str], job_id: str) -> list[str]:
+    """``argv`` with every ``%j`` replaced by ``job_id``."""
+    return [arg.replace("%j", str(job_id)) for arg in argv]
+
+
+def drop_no_resume(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--no-resume``: a requeued job continues from its own checkpoints."""
+    return [arg for arg in argv if arg != NO_RESUME]
+
+
+class Launched:
+    """What a job runs: ``entry.run(argv)`` in each task, after setting up the process-group
+    environment. Checkpointable: submitit requeues it on preemption or time-out."""
+
+    def __init__(self, entry: EntryPoint, argv: Sequence[str]) -> None:
+        self.entry = entry
+        self.argv = list(argv)
+
+    def __call__(self) -> Any:
+        job_env = submitit.JobEnvironment()
+        # Resolved once: a requeued job (same id on SLURM) and its checkpoint() see the same directory.
+        self.argv = resolve_job_id(self.argv, job_env.job_id)
+        variables = setup_distributed_env(job_env)
+        described = " ".join(f"{k}={v}" for k, v in variables.items())
+        print(f"dinov2 job {job_env.job_id}: {described}; {self.entry.module}.main({self.argv})", flush=True)
+        return self.entry.run(self.argv)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on preemption or time-out (rank 0 only): requeue the same command.
+        The entry point resumes from the latest checkpoint of its output directory."""
+        argv = drop_no_resume(self.argv)
+        if len(argv) != len(self.argv):
+            print(f"requeue: {NO_RESUME} dropped so that the requeued job resumes from its checkpoint", flush=True)
+        print(f"requeue: {self.entry.module}.main({argv})", flush=True)
+        return submitit.helpers.DelayedSubmission(type(self)(self.entry, argv), *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Launched({self.entry.module}, {self.argv})"
+
+
+# --------------------------------------------------------------------------- in the submitting process
+def parse_launcher_args(
+    entry: EntryPoint, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, list[str], argparse.Namespace]:
+    """Split ``argv`` into ``(slurm_args, entry_argv, entry_args)``. The SLURM options are taken out
+    wherever they appear; the rest is what the entry point receives, parsed here to fail early."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    slurm_parser = get_slurm_args_parser()
+    if "-h" in argv or "--help" in argv:
+        parents = [slurm_parser, entry.get_args_parser(add_help=False)]
+        argparse.ArgumentParser(description=f"Submit {entry.module}.main with submitit", parents=parents).print_help()
+        raise SystemExit(0)
+    slurm_args, entry_argv = slurm_parser.parse_known_args(argv)
+    entry_parser = entry.get_args_parser(add_help=False)
+    entry_parser.set_defaults(output_dir=None)  # the launchers need an explicit --output-dir
+    entry_args = entry_parser.parse_args(entry_argv)
+    return slurm_args, entry_argv, entry_args
+
+
+def check_submission(entry: EntryPoint, slurm_args: argparse.Namespace, entry_args: argparse.Namespace) -> None:
+    """Refuse what would only fail once the job starts: no output directory, a config that does not
+    load, a negative job shape, several nodes on the local executor."""
+    if not entry_args.output_dir:
+        swallowed = [opt for opt in entry_args.opts or () if opt.startswith("--")]
+        hint = f"; {' '.join(swallowed)} came after a key=value override: options go first" if swallowed else ""
+        raise SystemExit("--output-dir is required: the job writes its logs, results and checkpoints there "
+                         f"(%j in it becomes the job id){hint}")  # fmt: skip
+    if slurm_args.nodes < 1 or slurm_args.ngpus < 0:
+        raise SystemExit(f"--nodes must be >= 1 and --ngpus >= 0, got {slurm_args.nodes} and {slurm_args.ngpus}")
+    if slurm_args.executor == "local" and slurm_args.nodes != 1:
+        raise SystemExit(f"--executor local runs on this machine only: use --nodes 1 (got {slurm_args.nodes})")
+    try:
+        load_config(getattr(entry_args, entry.config_attr) or None, list(entry_args.opts or ()))
+    except (ConfigError, FileNotFoundError) as error:
+        raise SystemExit(f"config: {error}") from None
+    output_dir = Path(entry_args.output_dir)
+    if getattr(entry_args, "no_resume", False) and "%j" not in str(output_dir) and output_dir.is_dir():
+        if any(output_dir.iterdir()):
+            print(f"warning: {output_dir} is not empty; a requeued job resumes from the newest checkpoint there, "
+                  "which may be an older run's if this one has not written any yet", file=sys.stderr)  # fmt: skip
+
+
+def submitit_folder(slurm_args: argparse.Namespace, output_dir: str) -> Path:
+    """Where submitit writes its files (absolute). submitit's local controller creates its folder
+    before the job id exists and without parents (submitit 1.5), so locally a folder with ``%j`` is
+    replaced by ``<the part before %j>/submitit_local``."""
+    folder = Path(slurm_args.slurm_output_dir or Path(output_dir) / "slurm").absolute()
+    if slurm_args.executor == "local" and "%j" in str(folder):
+        folder = JobPaths.get_first_id_independent_folder(folder) / "submitit_local"
+    return folder
+
+
+def make_executor(slurm_args: argparse.Namespace, folder: str | Path, name: str) -> submitit.AutoExecutor:
+    """An AutoExecutor for ``--executor`` with the job shape: one task per GPU on each node."""
+    try:
+        executor = submitit.AutoExecutor(
+            folder=folder,
+            cluster=slurm_args.executor,
+            slurm_max_num_timeout=slurm_args.max_num_timeout,
+            local_max_num_timeout=slurm_args.max_num_timeout,
+        )
+    except RuntimeError as error:  # no srun on this machine
+        raise SystemExit(f"cannot submit to SLURM from here ({error}); --executor local runs on this machine") from None
+    executor.update_parameters(
+        name=name,
+        nodes=slurm_args.nodes,
+        gpus_per_node=slurm_args.ngpus or None,
+        tasks_per_node=max(slurm_args.ngpus, 1),
+        cpus_per_task=slurm_args.cpus_per_task,
+        timeout_min=slurm_args.timeout,
+        mem_gb=slurm_args.mem_gb,
+        slurm_partition=slurm_args.partition or None,
+        slurm_comment=slurm_args.comment or None,
+        slurm_exclude=slurm_args.exclude or None,
+        slurm_account=slurm_args.account or None,
+        slurm_qos=slurm_args.qos or None,
+        slurm_signal_delay_s=SIGNAL_DELAY_S,
+    )  # None values are left out by submitit
+    return executor
+
+
+def submit(entry: EntryPoint, argv: Sequence[str] | None = None) -> submitit.Job:
+    """Parse, check and submit; prints the job id and where its outputs go. Returns the job."""
+    slurm_args, entry_argv, entry_args = parse_launcher_args(entry, argv)
+    check_submission(entry, slurm_args, entry_args)
+    folder = submitit_folder(slurm_args, entry_args.output_dir)
+    executor = make_executor(slurm_args, folder, entry.job_name)
+    job = executor.submit(Launched(entry, entry_argv))
+    output_dir = entry_args.output_dir.replace("%j", str(job.job_id))
+    tasks = slurm_args.nodes * max(slurm_args.ngpus, 1)
+    print(f"Submitted job {job.job_id} ({entry.job_name}, {slurm_args.executor}, {tasks} task(s))")
+    print(f"  output dir: {output_dir}")
+    print(f"  submitit logs: {job.paths.folder}")
+    return job

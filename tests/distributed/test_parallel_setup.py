@@ -1,0 +1,134 @@
+"""Single-process pieces of the scale-out path: the slot-based data stream, activation
+checkpointing and per-block compile, the sharding config checks, precision resolution, SLURM variables."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from dist_common import TINY
+
+from dinov2.data.seeding import PositionedSampler
+from dinov2.distributed import setup_env_from_slurm
+from dinov2.distributed.parallelize import apply_activation_checkpointing, apply_compile, check_sharding_plan
+from dinov2.models import vit_tiny
+from dinov2.train.loop import resolve_precision
+from dinov2.utils.config import load_config
+
+
+def _batches(sampler: PositionedSampler, n: int, batch: int) -> list[list[tuple[int, int]]]:
+    items = list(itertools.islice(iter(sampler), n * batch))
+    return [items[i : i + batch] for i in range(0, len(items), batch)]
+
+
+@pytest.mark.parametrize("world,accum", [(1, 4), (2, 2), (4, 1)])
+def test_world_size_and_accumulation_are_interchangeable(world, accum):
+    n, b, steps = 37, 3, 5
+    # per optimiser step, the set of batches all ranks process together
+    per_rank = [
+        _batches(PositionedSampler(n, b, seed=5, rank=r, world_size=world), steps * accum, b) for r in range(world)
+    ]
+    got = [sorted(per_rank[r][s * accum + a] for r in range(world) for a in range(accum)) for s in range(steps)]
+    single = _batches(PositionedSampler(n, b, seed=5, rank=0, world_size=1), steps * 4, b)
+    want = [sorted(single[s * 4 : s * 4 + 4]) for s in range(steps)]
+    assert got == want
+    positions = [p for step in got for batch in step for p, _ in batch]
+    assert sorted(positions) == list(range(steps * 4 * b))  # every position once
+    # each pass over the data is a permutation of the dataset
+    indices = [i for _, i in itertools.islice(iter(PositionedSampler(n, b, seed=5, rank=0, world_size=1)), 2 * n)]
+    assert sorted(indices[:n]) == sorted(indices[n:]) == list(range(n)) and indices[:n] != indices[n:]
+
+
+def test_stream_resumes_at_any_start_on_another_world_size():
+    n, b = 11, 2
+    straight = list(itertools.islice(iter(PositionedSampler(n, b, seed=1, rank=0, world_size=1)), 40))
+    # 2 ranks resuming after 12 samples take the next slots, round robin
+    r0 = list(itertools.islice(iter(PositionedSampler(n, b, seed=1, start=12, rank=0, world_size=2)), 4))
+    r1 = list(itertools.islice(iter(PositionedSampler(n, b, seed=1, start=12, rank=1, world_size=2)), 4))
+    assert r0 == straight[12:14] + straight[16:18] and r1 == straight[14:16] + straight[18:20]
+
+
+def _grads(mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = vit_tiny(patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5, init_values=1.0)
+    apply_activation_checkpointing(model, mode)
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)  # the same stochastic-depth draws in every mode
+    out = model.forward_features([x, x[:, :, :16, :16]])
+    loss = out[0]["x_norm_clstoken"].square().sum() + out[1]["x_norm_patchtokens"].sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_keeps_values_and_gradients():
+    loss, grads = _grads("off")
+    for mode in ("full", "selective"):
+        other_loss, other = _grads(mode)
+        assert torch.equal(other_loss, loss), mode
+        for name, grad in grads.items():
+            torch.testing.assert_close(other[name], grad, rtol=1e-6, atol=1e-7, msg=f"{mode} {name}")
+    with pytest.raises(ValueError, match="train.activation_checkpointing='sometimes'"):
+        apply_activation_checkpointing(vit_tiny(depth=1), "sometimes")
+
+
+def test_per_block_compile_keeps_names_and_outputs():
+    torch.manual_seed(0)
+    model = vit_tiny(patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2, block_chunks=2).eval()
+    names = list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    assert apply_compile(model, "eager") == 2  # each chunk compiled in place
+    assert list(model.state_dict()) == names  # no _orig_mod. segments: checkpoints stay compatible
+    torch.testing.assert_close(model(x), expected)
+    assert apply_compile(vit_tiny(depth=1), False) == 0
+
+
+def test_sharding_config_errors_name_the_key():
+    cfg = load_config(None, [*TINY, "compute_precision.student.backbone.sharding_strategy=HALF_SHARD"])
+    with pytest.raises(ValueError, match=r"compute_precision\.student\.backbone\.sharding_strategy='HALF_SHARD'"):
+        check_sharding_plan(cfg)
+    cfg = load_config(None, [*TINY, "compute_precision.student.ibot_head.sharding_strategy=NO_SHARD"])
+    with pytest.raises(ValueError, match=r"student\.ibot_head and compute_precision\.teacher\.ibot_head"):
+        check_sharding_plan(cfg)
+    cfg = load_config(None, [*TINY, "compute_precision.student.dino_head.mixed_precision.param_dtype=fp8"])
+    with pytest.raises(ValueError, match=r"student\.dino_head\.mixed_precision\.param_dtype='fp8'"):
+        check_sharding_plan(cfg)
+
+
+def test_precision_follows_the_sharding_policy_where_it_applies():
+    cfg = load_config(None, TINY)  # the published policies: fp16 params; autocast auto
+    assert resolve_precision(cfg, torch.device("cuda"), sharded=True) == (torch.float16, True)
+    assert resolve_precision(cfg, torch.device("cpu"), sharded=True) == (None, False)  # auto: fp32 on CPU
+    bf16 = [f"compute_precision.{r}.{m}.mixed_precision.param_dtype=bf16" for r in ("student", "teacher")
+            for m in ("backbone", "dino_head", "ibot_head")]  # fmt: skip
+    assert resolve_precision(load_config(None, [*TINY, *bf16]), torch.device("cuda"), True) == (torch.bfloat16, False)
+    forced = load_config(None, [*TINY, "compute_precision.fsdp_mixed_precision=true"])
+    assert resolve_precision(forced, torch.device("cpu"), sharded=True) == (torch.float16, True)
+    explicit = load_config(None, [*TINY, "compute_precision.autocast_dtype=bf16"])
+    assert resolve_precision(explicit, torch.device("cuda"), sharded=False) == (torch.bfloat16, False)
+
+
+def test_slurm_variables_become_torchrun_variables(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("dinov2.distributed._first_slurm_host", lambda: "node-017")
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)",
+           "SLURM_JOB_ID": "123456"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert setup_env_from_slurm()
+    import os
+
+    got = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    assert got == {
+        "RANK": "9",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "8",
+        "MASTER_ADDR": "node-017",
+    }
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 10000)
+    monkeypatch.setenv("RANK", "3")
+    assert not setup_env_from_slurm()  # torchrun's variables (WORLD_SIZE now set) win
