@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logger.info("device %s, %d process(es); lr %.4g (base_lr %s, %s)", device, distributed.get_world_size(),
                 cfg.optim.lr, cfg.optim.base_lr, cfg.optim.scaling_rule)  # fmt: skip
     enable_tf32(device, bool(cfg.compute_precision.tf32))
+    # The backbone returns dicts of views (CLS / patch slices of one tensor); nothing modifies them
+    # in place, which is what FSDP2's warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
     from dinov2.train.loop import Trainer
 
