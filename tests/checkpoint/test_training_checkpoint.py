@@ -285,3 +285,29 @@ def test_export_replaces_previous_export_and_survives_failure(tmp_path, monkeypa
     loaded = torch.load(out / "teacher_checkpoint.pth", weights_only=True)["teacher"]
     assert torch.equal(loaded[key], second.state_dict()[key])
     assert _names(out) == ["teacher_backbone.safetensors", "teacher_checkpoint.pth"]
+
+
+# ------------------------------------------------------------------------------ consolidation
+def test_consolidate_writes_the_flat_backbone_of_the_newest_checkpoint(tmp_path):
+    from dinov2.checkpoint.consolidate import main as consolidate
+
+    torch.manual_seed(0)
+    backbone = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_chunks=2)
+    model = nn.ModuleDict({"teacher": nn.ModuleDict({"backbone": backbone})})
+    optimizer = torch.optim.AdamW(model.parameters())
+    run = tmp_path / "run"
+    _save(run / "checkpoints", 1, model, optimizer)
+    with torch.no_grad():
+        backbone.pos_embed.add_(1.0)
+    _save(run / "checkpoints", 2, model, optimizer)
+    out = tmp_path / "out" / "teacher.pth"
+    consolidate([str(run), "--output", str(out)])  # a run directory: its newest checkpoint
+    flat = torch.load(out, weights_only=True)
+    assert torch.equal(safetensors.torch.load_file(out.with_suffix(".safetensors"))["pos_embed"], flat["pos_embed"])
+    reference = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    load_backbone_state_dict(reference, flat)  # chunks flattened: loads into an unchunked backbone
+    assert torch.equal(reference.pos_embed, backbone.pos_embed)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty"))):
+        consolidate([str(tmp_path / "empty"), "--output", str(out)])
+    with pytest.raises(KeyError, match="model.student.backbone."):
+        consolidate([str(run), "--output", str(out), "--branch", "student"])

@@ -14,7 +14,7 @@ from dist_common import MIXED_SHARDING, TINY, WORLD, free_port, join_group
 from safetensors.torch import load_file
 
 from dinov2.checkpoint.consolidate import main as consolidate_main
-from dinov2.checkpoint.sharded import load_full_tensors
+from dinov2.checkpoint.sharded import load_full_tensors, load_trainer_state
 from dinov2.train.train import main
 
 pytestmark = pytest.mark.distributed
@@ -39,6 +39,8 @@ def _two_rank_jobs(rank: int, port: int, root: str) -> None:
     )
     # resume a 1-rank checkpoint on 2 ranks, with full activation checkpointing
     _run(root_path / "from_one", *MIXED_SHARDING, "train.activation_checkpointing=full")
+    # the published fp16 policies (fp16 compute and reductions) forced on CPU: sharded gradient scaler
+    _run(root_path / "fp16", "compute_precision.fsdp_mixed_precision=true", "train.stop_at_iteration=2")
     torch.distributed.destroy_process_group()
 
 
@@ -70,6 +72,16 @@ def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path):
     _run(sharded, *one_rank)
     _assert_same_losses(_losses(sharded), want, (3, 4))
     assert "reseeded" in (sharded / "log.txt").read_text()
+
+    # fp16 FSDP2 policies train with a sharded gradient scaler, saved with the checkpoint; weights stay fp32
+    fp16 = tmp_path / "fp16"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _losses(fp16).values())
+    state = load_trainer_state(fp16 / "checkpoints" / "step_0000002")
+    assert state["grad_scaler"] is not None and state["grad_scaler"]["scale"] > 0
+    weights = load_full_tensors(fp16 / "checkpoints" / "step_0000002", "model.student.")
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    assert "student.backbone FULL_SHARD" not in (fp16 / "log.txt").read_text()  # default strategies here
+    assert "torch.float16/torch.float16" in (fp16 / "log.txt").read_text()
 
     # consolidation of the 2-rank checkpoint equals the teacher the sharded run gathered and exported at
     # iteration 2, and the 1-rank run's teacher at the same iteration up to float tolerance

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.distributed
 MAX_NORM, MOMENTUM = 0.05, 0.9
 
 
-def _cfg():
-    cfg = load_config(None, [*TINY, *MIXED_SHARDING])
+def _cfg(*overrides: str):
+    cfg = load_config(None, [*TINY, *MIXED_SHARDING, *overrides])
     return setup_config(type("Args", (), {"output_dir": "", "config": "", "opts": []})(), cfg)
 
 
@@ -67,12 +67,18 @@ def _worker(rank: int, port: int, out: str) -> None:
     clipped = {n: p.grad.full_tensor() for n, p in model.student.named_parameters() if p.grad is not None}
     model.update_teacher(MOMENTUM)
     teacher = _full_state(model.teacher)
+    # pretrained weights reach every shard of the student and the teacher backbones
+    pretrained = build_model(_cfg(f"student.pretrained_weights={Path(out) / 'pretrained.pth'}"), torch.device("cpu"))
+    loaded = {r: _full_state(getattr(pretrained, r).backbone) for r in ("student", "teacher")}
     if rank == 0:
-        torch.save({"initial": initial, "norm": norm, "clipped": clipped, "teacher": teacher}, Path(out) / "r0.pt")
+        result = {"initial": initial, "norm": norm, "clipped": clipped, "teacher": teacher, "loaded": loaded}
+        torch.save(result, Path(out) / "r0.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_sharded_init_clipping_and_ema_equal_the_unsharded_model(tmp_path):
+def test_sharded_init_clipping_ema_and_pretrained_loading_equal_the_unsharded_model(tmp_path):
+    donor = build_model(_cfg("train.seed=7"), torch.device("cpu")).student.backbone.state_dict()
+    torch.save({k: v + 0.5 for k, v in donor.items()}, tmp_path / "pretrained.pth")
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     sharded = torch.load(tmp_path / "r0.pt", weights_only=True)
 
@@ -100,3 +106,9 @@ def test_sharded_init_clipping_and_ema_equal_the_unsharded_model(tmp_path):
         expected = MOMENTUM * teacher_before[key] + (1 - MOMENTUM) * student[key]
         torch.testing.assert_close(value, expected, msg=key)
     assert not torch.equal(sharded["teacher"]["backbone.pos_embed"], teacher_before["backbone.pos_embed"])
+
+    file = torch.load(tmp_path / "pretrained.pth", weights_only=True)
+    for role in ("student", "teacher"):
+        assert sharded["loaded"][role].keys() == file.keys()
+        for key, value in file.items():
+            assert torch.equal(sharded["loaded"][role][key], value), (role, key)
