@@ -93,6 +93,8 @@ def init_from_env(device: torch.device | None = None) -> bool:
         return False
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if backend == "nccl" else {}
+    if backend == "nccl":
+        torch.cuda.set_device(device)  # device meshes and NCCL use the current device
     dist.init_process_group(backend=backend, **kwargs)
     return True
 
