@@ -29,6 +29,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+_PROCESS_GROUP_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group_variables():
+    """A test that sets torchrun's variables in this process must not make later in-process runs
+    try to join a process group that does not exist: restore them after every test."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in _PROCESS_GROUP_VARS}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 TINY_VIT = dict(
     img_size=32,
     patch_size=8,

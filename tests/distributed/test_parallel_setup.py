@@ -112,7 +112,8 @@ def test_precision_follows_the_sharding_policy_where_it_applies():
 
 def test_slurm_variables_become_torchrun_variables(monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "unset")  # recorded first, so that teardown also removes what the test adds
+        monkeypatch.delenv(key)
     monkeypatch.setattr("dinov2.distributed._first_slurm_host", lambda: "node-017")
     env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)",
            "SLURM_JOB_ID": "123456"}  # fmt: skip
