@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dinov2.distributed import is_sharded
+
 CONTAINER_KEYS = ("teacher", "model", "state_dict", "student")
 # Name segments that wrappers insert anywhere in a key (DDP, torch.compile, FSDP1, checkpointing).
 WRAPPER_SEGMENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -191,7 +193,7 @@ def load_backbone_state_dict(
     """Adapt ``checkpoint`` to ``model`` and load it strictly. Returns what was adapted."""
     state, report = adapt_backbone_state_dict(checkpoint, model, branch=branch)
     check_state_dict(model, state, source)
-    if any(hasattr(p, "device_mesh") for p in model.parameters()):  # FSDP2-sharded: each rank keeps its shard
+    if is_sharded(model):  # FSDP2: each rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))

@@ -152,13 +152,6 @@ def restore_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------- teacher export
-def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain, contiguous CPU copy-or-view of ``tensor``; DTensors (FSDP2) are gathered first."""
-    if hasattr(tensor, "full_tensor"):
-        tensor = tensor.full_tensor()
-    return tensor.detach().to("cpu").contiguous()
-
-
 def _full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """The whole state of ``module`` as CPU tensors. FSDP2-sharded tensors are gathered one at a
     time (a collective: every rank calls this); ranks with ``keep=False`` return an empty dict."""

@@ -77,11 +77,6 @@ def setup_env_from_slurm() -> bool:
     return True
 
 
-def local_rank() -> int:
-    """This process's index on its node (``LOCAL_RANK``, or ``SLURM_LOCALID`` under srun); 0 otherwise."""
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-
-
 def init_from_env(device: torch.device | None = None) -> bool:
     """Join the process group that torchrun or SLURM (see :func:`setup_env_from_slurm`) describes:
     NCCL for CUDA devices, gloo otherwise. Returns True when running distributed. A single process
@@ -105,13 +100,9 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def broadcast_object(obj, src: int = 0, group=None):
-    """``obj`` from rank ``src`` on every rank (pickled; small, trusted values only)."""
-    if get_world_size(group) == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src, group=group)
-    return holder[0]
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 manages ``module``'s parameters (they are DTensors)."""
+    return any(hasattr(p, "device_mesh") for p in module.parameters())
 
 
 def all_reduce_mean_grads(parameters, group=None) -> None:

@@ -66,11 +66,6 @@ def check_finite(losses: dict[str, torch.Tensor], iteration: int, last_checkpoin
     raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {bad}; stopping ({kept})")
 
 
-def is_sharded(module: torch.nn.Module) -> bool:
-    """Whether FSDP2 manages ``module``'s parameters (DTensors)."""
-    return any(hasattr(p, "device_mesh") for p in module.parameters())
-
-
 def resolve_precision(cfg: Any, device: torch.device, sharded: bool) -> tuple[torch.dtype | None, bool]:
     """``(autocast dtype or None, needs a gradient scaler)``. With FSDP2 mixed precision in use,
     ``autocast_dtype: auto`` follows the student backbone's ``param_dtype`` so that the two agree."""
@@ -115,7 +110,7 @@ class Trainer:
         self.accum = int(cfg.train.grad_accum_steps)
         if self.accum < 1:
             raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.accum}")
-        self.sharded = is_sharded(model.student)
+        self.sharded = distributed.is_sharded(model.student)
         self.autocast_dtype, use_scaler = resolve_precision(cfg, device, self.sharded)
         self.scaler = _grad_scaler(device, self.sharded) if use_scaler else None
         self.iteration = 0
