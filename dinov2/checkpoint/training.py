@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dinov2.checkpoint.adapters import adapt_backbone_state_dict, strip_wrapper_segments
+from dinov2.distributed import is_dtensor
 
 logger = logging.getLogger("dinov2")
 
@@ -157,7 +158,7 @@ def _full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Te
     time (a collective: every rank calls this); ranks with ``keep=False`` return an empty dict."""
     state = {}
     for key, value in module.state_dict().items():
-        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        full = value.full_tensor() if is_dtensor(value) else value
         if keep:
             state[key] = full.detach().to("cpu").contiguous()
     return state

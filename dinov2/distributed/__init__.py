@@ -100,9 +100,19 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 parameter, its gradient or optimizer state)."""
+    return hasattr(tensor, "device_mesh")
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, or the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether FSDP2 manages ``module``'s parameters (they are DTensors)."""
-    return any(hasattr(p, "device_mesh") for p in module.parameters())
+    return any(is_dtensor(p) for p in module.parameters())
 
 
 def all_reduce_mean_grads(parameters, group=None) -> None:

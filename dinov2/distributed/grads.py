@@ -7,9 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "device_mesh")
+from dinov2.distributed import is_dtensor, local_tensor
 
 
 def total_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -22,7 +20,7 @@ def total_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
         grad = param.grad
         if grad is None:
             continue
-        if _is_dtensor(grad):
+        if is_dtensor(grad):
             groups[(id(grad.device_mesh), tuple(grad.placements))].append(grad)
         else:
             plain.append(grad)
@@ -46,6 +44,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     total = total_grad_norm(parameters)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for param in parameters:
-        grad = param.grad.to_local() if _is_dtensor(param.grad) else param.grad
+        grad = local_tensor(param.grad)
         grad.mul_(coef.to(grad.device, grad.dtype))
     return total

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
+from dinov2.distributed import is_dtensor, local_tensor
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.models.vision_transformer import DinoVisionTransformer
 
@@ -88,13 +89,9 @@ def _tensor_seed(seed: int, key: str) -> int:
     return int(np.random.SeedSequence([int(seed), zlib.crc32(key.encode())]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` cut to the local shard of ``like`` (a DTensor), or ``full`` for a plain tensor."""
-    if not hasattr(like, "device_mesh"):
+    if not is_dtensor(like):
         return full
     from torch.distributed.tensor import distribute_tensor
 
@@ -114,7 +111,7 @@ def seeded_init_(model: nn.Module, seed: int, key_fn: Callable[[str], str] = lam
         for name, tensor in own:
             qualified = f"{module_name}.{name}" if module_name else name
             rule = _rule(module, name, qualified)
-            local = _local(tensor)
+            local = local_tensor(tensor)
             generator = torch.Generator(device=local.device).manual_seed(_tensor_seed(seed, key_fn(qualified)))
             full = torch.empty(tensor.shape, dtype=torch.float32, device=local.device)
             rule(full, generator)

@@ -212,7 +212,7 @@ class Trainer:
                 totals[name] += value.detach().float() / self.accum
         params = [p for p in self.model.student.parameters() if p.requires_grad]
         distributed.all_reduce_mean_grads(
-            [p for p in params if not hasattr(p, "device_mesh")]
+            [p for p in params if not distributed.is_dtensor(p)]
         )  # FSDP2 reduced the rest
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dinov2.checkpoint import load_backbone_state_dict, load_weights_file
+from dinov2.distributed import local_tensor
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
@@ -45,11 +46,6 @@ def _head(cfg_section: Any, in_dim: int) -> DINOHead:
 
 def _teacher_as_student(name: str) -> str:
     return "student." + name.removeprefix("teacher.") if name.startswith("teacher.") else name
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameter), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 class SSLMetaArch(nn.Module):
@@ -106,7 +102,7 @@ class SSLMetaArch(nn.Module):
         if self.cfg.student.pretrained_weights:
             self.load_pretrained()
             for p_t, p_s in zip(self.teacher.backbone.parameters(), self.student.backbone.parameters(), strict=True):
-                _local(p_t).copy_(_local(p_s))
+                local_tensor(p_t).copy_(local_tensor(p_s))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -233,7 +229,7 @@ class SSLMetaArch(nn.Module):
         teacher_params, student_params = [], []
         for name in self.student:
             for p_t, p_s in zip(self.teacher[name].parameters(), self.student[name].parameters(), strict=True):
-                teacher_params.append(_local(p_t))
-                student_params.append(_local(p_s).to(p_t.dtype))
+                teacher_params.append(local_tensor(p_t))
+                student_params.append(local_tensor(p_s).to(p_t.dtype))
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
