@@ -6,7 +6,8 @@ matmuls, and attention stays within each sequence (:func:`dinov2.ops.nested_atte
 
 Stochastic depth: for a drop rate above 0.1 in training, each residual branch is computed only
 on a random subset of each group's samples and added back with ``index_add`` and the exact
-inverse keep fraction (:mod:`dinov2.ops.residual`), so the dropped samples cost nothing. For
+inverse keep fraction (:mod:`dinov2.ops.residual`; xFormers' in-place ``scaled_index_add`` on CUDA
+when installed and the block is not checkpointed), so the dropped samples cost nothing. For
 smaller rates a per-sample :class:`DropPath` mask is cheaper than the gather/scatter.
 """
 
@@ -120,7 +121,11 @@ class Block(nn.Module):
         kept = [x[indices] for x, (indices, _) in zip(xs, subsets)]
         shapes = [(x.shape[0], x.shape[1]) for x in kept]
         residuals = _split_tokens(branch(_concat_tokens(kept), shapes), shapes)
-        return [index_add_residual(x, indices, r, scale) for x, r, (indices, scale) in zip(xs, residuals, subsets)]
+        inplace = self.checkpointing == "off"  # a checkpointed forward must not modify its inputs
+        return [
+            index_add_residual(x, indices, r, scale, inplace=inplace)
+            for x, r, (indices, scale) in zip(xs, residuals, subsets)
+        ]
 
     def forward_list(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.training and self.sample_drop_ratio > SUBSET_DROP_PATH_THRESHOLD:

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.layers import Block, Mlp, PatchEmbed, SwiGLUFFN
+from dinov2.layers import Block, Mlp, PatchEmbed, SwiGLUFFN, SwiGLUFFNFused
 from dinov2.layers.layer_scale import LayerScale
 
 FFN_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": Mlp,
     "swiglu": SwiGLUFFN,
-    "swiglufused": SwiGLUFFN,
+    "swiglufused": SwiGLUFFNFused,
 }
 
 
@@ -75,12 +75,12 @@ class DinoVisionTransformer(nn.Module):
             init_values: LayerScale initial value; ``None`` or 0 disables LayerScale.
             drop_path_rate: stochastic-depth rate; linearly increasing over depth unless
                 ``drop_path_uniform``.
-            ffn_layer: ``mlp`` | ``swiglu`` | ``swiglufused`` (the last two are one module).
+            ffn_layer: ``mlp`` | ``swiglu`` | ``swiglufused`` (same parameters; the last is the fused kernel).
             block_chunks: 0 for a flat ``blocks.N.`` list, else the number of chunks.
             num_register_tokens: extra learnable tokens after CLS ("registers").
             interpolate_antialias / interpolate_offset: position-embedding resampling settings
                 (the released registers models use ``True`` / ``0.0``, the others ``False`` / ``0.1``).
-            attn_backend: ``math`` | ``sdpa`` | ``xformers`` | ``auto``.
+            attn_backend: ``math`` | ``sdpa`` | ``varlen`` | ``xformers`` | ``auto`` (see dinov2.ops.attention).
         """
         super().__init__()
         if ffn_layer not in FFN_LAYERS:

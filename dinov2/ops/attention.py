@@ -10,19 +10,27 @@ Backends:
   tested against. Softmax runs in float32.
 - ``sdpa``: :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient /
   C++ kernels chosen by PyTorch for the device).
+- ``varlen``: one variable-length SDPA call over a nested jagged tensor (``torch.nested``,
+  ``layout=torch.jagged``): on CUDA PyTorch runs its flash / memory-efficient variable-length
+  kernels, on CPU its reference path. For a single dense group it is ``sdpa``.
 - ``xformers``: ``xformers.ops.memory_efficient_attention``, imported lazily (CUDA only).
-- ``auto``: ``xformers`` on CUDA when it imports, else ``sdpa``.
+- ``auto``: per device and kind of call, the first usable entry of :data:`AUTO_PREFERENCE`
+  (chosen from scripts/benchmark_attention.py and scripts/benchmark_train.py; see
+  docs/performance.md); the choice is logged once per device type.
 
 Nested (variable-length) attention runs several groups of sequences whose tokens have been
 concatenated into one ``(T, heads, head_dim)`` tensor, e.g. the 2 global and 8 local crops
 of a DINOv2 batch. Group ``i`` holds ``B_i`` sequences of ``N_i`` tokens and attention never
-crosses sequence boundaries. The native path runs one dense call per group; the xFormers path
-runs one call with a block-diagonal bias.
+crosses sequence boundaries. ``math`` and ``sdpa`` run one dense call per group (SDPA once per
+crop size); ``varlen`` and ``xformers`` run one call over all sequences (a jagged tensor, or a
+block-diagonal bias, each cached per group shapes).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -30,17 +38,43 @@ import torch.nn.functional as F
 
 from dinov2.ops.xformers import xformers_available, xformers_ops
 
-BACKENDS = ("math", "sdpa", "xformers", "auto")
+logger = logging.getLogger("dinov2")
+
+BACKENDS = ("math", "sdpa", "varlen", "xformers", "auto")
+
+# What ``auto`` runs: per (device type, nested call), the first usable backend of the list.
+# CPU: per-group SDPA measured fastest for nested and dense calls (scripts/benchmark_attention.py,
+# docs/performance.md). CUDA: xFormers when it imports (one block-diagonal call, as the original),
+# else per-group SDPA (flash attention per crop size); not yet measured on a GPU by this project.
+AUTO_PREFERENCE: dict[tuple[str, bool], tuple[str, ...]] = {
+    ("cuda", False): ("xformers", "sdpa"),
+    ("cuda", True): ("xformers", "sdpa"),
+    ("cpu", False): ("sdpa",),
+    ("cpu", True): ("sdpa",),
+}
 
 GroupShapes = tuple[tuple[int, int], ...]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def _usable(backend: str, device_type: str) -> bool:
+    return backend != "xformers" or (device_type == "cuda" and xformers_available())
+
+
+@functools.cache
+def _auto_choice(device_type: str, nested: bool) -> str:
+    preference = AUTO_PREFERENCE.get((device_type, nested), ("sdpa",))
+    choice = next((b for b in preference if _usable(b, device_type)), "sdpa")
+    logger.info("attention backend auto -> %s on %s (%s calls; preference %s)", choice, device_type,
+                "nested" if nested else "dense", ", ".join(preference))  # fmt: skip
+    return choice
+
+
+def resolve_backend(backend: str, device: torch.device, nested: bool = False) -> str:
     """Map a requested backend (possibly ``auto``) to the one that will run on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        return _auto_choice(device.type, nested)
     return backend
 
 
@@ -62,7 +96,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     backend = resolve_backend(backend, q.device)
     if backend == "math":
         return math_attention(q, k, v)
-    if backend == "sdpa":
+    if backend in ("sdpa", "varlen"):  # one dense group: the variable-length kernel is plain SDPA
         return _sdpa(q, k, v)
     return xformers_ops().memory_efficient_attention(q, k, v)
 
@@ -72,6 +106,25 @@ def _block_diagonal_bias(group_shapes: GroupShapes):
     """xFormers block-diagonal bias for the given groups, cached per shape tuple."""
     seqlens = [n for b, n in group_shapes for _ in range(b)]
     return xformers_ops().fmha.BlockDiagonalMask.from_seqlens(seqlens)
+
+
+@functools.lru_cache(maxsize=64)
+def _jagged_offsets(group_shapes: GroupShapes, device: torch.device) -> torch.Tensor:
+    """Start offsets of every sequence (and the end), cached per shape tuple and device."""
+    lengths = [n for b, n in group_shapes for _ in range(b)]
+    return torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(device)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes: GroupShapes) -> torch.Tensor:
+    """One SDPA call over all sequences as nested jagged tensors ``(sequences, heads, j, D)``."""
+    offsets = _jagged_offsets(shapes, q.device)
+    # Several sequence lengths: a jagged tensor. The CPU reference path of SDPA on jagged inputs
+    # builds a strided nested tensor internally and warns that its API is a prototype.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+        q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).values()
 
 
 def _check_groups(total_tokens: int, group_shapes: Sequence[tuple[int, int]]) -> GroupShapes:
@@ -103,7 +156,9 @@ def nested_attention(
         ``(T, H, D)``; equal to running :func:`attention` on each group separately.
     """
     shapes = _check_groups(q.shape[0], group_shapes)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, nested=len(shapes) > 1)
+    if backend == "varlen" and len(shapes) > 1:
+        return _varlen(q, k, v, shapes)
     if backend == "xformers":
         bias = _block_diagonal_bias(shapes)
         out = xformers_ops().memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)

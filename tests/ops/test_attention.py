@@ -34,7 +34,7 @@ def test_sdpa_matches_math(shape):
     torch.testing.assert_close(attention(q, k, v, "sdpa"), attention(q, k, v, "math"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "varlen"])
 def test_nested_equals_separate_groups(backend):
     heads, dim = 3, 8
     shapes = [(2, 17), (6, 5), (1, 9)]
@@ -54,8 +54,47 @@ def test_nested_attention_rejects_inconsistent_groups():
 def test_backend_names():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("math", torch.device("cpu")) == "math"
-    with pytest.raises(ValueError, match="flash2.*valid backends: math, sdpa, xformers, auto"):
+    with pytest.raises(ValueError, match="flash2.*valid backends: math, sdpa, varlen, xformers, auto"):
         resolve_backend("flash2", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_nested_gradients_equal_separate_passes(backend):
+    """Gradients of the one-call nested pass equal those of running each group on its own."""
+    heads, dim = 2, 8
+    shapes = [(2, 17), (8, 5)]
+    flat = [torch.randn(sum(b * n for b, n in shapes), heads, dim, requires_grad=True) for _ in range(3)]
+    weight = torch.randn(flat[0].shape)
+    grads = torch.autograd.grad((nested_attention(*flat, shapes, backend=backend) * weight).sum(), flat)
+    start, separate = 0, []
+    for b, n in shapes:
+        group = [t[start : start + b * n].reshape(b, n, heads, dim) for t in flat]
+        separate.append(_reference(*group).reshape(b * n, heads, dim))
+        start += b * n
+    expected = torch.autograd.grad((torch.cat(separate).float() * weight).sum(), flat)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_on_one_dense_group_is_sdpa():
+    q, k, v = _qkv(3, 11, 2, 8)
+    torch.testing.assert_close(attention(q, k, v, "varlen"), attention(q, k, v, "math"), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_follows_the_preference_table_and_logs_once(monkeypatch, caplog):
+    import importlib
+
+    attention_module = importlib.import_module("dinov2.ops.attention")  # the package exports a function of that name
+    attention_module._auto_choice.cache_clear()
+    monkeypatch.setitem(attention_module.AUTO_PREFERENCE, ("cpu", True), ("xformers", "varlen", "sdpa"))
+    with caplog.at_level("INFO", logger="dinov2"):
+        # xFormers is never usable on CPU, so the nested choice falls through to varlen.
+        assert resolve_backend("auto", torch.device("cpu"), nested=True) == "varlen"
+        assert resolve_backend("auto", torch.device("cpu"), nested=True) == "varlen"
+        assert resolve_backend("auto", torch.device("cpu"), nested=False) == "sdpa"
+    attention_module._auto_choice.cache_clear()
+    lines = [r.getMessage() for r in caplog.records if "attention backend auto" in r.getMessage()]
+    assert len(lines) == 2 and "varlen on cpu (nested" in lines[0] and "sdpa on cpu (dense" in lines[1]
 
 
 @pytest.mark.skipif(xformers_available(), reason="xFormers is installed here")
@@ -81,3 +120,27 @@ def test_xformers_matches_sdpa_bf16(nested):
         q, k, v = _qkv(8, 257, heads, dim, torch.bfloat16, device)
         out, ref = attention(q, k, v, "xformers"), attention(q, k, v, "math")
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", "xformers"])
+def test_nested_backends_agree_in_bf16_on_cuda_forward_and_backward(backend):
+    if backend == "xformers" and not xformers_available():
+        pytest.skip("xFormers is not installed")
+    device = torch.device("cuda")
+    heads, dim, shapes = 6, 64, [(8, 257), (32, 37)]
+    tokens = sum(b * n for b, n in shapes)
+    base = [torch.randn(tokens, heads, dim, device=device) for _ in range(3)]
+    weight = torch.randn(tokens, heads, dim, device=device)
+
+    def run(name, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in base]
+        out = nested_attention(*inputs, shapes, backend=name)
+        grads = torch.autograd.grad((out.float() * weight).sum(), inputs)
+        return out.float(), [g.float() for g in grads]
+
+    out, grads = run(backend, torch.bfloat16)
+    ref_out, ref_grads = run("math", torch.float32)
+    torch.testing.assert_close(out, ref_out, atol=3e-2, rtol=3e-2)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=6e-2, rtol=6e-2)

@@ -1,0 +1,62 @@
+"""SwiGLU feed-forward: ``w3(silu(x W1 + b1) * (x W2 + b2)) + b3`` with ``W1``/``W2`` packed in ``w12``.
+
+Two implementations behind :func:`swiglu`:
+
+- ``xformers.ops.swiglu`` (fused dual GEMM + SiLU kernels) on CUDA when xFormers imports and
+  ``fused`` is asked for;
+- the PyTorch-native path otherwise: one ``w12`` GEMM, then :func:`silu_mul`, an autograd function
+  that keeps only its two inputs for backward and recomputes ``silu`` there. Plain autograd keeps
+  three hidden-width tensors (``x1`` for SiLU's backward, ``silu(x1)`` and ``x2`` for the product);
+  this keeps two, i.e. a third less activation memory in the SwiGLU hidden layer (ViT-g/14: 2 x 4096
+  values per token instead of 3 x 4096).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dinov2.ops.xformers import xformers_available, xformers_ops
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, value)
+        return F.silu(gate) * value
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, value = ctx.saved_tensors
+        sigmoid = torch.sigmoid(gate)
+        silu = gate * sigmoid
+        # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+        grad_gate = grad_out * value * sigmoid * (1 + gate * (1 - sigmoid))
+        return grad_gate, grad_out * silu
+
+
+def silu_mul(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * value``, saving only ``gate`` and ``value`` for backward."""
+    return _SiluMul.apply(gate, value)
+
+
+def swiglu(
+    x: torch.Tensor,
+    w12: torch.Tensor,
+    b12: torch.Tensor | None,
+    w3: torch.Tensor,
+    b3: torch.Tensor | None,
+    fused: bool = True,
+) -> torch.Tensor:
+    """SwiGLU over the last dimension of ``x``; ``w12`` is ``(2 * hidden, in)`` with ``W1`` on top."""
+    if fused and x.is_cuda and xformers_available():
+        if torch.is_autocast_enabled(x.device.type):  # the xFormers op takes one dtype for all operands
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w12, w3 = x.to(dtype), w12.to(dtype), w3.to(dtype)
+            b12, b3 = (b.to(dtype) if b is not None else None for b in (b12, b3))
+        w1, w2 = w12.chunk(2, dim=0)  # views of one tensor: xFormers' packed kernel applies
+        b1, b2 = b12.chunk(2, dim=0) if b12 is not None else (None, None)
+        return xformers_ops().swiglu(x, w1, b1, w2, b2, w3, b3)
+    gate, value = F.linear(x, w12, b12).chunk(2, dim=-1)
+    hidden = silu_mul(gate, value) if fused else F.silu(gate) * value
+    return F.linear(hidden, w3, b3)

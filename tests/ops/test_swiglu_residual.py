@@ -1,0 +1,122 @@
+"""Fused SwiGLU (native and xFormers) and the index_add residual of stochastic depth."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov2.layers import Block, SwiGLUFFN, SwiGLUFFNFused
+from dinov2.ops.residual import index_add_residual
+from dinov2.ops.swiglu import silu_mul, swiglu
+
+
+def _reference_swiglu(x, w12, b12, w3, b3):
+    """Written out with the three separate weights, in float64."""
+    x, w12, b12, w3, b3 = (t.double() for t in (x, w12, b12, w3, b3))
+    hidden = w3.shape[1]
+    w1, w2, b1, b2 = w12[:hidden], w12[hidden:], b12[:hidden], b12[hidden:]
+    a = x @ w1.T + b1
+    return (a * torch.sigmoid(a) * (x @ w2.T + b2)) @ w3.T + b3
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_swiglu_matches_float64_reference_forward_and_backward(fused):
+    x = torch.randn(5, 7, 16, requires_grad=True)
+    params = [torch.randn(24, 16), torch.randn(24), torch.randn(16, 12), torch.randn(16)]
+    params = [p.requires_grad_() for p in params]
+    out = swiglu(x, *params, fused=fused)
+    torch.testing.assert_close(out.double(), _reference_swiglu(x, *params), atol=1e-4, rtol=1e-4)
+    weight = torch.randn(out.shape)
+    grads = torch.autograd.grad((out * weight).sum(), [x, *params])
+    ref = torch.autograd.grad((_reference_swiglu(x, *params) * weight.double()).sum(), [x, *params])
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-3, rtol=1e-4)
+
+
+def test_silu_mul_gradcheck():
+    gate = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(silu_mul, (gate, value))
+
+
+def _saved_bytes(fn, *inputs) -> int:
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes() if t.numel() else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(saved)
+
+
+def test_fused_native_swiglu_saves_a_third_less_for_backward():
+    gate, value = (torch.randn(64, 256, requires_grad=True) for _ in range(2))
+    plain = _saved_bytes(lambda a, b: F.silu(a) * b, gate, value)
+    fused = _saved_bytes(silu_mul, gate, value)
+    one = gate.numel() * gate.element_size()
+    assert plain == 3 * one and fused == 2 * one
+
+
+def test_swiglufused_module_has_the_swiglu_keys_and_values():
+    torch.manual_seed(0)
+    plain = SwiGLUFFN(32, hidden_features=128)
+    fused = SwiGLUFFNFused(32, hidden_features=128)
+    assert list(plain.state_dict()) == list(fused.state_dict()) == ["w12.weight", "w12.bias", "w3.weight", "w3.bias"]
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 10, 32)
+    torch.testing.assert_close(fused(x), plain(x), atol=1e-6, rtol=1e-6)
+    hidden_bytes = 3 * 10 * plain.hidden_features * 4
+    assert _saved_bytes(plain, x) - _saved_bytes(fused, x) == hidden_bytes  # one hidden tensor fewer
+
+
+def test_index_add_residual_adds_scaled_rows_out_of_place():
+    x = torch.randn(6, 4, 3)
+    residual = torch.randn(2, 4, 3)
+    indices = torch.tensor([4, 1])
+    out = index_add_residual(x, indices, residual, scale=3.0)
+    expected = x.clone()
+    expected[4] += 3.0 * residual[0]
+    expected[1] += 3.0 * residual[1]
+    torch.testing.assert_close(out, expected)
+    assert out.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.xformers
+@pytest.mark.parametrize("checkpointing", ["off", "full"])
+def test_block_stochastic_depth_with_xformers_kernels_matches_native_on_cuda(checkpointing):
+    """The subset path (drop rate 0.4) with xFormers' scaled_index_add, attention and fused SwiGLU
+    gives the native path's outputs and gradients for the same sampled subsets."""
+    import dinov2.ops.residual as residual_module
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    block = Block(64, 4, drop_path=0.4, init_values=1e-1, ffn_layer=SwiGLUFFNFused, attn_backend="xformers").to(device)
+    block.checkpointing = checkpointing
+    xs = [torch.randn(8, 17, 64, device=device), torch.randn(16, 5, 64, device=device)]
+
+    def run(native: bool):
+        torch.manual_seed(1)
+        inputs = [x.clone().requires_grad_() for x in xs]
+        start = [t * 1.0 for t in inputs]  # non-leaf block inputs, as inside the ViT
+        if native:
+            block.attn.backend, block.mlp.fused = "sdpa", False
+            saved = residual_module.xformers_available
+            residual_module.xformers_available = lambda: False
+        try:
+            outs = block(start)
+            loss = sum((o * o).sum() for o in outs)
+            grads = torch.autograd.grad(loss, [*inputs, *block.parameters()])
+        finally:
+            if native:
+                residual_module.xformers_available = saved
+                block.attn.backend, block.mlp.fused = "xformers", True
+        return outs, grads
+
+    out_x, grads_x = run(native=False)
+    out_n, grads_n = run(native=True)
+    for a, b in zip(out_x, out_n):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    for a, b in zip(grads_x, grads_n):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
