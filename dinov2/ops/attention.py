@@ -122,7 +122,9 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes: GroupShap
     # builds a strided nested tensor internally and warns that its API is a prototype.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
-        q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v))
+        # Contiguous values: PyTorch's jagged SDPA kernels (and its CPU path) need them; q, k, v split
+        # from a fused qkv projection are strided views.
+        q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).values()
 

@@ -14,7 +14,7 @@ def _groups():
     return [torch.randn(3, 17, 32, requires_grad=True), torch.randn(5, 5, 32, requires_grad=True)]
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "varlen"])
 def test_nested_block_equals_separate_groups_forward_and_grad(backend):
     block = _block(attn_backend=backend).eval()
     xs = _groups()

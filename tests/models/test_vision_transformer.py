@@ -93,7 +93,7 @@ def test_size_not_multiple_of_patch_is_a_clear_error(size):
         _vit()(torch.randn(1, 3, *size))
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "varlen"])
 def test_nested_forward_equals_per_group_forward(backend):
     model = _vit(num_register_tokens=1, attn_backend=backend)
     globals_, locals_ = torch.randn(4, 3, 32, 32), torch.randn(8, 3, 16, 16)
@@ -112,7 +112,9 @@ def test_nested_forward_equals_per_group_forward(backend):
         if a is None:
             assert b is None
         else:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            # varlen's CPU path (unbind per sequence) sums in another order: float32 noise only,
+            # the op itself matches a float64 reference in tests/ops/test_attention.py.
+            torch.testing.assert_close(a, b, atol=1e-4 if backend == "varlen" else 1e-5, rtol=1e-4)
 
 
 def test_intermediate_layers_match_manual_block_loop():
