@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dinov2.ops.attention import attention, nested_attention, resolve_backend
+from dinov2.ops.attention import attention, nested_attention_parts, resolve_backend
 
 
 class Attention(nn.Module):
@@ -52,8 +52,11 @@ class Attention(nn.Module):
         """``x``: ``(T, C)`` tokens of several groups of sequences, see :func:`nested_attention`."""
         total, channels = x.shape
         q, k, v = self.qkv(x).reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
-        out = nested_attention(q, k, v, group_shapes, backend=self.backend).reshape(total, channels)
-        return self.proj_drop(self.proj(out))
+        parts = nested_attention_parts(q, k, v, group_shapes, backend=self.backend)
+        # Project each part, then join: a Linear keeps its input, not its output, so joining after
+        # the projection keeps nothing extra alive for backward (joining before would).
+        out = [self.proj(part.reshape(-1, channels)) for part in parts]
+        return self.proj_drop(out[0] if len(out) == 1 else torch.cat(out, dim=0))
 
 
 # The original code base has a separate xFormers class; here the backend is a setting.

@@ -139,6 +139,36 @@ def _check_groups(total_tokens: int, group_shapes: Sequence[tuple[int, int]]) ->
     return shapes
 
 
+def nested_attention_parts(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_shapes: Sequence[tuple[int, int]],
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """:func:`nested_attention` as consecutive ``(tokens, H, D)`` parts whose concatenation is the
+    result: one part per group for the per-group backends (``math``, ``sdpa``), one part for the
+    one-call backends (``varlen``, ``xformers``). A caller that projects each part before joining
+    them (layers/attention.py) saves the copy a concatenation of attention outputs would keep alive
+    for backward, so the nested pass keeps no more memory than separate passes."""
+    shapes = _check_groups(q.shape[0], group_shapes)
+    backend = resolve_backend(backend, q.device, nested=len(shapes) > 1)
+    if backend == "varlen" and len(shapes) > 1:
+        return [_varlen(q, k, v, shapes)]
+    if backend == "xformers":
+        bias = _block_diagonal_bias(shapes)
+        return [xformers_ops().memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]]
+    heads, dim = q.shape[1:]
+    outputs = []
+    start = 0
+    for b, n in shapes:
+        end = start + b * n
+        group = [t[start:end].reshape(b, n, heads, dim) for t in (q, k, v)]
+        outputs.append(attention(*group, backend=backend).reshape(b * n, heads, dim))
+        start = end
+    return outputs
+
+
 def nested_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -157,20 +187,5 @@ def nested_attention(
     Returns:
         ``(T, H, D)``; equal to running :func:`attention` on each group separately.
     """
-    shapes = _check_groups(q.shape[0], group_shapes)
-    backend = resolve_backend(backend, q.device, nested=len(shapes) > 1)
-    if backend == "varlen" and len(shapes) > 1:
-        return _varlen(q, k, v, shapes)
-    if backend == "xformers":
-        bias = _block_diagonal_bias(shapes)
-        out = xformers_ops().memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)
-        return out[0]
-    heads, dim = q.shape[1:]
-    outputs = []
-    start = 0
-    for b, n in shapes:
-        end = start + b * n
-        group = [t[start:end].reshape(b, n, heads, dim) for t in (q, k, v)]
-        outputs.append(attention(*group, backend=backend).reshape(b * n, heads, dim))
-        start = end
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    parts = nested_attention_parts(q, k, v, group_shapes, backend)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

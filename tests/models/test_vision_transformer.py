@@ -189,3 +189,28 @@ def test_drop_path_rates_increase_linearly():
     model = _vit(depth=5, drop_path_rate=0.4)
     rates = [b.sample_drop_ratio for b in model.iter_blocks()]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def _saved_storage_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.4])
+def test_nested_pass_keeps_no_more_for_backward_than_separate_passes(drop_path_rate):
+    model = _vit(drop_path_rate=drop_path_rate, drop_path_uniform=True, attn_backend="sdpa").train()
+    globals_, locals_ = torch.randn(4, 3, 32, 32), torch.randn(16, 3, 16, 16)
+    torch.manual_seed(0)
+    nested = _saved_storage_bytes(lambda: model.forward_features_list([globals_, locals_], [None, None]))
+    torch.manual_seed(0)
+    separate = _saved_storage_bytes(lambda: (model.forward_features(globals_), model.forward_features(locals_)))
+    assert 0 < nested <= separate
