@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from dinov2.distributed import all_reduce, get_world_size
@@ -68,10 +67,10 @@ def sinkhorn_knopp(
     is unchanged in exact arithmetic while ``exp`` can neither overflow nor zero a whole row. With
     ``n_iterations == 0`` only the overall maximum is subtracted, which cancels in ``Q /= sum(Q)``.
     """
-    logits = teacher_output.float() / teacher_temp
+    logits = teacher_output.to(torch.float32, copy=True).div_(teacher_temp)
     n_prototypes = logits.shape[-1]
     shift = _logit_shift(logits, per_prototype=n_iterations > 0, group=group)
-    q = torch.exp(logits - shift).t()
+    q = logits.sub_(shift).exp_().t()  # in place: one (B_local x K) float32 buffer in all
     if n_samples is None:
         n_samples = logits.shape[0] * get_world_size(group)
     if torch.is_tensor(n_samples):
@@ -94,10 +93,13 @@ def softmax_center(teacher_output: torch.Tensor, center: torch.Tensor, teacher_t
     """``softmax((z - c) / T)`` over the last dim, in float32.
 
     ``center`` has shape (1, ..., 1, K); it is broadcast as a K-vector so the output keeps the
-    shape of ``teacher_output``.
+    shape of ``teacher_output``. Computed in place in a single float32 buffer of that shape (the
+    softmax as ``exp(x - max) / sum``), so the teacher targets cost one (rows x K) float32 tensor.
     """
-    shifted = teacher_output.float() - center.float().reshape(center.shape[-1])
-    return F.softmax(shifted / teacher_temp, dim=-1)
+    probs = teacher_output.to(torch.float32, copy=True)
+    probs.sub_(center.reshape(center.shape[-1]).float()).div_(teacher_temp)
+    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+    return probs.div_(probs.sum(dim=-1, keepdim=True))
 
 
 class CenterEMA:

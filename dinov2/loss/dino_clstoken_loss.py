@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dinov2.loss.centering import CenteredTeacherLoss, sinkhorn_knopp
+from dinov2.ops.cross_entropy import soft_cross_entropy
+
+
+def _teacher_sum(teachers) -> torch.Tensor:
+    """``sum_j t_j``: the tensor itself for one teacher, else one float32 accumulator (no temporaries)."""
+    if not teachers:
+        raise ValueError("DINOLoss needs at least one teacher target")
+    if len(teachers) == 1:
+        return teachers[0]
+    total = teachers[0].to(torch.float32, copy=True)
+    for teacher in teachers[1:]:
+        total.add_(teacher)
+    return total
 
 
 class DINOLoss(CenteredTeacherLoss):
@@ -35,11 +47,13 @@ class DINOLoss(CenteredTeacherLoss):
         """Sum over (student, teacher) pairs of the batch-mean cross-entropy.
 
         The teacher sum is taken once: ``sum_j mean_b(t_j . lsm_i) == mean_b((sum_j t_j) . lsm_i)``,
-        which costs O(S + T) instead of O(S * T) products.
+        which costs O(S + T) instead of O(S * T) products. The cross-entropy is
+        :func:`dinov2.ops.cross_entropy.soft_cross_entropy` (chunked over rows, computed in float32,
+        exact for teacher rows summing to the number of teacher crops); it keeps no float32 copy of
+        the student logits for backward.
         """
-        teacher_sum = sum(t.float() for t in teacher_out_softmaxed_centered_list)
+        teacher_sum = _teacher_sum(list(teacher_out_softmaxed_centered_list))
         total = 0
         for student_output in student_output_list:
-            lsm = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
-            total = total - (teacher_sum * lsm).sum(dim=-1).mean()
+            total = total + soft_cross_entropy(student_output, teacher_sum, self.student_temp).mean()
         return total

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dinov2.distributed import all_reduce
 from dinov2.loss.centering import CenteredTeacherLoss, sinkhorn_knopp
+from dinov2.ops.cross_entropy import soft_cross_entropy
 
 
 def _token_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
-    """``sum_k t[..., k] * log_softmax(s / temp)[..., k]`` (float32); shape of the inputs minus the last dim."""
-    lsm = F.log_softmax(student.float() / temp, dim=-1)
-    return (teacher.float() * lsm).sum(dim=-1)
+    """``sum_k t[..., k] * log_softmax(s / temp)[..., k]`` (float32); shape of the inputs minus the last dim.
+
+    The negated :func:`dinov2.ops.cross_entropy.soft_cross_entropy` (chunked, no float32 copy of the
+    logits kept for backward)."""
+    return -soft_cross_entropy(student, teacher, temp)
 
 
 class iBOTPatchLoss(CenteredTeacherLoss):
