@@ -11,23 +11,45 @@ from torch.utils.data import DataLoader
 
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
+from dinov2.data.gpu_augmentation import GPUMultiCrop, MultiCropParams, collate_multicrop_params
 from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.seeding import PositionedSampler, SeededSamples, batch_random
+from dinov2.utils.config import select
 
 
-def build_augmentation(crops: Any) -> DataAugmentationDINO:
-    """Multi-crop augmentation from the config's ``crops`` section."""
-    return DataAugmentationDINO(
-        crops.global_crops_scale,
-        crops.local_crops_scale,
-        crops.local_crops_number,
+def _crop_settings(crops: Any) -> dict[str, Any]:
+    return dict(
+        global_crops_scale=crops.global_crops_scale,
+        local_crops_scale=crops.local_crops_scale,
+        local_crops_number=crops.local_crops_number,
         global_crops_size=crops.global_crops_size,
         local_crops_size=crops.local_crops_size,
         global_crops_1_blur_prob=crops.global_crops_1_blur_prob,
         global_crops_2_blur_prob=crops.global_crops_2_blur_prob,
         local_crops_blur_prob=crops.local_crops_blur_prob,
     )
+
+
+def build_augmentation(crops: Any) -> DataAugmentationDINO:
+    """Multi-crop augmentation from the config's ``crops`` section."""
+    return DataAugmentationDINO(**_crop_settings(crops))
+
+
+def gpu_augmentation_enabled(cfg: Any) -> bool:
+    """``train.gpu_augmentation``: workers decode and draw parameters, the device renders the crops."""
+    return bool(select(cfg, "train.gpu_augmentation", False))
+
+
+def build_params_transform(crops: Any) -> MultiCropParams:
+    """The dataset transform of the GPU-augmentation mode: the same draws as :func:`build_augmentation`."""
+    return MultiCropParams(**_crop_settings(crops))
+
+
+def build_gpu_augmentation(cfg: Any, dtype: torch.dtype = torch.float32) -> GPUMultiCrop:
+    """Applies to a batch of the GPU-augmentation loader once on the device (see ``Trainer.step``):
+    ``gpu_augment(batch_to_device(batch, device))`` has the keys of the CPU path's batches."""
+    return GPUMultiCrop(cfg.crops.global_crops_size, cfg.crops.local_crops_size, dtype=dtype)
 
 
 def collate_training_batch(samples: list[tuple], seed: int = 0, **collate_kwargs) -> dict[str, Any]:
@@ -55,9 +77,18 @@ def build_collate(cfg: Any, dtype: torch.dtype = torch.float32) -> partial:
     )
 
 
+def build_gpu_collate(cfg: Any) -> partial:
+    """The collate of the GPU-augmentation mode: padded uint8 images, crop parameters, and the iBOT
+    masks of :func:`build_collate` (identical for the same batch)."""
+    return partial(collate_multicrop_params, mask_collate=build_collate(cfg))
+
+
 def build_train_dataset(cfg: Any):
-    """The dataset named by ``train.dataset_path``, with the multi-crop augmentation as its transform."""
-    return make_dataset(str(cfg.train.dataset_path), transform=build_augmentation(cfg.crops), target_transform=None)
+    """The dataset named by ``train.dataset_path``, with the multi-crop augmentation as its transform
+    (with ``train.gpu_augmentation``, :class:`MultiCropParams`)."""
+    gpu = gpu_augmentation_enabled(cfg)
+    transform = build_params_transform(cfg.crops) if gpu else build_augmentation(cfg.crops)
+    return make_dataset(str(cfg.train.dataset_path), transform=transform, target_transform=None)
 
 
 def build_train_loader(cfg: Any, dataset, samples_consumed: int = 0) -> DataLoader:
@@ -74,5 +105,5 @@ def build_train_loader(cfg: Any, dataset, samples_consumed: int = 0) -> DataLoad
         sampler=sampler,
         seed=cfg.train.seed,
         drop_last=True,
-        collate_fn=build_collate(cfg),
+        collate_fn=build_gpu_collate(cfg) if gpu_augmentation_enabled(cfg) else build_collate(cfg),
     )

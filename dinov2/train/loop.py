@@ -28,7 +28,7 @@ from dinov2.checkpoint import (
 )
 from dinov2.distributed.grads import clip_grad_norm_
 from dinov2.distributed.parallelize import any_fp16, module_policy, use_mixed_precision
-from dinov2.train.data import build_train_dataset, build_train_loader
+from dinov2.train.data import build_gpu_augmentation, build_train_dataset, build_train_loader, gpu_augmentation_enabled
 from dinov2.train.param_groups import build_optimizer_param_groups
 from dinov2.train.schedules import apply_optim_scheduler, build_schedulers
 from dinov2.utils.device import autocast, resolve_autocast_dtype, seed_everything
@@ -120,6 +120,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.output_dir, enabled=distributed.is_main_process())
         self.online_knn = _online_knn(cfg)  # None when evaluation.knn names no datasets
         self.skipped_images = 0
+        self.gpu_augment = build_gpu_augmentation(cfg) if gpu_augmentation_enabled(cfg) else None
         self._rng_state: dict | None = None
         self._reseed_on_start = False
 
@@ -200,9 +201,11 @@ class Trainer:
             start = time.perf_counter()
             batch = next(data_iter)
             timing["data_time"] += time.perf_counter() - start
-            timing["images"] += len(batch["collated_global_crops"]) // 2
             self.skipped_images += int(batch.pop("skipped_images", 0))
             batch = batch_to_device(batch, self.device)
+            if self.gpu_augment is not None:  # train.gpu_augmentation: crops rendered on the device
+                batch = self.gpu_augment(batch)
+            timing["images"] += len(batch["collated_global_crops"]) // 2
             with autocast(self.device, self.autocast_dtype):
                 losses = self.model(batch, teacher_temp=scheduled["teacher_temp"], accumulate=micro > 0)
             check_finite(losses, self.iteration + 1, self.last_checkpoint)
