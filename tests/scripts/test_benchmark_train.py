@@ -1,0 +1,125 @@
+"""scripts/benchmark_train.py on CPU: quickstart, tiny batch, one warm-up and one timed iteration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinov2.utils.config import load_config
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_train.py"
+BATCH = 4
+DROP_PATH = 0.4
+SHAPE = ["student.depth=2", f"student.drop_path_rate={DROP_PATH}"]  # few ops: FlopCounterMode costs per op
+FAST = ["--batch-size", str(BATCH), "--warmup", "1", "--iters", "1", "--device", "cpu", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step_report(bench, tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench") / "step.json"
+    argv = [*FAST, "--num-batches", "1", "--backends", "math", "sdpa", *SHAPE]
+    bench.main([*argv, "--output", str(output)])
+    return json.loads(output.read_text())
+
+
+def _mlp_flops(widths: list[int], rows: float) -> float:
+    return 2.0 * rows * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def estimated_step_flops(drop_path: float) -> float:
+    """Matmul FLOPs of one quickstart step by hand: 2 per multiply-add, backward = 2x forward.
+
+    Teacher: backbone on the global crops and heads, forward only. Student: backbone on global +
+    local crops, DINO head on every CLS token, iBOT head on the masked patches, forward + backward;
+    with a drop rate above 0.1 each block's branches run on int(n * (1 - rate)) of n crops."""
+    cfg = load_config("quickstart", SHAPE)
+    dim, depth, patch = cfg.student.embed_dim, cfg.student.depth, cfg.student.patch_size
+    n_global, n_local = 2 * BATCH, cfg.crops.local_crops_number * BATCH
+    global_grid, local_grid = (cfg.crops.global_crops_size // patch) ** 2, (cfg.crops.local_crops_size // patch) ** 2
+
+    def backbone(crops: int, grid: int, rate: float) -> float:
+        tokens = grid + 1
+        kept = int(crops * (1 - rate)) if rate > 0.1 else crops
+        per_crop_block = 2 * 12 * dim * dim * tokens + 4 * tokens * tokens * dim  # qkv, proj, MLP; QK^T, AV
+        return depth * kept * per_crop_block + 2 * crops * grid * 3 * patch * patch * dim  # + patch embedding
+
+    def head(section, rows: float) -> float:
+        hidden, bottleneck = section.head_hidden_dim, section.head_bottleneck_dim
+        widths = [dim] + [hidden] * (section.head_nlayers - 1) + [bottleneck, section.head_n_prototypes]
+        return _mlp_flops(widths, rows)
+
+    masked_crops = int(n_global * cfg.ibot.mask_sample_probability)
+    masked_patches = masked_crops * global_grid * sum(cfg.ibot.mask_ratio_min_max) / 2  # the mean ratio
+    teacher = backbone(n_global, global_grid, 0.0) + head(cfg.dino, n_global) + head(cfg.ibot, masked_patches)
+    student = backbone(n_global, global_grid, drop_path) + backbone(n_local, local_grid, drop_path)
+    student += head(cfg.dino, n_global + n_local) + head(cfg.ibot, masked_patches)
+    return teacher + 3 * student
+
+
+def test_step_rows_times_and_flops(step_report):
+    rows = step_report["rows"]
+    assert [r["backend"] for r in rows] == ["math", "sdpa"]  # one row per combination
+    assert "FlopCounterMode" in step_report["flops_note"] and step_report["git_commit"]
+    for row in rows:
+        assert row["compile"] == "false" and row["activation_checkpointing"] == "off" and row["dtype"] == "fp32"
+        assert row["batch_size"] == BATCH and len(row["times_s"]) == 1
+        assert 0 < row["s_iter_best"] <= row["s_iter_median"] and row["img_s"] > 0 and row["peak_mem_mib"] > 0
+        assert row["mfu"] is None and row["mfu_nominal"] is None  # no CPU peak without --peak-tflops
+        assert row["achieved_tflops"] > 0 and torch.isfinite(torch.tensor(row["loss_last"]))
+        nominal, executed = estimated_step_flops(0.0), estimated_step_flops(DROP_PATH)
+        assert 0.5 < row["nominal_flops"] / nominal < 2.0, (row["nominal_flops"], nominal)
+        assert 0.5 < row["executed_flops"] / executed < 2.0, (row["executed_flops"], executed)
+        # Stochastic depth at 0.4 skips dropped samples' compute: executed well below nominal.
+        assert row["executed_flops"] < 0.9 * row["nominal_flops"]
+        assert row["executed_flops"] / row["nominal_flops"] == pytest.approx(executed / nominal, abs=0.1)
+
+
+def test_data_mode_rows(bench, tmp_path):
+    output = tmp_path / "data.json"
+    bench.main(["--mode", "data", *FAST, "--num-workers", "0", "1", "--output", str(output)])
+    rows = json.loads(output.read_text())["rows"]
+    assert [r["num_workers"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["batches"] == 1 and row["seconds"] > 0 and row["img_s"] > 0 and not row["gpu_augmentation"]
+
+
+def test_data_mode_with_gpu_augmentation(bench, tmp_path):
+    if importlib.util.find_spec("dinov2.data.gpu_augmentation") is None:
+        pytest.skip("no GPU augmentation path in this tree")
+    output = tmp_path / "gpu_aug.json"
+    argv = ["--mode", "data", *FAST, "--num-workers", "0", "train.gpu_augmentation=true", "--output", str(output)]
+    bench.main(argv)
+    (row,) = json.loads(output.read_text())["rows"]
+    assert row["gpu_augmentation"] and row["img_s"] > 0
+
+
+def test_gpu_augmentation_that_cannot_be_imported_fails_clearly(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "GPU_AUGMENTATION_MODULES", ("dinov2.no_such_module",))
+    with pytest.raises(SystemExit, match="build_gpu_augmentation cannot be imported"):
+        bench.main(["--mode", "data", *FAST, "train.gpu_augmentation=true", "--output", str(tmp_path / "x.json")])
+
+
+def test_device_peak_table(bench, monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for name, expected in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert bench.device_peak(cuda, "bf16", True, None)[0] == expected
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    assert bench.device_peak(cuda, "fp16", True, None)[0] == 312.0
+    assert bench.device_peak(cuda, "fp32", True, None)[0] == 156.0  # TF32 tensor cores
+    assert bench.device_peak(cuda, "fp32", False, None)[0] == 19.5
+    assert bench.device_peak(torch.device("cpu"), "fp32", False, None)[0] is None
+    assert bench.device_peak(torch.device("cpu"), "fp32", False, 2.5)[0] == 2.5
+    assert bench.cell("mfu", None) == "n/a"
