@@ -15,13 +15,7 @@ Example (the CPU figures in docs/performance.md):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +23,7 @@ import torch
 
 from dinov2.models.vision_transformer import ARCHS
 from dinov2.ops import nested_attention, xformers_available
+from dinov2.utils.benchmark import environment, write_report
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("forward", "forward_backward")
@@ -124,35 +119,10 @@ def print_row(row: dict, header: bool) -> None:
     print(" | ".join(cells))
 
 
-def environment(args: argparse.Namespace) -> dict:
-    if args.device.type == "cuda":
-        device = torch.cuda.get_device_name(args.device)
-    else:
-        device = platform.processor() or platform.machine()
-        try:
-            lines = Path("/proc/cpuinfo").read_text().splitlines()
-            device = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {
-        "device": device,
-        "torch": torch.__version__,
-        "num_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "commit": commit,
-        "command": shlex.join([sys.executable, *sys.argv]),
-    }
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     rows = run(args)
-    args.output.write_text(json.dumps({"environment": environment(args), "rows": rows}, indent=2))
-    print(f"wrote {args.output}")
+    write_report(args.output, {"environment": environment(args.device), "rows": rows})
     return rows
 
 

@@ -34,6 +34,7 @@ import torch
 
 from dinov2.models.vision_transformer import ARCHS
 from dinov2.ops import xformers_available
+from dinov2.utils.benchmark import device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("math", "sdpa", "xformers", "auto")
@@ -293,7 +294,7 @@ def print_row(row: dict, header: bool) -> None:
 def environment(args: argparse.Namespace) -> dict:
     cuda = args.device.type == "cuda"
     return {
-        "device": torch.cuda.get_device_name(args.device) if cuda else cpu_name(),
+        "device": device_name(args.device),
         "torch": torch.__version__,
         "transformers": transformers_version(),
         "python": platform.python_version(),
@@ -302,14 +303,6 @@ def environment(args: argparse.Namespace) -> dict:
         "command": shlex.join([sys.executable, *sys.argv]),
         "peak_mem_note": "torch.cuda.max_memory_allocated per iteration" if cuda else CPU_MEM_NOTE,
     }
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return platform.processor() or "cpu"
 
 
 def transformers_version() -> str | None:

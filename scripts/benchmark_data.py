@@ -21,7 +21,6 @@ Example (the figures quoted in docs/performance.md):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -41,6 +40,7 @@ from PIL import Image
 from dinov2.data.datasets.synthetic import Synthetic
 from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.data.samplers import InfiniteSampler
+from dinov2.utils.benchmark import cpu_name
 
 GLOBAL_SCALE, LOCAL_SCALE, LOCAL_NUMBER = (0.32, 1.0), (0.05, 0.32), 8
 GLOBAL_SIZE, LOCAL_SIZE, PATCH = 224, 96, 14
@@ -207,14 +207,8 @@ def print_table(rows: list[dict], columns: tuple[str, ...]) -> None:
 
 
 def environment(args: argparse.Namespace) -> dict:
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "device": f"{cpu} ({os.cpu_count()} logical cores visible)",
+        "device": f"{cpu_name()} ({os.cpu_count()} logical cores visible)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "main_process_threads": torch.get_num_threads(),

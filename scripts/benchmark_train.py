@@ -23,15 +23,12 @@ the device and through ``build_gpu_augmentation(cfg)`` (as ``Trainer.step`` does
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import importlib
-import json
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +44,7 @@ from dinov2.ops.attention import BACKENDS, resolve_backend
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.loop import Trainer, batch_to_device, peak_memory_mb
 from dinov2.train.train import build_model, setup_config
+from dinov2.utils.benchmark import device_name, git_commit, write_report
 from dinov2.utils.config import load_config, load_default_config, select
 from dinov2.utils.device import enable_tf32, resolve_device, seed_everything
 
@@ -211,8 +209,10 @@ def count_flops(cfg, device: torch.device, batches: list[dict], output_dir: str)
 
 
 def step_flops(base, backend: str, ctx: dict) -> dict:
-    """Executed and nominal FLOPs for ``backend`` (cached; xFormers is counted as sdpa)."""
-    counted = "sdpa" if resolve_backend(backend, ctx["device"]) == "xformers" else backend
+    """Executed and nominal FLOPs for ``backend`` (cached; xFormers and varlen are counted as sdpa)."""
+    # FlopCounterMode sees neither the xFormers kernel nor SDPA on jagged tensors; both compute the
+    # attention of the per-group sdpa path (the same block-diagonal products), so they reuse its count.
+    counted = "sdpa" if resolve_backend(backend, ctx["device"], nested=True) in ("xformers", "varlen") else backend
     if counted not in ctx["flops"]:
         executed = row_config(base, counted, "false", "off")
         nominal = row_config(base, counted, "false", "off", drop_path=0.0)
@@ -366,25 +366,10 @@ def print_row(row: dict, columns: tuple, header: bool) -> None:
     print(" | ".join(f"{cell(key, row[key]):>{w}}" for (key, _), w in zip(columns, widths)), flush=True)
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return platform.processor() or "cpu"
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, check=True)
-        return out.stdout.decode().strip()
-    return None
-
-
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     report = {"mode": args.mode, "config": args.config, "overrides": list(args.opts)}
-    report |= {"device": torch.cuda.get_device_name(device) if cuda else cpu_name(), "torch": torch.__version__}
+    report |= {"device": device_name(device), "torch": torch.__version__}
     report |= {"python": platform.python_version(), "num_threads": torch.get_num_threads(), "git_commit": git_commit()}
     report["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     report["command"] = shlex.join([sys.executable, str(Path(__file__).relative_to(REPO)), *args.argv])
@@ -407,9 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         report["rows"], extra = bench_data(base, args, device)
         report |= extra
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
     return report
 
 

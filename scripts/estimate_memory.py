@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import time
@@ -42,6 +41,7 @@ from dinov2.distributed.parallelize import apply_activation_checkpointing, modul
 from dinov2.layers.block import SUBSET_DROP_PATH_THRESHOLD
 from dinov2.ops.residual import sample_keep_subset
 from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
+from dinov2.utils.benchmark import cpu_name, write_report
 from dinov2.utils.config import load_config
 
 DEFAULT_CONFIGS = ("vits14_1gpu", "vitb14_1gpu", "vitl14", "vitg14")
@@ -403,16 +403,6 @@ def format_table(entries: list[dict], worlds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    """``model name (family F model M)`` from /proc/cpuinfo, else what ``platform`` knows."""
-    path = Path("/proc/cpuinfo")
-    lines = path.read_text().splitlines() if path.exists() else []
-    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines) if v}
-    if "model name" not in info:
-        return platform.processor() or platform.machine()
-    return f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="names under configs/train/ or paths")
@@ -444,9 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": time.perf_counter() - start,
         "recipes": entries,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output} ({report['seconds']:.0f} s)")
+    write_report(args.output, report)
     return report
 
 

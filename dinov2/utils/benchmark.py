@@ -1,0 +1,62 @@
+"""What every benchmark script under scripts/ records beside its figures: the device, the software,
+the commit, the date and the command, and where the JSON report goes."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cpu_name() -> str:
+    """``model name`` from /proc/cpuinfo, else what :mod:`platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str | None:
+    """Short hash of the checkout's HEAD (None outside a git checkout), whatever the working directory."""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, check=True)
+        return out.stdout.decode().strip() or None
+    return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device, software versions, thread count, commit, date and command line of this run."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "num_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write the JSON report (folders created) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
