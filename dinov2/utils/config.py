@@ -57,19 +57,24 @@ def resolve_config_path(name: str | Path, kinds: Sequence[str] = CONFIG_KINDS) -
     raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a shipped config; shipped: {known}")
 
 
+def _child(node: Any, key: Any) -> Any:
+    """``node[key]``, or None for a required value not given yet (``???``), which cannot be read."""
+    return None if isinstance(node, DictConfig) and OmegaConf.is_missing(node, key) else node[key]
+
+
 def _dotted_keys(node: Any, prefix: str = "") -> Iterator[str]:
     if isinstance(node, Mapping | DictConfig):
         for key in node:
             path = f"{prefix}.{key}" if prefix else str(key)
             yield path
-            yield from _dotted_keys(node[key], path)
+            yield from _dotted_keys(_child(node, key), path)
 
 
 def _leaf_keys(node: Any, prefix: str) -> list[str]:
     """Dotted paths of the non-mapping values under ``node`` (``[prefix]`` for a value or empty mapping)."""
     if not isinstance(node, Mapping | DictConfig) or not node:
         return [prefix]
-    return [leaf for key in node for leaf in _leaf_keys(node[key], f"{prefix}.{key}")]
+    return [leaf for key in node for leaf in _leaf_keys(_child(node, key), f"{prefix}.{key}")]
 
 
 def unknown_keys(cfg: Any, schema: Any) -> list[str]:
@@ -79,10 +84,12 @@ def unknown_keys(cfg: Any, schema: Any) -> list[str]:
     def walk(node: Any, ref: Any, prefix: str) -> None:
         for key in node:
             path = f"{prefix}.{key}" if prefix else str(key)
-            if not isinstance(ref, Mapping | DictConfig) or key not in ref:
-                problems.extend(_leaf_keys(node[key], path))
-            elif isinstance(node[key], Mapping | DictConfig) and isinstance(ref[key], Mapping | DictConfig):
-                walk(node[key], ref[key], path)
+            if not isinstance(ref, Mapping | DictConfig) or key not in ref.keys():
+                problems.extend(_leaf_keys(_child(node, key), path))
+                continue
+            value, ref_value = _child(node, key), _child(ref, key)
+            if isinstance(value, Mapping | DictConfig) and isinstance(ref_value, Mapping | DictConfig):
+                walk(value, ref_value, path)
 
     walk(cfg, schema, "")
     return problems
@@ -112,7 +119,8 @@ def parse_overrides(opts: Sequence[str]) -> DictConfig:
 
 def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """The default config <- ``config`` (name or path; None for the default alone) <- ``overrides``,
-    each layer checked against the default config's keys."""
+    each layer checked against the default config's keys. ``???`` in a layer marks a key required
+    (see :func:`required_keys`)."""
     cfg = load_default_config()
     layers = []
     if config:
@@ -123,7 +131,22 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
     for layer, source in layers:
         check_against_schema(layer, cfg, source)
         cfg = OmegaConf.merge(cfg, layer)
+        for key in required_keys(layer):  # merging ``???`` keeps the old value; a config means "required"
+            OmegaConf.update(cfg, key, "???", merge=False)
     return cfg
+
+
+def required_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???`` (OmegaConf's mandatory value): a config that sets one
+    requires a later layer (an override) to give it; reading it before raises naming the key."""
+    found = []
+    for key in node:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(node, key):
+            found.append(path)
+        elif isinstance(node[key], DictConfig):
+            found.extend(required_keys(node[key], path))
+    return found
 
 
 _REQUIRED = object()
