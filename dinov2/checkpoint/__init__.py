@@ -7,6 +7,7 @@ from dinov2.checkpoint.adapters import (
     check_state_dict,
     convert_weight_norm_keys,
     load_backbone_state_dict,
+    load_module_state_dict,
 )
 from dinov2.checkpoint.io import load_weights_file
 from dinov2.checkpoint.sharded import find_latest_checkpoint, load_checkpoint, save_checkpoint

@@ -7,17 +7,21 @@ Our backbones use the published DINOv2 key names. Other layouts in circulation:
 - ``backbone.`` prefixes next to ``dino_head.`` / ``ibot_head.`` keys;
 - wrapper name segments: ``module.`` (DistributedDataParallel), ``_orig_mod.`` (torch.compile),
   ``_fsdp_wrapped_module.`` / ``_checkpoint_wrapped_module.`` (FSDP1, activation checkpointing);
-- block-chunked keys ``blocks.{chunk}.{index}.`` from FSDP-era training (``block_chunks > 0``).
+- block-chunked keys ``blocks.{chunk}.{index}.`` from FSDP-era training (``block_chunks > 0``);
+- a ``pos_embed`` stored for another image size (e.g. a 16 x 16 grid at 224 px into a 518 px model
+  with 37 x 37): resampled to the model's grid with the model's own bicubic convention, and logged.
 
 :func:`adapt_backbone_state_dict` normalises any of these to flat ``blocks.{index}.`` keys, then
-re-chunks them if the target model is chunked. :func:`load_backbone_state_dict` loads the result
-and raises :class:`StateDictMismatchError` listing every missing, unexpected or mis-shaped key:
-nothing is dropped silently. Keys outside the backbone (heads) are only ever set aside when the
+re-chunks them if the target model is chunked and resamples ``pos_embed`` to its grid.
+:func:`load_backbone_state_dict` loads the result and raises :class:`StateDictMismatchError`
+listing every missing, unexpected or mis-shaped key: nothing is dropped silently. Keys outside the backbone (heads) are only ever set aside when the
 checkpoint marks the backbone explicitly with a ``backbone.`` prefix, and the report lists them.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ import torch
 from torch import nn
 
 from dinov2.distributed import is_sharded
+
+logger = logging.getLogger("dinov2")
 
 CONTAINER_KEYS = ("teacher", "model", "state_dict", "student")
 # Name segments that wrappers insert anywhere in a key (DDP, torch.compile, FSDP1, checkpointing).
@@ -65,6 +71,7 @@ class AdaptReport:
     set_aside: list[str] = field(default_factory=list)
     unchunked: bool = False
     rechunked: bool = False
+    pos_embed_grid: tuple[int, int] | None = None  # (checkpoint's, model's) grid side when resampled
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -152,7 +159,41 @@ def adapt_backbone_state_dict(
     if size:
         state = _chunk(state, size)
         report.rechunked = True
+    if model is not None:
+        _fit_pos_embed(state, model, report)
     return state, report
+
+
+def _grid_side(tokens: int) -> int | None:
+    side = math.isqrt(max(tokens, 0))
+    return side if side > 0 and side * side == tokens else None
+
+
+def _fit_pos_embed(state: dict, model: nn.Module, report: AdaptReport) -> None:
+    """Resample ``state["pos_embed"]`` in place to ``model``'s position grid when only the grid
+    differs: same width, same patch embedding (a grid that differs because the patch size does is
+    left for the strict check to report), square grids on both sides."""
+    from dinov2.models.vision_transformer import resample_pos_embed
+
+    target = getattr(model, "pos_embed", None)
+    source = state.get("pos_embed")
+    if not isinstance(target, torch.Tensor) or source is None or source.shape == target.shape:
+        return
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    stored_proj = state.get("patch_embed.proj.weight")
+    if proj is None or stored_proj is None or stored_proj.shape != proj.weight.shape:
+        return
+    prefix = int(getattr(model, "num_tokens", 1))
+    old, new = _grid_side(source.shape[1] - prefix), _grid_side(target.shape[1] - prefix)
+    if old is None or new is None or source.ndim != 3 or (source.shape[0], source.shape[2]) != (1, target.shape[2]):
+        return
+    offset, antialias = float(model.interpolate_offset), bool(model.interpolate_antialias)
+    state["pos_embed"] = resample_pos_embed(source, prefix, (new, new), offset, antialias).to(source.dtype)
+    report.pos_embed_grid = (old, new)
+    logger.info(
+        "pos_embed resampled from a %dx%d to a %dx%d patch grid (bicubic, interpolate_offset %g, antialias %s)",
+        old, old, new, new, offset, antialias,
+    )  # fmt: skip
 
 
 # The original heads used the deprecated torch.nn.utils.weight_norm; ours use parametrizations.
@@ -192,11 +233,17 @@ def load_backbone_state_dict(
 ) -> AdaptReport:
     """Adapt ``checkpoint`` to ``model`` and load it strictly. Returns what was adapted."""
     state, report = adapt_backbone_state_dict(checkpoint, model, branch=branch)
-    check_state_dict(model, state, source)
-    if is_sharded(model):  # FSDP2: each rank keeps its shard
+    load_module_state_dict(model, state, source)
+    return report
+
+
+def load_module_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "") -> None:
+    """Load whole tensors into ``module`` strictly (:func:`check_state_dict` first), plain or
+    FSDP2-sharded (each rank keeps its shard of every tensor)."""
+    check_state_dict(module, state, source)
+    if is_sharded(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+        set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
     else:
-        model.load_state_dict(state, strict=True)
-    return report
+        module.load_state_dict(state, strict=True)

@@ -24,6 +24,34 @@ FFN_LAYERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def resample_pos_embed(
+    pos_embed: torch.Tensor, num_prefix: int, grid: tuple[int, int], offset: float = 0.1, antialias: bool = False
+) -> torch.Tensor:
+    """``pos_embed`` (1, num_prefix + side * side, D) with its square patch grid resampled to
+    ``grid`` = (rows, columns): (1, num_prefix + rows * columns, D) in float32; the ``num_prefix``
+    leading (CLS) positions are kept. Bicubic; with ``offset`` the target is given as the scale
+    factor ``(grid + offset) / side`` (the released models' convention), with offset 0 as the size.
+    The model's forward (:meth:`DinoVisionTransformer.interpolate_pos_encoding`) and the checkpoint
+    adapters (:mod:`dinov2.checkpoint.adapters`) both resample through this function."""
+    stored = pos_embed.shape[1] - num_prefix
+    side = math.isqrt(stored)
+    if side * side != stored:
+        raise ValueError(f"position embeddings hold {stored} patch positions, not a square grid")
+    grid_h, grid_w = grid
+    pos_embed = pos_embed.float()
+    prefix, patch_pos = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if offset:
+        size_kwargs = {"scale_factor": ((grid_h + offset) / side, (grid_w + offset) / side)}
+    else:
+        size_kwargs = {"size": (grid_h, grid_w)}
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=antialias, **size_kwargs)
+    if tuple(patch_pos.shape[-2:]) != (grid_h, grid_w):
+        raise RuntimeError(f"position interpolation produced {tuple(patch_pos.shape[-2:])}, not {(grid_h, grid_w)}")
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+    return torch.cat((prefix, patch_pos), dim=1)
+
+
 class BlockChunk(nn.ModuleList):
     """A run of consecutive blocks, padded in front with ``nn.Identity`` so that parameter keys
     read ``blocks.{chunk}.{global_index}.`` as in the original's FSDP-wrapped checkpoints."""
@@ -167,30 +195,17 @@ class DinoVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ tokens
     def interpolate_pos_encoding(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Position embeddings (CLS + patch grid) for an image of ``height`` x ``width`` pixels.
-
-        The stored square grid is resampled bicubically in float32. With ``interpolate_offset``
-        the target is given as a scale factor ``(grid + offset) / stored_grid`` (the released
-        models' convention); with offset 0 it is given as the output size.
-        """
-        stored = self.pos_embed.shape[1] - self.num_tokens
-        side = int(math.isqrt(stored))
+        """Position embeddings (CLS + patch grid) for an image of ``height`` x ``width`` pixels:
+        the stored grid as is when it fits, else :func:`resample_pos_embed` with this model's
+        ``interpolate_offset`` and ``interpolate_antialias``."""
+        side = math.isqrt(self.pos_embed.shape[1] - self.num_tokens)
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         if (grid_h, grid_w) == (side, side):
             return self.pos_embed.to(x.dtype)
-        pos_embed = self.pos_embed.float()
-        class_pos, patch_pos = pos_embed[:, : self.num_tokens], pos_embed[:, self.num_tokens :]
-        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        if self.interpolate_offset:
-            scale = ((grid_h + self.interpolate_offset) / side, (grid_w + self.interpolate_offset) / side)
-            size_kwargs = {"scale_factor": scale}
-        else:
-            size_kwargs = {"size": (grid_h, grid_w)}
-        patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **size_kwargs)
-        if tuple(patch_pos.shape[-2:]) != (grid_h, grid_w):
-            raise RuntimeError(f"position interpolation produced {tuple(patch_pos.shape[-2:])}, not {(grid_h, grid_w)}")
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
-        return torch.cat((class_pos, patch_pos), dim=1).to(x.dtype)
+        pos_embed = resample_pos_embed(
+            self.pos_embed, self.num_tokens, (grid_h, grid_w), self.interpolate_offset, self.interpolate_antialias
+        )
+        return pos_embed.to(x.dtype)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens (masked ones replaced by ``mask_token``), CLS, positions, then registers."""

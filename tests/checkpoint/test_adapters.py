@@ -73,14 +73,15 @@ def test_missing_unexpected_and_shape_errors_name_the_keys():
     state = dict(_vit().state_dict())
     del state["blocks.2.ls1.gamma"]
     state["blocks.2.attn.qkv.weight_extra"] = torch.zeros(1)
-    state["pos_embed"] = torch.zeros(1, 10, 32)  # the model (16 px, patch 8) has 1 + 2*2 positions
+    # the model (16 px, patch 8) has 1 + 2*2 positions; 1 + 10 is no square grid, so it cannot be resampled
+    state["pos_embed"] = torch.zeros(1, 11, 32)
     with pytest.raises(StateDictMismatchError) as info:
         load_backbone_state_dict(target, state, source="ckpt.pth")
     message = str(info.value)
     assert "ckpt.pth" in message
     assert "missing keys: blocks.2.ls1.gamma" in message
     assert "unexpected keys: blocks.2.attn.qkv.weight_extra" in message
-    assert "shape mismatch keys: pos_embed (1, 10, 32) vs model (1, 5, 32)" in message
+    assert "shape mismatch keys: pos_embed (1, 11, 32) vs model (1, 5, 32)" in message
     assert info.value.missing == ["blocks.2.ls1.gamma"]
 
 
