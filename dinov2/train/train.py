@@ -84,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = setup_config(args, cfg)  # the lr depends on the world size, known once the group exists
     output_dir = Path(cfg.train.output_dir)
     setup_logging(output_dir, rank=distributed.get_rank())
+    from dinov2.train.init_from import load_init_source, resolve_init_source
+
+    # train.init_from: a new run from another run's weights (None when resuming from this run's own);
+    # checked before anything is written, so that a wrong value leaves the output directory alone
+    init_source = resolve_init_source(cfg, output_dir / "checkpoints", resume=args.eval_only or not args.no_resume)
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
@@ -99,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     seed_everything(int(cfg.train.seed))  # the same seed on every rank: identical initial weights
     model = build_model(cfg, device)
+    if init_source is not None:
+        load_init_source(model, init_source)
     seed_everything(int(cfg.train.seed), distributed.get_rank())  # then per-rank streams (stochastic depth)
     trainer = Trainer(cfg, model, device, output_dir)
     if args.eval_only:

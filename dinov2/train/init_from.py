@@ -1,0 +1,174 @@
+"""``train.init_from``: start a new run from the weights of an earlier one.
+
+This is how the high-resolution phase (configs/train/*_highres518.yaml) starts from a pretraining
+run: the student, the teacher (backbones and heads) and the loss centres are loaded; the optimizer
+state, the schedules, the iteration counter and the data stream start fresh, as in any new run.
+
+``train.init_from`` may name
+
+- a DCP training checkpoint ``step_NNNNNNN/``, a ``checkpoints/`` directory or a run's output
+  directory (its newest checkpoint): every module is read whole (:func:`load_full_tensors`, no
+  process group needed) and loaded into the plain or FSDP2-sharded model;
+- a backbone file (a consolidated ``.pth`` / ``.safetensors``, an exported
+  ``teacher_checkpoint.pth``, released weights; a path or a URL): student = teacher = that backbone,
+  the heads and the loss centres keep their fresh initialisation (logged).
+
+A ``pos_embed`` stored for another image size is resampled to the model's grid by the adapters
+(:mod:`dinov2.checkpoint.adapters`). A run that already has checkpoints in its own output
+directory resumes from them and ignores ``train.init_from``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dinov2.checkpoint import (
+    adapt_backbone_state_dict,
+    find_latest_checkpoint,
+    load_backbone_state_dict,
+    load_module_state_dict,
+    load_weights_file,
+)
+from dinov2.checkpoint.consolidate import resolve_checkpoint
+from dinov2.checkpoint.io import is_url
+from dinov2.checkpoint.sharded import load_full_tensors
+from dinov2.utils.config import ConfigError
+
+logger = logging.getLogger("dinov2")
+
+KEY = "train.init_from"
+BRANCHES = ("student", "teacher")
+LOSSES_WITH_CENTRES = ("dino_loss", "ibot_patch_loss")
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """What ``train.init_from`` resolved to: a training checkpoint directory or a backbone file."""
+
+    location: str
+    kind: str  # "checkpoint" | "backbone"
+
+
+def _required_unset(cfg: Any) -> bool:
+    return isinstance(cfg.train, DictConfig) and OmegaConf.is_missing(cfg.train, "init_from")
+
+
+def _setting(cfg: Any) -> str | None:
+    """The value of ``train.init_from``; raises naming the key when a config requires it (``???``)."""
+    if _required_unset(cfg):
+        raise ConfigError(
+            f"{KEY} is required by this config: pass {KEY}=PATH (a pretraining run's output directory, "
+            "one of its checkpoints/step_N directories, or a backbone weights file)"
+        )
+    value = cfg.train.get("init_from") if hasattr(cfg.train, "get") else getattr(cfg.train, "init_from", None)
+    return str(value) if value not in (None, "") else None
+
+
+def resolve_init_source(cfg: Any, checkpoint_dir: str | Path, resume: bool) -> InitSource | None:
+    """What the new run starts from: None when ``train.init_from`` is null, or when the run resumes
+    from a checkpoint of its own in ``checkpoint_dir`` (then ``train.init_from`` is ignored). Raises
+    naming the key when it is required but not given, or when its path holds nothing to load."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if resume and find_latest_checkpoint(checkpoint_dir) is not None:
+        _refuse_own_checkpoints(cfg, checkpoint_dir)
+        return None
+    value = _setting(cfg)
+    if value is None:
+        return None
+    if is_url(value):
+        return InitSource(value, "backbone")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{KEY}={value!r}: no such file or directory")
+    if path.is_file():
+        return InitSource(str(path), "backbone")
+    try:
+        return InitSource(str(resolve_checkpoint(path)), "checkpoint")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{KEY}={value!r}: {exc}") from exc
+
+
+def _refuse_own_checkpoints(cfg: Any, checkpoint_dir: Path) -> None:
+    """Resuming: ``train.init_from`` is ignored, unless it points at this very run's checkpoints (the
+    usual slip: the high-res phase started without a new ``--output-dir``, which would resume pretraining)."""
+    value = None if _required_unset(cfg) else _setting(cfg)
+    if value is None:
+        return
+    target = Path(value).expanduser()
+    if target.is_dir() and not is_url(value):
+        try:
+            resolved = resolve_checkpoint(target).resolve()
+        except FileNotFoundError:
+            resolved = None
+        if resolved is not None and resolved.is_relative_to(checkpoint_dir.resolve()):
+            raise ValueError(
+                f"{KEY}={value!r} is this run's own checkpoint ({resolved}): a run started from another "
+                "run's weights needs a new --output-dir"
+            )
+    logger.info("%s=%s ignored: resuming from this run's own checkpoints in %s", KEY, value, checkpoint_dir)
+
+
+@torch.no_grad()
+def load_init_source(model: nn.Module, source: InitSource) -> None:
+    """Load ``source`` into the (materialised, initialised, possibly sharded) meta-architecture."""
+    if source.kind == "backbone":
+        _load_backbone_file(model, source.location)
+    elif source.kind == "checkpoint":
+        _load_training_checkpoint(model, Path(source.location))
+    else:
+        raise ValueError(f"unknown init source kind {source.kind!r}")
+
+
+def _read(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_full_tensors(path, prefix)
+    except KeyError as exc:
+        raise KeyError(f"{KEY}: checkpoint {path} holds no {prefix.removeprefix('model.')[:-1]} ({exc})") from exc
+
+
+def _load_training_checkpoint(model: nn.Module, path: Path) -> None:
+    """Each module of both branches and the loss centres, read whole one module at a time."""
+    for branch in BRANCHES:
+        for name, module in getattr(model, branch).items():
+            prefix = f"model.{branch}.{name}."
+            state = _read(path, prefix)
+            if name == "backbone":
+                report = load_backbone_state_dict(module, state, source=f"{path} ({prefix[6:-1]})")
+                if report.pos_embed_grid is not None:
+                    old, new = report.pos_embed_grid
+                    logger.info("%s: %s.backbone pos_embed %dx%d -> %dx%d", KEY, branch, old, old, new, new)
+            else:
+                load_module_state_dict(module, state, source=f"{path} ({prefix[6:-1]})")
+            del state
+    for name in LOSSES_WITH_CENTRES:
+        load_module_state_dict(getattr(model, name), _read(path, f"model.{name}."), source=f"{path} ({name})")
+    logger.info(
+        "%s=%s: student and teacher (backbones and heads) and loss centres loaded; optimizer, schedules, "
+        "iteration counter and data stream start fresh",
+        KEY,
+        path,
+    )
+
+
+def _load_backbone_file(model: nn.Module, location: str) -> None:
+    """student = teacher = the file's backbone (its teacher when it holds both); heads stay fresh."""
+    state, report = adapt_backbone_state_dict(load_weights_file(location), model.student.backbone)
+    for branch in BRANCHES:
+        load_module_state_dict(getattr(model, branch).backbone, state, source=location)
+    heads = [name for name in model.student if name != "backbone"]
+    logger.info(
+        "%s=%s is a backbone file (%s): student and teacher backbones loaded from it; %s and the loss "
+        "centres keep their fresh initialisation (train.seed); optimizer, schedules, iteration counter "
+        "and data stream start fresh",
+        KEY,
+        location,
+        report,
+        " and ".join(heads) if heads else "no heads",
+    )
