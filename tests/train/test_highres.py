@@ -19,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 from dinov2.checkpoint import find_latest_checkpoint, load_backbone_state_dict
 from dinov2.checkpoint.sharded import load_full_tensors, load_trainer_state
 from dinov2.models import DinoVisionTransformer
+from dinov2.train.data import build_collate
 from dinov2.train.init_from import load_init_source, resolve_init_source
 from dinov2.train.schedules import build_schedulers
 from dinov2.train.train import build_model, get_args_parser, main, setup_config
@@ -253,6 +254,10 @@ def test_shipped_highres_configs_compress_the_pretraining_schedules(arch):
     cfg, high = schedules(f"{arch}_highres518")
     assert cfg.crops.global_crops_size == 518 and cfg.crops.local_crops_size == 98
     assert cfg.crops.global_crops_size // cfg.student.patch_size == 37
+    collate = build_collate(cfg)  # the iBOT masks follow the crop size: 37 x 37 patches
+    assert collate.keywords["n_tokens"] == 37 * 37
+    generator = collate.keywords["mask_generator"]
+    assert (generator.height, generator.width) == (37, 37)
     assert len(high.lr) == 10_000 and cfg.optim.base_lr < pre_cfg.optim.base_lr
     assert cfg.train.batch_size_per_gpu == pre_cfg.train.batch_size_per_gpu
     ratio = len(pre.lr) / len(high.lr)  # 62.5: every 250th iteration maps onto a whole one
