@@ -154,10 +154,18 @@ def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- save / load
+def checkpointed_part(model: nn.Module) -> nn.Module:
+    """What a training checkpoint holds of ``model``: ``model.checkpointed()`` where the
+    meta-architecture defines it (distillation leaves out its frozen teacher, which is reloaded from
+    its own file; the keys of what is kept do not change), else the whole model."""
+    select = getattr(model, "checkpointed", None)
+    return select() if callable(select) else model
+
+
 def _model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(checkpointed_part(model), optimizer)
     return {"model": model_state, "optimizer": optimizer_state}
 
 
@@ -230,7 +238,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         dcp.load(state, storage_reader=_safe_reader(path))
     except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
         raise CheckpointLoadError(f"cannot load training checkpoint {path}: {exc}") from exc
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(
+        checkpointed_part(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
     rank, world = distributed.get_rank(), distributed.get_world_size()
     rng_path = path / rng_file(rank)
     same_world = int(trainer_state.get("world_size", -1)) == world

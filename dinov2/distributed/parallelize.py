@@ -14,7 +14,9 @@ activation checkpointing -> per-block compile -> FSDP2 sharding.
 
 The teacher has no backward pass, so its parameters are always resharded after forward (the EMA
 then updates the shards the next forward gathers). A student module and its teacher must both be
-sharded or both be ``NO_SHARD``, so that their local shards line up for the EMA.
+sharded or both be ``NO_SHARD``, so that their local shards line up for the EMA. A meta-architecture
+lists further ModuleDicts in ``parallel_roles`` with the section whose policies they follow: the
+distillation model's ``frozen_teacher`` follows ``compute_precision.teacher``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from dinov2.layers.block import ACTIVATION_CHECKPOINTING, Block
 logger = logging.getLogger("dinov2")
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+# (attribute of the meta-architecture, compute_precision section) of each ModuleDict to parallelise; a
+# meta-architecture may name others in ``parallel_roles`` (distillation adds its frozen teacher).
+DEFAULT_ROLES = (("student", "student"), ("teacher", "teacher"))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODULES = ("backbone", "dino_head", "ibot_head")
 
@@ -142,24 +147,25 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> dict[str, A
     parameters are materialised (meta device) or after; FSDP2 shards whatever it finds."""
     from dinov2.distributed import get_world_size
 
+    roles = tuple(getattr(model, "parallel_roles", DEFAULT_ROLES))
     summary: dict[str, Any] = {"activation_checkpointing": str(cfg.train.activation_checkpointing)}
-    for role in ("student", "teacher"):
-        apply_activation_checkpointing(getattr(model, role).backbone, cfg.train.activation_checkpointing)
-    summary["compiled_units"] = sum(
-        apply_compile(getattr(model, r).backbone, cfg.train.compile) for r in ("student", "teacher")
-    )
+    for attribute, _ in roles:
+        apply_activation_checkpointing(getattr(model, attribute).backbone, cfg.train.activation_checkpointing)
+    summary["compiled_units"] = sum(apply_compile(getattr(model, a).backbone, cfg.train.compile) for a, _ in roles)
     if get_world_size() == 1:
         summary["fsdp"] = False
         return summary
     check_sharding_plan(cfg)
     mixed = use_mixed_precision(cfg, device)
     meshes = _meshes(device)
-    for role in ("student", "teacher"):
-        modules = getattr(model, role)
+    for attribute, role in roles:
+        modules = getattr(model, attribute)
         for name in MODULES:
             if name in modules:
                 policy = module_policy(cfg, role, name, mixed)
                 shard_module(modules[name], policy, meshes, teacher=role == "teacher")
-                summary[f"{role}.{name}"] = f"{policy['strategy']} {policy['param_dtype']}/{policy['reduce_dtype']}"
+                summary[f"{attribute}.{name}"] = (
+                    f"{policy['strategy']} {policy['param_dtype']}/{policy['reduce_dtype']}"
+                )
     summary["fsdp"] = True
     return summary

@@ -34,7 +34,11 @@ N_GLOBAL_CROPS = 2
 CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
-def _head(cfg_section: Any, in_dim: int) -> DINOHead:
+# ----------------------------------------------------------------------------- shared pieces
+# Module-level so that the distillation meta-architecture (distill_meta_arch.py) composes the same
+# heads, centring, loss terms and EMA instead of branching inside SSLMetaArch.
+def build_head(cfg_section: Any, in_dim: int) -> DINOHead:
+    """A DINO/iBOT head from a config section (``dino`` or ``ibot``) on ``in_dim`` features."""
     return DINOHead(
         in_dim=in_dim,
         out_dim=cfg_section.head_n_prototypes,
@@ -44,8 +48,68 @@ def _head(cfg_section: Any, in_dim: int) -> DINOHead:
     )
 
 
-def _teacher_as_student(name: str) -> str:
+def teacher_as_student(name: str) -> str:
+    """Seeded-init key of a tensor: ``teacher.*`` draws the value of ``student.*`` (they start equal)."""
     return "student." + name.removeprefix("teacher.") if name.startswith("teacher.") else name
+
+
+def center_teacher_scores(
+    centering: str, loss, logits: torch.Tensor, teacher_temp: float, accumulate: bool, **sinkhorn_kwargs
+) -> torch.Tensor:
+    """Teacher targets from head scores: Sinkhorn-Knopp, or softmax-centering (then the loss's
+    centre EMA update is started; ``accumulate``: a later micro-batch of the same step)."""
+    if centering == "sinkhorn_knopp":
+        return loss.sinkhorn_knopp_teacher(logits, teacher_temp=teacher_temp, **sinkhorn_kwargs)
+    targets = loss.softmax_center_teacher(logits, teacher_temp=teacher_temp, accumulate=accumulate)
+    loss.update_center(logits, accumulate=accumulate)
+    return targets
+
+
+def dino_crop_losses(
+    dino_loss: DINOLoss, local_scores: torch.Tensor | None, global_scores: torch.Tensor, targets: torch.Tensor,
+    n_local: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``dino_local_crops_loss`` and ``dino_global_crops_loss``: student crop scores against the
+    teacher targets ``(N_GLOBAL_CROPS, B, K)`` (rows already swapped between the two views), one
+    term per (student crop, teacher crop) pair of different views, each divided by the pair count."""
+    n_terms = N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1) + N_GLOBAL_CROPS * n_local
+    losses = {}
+    if n_local > 0:
+        losses["dino_local_crops_loss"] = dino_loss(list(local_scores.chunk(n_local)), list(targets)) / n_terms
+    # Global crops in one call: row i of the student is matched with the swapped teacher row i,
+    # i.e. two pair terms averaged together, hence the factor N_GLOBAL_CROPS.
+    paired = dino_loss([global_scores], [targets.flatten(0, 1)])
+    losses["dino_global_crops_loss"] = paired * N_GLOBAL_CROPS / n_terms
+    return losses
+
+
+def koleo_term(koleo_loss: KoLeoLoss, global_cls: torch.Tensor) -> torch.Tensor:
+    """KoLeo on each global crop's student CLS features separately, summed."""
+    return sum(koleo_loss(c) for c in global_cls.chunk(N_GLOBAL_CROPS))
+
+
+def weighted_total(cfg: Any, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``w_dino * (dino_local + dino_global) + w_koleo * koleo + w_ibot * ibot``."""
+    weights = {
+        "dino_local_crops_loss": cfg.dino.loss_weight,
+        "dino_global_crops_loss": cfg.dino.loss_weight,
+        "koleo_loss": cfg.dino.koleo_loss_weight,
+        "ibot_loss": cfg.ibot.loss_weight,
+    }
+    return sum(weights[name] * value for name, value in losses.items())
+
+
+@torch.no_grad()
+def ema_update_(target: nn.ModuleDict, source: nn.ModuleDict, momentum: float) -> None:
+    """``target = m * target + (1 - m) * source`` for every parameter of every module of ``source``
+    (local shards when sharded; ``target[name]`` must have the same parameters, sharded alike)."""
+    target_params, source_params = [], []
+    for name in source:
+        for p_t, p_s in zip(target[name].parameters(), source[name].parameters(), strict=True):
+            target_params.append(local_tensor(p_t))
+            source_params.append(local_tensor(p_s).to(p_t.dtype))
+    torch._foreach_mul_(target_params, momentum)
+    torch._foreach_add_(target_params, source_params, alpha=1.0 - momentum)
 
 
 class SSLMetaArch(nn.Module):
@@ -64,10 +128,13 @@ class SSLMetaArch(nn.Module):
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
         self.embed_dim = embed_dim
         student, teacher = {"backbone": student_backbone}, {"backbone": teacher_backbone}
-        if self.do_dino:
-            student["dino_head"], teacher["dino_head"] = _head(cfg.dino, embed_dim), _head(cfg.dino, embed_dim)
-        if self.do_ibot and self.ibot_separate_head:
-            student["ibot_head"], teacher["ibot_head"] = _head(cfg.ibot, embed_dim), _head(cfg.ibot, embed_dim)
+        heads = {
+            "dino_head": (self.do_dino, cfg.dino),
+            "ibot_head": (self.do_ibot and self.ibot_separate_head, cfg.ibot),
+        }
+        for name, (wanted, section) in heads.items():
+            if wanted:
+                student[name], teacher[name] = build_head(section, embed_dim), build_head(section, embed_dim)
         self.student = nn.ModuleDict(student)
         self.teacher = nn.ModuleDict(teacher)
 
@@ -98,7 +165,7 @@ class SSLMetaArch(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Seeded initialisation (:func:`dinov2.models.init.seeded_init_`), the same sharded or not:
         the teacher gets the student's values, then the pretrained backbone (if any) is loaded into both."""
-        seeded_init_(self, seed, key_fn=_teacher_as_student)
+        seeded_init_(self, seed, key_fn=teacher_as_student)
         if self.cfg.student.pretrained_weights:
             self.load_pretrained()
             for p_t, p_s in zip(self.teacher.backbone.parameters(), self.student.backbone.parameters(), strict=True):
@@ -113,11 +180,9 @@ class SSLMetaArch(nn.Module):
     def _center(
         self, loss, logits: torch.Tensor, teacher_temp: float, accumulate: bool, **sinkhorn_kwargs
     ) -> torch.Tensor:
-        if self.cfg.train.centering == "sinkhorn_knopp":
-            return loss.sinkhorn_knopp_teacher(logits, teacher_temp=teacher_temp, **sinkhorn_kwargs)
-        targets = loss.softmax_center_teacher(logits, teacher_temp=teacher_temp, accumulate=accumulate)
-        loss.update_center(logits, accumulate=accumulate)
-        return targets
+        return center_teacher_scores(
+            self.cfg.train.centering, loss, logits, teacher_temp, accumulate, **sinkhorn_kwargs
+        )
 
     def apply_center_updates(self) -> None:
         """Fold pending center updates into the centers (before saving them; otherwise lazy)."""
@@ -177,21 +242,16 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def _losses(self, student: dict, targets: dict, batch: dict) -> dict[str, torch.Tensor]:
-        n_local = self.cfg.crops.local_crops_number
-        # One term per (student crop, teacher crop) pair of different views.
-        n_terms = N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1) + N_GLOBAL_CROPS * n_local
         losses = {}
         if self.do_dino:
-            teacher = list(targets["dino"])
-            if n_local > 0:
-                local = self.dino_loss(list(student["local_scores"].chunk(n_local)), teacher)
-                losses["dino_local_crops_loss"] = local / n_terms
-            # Global crops in one call: row i of the student is matched with the swapped teacher row i,
-            # i.e. two pair terms averaged together, hence the factor N_GLOBAL_CROPS.
-            paired = self.dino_loss([student["global_scores"]], [targets["dino"].flatten(0, 1)])
-            losses["dino_global_crops_loss"] = paired * N_GLOBAL_CROPS / n_terms
+            n_local = self.cfg.crops.local_crops_number
+            losses.update(
+                dino_crop_losses(
+                    self.dino_loss, student["local_scores"], student["global_scores"], targets["dino"], n_local
+                )
+            )
         if self.do_koleo:
-            losses["koleo_loss"] = sum(self.koleo_loss(c) for c in student["global_cls"].chunk(N_GLOBAL_CROPS))
+            losses["koleo_loss"] = koleo_term(self.koleo_loss, student["global_cls"])
         if self.do_ibot:
             losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(
                 student["ibot_scores"],
@@ -204,13 +264,7 @@ class SSLMetaArch(nn.Module):
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """``w_dino * (dino_local + dino_global) + w_koleo * koleo + w_ibot * ibot``."""
-        weights = {
-            "dino_local_crops_loss": self.cfg.dino.loss_weight,
-            "dino_global_crops_loss": self.cfg.dino.loss_weight,
-            "koleo_loss": self.cfg.dino.koleo_loss_weight,
-            "ibot_loss": self.cfg.ibot.loss_weight,
-        }
-        return sum(weights[name] * value for name, value in losses.items())
+        return weighted_total(self.cfg, losses)
 
     def forward(self, batch: dict, teacher_temp: float, accumulate: bool = False) -> dict[str, torch.Tensor]:
         """Losses for one collated batch (see dinov2.data.collate): ``{"loss": total, term: value}``.
@@ -226,10 +280,4 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """``teacher = m * teacher + (1 - m) * student`` for every parameter (local shards when sharded)."""
-        teacher_params, student_params = [], []
-        for name in self.student:
-            for p_t, p_s in zip(self.teacher[name].parameters(), self.student[name].parameters(), strict=True):
-                teacher_params.append(local_tensor(p_t))
-                student_params.append(local_tensor(p_s).to(p_t.dtype))
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+        ema_update_(self.teacher, self.student, momentum)

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from dinov2 import distributed  # noqa: E402
 from dinov2.train.schedules import scaled_lr  # noqa: E402
-from dinov2.utils.config import load_config  # noqa: E402
+from dinov2.utils.config import load_config, select  # noqa: E402
 from dinov2.utils.device import enable_tf32, resolve_device, seed_everything  # noqa: E402
 from dinov2.utils.logging import setup_logging  # noqa: E402
 
@@ -36,7 +36,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DINOv2 training", add_help=add_help)
     parser.add_argument(
         "--config", "--config-file", dest="config", default="",
-        help="a config name under configs/train/ (with or without .yaml) or a path; empty: the default config",
+        help="a config name under configs/train/ (with or without .yaml), distill/NAME, or a path; empty: the default config",
     )  # fmt: skip
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default="", help="run directory")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
@@ -59,16 +59,21 @@ def setup_config(args: argparse.Namespace, cfg: Any = None) -> Any:
 
 
 def build_model(cfg: Any, device):
-    """The meta-architecture, built on the meta device, parallelised (checkpointing -> compile ->
+    """The meta-architecture (SSLMetaArch, or DistillMetaArch with ``distillation.enabled``), built
+    on the meta device, parallelised (checkpointing -> compile ->
     FSDP2 with several processes), then materialised on ``device`` with the seeded initialisation:
     no process ever holds the whole unsharded model, and the values do not depend on the world size."""
     import torch
 
     from dinov2.distributed.parallelize import parallelize
-    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+    if select(cfg, "distillation.enabled", False):  # a frozen pretrained teacher (configs/distill/)
+        from dinov2.train.distill_meta_arch import DistillMetaArch as MetaArch
+    else:
+        from dinov2.train.ssl_meta_arch import SSLMetaArch as MetaArch
 
     with torch.device("meta"):
-        model = SSLMetaArch(cfg)
+        model = MetaArch(cfg)
     summary = parallelize(model, cfg, device)
     model.to_empty(device=device)
     model.init_weights(int(cfg.train.seed))

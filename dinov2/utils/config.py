@@ -1,7 +1,8 @@
 """Configuration: the default training config, experiment configs and ``key=value`` overrides.
 
 Order of precedence: ``configs/ssl_default_config.yaml`` <- an experiment config (a name under
-``configs/train/`` or ``configs/eval/``, or a path) <- command-line ``key=value`` overrides. The
+``configs/train/``, ``configs/eval/`` or ``configs/distill/``, a ``<kind>/<name>`` such as
+``distill/vits14``, or a path) <- command-line ``key=value`` overrides. The
 default config is also the schema: every key of an experiment config or override must exist in
 it, and a misspelt key fails with its dotted name and the nearest valid keys.
 """
@@ -42,8 +43,8 @@ def available_configs(kind: str = "train") -> list[str]:
 
 
 def resolve_config_path(name: str | Path, kinds: Sequence[str] = CONFIG_KINDS) -> Path:
-    """An existing file path, or a config name looked up (with or without ``.yaml``) under
-    ``configs/<kind>/`` for each of ``kinds`` in turn."""
+    """An existing file path, a config name looked up (with or without ``.yaml``) under
+    ``configs/<kind>/`` for each of ``kinds`` in turn, or ``<kind>/<name>`` (``distill/vits14``)."""
     path = Path(name)
     if path.is_file():
         return path
@@ -53,6 +54,8 @@ def resolve_config_path(name: str | Path, kinds: Sequence[str] = CONFIG_KINDS) -
             candidate = CONFIGS_DIR / kind / f"{stem}.yaml"
             if candidate.is_file():
                 return candidate
+    elif str(path.parent) in kinds and (CONFIGS_DIR / path.parent / f"{stem}.yaml").is_file():
+        return CONFIGS_DIR / path.parent / f"{stem}.yaml"
     known = ", ".join(f"{kind}/{n}" for kind in kinds for n in available_configs(kind))
     raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a shipped config; shipped: {known}")
 

@@ -1,0 +1,164 @@
+"""The frozen teacher of distillation: where its weights and its architecture come from.
+
+``distillation.teacher_checkpoint`` names one of
+
+* a pretraining run directory: its latest complete ``checkpoints/step_N``;
+* a DCP training checkpoint ``.../checkpoints/step_N`` (it has ``.metadata``): the tensors under
+  ``model.teacher.`` (backbone, DINO head, iBOT head) are read whole, without a process group;
+* an export ``eval/training_N/teacher_checkpoint.pth`` (``{"teacher": {backbone.*, dino_head.*,
+  ibot_head.*}}``, also the original code's format, old weight-norm key names accepted), or the
+  ``eval/training_N`` directory holding it.
+
+A backbone-only file (``teacher_backbone.safetensors``, a consolidated backbone, the released hub
+weights) has no heads, and the distillation targets are the teacher's head outputs: it is refused
+with a message saying what to pass instead.
+
+The teacher's architecture and head shapes are the ``student``, ``dino``, ``ibot`` and ``crops``
+sections of its own training config: ``distillation.teacher_config`` (a config name or path) when
+set, else the ``config.yaml`` of the run the checkpoint belongs to.
+
+Every process reads the whole teacher state (CPU) and loads its shard of it. The frozen teacher is
+not part of the training checkpoints; it is read again from here when a run resumes, and
+:func:`state_fingerprint` lets the meta-architecture check that it is still the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dinov2.checkpoint import (
+    convert_weight_norm_keys,
+    load_backbone_state_dict,
+    load_module_state_dict,
+    load_weights_file,
+)
+from dinov2.checkpoint.adapters import strip_wrapper_segments
+from dinov2.checkpoint.consolidate import resolve_checkpoint
+from dinov2.checkpoint.sharded import load_full_tensors
+from dinov2.checkpoint.training import TEACHER_CHECKPOINT
+from dinov2.utils.config import default_config_with, load_config, select
+
+logger = logging.getLogger("dinov2")
+
+HEADS = ("dino_head", "ibot_head")
+RUN_CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """``kind``: ``"dcp"`` (a training checkpoint directory) or ``"file"`` (a weights file);
+    ``run_dir``: the run the checkpoint belongs to, when it can be told from the path."""
+
+    kind: str
+    path: Path
+    run_dir: Path | None
+
+
+def _run_of_export(file: Path) -> Path | None:
+    """``RUN/eval/training_N/teacher_checkpoint.pth`` -> ``RUN``."""
+    return file.parents[2] if len(file.parents) > 2 and file.parents[1].name == "eval" else None
+
+
+def teacher_location(cfg: Any) -> Any:
+    """``distillation.teacher_checkpoint``; None when unset (also when a config requires it: ``???``)."""
+    section = cfg.distillation
+    if isinstance(section, DictConfig) and OmegaConf.is_missing(section, "teacher_checkpoint"):
+        return None
+    return section.teacher_checkpoint
+
+
+def resolve_teacher_source(location: Any) -> TeacherSource:
+    """Where ``distillation.teacher_checkpoint`` points (see the module docstring)."""
+    if not location:
+        raise ValueError(
+            "distillation.teacher_checkpoint is not set: pass the pretraining run directory, one of its "
+            "checkpoints/step_N directories or an eval/training_N/teacher_checkpoint.pth, e.g. "
+            "distillation.teacher_checkpoint=runs/vitg14"
+        )
+    path = Path(str(location)).expanduser()
+    if path.is_file():
+        return TeacherSource("file", path, _run_of_export(path))
+    if not path.is_dir():
+        raise FileNotFoundError(f"distillation.teacher_checkpoint {path} does not exist")
+    if (path / TEACHER_CHECKPOINT).is_file():
+        return TeacherSource("file", path / TEACHER_CHECKPOINT, _run_of_export(path / TEACHER_CHECKPOINT))
+    try:
+        checkpoint = resolve_checkpoint(path)  # itself, or the latest under it or its checkpoints/
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"distillation.teacher_checkpoint: {exc}, nor a {TEACHER_CHECKPOINT}") from exc
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    return TeacherSource("dcp", checkpoint, run_dir)
+
+
+def load_teacher_config(cfg: Any, source: TeacherSource):
+    """The teacher's training config: ``distillation.teacher_config``, else its run's ``config.yaml``."""
+    named = select(cfg, "distillation.teacher_config", None)
+    if named:
+        return load_config(str(named))
+    if source.run_dir is not None and (source.run_dir / RUN_CONFIG).is_file():
+        # Written by the pretraining run itself: merged onto the defaults without the schema check,
+        # so that a run saved by an older version of the code still reads.
+        return default_config_with(OmegaConf.load(source.run_dir / RUN_CONFIG))
+    raise FileNotFoundError(
+        f"cannot tell the teacher's architecture: no {RUN_CONFIG} of a training run next to {source.path}; "
+        "set distillation.teacher_config=<the teacher's training config name or path> (e.g. vitg14)"
+    )
+
+
+def read_teacher_state(source: TeacherSource) -> dict[str, torch.Tensor]:
+    """The teacher's tensors on CPU, keys ``backbone.*``, ``dino_head.*``, ``ibot_head.*``."""
+    if source.kind == "dcp":
+        return load_full_tensors(source.path, "model.teacher.")
+    raw = load_weights_file(source.path)
+    state = raw["teacher"] if isinstance(raw.get("teacher"), Mapping) else raw
+    state = convert_weight_norm_keys({strip_wrapper_segments(k): v for k, v in state.items()})
+    if not any(k.startswith(tuple(f"{h}." for h in HEADS)) for k in state):
+        raise ValueError(
+            f"{source.path} holds a backbone without the DINO/iBOT heads; distillation targets are the teacher's "
+            f"head outputs. Pass the pretraining run directory, one of its checkpoints/step_N directories, or "
+            f"its eval/training_N/{TEACHER_CHECKPOINT} (backbone + heads)"
+        )
+    return state
+
+
+@torch.no_grad()
+def load_teacher_(frozen: nn.ModuleDict, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` (see :func:`read_teacher_state`) strictly into the frozen teacher's backbone
+    (any block-chunk layout) and heads."""
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise ValueError(f"{source} holds no teacher backbone ('backbone.' keys)")
+    report = load_backbone_state_dict(frozen.backbone, backbone, source=source)
+    for name in HEADS:
+        if name not in frozen:
+            continue
+        head = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
+        if not head:
+            raise ValueError(
+                f"{source} holds no teacher {name}: the teacher must have been trained with it "
+                "(ibot.separate_head: true for the iBOT head)"
+            )
+        load_module_state_dict(frozen[name], head, f"{source} ({name})")
+    logger.info(
+        "frozen teacher loaded from %s (%s; heads: %s)", source, report, ", ".join(n for n in HEADS if n in frozen)
+    )
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[number of values, sum, sum of squares]`` in float64 over ``state`` (sorted keys): a cheap
+    check that a resumed run reloads the teacher it started with."""
+    total = torch.zeros(3, dtype=torch.float64)
+    for key in sorted(state):
+        values = state[key].detach().to("cpu", torch.float64)
+        total += torch.stack(
+            [torch.tensor(float(values.numel()), dtype=torch.float64), values.sum(), values.square().sum()]
+        )
+    return total
