@@ -263,3 +263,13 @@ def test_shipped_distillation_configs(name):
     assert cfg.crops.global_crops_size % 14 == 0 and cfg.crops.local_crops_size % 14 == 0
     assert (cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH, cfg.optim.warmup_epochs * 1250) == (625_000, 100_000)
     assert cfg.optim.base_lr * (2048 / 1024) ** 0.5 == pytest.approx(1e-3, rel=1e-3)  # 1e-3 at a batch of 2048
+
+
+def test_laptop_distillation_config_matches_the_quickstart_teacher():
+    cfg, teacher = load_config("distill/quickstart"), load_config("quickstart")
+    assert cfg.distillation.enabled and OmegaConf.is_missing(cfg.distillation, "teacher_checkpoint")
+    assert cfg.student.patch_size == teacher.student.patch_size
+    assert cfg.student.embed_dim < teacher.student.embed_dim and cfg.student.drop_path_rate == 0
+    for section in ("dino", "ibot"):
+        assert cfg[section].head_n_prototypes == teacher[section].head_n_prototypes
+    assert cfg.crops == teacher.crops and cfg.evaluation.knn == teacher.evaluation.knn
