@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 
 from dinov2.checkpoint import (
@@ -44,7 +44,7 @@ from dinov2.checkpoint.adapters import strip_wrapper_segments
 from dinov2.checkpoint.consolidate import resolve_checkpoint
 from dinov2.checkpoint.sharded import load_full_tensors
 from dinov2.checkpoint.training import TEACHER_CHECKPOINT
-from dinov2.utils.config import default_config_with, load_config, select
+from dinov2.utils.config import default_config_with, is_required_unset, load_config, select
 
 logger = logging.getLogger("dinov2")
 
@@ -69,10 +69,9 @@ def _run_of_export(file: Path) -> Path | None:
 
 def teacher_location(cfg: Any) -> Any:
     """``distillation.teacher_checkpoint``; None when unset (also when a config requires it: ``???``)."""
-    section = cfg.distillation
-    if isinstance(section, DictConfig) and OmegaConf.is_missing(section, "teacher_checkpoint"):
+    if is_required_unset(cfg, "distillation.teacher_checkpoint"):
         return None
-    return section.teacher_checkpoint
+    return cfg.distillation.teacher_checkpoint
 
 
 def resolve_teacher_source(location: Any) -> TeacherSource:

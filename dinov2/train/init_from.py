@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinov2.checkpoint import (
@@ -39,7 +38,7 @@ from dinov2.checkpoint import (
 from dinov2.checkpoint.consolidate import resolve_checkpoint
 from dinov2.checkpoint.io import is_url
 from dinov2.checkpoint.sharded import load_full_tensors
-from dinov2.utils.config import ConfigError
+from dinov2.utils.config import ConfigError, is_required_unset
 
 logger = logging.getLogger("dinov2")
 
@@ -57,7 +56,7 @@ class InitSource:
 
 
 def _required_unset(cfg: Any) -> bool:
-    return isinstance(cfg.train, DictConfig) and OmegaConf.is_missing(cfg.train, "init_from")
+    return is_required_unset(cfg, KEY)
 
 
 def _setting(cfg: Any) -> str | None:

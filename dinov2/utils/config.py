@@ -152,6 +152,16 @@ def required_keys(node: Any, prefix: str = "") -> list[str]:
     return found
 
 
+def is_required_unset(cfg: Any, path: str) -> bool:
+    """True when the dotted ``path`` holds ``???``: a config requires it and no later layer gave it
+    (reading it would raise). False for any other value, and outside OmegaConf configs."""
+    if not isinstance(cfg, DictConfig):
+        return False
+    parent, _, key = path.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and key in node.keys() and OmegaConf.is_missing(node, key)
+
+
 _REQUIRED = object()
 
 

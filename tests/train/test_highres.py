@@ -23,7 +23,7 @@ from dinov2.train.data import build_collate
 from dinov2.train.init_from import load_init_source, resolve_init_source
 from dinov2.train.schedules import build_schedulers
 from dinov2.train.train import build_model, get_args_parser, main, setup_config
-from dinov2.utils.config import ConfigError, load_config
+from dinov2.utils.config import ConfigError, is_required_unset, load_config
 
 PATCH = 8
 SMALL, LARGE = 32, 48  # 4 x 4 -> 6 x 6 patch grid
@@ -232,6 +232,8 @@ def test_a_config_can_require_a_key():
     with pytest.raises(MissingMandatoryValue, match="train.init_from"):
         _ = cfg.train.init_from
     assert load_config("vitg14_highres518", ["train.init_from=/ckpt"]).train.init_from == "/ckpt"
+    assert is_required_unset(cfg, "train.init_from") and not is_required_unset(cfg, "train.seed")
+    assert not is_required_unset(load_config("vitg14_highres518", ["train.init_from=/ckpt"]), "train.init_from")
     with pytest.raises(ConfigError, match="did you mean 'train.init_from'"):
         load_config("vitg14_highres518", ["train.init_frm=/ckpt"])
 
