@@ -14,6 +14,7 @@ from dinov2.checkpoint.sharded import find_latest_checkpoint, load_checkpoint, s
 from dinov2.checkpoint.training import (
     CheckpointLoadError,
     atomic_torch_save,
+    atomic_write,
     capture_rng_state,
     export_teacher,
     restore_rng_state,

@@ -19,7 +19,9 @@ import random
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -86,17 +88,15 @@ def _temp_name(path: Path, directory: bool = False) -> Path:
     raise FileExistsError(f"could not create a temporary name next to {path}")
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it untouched.
-
-    Writes a hidden ``.tmp`` file next to ``path``, fsyncs it, then ``os.replace``-s it onto
-    ``path``. On any error the temporary file is removed and the error re-raised.
-    """
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(file)`` on a hidden ``.tmp`` sibling of ``path``, fsync it, then ``os.replace``
+    it onto ``path``: the file is either fully replaced or left untouched. On any error the
+    temporary file is removed and the error re-raised."""
     path = Path(path)
     tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -104,6 +104,11 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         _remove_quietly(tmp)
         raise
     _fsync_path(path.parent)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it untouched."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ------------------------------------------------------------------------------------- RNG state

@@ -19,17 +19,18 @@ from omegaconf import DictConfig, OmegaConf
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "ssl_default_config.yaml"
 CONFIG_KINDS = ("train", "eval", "distill")
+CURATION_DEFAULT_CONFIG = CONFIGS_DIR / "curation" / "default.yaml"
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema (names the offending keys)."""
 
 
-def load_default_config() -> DictConfig:
-    """The default SSL config (configs/ssl_default_config.yaml)."""
-    if not DEFAULT_CONFIG.is_file():
-        raise FileNotFoundError(f"default config not found at {DEFAULT_CONFIG}")
-    return OmegaConf.load(DEFAULT_CONFIG)
+def load_default_config(path: Path = DEFAULT_CONFIG) -> DictConfig:
+    """The default SSL config (configs/ssl_default_config.yaml), or another schema file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"default config not found at {path}")
+    return OmegaConf.load(path)
 
 
 def default_config_with(*overrides: dict | DictConfig) -> DictConfig:
@@ -120,14 +121,20 @@ def parse_overrides(opts: Sequence[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(opts))
 
 
-def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    default: Path = DEFAULT_CONFIG,
+    kinds: Sequence[str] = CONFIG_KINDS,
+) -> DictConfig:
     """The default config <- ``config`` (name or path; None for the default alone) <- ``overrides``,
     each layer checked against the default config's keys. ``???`` in a layer marks a key required
-    (see :func:`required_keys`)."""
-    cfg = load_default_config()
+    (see :func:`required_keys`). ``default`` and ``kinds`` select another family of configs
+    (the curation pipeline: ``CURATION_DEFAULT_CONFIG`` and ``("curation",)``)."""
+    cfg = load_default_config(default)
     layers = []
     if config:
-        path = resolve_config_path(config)
+        path = resolve_config_path(config, kinds)
         layers.append((OmegaConf.load(path), str(path)))
     if overrides:
         layers.append((parse_overrides(overrides), "command-line overrides"))

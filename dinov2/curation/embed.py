@@ -1,0 +1,224 @@
+"""Stage 1, embed: an image pool -> an :class:`~dinov2.curation.store.EmbeddingStore` of L2-normalised vectors.
+
+Embedders (the ``model`` section of a curation config):
+
+* ``kind: backbone``: one of our ViTs (a config naming the architecture, any weights layout that
+  the evaluation scripts load: official ``dinov2_*_pretrain.pth``, a training run's
+  ``teacher_checkpoint.pth``, a ``.safetensors`` export); eval transform (resize, centre crop),
+  autocast on CUDA; the CLS token, the mean patch token or both (``pooling``).
+* ``kind: thumbnail``: a tiny-image descriptor (the image area-resized to ``thumbnail_size``
+  squared, each channel's mean removed). No model: a fast detector of exact and near-exact copies
+  (re-encoded, resized, lightly cropped) for the deduplication stage.
+
+Chunks are dealt round robin over ranks (``torchrun``); a chunk already on disk is not redone, so an
+interrupted run resumes where it stopped. Unreadable images are skipped and listed per chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from dinov2 import distributed
+from dinov2.curation.store import EmbeddingStore, StoreError
+from dinov2.data.datasets.base import ImageDecodeError, load_image
+
+logger = logging.getLogger("dinov2")
+
+POOLINGS = ("cls", "avgpool", "cls_avgpool")
+EMBEDDER_KINDS = ("backbone", "thumbnail")
+
+
+# ------------------------------------------------------------------------------ image lists
+def list_images(source: str) -> list[str]:
+    """Absolute image paths of ``source``: a folder, a list file (``FileList`` format), or a dataset
+    string naming a file-backed dataset (``ImageFolder:root=R``, ``FileList:path=P``, ``ImageNet:...``)."""
+    from dinov2.data.datasets import FileImageDataset, FileList, ImageFolder, make_dataset
+
+    if not source:
+        raise ValueError("no image source given (a folder, a list file or a dataset string)")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        dataset = ImageFolder(str(path))
+    elif path.is_file():
+        dataset = FileList(str(path))
+    else:
+        dataset = make_dataset(source)
+    if not isinstance(dataset, FileImageDataset):
+        raise ValueError(
+            f"{source!r} is a {type(dataset).__name__}, which has no image files; curation needs file-backed "
+            "images (a folder, a list file, ImageFolder:root=..., FileList:path=..., ImageNet:...)"
+        )
+    return [os.path.abspath(dataset.get_image_path(i)) for i in range(len(dataset))]
+
+
+class _ImageFiles(Dataset):
+    """``(index, tensor or None, reason)`` per path; a file that cannot be decoded is reported, not replaced."""
+
+    def __init__(self, paths: Sequence[str], transform) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(load_image(self.paths[index])), ""
+        except ImageDecodeError as error:
+            return index, None, str(error)
+
+
+def _collate(batch):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    failed = [(i, reason) for i, x, reason in batch if x is None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, failed
+
+
+# ------------------------------------------------------------------------------ embedders
+class ThumbnailEmbedder:
+    """Area-resized ``size x size`` RGB thumbnail, channel means removed, flattened and L2-normalised."""
+
+    def __init__(self, size: int = 16) -> None:
+        if size < 2:
+            raise ValueError(f"thumbnail_size must be >= 2, got {size}")
+        self.size = int(size)
+        self.device = torch.device("cpu")
+
+    def transform(self, image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+        return F.adaptive_avg_pool2d(x, self.size)[0]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images - images.mean(dim=(2, 3), keepdim=True)
+        return F.normalize(x.flatten(1), dim=1)
+
+
+class BackboneEmbedder:
+    """A frozen ViT's normalised CLS / mean-patch features on the evaluation transform."""
+
+    def __init__(self, cfg, device: str | torch.device = "auto") -> None:
+        from dinov2.data.transforms import make_classification_eval_transform
+        from dinov2.eval.setup import autocast_dtype_for, build_eval_model
+
+        if cfg.pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
+        self.cfg = cfg
+        self.model, _ = build_eval_model(cfg.config_file or None, cfg.pretrained_weights, list(cfg.opts), device)
+        self.device = next(self.model.parameters()).device
+        self.autocast = autocast_dtype_for(self.device)
+        self.transform = make_classification_eval_transform(int(cfg.resize_size), int(cfg.crop_size))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.model.forward_features(images)
+        cls, patches = out["x_norm_clstoken"].float(), out["x_norm_patchtokens"].float().mean(dim=1)
+        pooled = {"cls": cls, "avgpool": patches, "cls_avgpool": torch.cat([cls, patches], dim=1)}
+        return F.normalize(pooled[self.cfg.pooling], dim=1)
+
+
+def build_embedder(cfg, device: str | torch.device = "auto"):
+    """The embedder of a ``model`` config section (see the module docstring)."""
+    if cfg.kind == "thumbnail":
+        return ThumbnailEmbedder(int(cfg.thumbnail_size))
+    if cfg.kind == "backbone":
+        return BackboneEmbedder(cfg, device)
+    raise ValueError(f"model.kind must be one of {EMBEDDER_KINDS}, got {cfg.kind!r}")
+
+
+def describe_embedder(cfg) -> dict[str, Any]:
+    """What a store records about its embedder, from the config alone (no model is built)."""
+    if cfg.kind == "thumbnail":
+        return {"kind": "thumbnail", "thumbnail_size": int(cfg.thumbnail_size)}
+    keys = ("config_file", "pretrained_weights", "resize_size", "crop_size", "pooling")
+    return {"kind": cfg.kind, **{k: cfg[k] for k in keys}, "opts": list(cfg.opts)}
+
+
+# ------------------------------------------------------------------------------ the stage
+def _embed_chunk(embedder, paths: Sequence[str], batch_size: int, num_workers: int, bar) -> tuple:
+    loader = DataLoader(
+        _ImageFiles(paths, embedder.transform), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate,
+    )  # fmt: skip
+    rows, vectors, failed = [], [], {}
+    for indices, images, bad in loader:
+        for index, reason in bad:
+            failed[paths[index]] = reason
+            logger.warning("Skipping unreadable image %s (%s)", paths[index], reason)
+        if images is not None:
+            vectors.append(embedder(images).float().cpu().numpy())
+            rows.extend(indices)
+        if bar is not None:
+            bar.update(len(indices) + len(bad))
+    dim = vectors[0].shape[1] if vectors else 0
+    array = np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
+    return array, [paths[i] for i in rows], failed
+
+
+def embed_images(
+    source: str,
+    store_dir: str | os.PathLike,
+    model_cfg,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    chunk_size: int = 65536,
+    dtype: str = "float16",
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> EmbeddingStore:
+    """Embed every image of ``source`` into ``store_dir``; the chunks are shared by all ranks.
+
+    Resumable: chunks already written are skipped; a store made from other images or another
+    embedder is an error (:class:`~dinov2.curation.store.StoreError`). Returns the store.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"embedding dtype must be float16 or float32, got {dtype!r}")
+    info = {"source": str(source), "embedder": describe_embedder(model_cfg), "dtype": dtype}
+    if distributed.is_main_process():
+        store = EmbeddingStore.create(store_dir, list_images(source), chunk_size, info)
+    distributed.barrier()
+    store = EmbeddingStore(store_dir)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    todo = [c for c in store.missing_chunks() if c % world == rank]
+    if todo:
+        sources = store.sources()
+        embedder = build_embedder(model_cfg, device)
+        _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress and rank == 0)
+    distributed.barrier()
+    store = EmbeddingStore(store_dir)
+    store.check_complete()
+    return store
+
+
+def _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress) -> None:
+    from tqdm import tqdm
+
+    total = sum(len(store.chunk_sources(c, sources)) for c in todo)
+    bar = tqdm(total=total, desc=f"embed {store.dir.name}", unit="img", dynamic_ncols=True) if progress else None
+    start, done = time.perf_counter(), 0
+    try:
+        for c in todo:
+            paths = store.chunk_sources(c, sources)
+            vectors, kept, failed = _embed_chunk(embedder, paths, batch_size, num_workers, bar)
+            store.write_chunk(c, vectors, kept, failed)
+            done += len(paths)
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            logger.info("Embedded chunk %d/%d (%d images, %d unreadable; %.1f images/s on this rank)",
+                        c + 1, store.num_chunks, len(paths), len(failed), rate)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+__all__ = ["BackboneEmbedder", "ThumbnailEmbedder", "StoreError", "build_embedder", "embed_images", "list_images"]

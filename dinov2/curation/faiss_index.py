@@ -1,0 +1,126 @@
+"""faiss, imported lazily and sized automatically: exact search for small pools, IVF-PQ for large ones.
+
+Every index here ranks by inner product, which on the stores' L2-normalised vectors is the cosine
+similarity. ``gpu: auto`` moves indexes and k-means to all GPUs when faiss sees any (faiss-gpu on a
+cluster) and stays on the CPU otherwise (faiss-cpu on laptops and CI). Indexes are trained on a
+seeded sample and filled one store chunk at a time, so the pool never has to fit in memory: an
+IVF-PQ index keeps ``m`` bytes per vector (64 by default) instead of ``4 * dim``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+logger = logging.getLogger("dinov2")
+
+PQ_BYTES = (64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
+MIN_POINTS_PER_CENTROID = 39  # faiss warns (and clusters badly) below this many training points per list
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            "data curation needs faiss: pip install faiss-cpu (laptops, CI) or faiss-gpu (clusters)"
+        ) from error
+    return faiss
+
+
+def num_gpus(setting) -> int:
+    """GPUs faiss should use for ``index.gpu`` = ``auto`` (all it sees), ``false`` (none) or ``true`` (all; error if none)."""
+    faiss = import_faiss()
+    available = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    if setting == "auto":
+        return available
+    if setting is False or str(setting).lower() in ("false", "0", "cpu", "none"):
+        return 0
+    if available == 0:
+        raise RuntimeError("index.gpu is true, but faiss sees no GPU (install faiss-gpu, or set index.gpu=auto)")
+    return available
+
+
+def factory_string(num_vectors: int, dim: int, cfg) -> str:
+    """``cfg.factory`` when set; else ``Flat`` up to ``cfg.exact_max_size`` vectors, ``IVF<nlist>,PQ<m>`` above.
+
+    ``nlist`` is the power of two nearest ``4 sqrt(n)``, at most ``train_size / 39``; ``m`` (bytes
+    per vector) is the largest of 64, 48, 32, ... that divides ``dim``.
+    """
+    if cfg.factory:
+        return str(cfg.factory)
+    if num_vectors <= int(cfg.exact_max_size):
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(num_vectors)))
+    cap = max(1, min(int(cfg.train_size), num_vectors) // MIN_POINTS_PER_CENTROID)
+    nlist = max(1, min(nlist, 2 ** int(math.log2(cap))))
+    m = next(b for b in PQ_BYTES if dim % b == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+class VectorIndex:
+    """A faiss inner-product index and the ids of its rows (search returns ids, -1 where none)."""
+
+    def __init__(self, dim: int, spec: str = "Flat", gpus: int = 0, nprobe: int = 32) -> None:
+        faiss = import_faiss()
+        self.spec, self.dim = spec, int(dim)
+        index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
+        if gpus:
+            index = faiss.index_cpu_to_all_gpus(index, ngpu=gpus)
+        if "IVF" in spec:
+            try:
+                faiss.extract_index_ivf(index).nprobe = int(nprobe)
+            except (RuntimeError, AttributeError):  # GPU IVF indexes take it directly
+                index.nprobe = int(nprobe)
+        self.index = index
+        self._ids: list[np.ndarray] = []
+        self._all: np.ndarray | None = None
+
+    @property
+    def exact(self) -> bool:
+        """True when similarities are exact (a flat index), not approximated by quantisation."""
+        return self.spec.strip().startswith("Flat")
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def train(self, vectors: np.ndarray) -> None:
+        self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if len(vectors) != len(ids):
+            raise ValueError(f"{len(vectors)} vectors for {len(ids)} ids")
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self._ids.append(np.asarray(ids, dtype=np.int64))
+        self._all = None
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarities, ids)``, each (Q, k), best first; ids -1 (similarity -inf) past the index's size."""
+        if self._all is None:
+            self._all = np.concatenate(self._ids) if self._ids else np.zeros(0, dtype=np.int64)
+        k = int(k)
+        sims, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        found = rows >= 0
+        ids = np.where(found, self._all[np.where(found, rows, 0)], -1)
+        return np.where(found, sims, -np.inf).astype(np.float32), ids
+
+
+def build_index(store, cfg, keep: np.ndarray | None = None, seed: int = 0) -> VectorIndex:
+    """An index over the store's vectors (those where ``keep`` is true), trained on a seeded sample
+    of at most ``cfg.train_size`` and filled chunk by chunk."""
+    count = len(store) if keep is None else int(np.count_nonzero(keep))
+    spec = factory_string(count, store.dim, cfg)
+    index = VectorIndex(store.dim, spec, num_gpus(cfg.gpu), int(cfg.nprobe))
+    if not index.is_trained:
+        sample = store.sample_ids(int(cfg.train_size), seed, keep)
+        index.train(store.read(sample))
+    for ids, vectors in store.iter_chunks(keep):
+        index.add(vectors, ids)
+    logger.info("faiss index %s over %d vectors of dim %d", spec, len(index), store.dim)
+    return index

@@ -1,0 +1,286 @@
+"""The curation pipeline: embed -> dedup -> cluster -> retrieve, each stage resumable and skipped once done.
+
+Output directory::
+
+    config.yaml                  the resolved config
+    embeddings/pool/             the pool's embedding store (embed.model)
+    embeddings/copy/             the pool again with dedup.copy_detection (when set)
+    embeddings/eval/<i>/         each evaluation set, with the deduplication embedder
+    embeddings/seeds/<name>/     each seed set, with embed.model
+    <stage>/done.json            written last: the stage's settings, fingerprint and report
+    dedup/keep.npy               pool ids that survive deduplication (bool per id)
+    cluster/hierarchy.npz        centroids and labels of every level
+    retrieve/selected.npy        the curated pool ids
+    curated.txt                  the curated set as a FileList: train.dataset_path=FileList:path=OUT/curated.txt
+    report.json                  sizes at each stage, thresholds, clusters, unreadable images
+
+A stage whose ``done.json`` holds the current settings is skipped; one finished with other
+settings is an error naming the keys that changed (``--redo STAGE`` redoes it and the later ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from dinov2 import distributed
+from dinov2.curation import clustering, dedup, retrieve
+from dinov2.curation.embed import embed_images
+from dinov2.curation.faiss_index import build_index, num_gpus
+from dinov2.curation.store import EmbeddingStore, read_json, write_json, write_text_atomic
+from dinov2.utils.config import CURATION_DEFAULT_CONFIG, load_config
+
+logger = logging.getLogger("dinov2")
+
+STAGES = ("embed", "dedup", "cluster", "retrieve")
+CURATED_LIST = "curated.txt"
+REPORT = "report.json"
+_RESULT_NEUTRAL = ("batch_size", "num_workers", "device")  # embed settings that do not change the vectors
+
+
+class StageError(RuntimeError):
+    """A stage that cannot run as asked: an earlier stage is missing, or it was finished with other settings."""
+
+
+def load_curation_config(config: str | None, overrides=()) -> DictConfig:
+    """configs/curation/default.yaml <- ``config`` (a name under configs/curation or a path) <- overrides."""
+    cfg = load_config(config, list(overrides), default=CURATION_DEFAULT_CONFIG, kinds=("curation",))
+    cfg.retrieval.seeds = retrieve.check_seed_sets(cfg.retrieval.seeds)
+    if cfg.dedup.copy_detection is not None:
+        extra = sorted(set(cfg.dedup.copy_detection) - set(cfg.embed.model))
+        if extra:
+            raise ValueError(f"unknown key dedup.copy_detection.{extra[0]}; valid keys: {', '.join(cfg.embed.model)}")
+        cfg.dedup.copy_detection = OmegaConf.merge(cfg.embed.model, cfg.dedup.copy_detection)
+    return cfg
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+
+
+def stage_settings(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """The config values a stage's result depends on (what its fingerprint covers)."""
+    embed = {k: v for k, v in _plain(cfg.embed).items() if k not in _RESULT_NEUTRAL}
+    if stage == "embed":
+        sources = {"pool": cfg.pool, "eval_datasets": _plain(cfg.dedup.eval_datasets)}
+        sources["seeds"] = [s["dataset"] for s in _plain(cfg.retrieval.seeds)]
+        return {**sources, "embed": embed, "copy_detection": _plain(cfg.dedup.copy_detection)}
+    if stage == "dedup":
+        return {"dedup": _plain(cfg.dedup), "index": _index_settings(cfg)}
+    if stage == "cluster":
+        return {"clustering": _plain(cfg.clustering)}
+    return {"retrieval": _plain(cfg.retrieval), "index": _index_settings(cfg)}
+
+
+def _index_settings(cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in _plain(cfg.index).items() if k != "gpu"}
+
+
+class Curation:
+    """One pipeline run over ``output_dir``; ``run(stage)`` runs a stage (or skips it when done)."""
+
+    def __init__(self, cfg: DictConfig, output_dir: str | Path) -> None:
+        self.cfg, self.out = cfg, Path(output_dir)
+
+    # Bookkeeping ----------------------------------------------------------------------------------
+    def fingerprint(self, stage: str) -> str:
+        position = STAGES.index(stage)
+        chain = [stage_settings(self.cfg, s) for s in STAGES[: position + 1]]
+        return hashlib.sha256(json.dumps(chain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def done_file(self, stage: str) -> Path:
+        return self.out / stage / "done.json"
+
+    def is_done(self, stage: str) -> bool:
+        path = self.done_file(stage)
+        if not path.is_file():
+            return False
+        done = read_json(path)
+        if done["fingerprint"] == self.fingerprint(stage):
+            return True
+        changed = _changed_keys(done["settings"], stage_settings(self.cfg, stage))
+        why = f"settings changed: {', '.join(changed)}" if changed else "an earlier stage's settings changed"
+        raise StageError(
+            f"stage {stage!r} in {self.out} was finished with other settings ({why}); "
+            f"pass --redo {stage} to redo it and the stages after it, or use another output directory"
+        )
+
+    def redo(self, stage: str) -> None:
+        """Forget ``stage`` and every later stage (their outputs are removed)."""
+        for later in STAGES[STAGES.index(stage) :]:
+            shutil.rmtree(self.out / later, ignore_errors=True)
+            if later == "embed":
+                shutil.rmtree(self.out / "embeddings", ignore_errors=True)
+        for name in (CURATED_LIST, REPORT):
+            (self.out / name).unlink(missing_ok=True)
+
+    def _finish(self, stage: str, report: dict[str, Any], seconds: float) -> None:
+        report = {"seconds": round(seconds, 2), **report}
+        done = {"stage": stage, "fingerprint": self.fingerprint(stage), "settings": stage_settings(self.cfg, stage)}
+        write_json(self.done_file(stage), {**done, "report": report})
+        logger.info("Stage %s done in %.1f s: %s", stage, seconds, json.dumps(report, default=str)[:500])
+
+    def report(self, stage: str) -> dict[str, Any]:
+        return read_json(self.done_file(stage))["report"]
+
+    def run(self, stage: str) -> bool:
+        """Run ``stage`` unless it is done (returns False then). Every rank runs ``embed``; rank 0 the rest."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        for before in STAGES[: STAGES.index(stage)]:
+            if not self.is_done(before):
+                raise StageError(f"stage {stage!r} needs stage {before!r} first (run it, or 'run' for all stages)")
+        if self.is_done(stage):
+            logger.info("Stage %s already done in %s: skipping", stage, self.out / stage)
+            return False
+        start = time.perf_counter()
+        (self.out / stage).mkdir(parents=True, exist_ok=True)
+        report = getattr(self, f"_{stage}")()
+        if distributed.is_main_process():
+            self._finish(stage, report, time.perf_counter() - start)
+        return True
+
+    # Stores ---------------------------------------------------------------------------------------
+    def store_dirs(self) -> dict[str, tuple[str, Path, Any]]:
+        """``{role: (source, directory, model config)}`` of every store the embed stage makes."""
+        cfg, base = self.cfg, self.out / "embeddings"
+        dedup_model = cfg.dedup.copy_detection or cfg.embed.model
+        stores = {"pool": (cfg.pool, base / "pool", cfg.embed.model)}
+        if cfg.dedup.enabled and cfg.dedup.copy_detection is not None:
+            stores["copy"] = (cfg.pool, base / "copy", dedup_model)
+        if cfg.dedup.enabled:
+            for i, dataset in enumerate(cfg.dedup.eval_datasets):
+                stores[f"eval/{i}"] = (dataset, base / "eval" / str(i), dedup_model)
+        for seeds in cfg.retrieval.seeds:
+            stores[f"seeds/{seeds['name']}"] = (seeds["dataset"], base / "seeds" / seeds["name"], cfg.embed.model)
+        return stores
+
+    def store(self, role: str) -> EmbeddingStore:
+        return EmbeddingStore(self.store_dirs()[role][1])
+
+    # Stages ---------------------------------------------------------------------------------------
+    def _embed(self) -> dict[str, Any]:
+        e, report = self.cfg.embed, {}
+        for role, (source, directory, model) in self.store_dirs().items():
+            store = embed_images(
+                source, directory, model, e.batch_size, e.num_workers, e.chunk_size, e.dtype, e.device,
+            )  # fmt: skip
+            failed = store.failed()
+            report[role] = {"source": source, "images": store.num_images, "embedded": len(store),
+                            "unreadable": len(failed), "unreadable_images": failed}  # fmt: skip
+        return report
+
+    def _dedup(self) -> dict[str, Any]:
+        cfg, pool = self.cfg, self.store("pool")
+        keep = np.ones(len(pool), dtype=bool)
+        report: dict[str, Any] = {"before": len(pool)}
+        if cfg.dedup.enabled:
+            copies = self.store("copy") if "copy" in self.store_dirs() else pool
+            d = cfg.dedup
+            copy_keep, report["self"] = dedup.self_deduplicate(copies, cfg.index, d.k, d.threshold, d.rerank_margin)
+            evals = {str(s): self.store(f"eval/{i}") for i, s in enumerate(d.eval_datasets)}
+            removed, report["eval"] = dedup.eval_contamination(copies, evals, d.eval_threshold, cfg.index, copy_keep)
+            keep = _to_pool_ids(pool, copies, copy_keep & ~removed)
+        np.save(self.out / "dedup" / "keep.npy", keep)
+        report["after"] = int(np.count_nonzero(keep))
+        return report
+
+    def _cluster(self) -> dict[str, Any]:
+        pool, keep = self.store("pool"), np.load(self.out / "dedup" / "keep.npy")
+        h = clustering.hierarchical_kmeans(pool, keep, self.cfg.clustering, num_gpus(self.cfg.index.gpu))
+        h.save(self.out / "cluster")
+        levels = []
+        for level in range(1, h.depth + 1):
+            sizes = h.sizes(level)
+            levels.append({"clusters": len(sizes), "empty": int(np.count_nonzero(sizes == 0)),
+                           "min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())})  # fmt: skip
+        return {"vectors": int(np.count_nonzero(keep)), "levels": levels}
+
+    def _retrieve(self) -> dict[str, Any]:
+        cfg, pool = self.cfg, self.store("pool")
+        keep = np.load(self.out / "dedup" / "keep.npy")
+        h = clustering.Hierarchy.load(self.out / "cluster")
+        r, parts, report = cfg.retrieval, [], {"seeds": {}}
+        index = None
+        for seeds in r.seeds:
+            seed_store = self.store(f"seeds/{seeds['name']}")
+            if seeds["mode"] == "nn":
+                index = index or build_index(pool, cfg.index, keep=keep, seed=int(r.seed))
+                ids = retrieve.nearest_neighbours(index, seed_store, seeds["per_seed"])
+            else:
+                ids = retrieve.from_seed_clusters(h, seed_store, seeds["per_seed"], int(r.seed))
+            report["seeds"][seeds["name"]] = {**seeds, "seed_images": len(seed_store), "retrieved": len(ids)}
+            parts.append(ids)
+        if r.balanced_size is not None:
+            ids = clustering.balanced_sample(h, int(r.balanced_size), int(r.seed), r.sampling)
+            report["balanced"] = {"requested": int(r.balanced_size), "sampled": len(ids)}
+            parts.append(ids)
+        if not parts:
+            raise StageError(
+                "nothing to retrieve: give retrieval.seeds, or retrieval.balanced_size for balanced sampling"
+            )
+        selected = np.unique(np.concatenate(parts))
+        np.save(self.out / "retrieve" / "selected.npy", selected)
+        paths = pool.paths(selected)
+        write_text_atomic(self.out / CURATED_LIST, "".join(p + "\n" for p in paths))
+        report["curated"] = len(selected)
+        return report
+
+    def write_report(self) -> dict[str, Any]:
+        """``report.json``: every finished stage's report, the final sizes and the thresholds."""
+        stages = {s: self.report(s) for s in STAGES if self.done_file(s).is_file()}
+        sizes = {}
+        if "embed" in stages:
+            pool = stages["embed"]["pool"]
+            sizes.update(listed=pool["images"], embedded=pool["embedded"], unreadable=pool["unreadable"])
+        if "dedup" in stages:
+            d = stages["dedup"]
+            sizes["after_dedup"] = d["after"]
+            sizes["removed_as_copies"] = d.get("self", {}).get("removed", 0)
+            sizes["removed_as_eval_copies"] = d.get("eval", {})
+        if "retrieve" in stages:
+            sizes["curated"] = stages["retrieve"]["curated"]
+        thresholds = {"dedup": self.cfg.dedup.threshold, "eval": self.cfg.dedup.eval_threshold}
+        report = {"output": str(self.out), "curated_list": str(self.out / CURATED_LIST), "sizes": sizes,
+                  "thresholds": thresholds, "stages": stages}  # fmt: skip
+        write_json(self.out / REPORT, report)
+        return report
+
+
+def _to_pool_ids(pool: EmbeddingStore, other: EmbeddingStore, other_keep: np.ndarray) -> np.ndarray:
+    """A keep mask over ``other``'s ids carried to ``pool``'s ids by path (the same ids when the lists match)."""
+    if other is pool:
+        return other_keep
+    removed = set(other.paths(np.nonzero(~other_keep)[0]))
+    return np.array([p not in removed for p in pool.paths()], dtype=bool)
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [c for k in keys for c in _changed_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)]
+    return [] if old == new else [prefix]
+
+
+def run_pipeline(cfg: DictConfig, output_dir: str | Path, stages=STAGES, redo=()) -> dict[str, Any] | None:
+    """Run ``stages`` in order (finished ones are skipped); rank 0 returns the report, other ranks None."""
+    curation = Curation(cfg, output_dir)
+    if distributed.is_main_process():
+        for stage in redo:
+            curation.redo(stage)
+        curation.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(curation.out / "config.yaml", OmegaConf.to_yaml(cfg))
+    distributed.barrier()
+    for stage in stages:
+        if stage != "embed" and not distributed.is_main_process():
+            return None
+        curation.run(stage)
+    return curation.write_report() if distributed.is_main_process() else None
