@@ -27,7 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "--config-file", dest="config", default="",
                         help="a name under configs/curation/ or a path; empty: configs/curation/default.yaml")  # fmt: skip
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="pipeline directory")
-    parser.add_argument("--redo", nargs="+", choices=STAGES, default=[], help="redo these stages and the later ones")
+    parser.add_argument("--redo", choices=STAGES, default=None, help="redo this stage and the ones after it")
     parser.epilog = "Any other words are key=value config overrides, e.g. pool=/data/images embed.batch_size=128."
     return parser
 

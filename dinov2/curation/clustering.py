@@ -31,15 +31,40 @@ logger = logging.getLogger("dinov2")
 SAMPLING_STRATEGIES = ("random", "closest")
 
 
-def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, gpus: int = 0, init=None) -> np.ndarray:
-    """``k`` unit-norm centroids of the rows of ``x`` (faiss.Kmeans, spherical, on all of ``x``)."""
+INIT_METHODS = {"random": "RANDOM", "kmeans++": "KMEANS_PLUS_PLUS", "afkmc2": "AFK_MC2"}
+
+
+def spherical_kmeans(
+    x: np.ndarray,
+    k: int,
+    niter: int = 20,
+    seed: int = 0,
+    gpus: int = 0,
+    init=None,
+    method: str = "kmeans++",
+    nredo: int = 1,
+) -> np.ndarray:
+    """``k`` unit-norm centroids of the rows of ``x`` (faiss.Kmeans, spherical, on all of ``x``).
+
+    ``method`` seeds the centroids (``kmeans++``, ``afkmc2`` or ``random``; a faiss without the
+    option falls back to random with a warning); ``init`` gives starting centroids instead.
+    ``nredo`` runs k-means that many times and keeps the best objective (k-means stops in local optima).
+    """
     faiss = import_faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not 1 <= k <= len(x):
         raise ValueError(f"cannot make {k} clusters of {len(x)} vectors (need 1 <= k <= number of vectors)")
+    if method not in INIT_METHODS:
+        raise ValueError(f"clustering.init must be one of {tuple(INIT_METHODS)}, got {method!r}")
+    options = {}
+    if method != "random":
+        if hasattr(faiss, f"ClusteringInitMethod_{INIT_METHODS[method]}"):
+            options["init_method"] = getattr(faiss, f"ClusteringInitMethod_{INIT_METHODS[method]}")
+        else:
+            logger.warning("this faiss has no %s initialisation; k-means starts from random points", method)
     kmeans = faiss.Kmeans(
-        x.shape[1], int(k), niter=int(niter), seed=int(seed), spherical=True, gpu=gpus or False,
-        max_points_per_centroid=max(1, -(-len(x) // k)), min_points_per_centroid=1, verbose=False,
+        x.shape[1], int(k), niter=int(niter), seed=int(seed), spherical=True, gpu=gpus or False, nredo=int(nredo),
+        max_points_per_centroid=max(1, -(-len(x) // k)), min_points_per_centroid=1, verbose=False, **options,
     )  # fmt: skip
     kmeans.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
     return np.asarray(kmeans.centroids, dtype=np.float32)
@@ -63,11 +88,12 @@ def _resampled(x: np.ndarray, centroids: np.ndarray, size: int) -> np.ndarray:
     return x[np.sort(order[rank_in_cluster < size])]
 
 
-def kmeans_level(x, k, niter, seed, gpus, resampling_steps=0, resample_size=0) -> np.ndarray:
-    centroids = spherical_kmeans(x, k, niter, seed, gpus)
-    for step in range(int(resampling_steps)):
-        subset = _resampled(x, centroids, int(resample_size))
-        centroids = spherical_kmeans(subset, k, niter, seed + step + 1, gpus, init=centroids)
+def kmeans_level(x: np.ndarray, k: int, cfg, seed: int, gpus: int) -> np.ndarray:
+    """One level: k-means on ``x``, then ``cfg.resampling_steps`` re-runs on the vectors nearest each centroid."""
+    centroids = spherical_kmeans(x, k, int(cfg.niter), seed, gpus, method=str(cfg.init), nredo=int(cfg.nredo))
+    for step in range(int(cfg.resampling_steps)):
+        subset = _resampled(x, centroids, int(cfg.resample_size))
+        centroids = spherical_kmeans(subset, k, int(cfg.niter), seed + step + 1, gpus, init=centroids)
     return centroids
 
 
@@ -119,7 +145,7 @@ def hierarchical_kmeans(store, keep, cfg, gpus: int = 0) -> Hierarchy:
         raise ValueError(f"clustering.levels must be positive and non-increasing (level 1 first), got {levels}")
     seed = int(cfg.seed)
     sample = store.read(store.sample_ids(int(cfg.max_train_points), seed, keep))
-    centroids = [kmeans_level(sample, levels[0], cfg.niter, seed, gpus, cfg.resampling_steps, cfg.resample_size)]
+    centroids = [kmeans_level(sample, levels[0], cfg, seed, gpus)]
     point_labels = np.full(len(store), -1, dtype=np.int64)
     similarity = np.full(len(store), -np.inf, dtype=np.float32)
     for ids, vectors in store.iter_chunks(keep):
@@ -127,7 +153,7 @@ def hierarchical_kmeans(store, keep, cfg, gpus: int = 0) -> Hierarchy:
     labels = [point_labels]
     for level, k in enumerate(levels[1:], start=2):
         below = centroids[-1]
-        centroids.append(kmeans_level(below, k, cfg.niter, seed + level, gpus, cfg.resampling_steps, cfg.resample_size))
+        centroids.append(kmeans_level(below, k, cfg, seed + level, gpus))
         labels.append(assign(below, centroids[-1])[0])
     logger.info("Hierarchical k-means: levels %s over %d vectors", levels, int(np.count_nonzero(point_labels >= 0)))
     return Hierarchy(centroids, labels, similarity)

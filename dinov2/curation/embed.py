@@ -61,6 +61,23 @@ def list_images(source: str) -> list[str]:
     return [os.path.abspath(dataset.get_image_path(i)) for i in range(len(dataset))]
 
 
+def check_file_list_paths(paths: Sequence[str], source: str) -> None:
+    """Raise when a path cannot be written as one FileList line that reads back as itself (a comma or
+    tab, which FileList takes for a label separator, or a last word that is an integer)."""
+    from dinov2.data.datasets.image_folder import _parse_line
+
+    for path in paths:
+        try:
+            fits = _parse_line(path, "") == (path, None) and path == path.strip()
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"image {path!r} of {source!r} cannot be listed in the curated FileList (commas, tabs, surrounding "
+                "spaces or a last word that is a number read as a label); rename it or list the pool without it"
+            )
+
+
 class _ImageFiles(Dataset):
     """``(index, tensor or None, reason)`` per path; a file that cannot be decoded is reported, not replaced."""
 
@@ -113,7 +130,9 @@ class BackboneEmbedder:
         if cfg.pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
         self.cfg = cfg
-        self.model, _ = build_eval_model(cfg.config_file or None, cfg.pretrained_weights, list(cfg.opts), device)
+        with torch.random.fork_rng(devices=[]):  # a random-init baseline is the same on every rank and run
+            torch.manual_seed(0)
+            self.model, _ = build_eval_model(cfg.config_file or None, cfg.pretrained_weights, list(cfg.opts), device)
         self.device = next(self.model.parameters()).device
         self.autocast = autocast_dtype_for(self.device)
         self.transform = make_classification_eval_transform(int(cfg.resize_size), int(cfg.crop_size))
@@ -176,17 +195,22 @@ def embed_images(
     dtype: str = "float16",
     device: str | torch.device = "auto",
     progress: bool = True,
+    for_file_list: bool = False,
 ) -> EmbeddingStore:
     """Embed every image of ``source`` into ``store_dir``; the chunks are shared by all ranks.
 
     Resumable: chunks already written are skipped; a store made from other images or another
-    embedder is an error (:class:`~dinov2.curation.store.StoreError`). Returns the store.
+    embedder is an error (:class:`~dinov2.curation.store.StoreError`). ``for_file_list`` checks
+    first that every path can be written to a FileList (the pool's). Returns the store.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"embedding dtype must be float16 or float32, got {dtype!r}")
     info = {"source": str(source), "embedder": describe_embedder(model_cfg), "dtype": dtype}
     if distributed.is_main_process():
-        store = EmbeddingStore.create(store_dir, list_images(source), chunk_size, info)
+        paths = list_images(source)
+        if for_file_list:
+            check_file_list_paths(paths, source)
+        EmbeddingStore.create(store_dir, paths, chunk_size, info)
     distributed.barrier()
     store = EmbeddingStore(store_dir)
     rank, world = distributed.get_rank(), distributed.get_world_size()

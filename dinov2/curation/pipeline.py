@@ -172,6 +172,7 @@ class Curation:
         for role, (source, directory, model) in self.store_dirs().items():
             store = embed_images(
                 source, directory, model, e.batch_size, e.num_workers, e.chunk_size, e.dtype, e.device,
+                for_file_list=role in ("pool", "copy"),
             )  # fmt: skip
             failed = store.failed()
             report[role] = {"source": source, "images": store.num_images, "embedded": len(store),
@@ -270,12 +271,13 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix]
 
 
-def run_pipeline(cfg: DictConfig, output_dir: str | Path, stages=STAGES, redo=()) -> dict[str, Any] | None:
-    """Run ``stages`` in order (finished ones are skipped); rank 0 returns the report, other ranks None."""
+def run_pipeline(cfg: DictConfig, output_dir: str | Path, stages=STAGES, redo: str | None = None) -> dict | None:
+    """Run ``stages`` in order (finished ones are skipped; ``redo`` and the stages after it are redone);
+    rank 0 returns the report, other ranks None."""
     curation = Curation(cfg, output_dir)
     if distributed.is_main_process():
-        for stage in redo:
-            curation.redo(stage)
+        if redo:
+            curation.redo(redo)
         curation.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(curation.out / "config.yaml", OmegaConf.to_yaml(cfg))
     distributed.barrier()

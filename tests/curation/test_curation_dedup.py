@@ -1,0 +1,130 @@
+"""Deduplication: planted copies found, distinct images never merged, approximate index re-scored, eval sets."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from curation_images import COPY_KINDS, write_pool
+from test_curation_store_embed import make_store
+
+from dinov2.curation import dedup
+from dinov2.curation.embed import embed_images
+from dinov2.curation.faiss_index import factory_string
+from dinov2.curation.pipeline import load_curation_config
+
+
+def config(*overrides):
+    return load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail", *overrides])
+
+
+def test_planted_copies_are_found_and_distinct_images_never_merged(tmp_path):
+    planted = {3: COPY_KINDS, 10: ("jpeg", "cropped"), 25: ("resized",), 40: ("exact", "cropped")}
+    groups = write_pool(tmp_path / "pool", 60, planted)
+    cfg = config()
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg.embed.model, chunk_size=16)
+    keep, report = dedup.self_deduplicate(store, cfg.index, k=8, threshold=0.8, rerank_margin=0.05)
+    paths = store.paths()
+    kept_groups = [groups[p] for p, k in zip(paths, keep) if k]
+    assert sorted(kept_groups) == list(range(60))  # one image per picture: every copy removed, no original lost
+    assert report["removed"] == sum(len(kinds) for kinds in planted.values())
+    assert report["groups_with_copies"] == len(planted)
+    for path, kept in zip(paths, keep):  # the representative is the first in the pool's order
+        if groups[path] in planted:
+            first = min(i for i, p in enumerate(paths) if groups[p] == groups[path])
+            assert kept == (paths.index(path) == first)
+
+
+def test_pairs_and_groups_match_a_brute_force_graph(tmp_path):
+    rng = np.random.default_rng(1)
+    store, vectors = make_store(tmp_path / "s", [40, 40, 20], dim=8)
+    base = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for target, source in [(50, 90), (5, 50), (12, 13), (70, 71)]:  # a chain: 5-50-90 is one group
+        base[target] = base[source] + 0.01 * rng.normal(size=8)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    store, _ = make_store_from(tmp_path / "t", base)
+    cfg = config()
+    i, j, sims = dedup.duplicate_pairs(store, dedup.build_index(store, cfg.index), k=10, threshold=0.95)
+    brute = base @ base.T
+    expected = {(a, b) for a, b in itertools.combinations(range(100), 2) if brute[a, b] >= 0.95}
+    assert set(zip(i.tolist(), j.tolist())) == expected
+    np.testing.assert_allclose(sims, brute[i, j], atol=1e-5)
+    labels = dedup.duplicate_groups(100, i, j)
+    assert labels[5] == labels[50] == labels[90] and labels[12] == labels[13] and labels[70] == labels[71]
+    parent = list(range(100))  # an independent union-find over the brute-force pairs
+
+    def root(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for a, b in expected:
+        parent[root(a)] = root(b)
+    assert len(np.unique(labels)) == len({root(a) for a in range(100)}) <= 100 - 4
+    for a, b in itertools.combinations(range(100), 2):
+        assert (labels[a] == labels[b]) == (root(a) == root(b))
+
+
+def make_store_from(directory: Path, vectors: np.ndarray, chunk_size: int = 32):
+    from dinov2.curation.store import EmbeddingStore
+
+    sources = [f"/v/{i}.png" for i in range(len(vectors))]
+    info = {"source": "test", "embedder": {"kind": "test"}, "dtype": "float32"}
+    store = EmbeddingStore.create(directory, sources, chunk_size, info)
+    for c in range(store.num_chunks):
+        part = slice(c * chunk_size, (c + 1) * chunk_size)
+        store.write_chunk(c, vectors[part], sources[part], {})
+    return EmbeddingStore(directory), vectors
+
+
+def test_an_ivf_pq_index_finds_the_same_pairs_with_exact_similarities(tmp_path):
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(3000, 32))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    picked = rng.choice(3000, 120, replace=False)
+    copies, sources = picked[:40], picked[40:80]  # near-copies (similarity ~0.99): above the threshold
+    base[copies] = base[sources] + 0.02 * rng.normal(size=(40, 32))
+    near, far = picked[80:100], picked[100:120]  # near misses (~0.85): candidates that re-scoring rejects
+    base[near] = base[far] + 0.11 * rng.normal(size=(20, 32))
+    base = (base / np.linalg.norm(base, axis=1, keepdims=True)).astype(np.float32)
+    store, _ = make_store_from(tmp_path / "s", base, chunk_size=1000)
+    cfg = config("index.factory='IVF32,PQ16x4'", "index.train_size=3000", "index.nprobe=8")  # 4-bit PQ: fast to train
+    index = dedup.build_index(store, cfg.index)
+    assert index.spec == "IVF32,PQ16x4" and not index.exact
+    i, j, sims = dedup.duplicate_pairs(store, index, k=10, threshold=0.9, rerank_margin=0.1)
+    brute = base @ base.T
+    expected = {(int(a), int(b)) for a, b in zip(*np.nonzero(np.triu(brute >= 0.9, 1)))}
+    found = set(zip(i.tolist(), j.tolist()))
+    assert found == expected, (len(found), len(expected), sorted(expected - found)[:5], sorted(found - expected)[:5])
+    np.testing.assert_allclose(sims, brute[i, j], atol=1e-5)  # re-scored exactly, not the PQ estimate
+
+
+def test_pool_copies_of_evaluation_images_are_removed_and_counted(tmp_path):
+    write_pool(tmp_path / "pool", 30)
+    write_pool(tmp_path / "val_a", 3, first_seed=4)  # pictures 4, 5, 6 of the pool
+    write_pool(tmp_path / "val_b", 2, first_seed=100, copies={0: ("cropped",)})  # nothing of the pool
+    write_pool(tmp_path / "val_c", 2, first_seed=5)  # 5 (already counted for val_a) and 6
+    cfg = config()
+    model = cfg.embed.model
+    pool = embed_images(str(tmp_path / "pool"), tmp_path / "e_pool", model)
+    evals = {
+        name: embed_images(str(tmp_path / name), tmp_path / f"e_{name}", model) for name in ("val_a", "val_b", "val_c")
+    }
+    removed, counts = dedup.eval_contamination(pool, evals, threshold=0.8, index_cfg=cfg.index)
+    names = sorted(Path(p).name for p, r in zip(pool.paths(), removed) if r)
+    assert names == ["img_0004.png", "img_0005.png", "img_0006.png"]
+    assert counts == {"val_a": 3, "val_b": 0, "val_c": 0}
+
+
+@pytest.mark.parametrize("n", [10, 10**5, 10**6, 10**7])
+def test_automatic_index_choice(n):
+    cfg = config().index
+    spec = factory_string(n, 384, cfg)
+    if n <= cfg.exact_max_size:
+        assert spec == "Flat"
+    else:
+        nlist, m = int(spec.split(",")[0][3:]), int(spec.split(",")[1][2:])
+        assert 384 % m == 0 and nlist & (nlist - 1) == 0  # PQ bytes divide the dim; nlist a power of two
+        assert 39 * nlist <= cfg.train_size and nlist >= min(2 * np.sqrt(n), cfg.train_size / 78)

@@ -1,0 +1,108 @@
+"""The whole pipeline from a config: stages, skipping, changed settings, the report, and training on its FileList."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from curation_images import write_pool
+from test_curation_store_embed import MICRO_OPTS
+
+from dinov2.curation.__main__ import main
+from dinov2.curation.pipeline import StageError
+from dinov2.data.datasets import FileList
+from dinov2.utils.config import ConfigError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+
+
+def opts(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"pool={tmp_path / 'pool'}",
+        f"embed.model.opts=[{','.join(MICRO_OPTS)}]", "embed.model.config_file=''",
+        "embed.model.resize_size=32", "embed.model.crop_size=32", "embed.num_workers=0", "embed.chunk_size=16",
+        "dedup.copy_detection={kind: thumbnail}", "dedup.threshold=0.8", "dedup.k=8",
+        f"dedup.eval_datasets=[{tmp_path / 'val'}]", "dedup.eval_threshold=0.8",
+        "clustering.levels=[6,2]", "clustering.max_train_points=1000",
+        f"retrieval.seeds=[{{name: mine, dataset: {tmp_path / 'seeds'}, mode: nn, per_seed: 2}}]",
+        "retrieval.balanced_size=12", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def images(tmp_path):
+    pool = write_pool(tmp_path / "pool", 40, {2: ("jpeg", "cropped"), 7: ("resized",)})
+    (tmp_path / "pool" / "broken.png").write_bytes(b"\x89PNG truncated")
+    write_pool(tmp_path / "val", 2, first_seed=30)  # pictures 30 and 31 of the pool are evaluation images
+    write_pool(tmp_path / "seeds", 3, first_seed=500)
+    return pool
+
+
+def test_the_pipeline_curates_a_file_list_that_trains(tmp_path, images):
+    out = tmp_path / "out"
+    report = main(["run", "--output-dir", str(out), *opts(tmp_path)])
+    sizes = report["sizes"]
+    assert sizes["listed"] == 44 and sizes["embedded"] == 43 and sizes["unreadable"] == 1
+    assert sizes["removed_as_copies"] == 3 and sizes["removed_as_eval_copies"] == {str(tmp_path / "val"): 2}
+    assert sizes["after_dedup"] == 38
+    assert str(tmp_path / "pool" / "broken.png") in report["stages"]["embed"]["pool"]["unreadable_images"]
+    curated = FileList(str(out / "curated.txt"))
+    paths = [curated.get_image_path(i) for i in range(len(curated))]
+    assert len(paths) == sizes["curated"] == len(set(paths)) >= 12
+    groups = {p: g for p, g in images.items()}
+    assert len({groups[p] for p in paths}) == len(paths)  # no two copies of one picture
+    assert not {groups[p] for p in paths} & {30, 31}  # nothing that copies the evaluation set
+    retrieved = report["stages"]["retrieve"]
+    assert retrieved["seeds"]["mine"]["retrieved"] <= 6 and retrieved["balanced"]["sampled"] == 12
+    assert json.loads((out / "report.json").read_text())["sizes"] == sizes
+
+    from test_train_loop import TINY
+
+    from dinov2.train.train import main as train_main
+
+    overrides = [o for o in TINY if not o.startswith("train.dataset_path")]
+    train_main(["--output-dir", str(tmp_path / "train"), *overrides, f"train.dataset_path=FileList:path={out / 'curated.txt'}",
+                "train.stop_at_iteration=2"])  # fmt: skip
+    lines = (tmp_path / "train" / "training_metrics.json").read_text().splitlines()
+    losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_a_rerun_skips_finished_stages_and_changed_settings_are_named(tmp_path, images):
+    out = tmp_path / "out"
+    main(["run", "--output-dir", str(out), *opts(tmp_path)])
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "log.txt"}
+    main(["run", "--output-dir", str(out), *opts(tmp_path)])
+    after = {p: p.stat().st_mtime_ns for p in stamps}
+    changed = sorted(str(p.relative_to(out)) for p in stamps if stamps[p] != after[p])
+    assert changed == ["config.yaml", "report.json"]  # no stage ran again
+    with pytest.raises(StageError, match=r"stage 'cluster' .*settings changed: clustering.levels.*--redo cluster"):
+        main(["run", "--output-dir", str(out), *opts(tmp_path, "clustering.levels=[5]")])
+    report = main(["run", "--output-dir", str(out), "--redo", "cluster", *opts(tmp_path, "clustering.levels=[5]")])
+    assert report["stages"]["cluster"]["levels"][0]["clusters"] == 5
+    assert (out / "embed" / "done.json").stat().st_mtime_ns == stamps[out / "embed" / "done.json"]
+    assert (out / "dedup" / "keep.npy").stat().st_mtime_ns == stamps[out / "dedup" / "keep.npy"]
+    main(["run", "--output-dir", str(tmp_path / "fresh"), *opts(tmp_path, "clustering.levels=[5]")])
+    assert (out / "curated.txt").read_text() == (tmp_path / "fresh" / "curated.txt").read_text()
+
+
+def test_single_stages_need_the_earlier_ones(tmp_path, images):
+    out = tmp_path / "out"
+    with pytest.raises(StageError, match="stage 'cluster' needs stage 'embed' first"):
+        main(["cluster", "--output-dir", str(out), *opts(tmp_path)])
+    main(["embed", "--output-dir", str(out), *opts(tmp_path)])
+    assert (out / "embed" / "done.json").is_file() and not (out / "dedup").exists()
+    main(["dedup", "--output-dir", str(out), *opts(tmp_path)])
+    assert np.load(out / "dedup" / "keep.npy").sum() == 38
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'clustering.level'.*did you mean 'clustering.levels'"):
+        main(["run", "--output-dir", str(tmp_path), "pool=x", "clustering.level=[3]"])
+    with pytest.raises(ValueError, match="unknown key dedup.copy_detection.kin"):
+        main(["run", "--output-dir", str(tmp_path), "pool=x", "dedup.copy_detection={kin: thumbnail}"])
+    with pytest.raises(Exception, match="pool"):
+        main(["run", "--output-dir", str(tmp_path)])  # the pool is required

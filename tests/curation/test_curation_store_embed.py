@@ -1,0 +1,188 @@
+"""Embedding stores and the embed stage: chunk files, validation, resuming, unreadable images, ranks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from curation_images import write_pool
+from omegaconf import OmegaConf
+
+from dinov2.curation import embed as embed_module
+from dinov2.curation.embed import embed_images, list_images
+from dinov2.curation.pipeline import load_curation_config
+from dinov2.curation.store import EmbeddingStore, StoreError
+from dinov2.data.datasets import load_image
+from dinov2.data.transforms import make_classification_eval_transform
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+from eval_micro import MICRO_OPTS, micro_vit  # noqa: E402
+
+INFO = {"source": "test", "embedder": {"kind": "test"}, "dtype": "float32"}
+
+
+def micro_model_cfg(weights: Path | None = None):
+    """The ``embed.model`` section for the evaluation tests' micro ViT (32 px; ``weights``: a backbone file)."""
+    opts = [f"embed.model.opts=[{','.join(MICRO_OPTS)}]", "embed.model.resize_size=32", "embed.model.crop_size=32"]
+    if weights is not None:
+        opts.append(f"embed.model.pretrained_weights={weights}")
+    return load_curation_config(None, ["pool=unused", *opts]).embed.model
+
+
+def make_store(directory: Path, sizes: list[int], dim: int = 4, seed: int = 0) -> tuple[EmbeddingStore, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    chunk_size = max(sizes)
+    sources = [f"/img/{c}_{r}.png" for c, n in enumerate(sizes) for r in range(chunk_size)]
+    store = EmbeddingStore.create(directory, sources, chunk_size, INFO)
+    rows = []
+    for c, n in enumerate(sizes):
+        vectors = rng.normal(size=(n, dim)).astype(np.float32)
+        store.write_chunk(c, vectors, [f"/img/{c}_{r}.png" for r in range(n)], {})
+        rows.append(vectors)
+    return EmbeddingStore(directory), np.concatenate(rows)
+
+
+def test_store_ids_follow_chunk_order_and_reads_match_the_written_rows(tmp_path):
+    store, written = make_store(tmp_path / "s", [5, 3, 5])
+    assert len(store) == 13 and store.dim == 4 and list(store.offsets) == [0, 5, 8, 13]
+    ids = np.array([12, 0, 6, 5, 7])
+    np.testing.assert_array_equal(store.read(ids), written[ids])
+    seen = np.concatenate([ids for ids, _ in store.iter_chunks()])
+    np.testing.assert_array_equal(seen, np.arange(13))
+    keep = np.zeros(13, dtype=bool)
+    keep[[1, 9]] = True
+    (ids_a, vec_a), (ids_b, vec_b) = list(store.iter_chunks(keep))
+    assert ids_a.tolist() == [1] and ids_b.tolist() == [9]
+    np.testing.assert_array_equal(vec_b, written[[9]])
+    assert store.paths(np.array([6, 0])) == ["/img/0_0.png", "/img/1_1.png"]
+
+
+def test_a_chunk_whose_rows_and_paths_differ_is_an_error_naming_it(tmp_path):
+    store, _ = make_store(tmp_path / "s", [4, 4])
+    paths_file = tmp_path / "s" / "chunk_00001.paths.txt"
+    paths_file.write_text("".join(paths_file.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(
+        StoreError, match=r"chunk_00001 .*does not match its path list: \(4, 4\) embeddings but 3 paths"
+    ):
+        len(EmbeddingStore(tmp_path / "s"))
+
+
+def test_a_store_refuses_other_images_or_another_embedder(tmp_path):
+    EmbeddingStore.create(tmp_path, ["/a.png", "/b.png"], 2, INFO)
+    with pytest.raises(StoreError, match="another list of images"):
+        EmbeddingStore.create(tmp_path, ["/a.png", "/c.png"], 2, INFO)
+    with pytest.raises(StoreError, match="embedder"):
+        EmbeddingStore.create(tmp_path, ["/a.png", "/b.png"], 2, {**INFO, "embedder": {"kind": "other"}})
+    with pytest.raises(StoreError, match="not written yet"):
+        len(EmbeddingStore(tmp_path))
+
+
+def test_backbone_embeddings_are_the_models_normalised_cls_features(tmp_path):
+    groups = write_pool(tmp_path / "pool", 7)
+    model = micro_vit().eval()
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    cfg = micro_model_cfg(tmp_path / "backbone.pth")
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, batch_size=3, chunk_size=4, dtype="float32")
+    assert store.num_chunks == 2 and len(store) == 7
+    transform = make_classification_eval_transform(32, 32)
+    paths = sorted(groups)
+    images = torch.stack([transform(load_image(p)) for p in paths])
+    with torch.no_grad():
+        expected = F.normalize(model.forward_features(images)["x_norm_clstoken"], dim=1)
+    assert store.paths() == paths
+    np.testing.assert_allclose(store.read(np.arange(7)), expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(store.read(np.arange(7)), axis=1), 1.0, atol=1e-5)
+
+
+def test_unreadable_images_are_skipped_and_listed(tmp_path):
+    write_pool(tmp_path / "pool", 5)
+    (tmp_path / "pool" / "img_0002.png").write_bytes(b"not a png")
+    (tmp_path / "pool" / "zero.jpg").write_bytes(b"")
+    cfg = load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail"]).embed.model
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=3)
+    assert len(store) == 4 and store.num_images == 6
+    failed = store.failed()
+    assert sorted(Path(p).name for p in failed) == ["img_0002.png", "zero.jpg"]
+    assert "zero-byte" in failed[str(tmp_path / "pool" / "zero.jpg")]
+    assert not any(Path(p).name in ("img_0002.png", "zero.jpg") for p in store.paths())
+
+
+def test_an_interrupted_embedding_resumes_without_redoing_or_duplicating_chunks(tmp_path, monkeypatch):
+    write_pool(tmp_path / "pool", 10)
+    cfg = load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail"]).embed.model
+    reference = embed_images(str(tmp_path / "pool"), tmp_path / "ref", cfg, chunk_size=3)
+    calls = []
+    original = embed_module._embed_chunk
+
+    def failing_on_third(embedder, paths, *args):
+        calls.append(paths[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return original(embedder, paths, *args)
+
+    monkeypatch.setattr(embed_module, "_embed_chunk", failing_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=3)
+    partial = EmbeddingStore(tmp_path / "emb")
+    assert partial.missing_chunks() == [2, 3]
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "emb").iterdir())
+    calls.clear()
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=3)
+    assert [Path(p).name for p in calls] == ["img_0006.png", "img_0009.png"]  # only the two missing chunks
+    assert store.paths() == reference.paths()
+    np.testing.assert_array_equal(store.read(np.arange(10)), reference.read(np.arange(10)))
+
+
+def test_pool_sources_folder_list_file_and_dataset_string_agree(tmp_path):
+    groups = write_pool(tmp_path / "pool", 4)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(p + "\n" for p in sorted(groups)))
+    expected = sorted(groups)
+    assert list_images(str(tmp_path / "pool")) == expected
+    assert list_images(str(listing)) == expected
+    assert list_images(f"ImageFolder:root={tmp_path / 'pool'}") == expected
+    with pytest.raises(ValueError, match="Synthetic, which has no image files"):
+        list_images("Synthetic:split=TRAIN:num_images=4")
+
+
+@pytest.mark.parametrize("name", ["a,b.png", "tab\there.png"])
+def test_a_pool_path_that_a_file_list_would_misread_fails_before_embedding(tmp_path, name):
+    write_pool(tmp_path / "pool", 2)
+    write_pool(tmp_path / "tmp", 1)
+    (tmp_path / "tmp" / "img_0000.png").rename(tmp_path / "pool" / name)
+    cfg = load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail"]).embed.model
+    embed_images(str(tmp_path / "pool"), tmp_path / "other", cfg)  # fine where no FileList is written
+    with pytest.raises(ValueError, match=r"cannot be listed in the curated FileList"):
+        embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, for_file_list=True)
+    assert not (tmp_path / "emb").exists()
+
+
+def _embed_rank(rank, port, pool, out, cfg_yaml):
+    from dist_common import join_group
+
+    join_group(rank, port)
+    embed_images(pool, out, OmegaConf.create(cfg_yaml), chunk_size=2, progress=False)
+
+
+@pytest.mark.distributed
+def test_two_ranks_share_the_chunks_and_write_what_one_process_writes(tmp_path):
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+    from dist_common import free_port
+
+    write_pool(tmp_path / "pool", 7)
+    cfg = load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail"]).embed.model
+    single = embed_images(str(tmp_path / "pool"), tmp_path / "one", cfg, chunk_size=2)
+    args = (free_port(), str(tmp_path / "pool"), str(tmp_path / "two"), OmegaConf.to_yaml(cfg))
+    mp.spawn(_embed_rank, args=args, nprocs=2, join=True)
+    two = EmbeddingStore(tmp_path / "two")
+    assert two.paths() == single.paths()
+    np.testing.assert_array_equal(two.read(np.arange(7)), single.read(np.arange(7)))
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["num_images"] == 7 and manifest["embedder"]["kind"] == "thumbnail"
