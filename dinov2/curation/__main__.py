@@ -21,25 +21,26 @@ from collections.abc import Sequence
 from dinov2.curation.pipeline import STAGES
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m dinov2.curation", description="DINOv2 data curation")
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "python -m dinov2.curation", description="DINOv2 data curation", add_help=add_help, allow_abbrev=False
+    )
     parser.add_argument("stage", choices=("run", *STAGES), help="'run' for every stage in order, or one stage")
     parser.add_argument("--config", "--config-file", dest="config", default="",
                         help="a name under configs/curation/ or a path; empty: configs/curation/default.yaml")  # fmt: skip
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="pipeline directory")
     parser.add_argument("--redo", choices=STAGES, default=None, help="redo this stage and the ones after it")
-    parser.epilog = "Any other words are key=value config overrides, e.g. pool=/data/images embed.batch_size=128."
+    parser.add_argument("opts", nargs="*", default=[], help="key=value config overrides, e.g. pool=/data/images")
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The options, and every other word as a ``key=value`` override (``opts``), in any order."""
+    """The options, the stage and the ``key=value`` overrides (``opts``), in any order."""
     parser = get_args_parser()
-    args, opts = parser.parse_known_args(argv)
-    bad = [o for o in opts if "=" not in o or o.startswith("-")]
+    args = parser.parse_intermixed_args(argv)
+    bad = [o for o in args.opts if "=" not in o]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like key=value)")
-    args.opts = opts
     return args
 
 

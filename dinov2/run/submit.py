@@ -29,7 +29,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import JobPaths
 
-from dinov2.utils.config import ConfigError, load_config
+from dinov2.utils.config import ConfigError
 
 EXECUTORS = ("slurm", "local")
 NO_RESUME = "--no-resume"
@@ -69,16 +69,27 @@ class EntryPoint:
     """The ``main`` a job runs: ``module.main(argv)`` when ``main_takes_argv`` (training), else
     ``module.main(module.get_args_parser().parse_args(argv))`` (evaluations).
 
-    ``config_attr`` names the parsed argument that holds the config (checked before submission).
+    ``config_attr`` names the parsed argument that holds the config (checked before submission by
+    ``config_loader``, ``"module:function"`` taking the config and the overrides). ``intermixed``:
+    the entry point's positionals may stand among its options (``parse_intermixed_args``).
     """
 
     module: str
     job_name: str
     main_takes_argv: bool = False
     config_attr: str = "config_file"
+    config_loader: str = "dinov2.utils.config:load_config"
+    intermixed: bool = False
 
     def get_args_parser(self, add_help: bool = True) -> argparse.ArgumentParser:
         return importlib.import_module(self.module).get_args_parser(add_help=add_help)
+
+    def parse_args(self, parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+        return parser.parse_intermixed_args(list(argv)) if self.intermixed else parser.parse_args(list(argv))
+
+    def load_config(self, config: str | None, overrides: Sequence[str]) -> Any:
+        module, name = self.config_loader.split(":")
+        return getattr(importlib.import_module(module), name)(config, list(overrides))
 
     def run(self, argv: Sequence[str]) -> Any:
         module = importlib.import_module(self.module)
@@ -173,7 +184,7 @@ def parse_launcher_args(
     slurm_args, entry_argv = slurm_parser.parse_known_args(argv)
     entry_parser = entry.get_args_parser(add_help=False)
     entry_parser.set_defaults(output_dir=None)  # the launchers need an explicit --output-dir
-    entry_args = entry_parser.parse_args(entry_argv)
+    entry_args = entry.parse_args(entry_parser, entry_argv)
     return slurm_args, entry_argv, entry_args
 
 
@@ -190,8 +201,8 @@ def check_submission(entry: EntryPoint, slurm_args: argparse.Namespace, entry_ar
     if slurm_args.executor == "local" and slurm_args.nodes != 1:
         raise SystemExit(f"--executor local runs on this machine only: use --nodes 1 (got {slurm_args.nodes})")
     try:
-        load_config(getattr(entry_args, entry.config_attr) or None, list(entry_args.opts or ()))
-    except (ConfigError, FileNotFoundError) as error:
+        entry.load_config(getattr(entry_args, entry.config_attr) or None, list(entry_args.opts or ()))
+    except (ConfigError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"config: {error}") from None
     output_dir = Path(entry_args.output_dir)
     if getattr(entry_args, "no_resume", False) and "%j" not in str(output_dir) and output_dir.is_dir():

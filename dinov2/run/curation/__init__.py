@@ -1,0 +1,1 @@
+"""SLURM launcher for pretraining: ``train.py``."""
