@@ -128,3 +128,27 @@ def test_automatic_index_choice(n):
         nlist, m = int(spec.split(",")[0][3:]), int(spec.split(",")[1][2:])
         assert 384 % m == 0 and nlist & (nlist - 1) == 0  # PQ bytes divide the dim; nlist a power of two
         assert 39 * nlist <= cfg.train_size and nlist >= min(2 * np.sqrt(n), cfg.train_size / 78)
+
+
+def test_gpu_setting_follows_what_faiss_sees(monkeypatch):
+    import faiss
+
+    from dinov2.curation.faiss_index import num_gpus
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    assert num_gpus("auto") == 0 and num_gpus(False) == 0
+    with pytest.raises(RuntimeError, match="index.gpu is true, but faiss sees no GPU"):
+        num_gpus(True)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
+    assert num_gpus("auto") == 4 and num_gpus(True) == 4 and num_gpus(False) == 0
+
+
+def test_searching_past_the_index_size_returns_no_ids():
+    from dinov2.curation.faiss_index import VectorIndex
+
+    index = VectorIndex(4)
+    vectors = np.eye(4, dtype=np.float32)[:3]
+    index.add(vectors, np.array([10, 20, 30]))
+    sims, ids = index.search(vectors[:1], 5)
+    assert ids[0, 0] == 10 and set(ids[0, 1:3].tolist()) == {20, 30} and (ids[0, 3:] == -1).all()
+    assert sims[0, 0] == pytest.approx(1.0) and np.isneginf(sims[0, 3:]).all()
