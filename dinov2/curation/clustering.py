@@ -191,10 +191,11 @@ def balanced_sample(h: Hierarchy, target: int, seed: int = 0, strategy: str = "r
         raise ValueError(f"sampling strategy must be one of {SAMPLING_STRATEGIES}, got {strategy!r}")
     counts = allocate(h.sizes(h.depth), target)
     for level in range(h.depth - 1, 0, -1):  # share each cluster's count among its children
-        sizes, parents = h.sizes(level), h.labels[level]
+        sizes = h.sizes(level)
+        children, starts = members_by_cluster(h.labels[level], len(counts))
         child = np.zeros(len(sizes), dtype=np.int64)
         for parent in np.nonzero(counts)[0]:
-            members = np.nonzero(parents == parent)[0]
+            members = children[starts[parent] : starts[parent + 1]]
             child[members] = allocate(sizes[members], counts[parent])
         counts = child
     return _draw_points(h, counts, seed, strategy)
