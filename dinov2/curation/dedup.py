@@ -2,9 +2,14 @@
 
 Inside the pool: every vector's ``k`` nearest neighbours; each pair at cosine similarity >=
 ``threshold`` is an edge; connected components of that graph are groups of copies, and each
-group keeps its first image (lowest id, i.e. first in the pool's order). With an approximate
-(IVF-PQ) index, candidate pairs within ``rerank_margin`` of the threshold are re-scored exactly
-from the stored vectors before the threshold is applied.
+group keeps its first image (lowest id, i.e. first in the pool's order).
+
+With an approximate (IVF-PQ) index the searched similarities are biased low: a query's similarity
+to a quantised vector lacks what the quantisation dropped (about 0.06 on average at PQ64 and dim
+384, up to 0.14; docs/performance.md). Candidates are therefore kept down to ``threshold -
+rerank_margin - shortfall``, where ``shortfall`` is the 99.9th percentile of what the index loses on
+a vector's similarity to itself, measured on a sample; they are then re-scored exactly from the
+stored vectors, and the threshold is applied to the exact similarities.
 
 Against evaluation sets: each pool image whose nearest evaluation image has similarity >=
 ``eval_threshold`` is removed (test-set contamination), counted per evaluation set.
@@ -25,10 +30,31 @@ from dinov2.curation.faiss_index import VectorIndex, build_index
 logger = logging.getLogger("dinov2")
 
 
-def duplicate_pairs(store, index: VectorIndex, k: int, threshold: float, rerank_margin: float = 0.05):
+def quantisation_shortfall(store, index: VectorIndex, k: int, sample: int = 4096, seed: int = 0) -> float:
+    """How far below the exact similarity the index scores a vector against itself (99.9th percentile
+    over a seeded sample; 0 for an exact index). A vector whose own row is not among its ``k``
+    results counts with its ``k``-th score, a bound on its shortfall."""
+    if index.exact:
+        return 0.0
+    ids = store.sample_ids(sample, seed)
+    vectors = store.read(ids)
+    sims, found = index.search(vectors, min(k, len(index)))
+    own = found == ids[:, None]
+    approx = np.where(own.any(axis=1), np.where(own, sims, -np.inf).max(axis=1), sims[:, -1])
+    shortfall = np.einsum("nd,nd->n", vectors, vectors) - approx
+    return float(max(0.0, np.quantile(shortfall[np.isfinite(shortfall)], 0.999)))
+
+
+def duplicate_pairs(store, index: VectorIndex, k: int, threshold: float, rerank_margin: float = 0.05, shortfall=None):
     """``(i, j, similarity)`` arrays of the pairs ``i < j`` found among each vector's ``k`` neighbours
-    with similarity >= ``threshold`` (exact similarities: re-scored when the index is approximate)."""
-    floor = threshold if index.exact else threshold - rerank_margin
+    with similarity >= ``threshold`` (exact similarities: re-scored when the index is approximate;
+    ``shortfall``: :func:`quantisation_shortfall`, measured when not given)."""
+    if shortfall is None:
+        shortfall = quantisation_shortfall(store, index, k + 1)
+    floor = threshold if index.exact else threshold - rerank_margin - shortfall
+    if not index.exact:
+        logger.info("Approximate index %s: candidates from %.3f (shortfall %.3f) re-scored exactly",
+                    index.spec, floor, shortfall)  # fmt: skip
     found_i, found_j, found_s = [], [], []
     for ids, vectors in store.iter_chunks():
         sims, neighbours = index.search(vectors, min(k + 1, len(index)))
@@ -77,7 +103,8 @@ def first_of_each_group(labels: np.ndarray) -> np.ndarray:
 def self_deduplicate(store, index_cfg, k: int, threshold: float, rerank_margin: float, seed: int = 0):
     """``(keep mask, report)`` for the near-duplicates inside ``store``."""
     index = build_index(store, index_cfg, seed=seed)
-    i, j, sims = duplicate_pairs(store, index, k, threshold, rerank_margin)
+    shortfall = quantisation_shortfall(store, index, k + 1, seed=seed)
+    i, j, sims = duplicate_pairs(store, index, k, threshold, rerank_margin, shortfall)
     labels = duplicate_groups(len(store), i, j)
     keep = first_of_each_group(labels)
     sizes = np.bincount(labels)
@@ -85,6 +112,7 @@ def self_deduplicate(store, index_cfg, k: int, threshold: float, rerank_margin: 
         "index": index.spec,
         "k": int(k),
         "threshold": float(threshold),
+        "candidates_from": float(threshold if index.exact else threshold - rerank_margin - shortfall),
         "pairs_above_threshold": int(len(i)),
         "groups_with_copies": int(np.count_nonzero(sizes > 1)),
         "largest_group": int(sizes.max()) if len(sizes) else 0,

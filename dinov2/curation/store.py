@@ -79,6 +79,7 @@ class EmbeddingStore:
         self.num_images = int(self.manifest["num_images"])
         self.num_chunks = max(1, -(-self.num_images // self.chunk_size))
         self._rows: list[int] | None = None
+        self._path_counts: dict[int, int] = {}
 
     # Writing ------------------------------------------------------------------------------------
     @classmethod
@@ -140,6 +141,7 @@ class EmbeddingStore:
         write_text_atomic(base.with_suffix(".paths.txt"), "".join(p + "\n" for p in paths))
         atomic_write(base.with_suffix(".npy"), lambda f: np.save(f, vectors))
         self._rows = None
+        self._path_counts.pop(index, None)
 
     # Reading ------------------------------------------------------------------------------------
     def check_complete(self) -> None:
@@ -166,11 +168,14 @@ class EmbeddingStore:
         return vectors
 
     def _path_count(self, index: int) -> int:
-        path = (self.dir / chunk_name(index)).with_suffix(".paths.txt")
-        if not path.is_file():
-            raise StoreError(f"{chunk_name(index)} in {self.dir} has embeddings but no {path.name}")
-        with open(path, "rb") as handle:
-            return sum(1 for _ in handle)
+        """Lines of the chunk's path list (counted once per store object: chunks are never rewritten)."""
+        if index not in self._path_counts:
+            path = (self.dir / chunk_name(index)).with_suffix(".paths.txt")
+            if not path.is_file():
+                raise StoreError(f"{chunk_name(index)} in {self.dir} has embeddings but no {path.name}")
+            with open(path, "rb") as handle:
+                self._path_counts[index] = sum(1 for _ in handle)
+        return self._path_counts[index]
 
     def chunk_paths(self, index: int) -> list[str]:
         return _read_lines((self.dir / chunk_name(index)).with_suffix(".paths.txt"))

@@ -125,8 +125,9 @@ def test_automatic_index_choice(n):
     if n <= cfg.exact_max_size:
         assert spec == "Flat"
     else:
-        nlist, m = int(spec.split(",")[0][3:]), int(spec.split(",")[1][2:])
-        assert 384 % m == 0 and nlist & (nlist - 1) == 0  # PQ bytes divide the dim; nlist a power of two
+        assert spec.endswith("np")  # no polysemous training
+        nlist, m = int(spec.split(",")[0][3:]), int(spec.split(",")[1][2:-2])
+        assert 384 % m == 0 and 4 * m <= 384 and nlist & (nlist - 1) == 0  # m divides the dim; nlist a power of 2
         assert 39 * nlist <= cfg.train_size and nlist >= min(2 * np.sqrt(n), cfg.train_size / 78)
 
 
@@ -152,3 +153,27 @@ def test_searching_past_the_index_size_returns_no_ids():
     sims, ids = index.search(vectors[:1], 5)
     assert ids[0, 0] == 10 and set(ids[0, 1:3].tolist()) == {20, 30} and (ids[0, 3:] == -1).all()
     assert sims[0, 0] == pytest.approx(1.0) and np.isneginf(sims[0, 3:]).all()
+
+
+def test_copies_just_above_the_threshold_survive_the_quantisation_bias(tmp_path):
+    """PQ scores are biased low; the measured shortfall keeps copies at 0.90-0.93 among the candidates
+    even with no margin of our own (threshold 0.9, rerank_margin 0)."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(4000, 64))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    picked = rng.choice(4000, 200, replace=False)
+    copies, sources = picked[:100], picked[100:]
+    target = rng.uniform(0.905, 0.93, size=100)  # exact cosine of each planted pair
+    noise = rng.normal(size=(100, 64))
+    noise -= np.einsum("nd,nd->n", noise, base[sources])[:, None] * base[sources]  # orthogonal to the source
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    base[copies] = target[:, None] * base[sources] + np.sqrt(1 - target[:, None] ** 2) * noise
+    store, _ = make_store_from(tmp_path / "s", base.astype(np.float32), chunk_size=1000)
+    cfg = config("index.factory='IVF16,PQ16x4np'", "index.train_size=4000", "index.nprobe=16")
+    index = dedup.build_index(store, cfg.index)
+    shortfall = dedup.quantisation_shortfall(store, index, 11)
+    assert shortfall > 0.02  # 4-bit codes lose a lot: without it the floor would sit inside the copies' range
+    i, j, _ = dedup.duplicate_pairs(store, index, k=10, threshold=0.9, rerank_margin=0.0, shortfall=shortfall)
+    exact = store.read(np.arange(4000)) @ store.read(np.arange(4000)).T
+    expected = {(int(a), int(b)) for a, b in zip(*np.nonzero(np.triu(exact >= 0.9, 1)))}
+    assert len(expected) >= 100 and set(zip(i.tolist(), j.tolist())) == expected
