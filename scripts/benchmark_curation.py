@@ -486,7 +486,7 @@ def print_tables(rows: list[dict]) -> None:
             print(
                 f"{r['index']}: a planted pair's approximate minus exact similarity: mean {e['mean']:.4f}, "
                 f"sd {e['sd']:.4f}, min {e['min']:.4f}, max {e['max']:.4f}; source among the copy's results "
-                f"{r['planted_source_in_results']:.4f}; below the re-scoring floor (threshold - margin) "
+                f"{r['planted_source_in_results']:.4f}; below the re-scoring floor (candidates_from) "
                 f"{r['planted_approx_below_floor']:.4f}"
             )
     section("kmeans", ["levels", "niter", "train pts", "s", "vectors/s", "L1 train s", "assign s", "assign vec/s",
