@@ -206,12 +206,7 @@ def embed_images(
     if dtype not in ("float16", "float32"):
         raise ValueError(f"embedding dtype must be float16 or float32, got {dtype!r}")
     info = {"source": str(source), "embedder": describe_embedder(model_cfg), "dtype": dtype}
-    if distributed.is_main_process():
-        paths = list_images(source)
-        if for_file_list:
-            check_file_list_paths(paths, source)
-        EmbeddingStore.create(store_dir, paths, chunk_size, info)
-    distributed.barrier()
+    _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, device)
     store = EmbeddingStore(store_dir)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     todo = [c for c in store.missing_chunks() if c % world == rank]
@@ -223,6 +218,30 @@ def embed_images(
     store = EmbeddingStore(store_dir)
     store.check_complete()
     return store
+
+
+def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, device) -> None:
+    """Rank 0 lists the images and creates (or checks) the store; every rank learns whether that
+    worked, so a bad input stops all ranks with rank 0's error instead of leaving them waiting."""
+    error = None
+    if distributed.is_main_process():
+        try:
+            paths = list_images(source)
+            if for_file_list:
+                check_file_list_paths(paths, source)
+            EmbeddingStore.create(store_dir, paths, chunk_size, info)
+        except (ValueError, OSError) as caught:  # StoreError is a ValueError
+            error = caught
+    if distributed.get_world_size() > 1:
+        from dinov2.utils.device import resolve_device
+
+        where = resolve_device(device) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        failed = torch.tensor([float(error is not None)], device=where)
+        distributed.all_reduce(failed)
+        if error is None and failed.item() > 0:
+            raise StoreError(f"rank 0 could not prepare the embedding store {store_dir} (its log has the error)")
+    if error is not None:
+        raise error
 
 
 def _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress) -> None:

@@ -167,6 +167,12 @@ def _embed_rank(rank, port, pool, out, cfg_yaml):
 
     join_group(rank, port)
     embed_images(pool, out, OmegaConf.create(cfg_yaml), chunk_size=2, progress=False)
+    try:  # a store rank 0 refuses (another chunk size): every rank stops with an error, none waits
+        embed_images(pool, out, OmegaConf.create(cfg_yaml), chunk_size=3, progress=False)
+    except StoreError as error:
+        assert ("chunk_size" in str(error)) if rank == 0 else ("rank 0 could not prepare" in str(error))
+    else:
+        raise AssertionError("a mismatched store was accepted")
 
 
 @pytest.mark.distributed
