@@ -35,7 +35,8 @@ from dinov2 import distributed
 from dinov2.curation import clustering, dedup, retrieve
 from dinov2.curation.embed import embed_images
 from dinov2.curation.faiss_index import build_index, num_gpus
-from dinov2.curation.store import EmbeddingStore, read_json, write_json, write_text_atomic
+from dinov2.curation.store import EmbeddingStore, read_json, write_text_atomic
+from dinov2.eval.metrics import write_json_atomic
 from dinov2.utils.config import CURATION_DEFAULT_CONFIG, load_config
 
 logger = logging.getLogger("dinov2")
@@ -125,7 +126,7 @@ class Curation:
     def _finish(self, stage: str, report: dict[str, Any], seconds: float) -> None:
         report = {"seconds": round(seconds, 2), **report}
         done = {"stage": stage, "fingerprint": self.fingerprint(stage), "settings": stage_settings(self.cfg, stage)}
-        write_json(self.done_file(stage), {**done, "report": report})
+        write_json_atomic(self.done_file(stage), {**done, "report": report})
         logger.info("Stage %s done in %.1f s: %s", stage, seconds, json.dumps(report, default=str)[:500])
 
     def report(self, stage: str) -> dict[str, Any]:
@@ -252,7 +253,7 @@ class Curation:
         thresholds = {"dedup": self.cfg.dedup.threshold, "eval": self.cfg.dedup.eval_threshold}
         report = {"output": str(self.out), "curated_list": str(self.out / CURATED_LIST), "sizes": sizes,
                   "thresholds": thresholds, "stages": stages}  # fmt: skip
-        write_json(self.out / REPORT, report)
+        write_json_atomic(self.out / REPORT, report)
         return report
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dinov2.checkpoint.training import atomic_write
+from dinov2.eval.metrics import write_json_atomic
 
 MANIFEST = "manifest.json"
 SOURCES = "sources.txt"
@@ -45,10 +46,6 @@ def chunk_name(index: int) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -113,7 +110,7 @@ class EmbeddingStore:
             return cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_text_atomic(directory / SOURCES, "".join(p + "\n" for p in sources))
-        write_json(directory / MANIFEST, manifest)
+        write_json_atomic(directory / MANIFEST, manifest)
         return cls(directory)
 
     def sources(self) -> list[str]:
@@ -137,7 +134,7 @@ class EmbeddingStore:
         vectors = np.ascontiguousarray(vectors, dtype=dtype)
         vectors = vectors.reshape(len(paths), -1) if len(paths) else vectors.reshape(0, vectors.shape[-1])
         base = self.dir / chunk_name(index)
-        write_json(base.with_suffix(".failed.json"), dict(failed))
+        write_json_atomic(base.with_suffix(".failed.json"), dict(failed))
         write_text_atomic(base.with_suffix(".paths.txt"), "".join(p + "\n" for p in paths))
         atomic_write(base.with_suffix(".npy"), lambda f: np.save(f, vectors))
         self._rows = None

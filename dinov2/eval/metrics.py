@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,18 +63,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename (never half-written)."""
+    """Write ``data`` as indented JSON to ``path`` via a temporary file, fsync and a rename (never
+    half-written; :func:`dinov2.checkpoint.training.atomic_write`)."""
+    from dinov2.checkpoint.training import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_jsonable(data), handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
     return path
 
 
