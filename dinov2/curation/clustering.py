@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2.curation.faiss_index import import_faiss
+from dinov2.curation.faiss_index import VectorIndex, import_faiss
 
 logger = logging.getLogger("dinov2")
 
@@ -70,13 +70,19 @@ def spherical_kmeans(
     return np.asarray(kmeans.centroids, dtype=np.float32)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (by inner product) of each row: ``(labels int64, similarities float32)``."""
-    faiss = import_faiss()
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    sims, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-    return labels[:, 0].astype(np.int64), sims[:, 0]
+def centroid_index(centroids: np.ndarray) -> VectorIndex:
+    """An exact index over ``centroids`` (ids = centroid numbers), to assign many chunks with one copy."""
+    index = VectorIndex(centroids.shape[1])
+    index.add(centroids, np.arange(len(centroids)))
+    return index
+
+
+def assign(x: np.ndarray, centroids: np.ndarray | VectorIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (by inner product) of each row: ``(labels int64, similarities float32)``.
+    ``centroids`` is an array, or a :func:`centroid_index` built once for many calls."""
+    index = centroids if isinstance(centroids, VectorIndex) else centroid_index(centroids)
+    sims, labels = index.search(x, 1)
+    return labels[:, 0], sims[:, 0]
 
 
 def _resampled(x: np.ndarray, centroids: np.ndarray, size: int) -> np.ndarray:
@@ -148,8 +154,9 @@ def hierarchical_kmeans(store, keep, cfg, gpus: int = 0) -> Hierarchy:
     centroids = [kmeans_level(sample, levels[0], cfg, seed, gpus)]
     point_labels = np.full(len(store), -1, dtype=np.int64)
     similarity = np.full(len(store), -np.inf, dtype=np.float32)
+    level_one = centroid_index(centroids[0])
     for ids, vectors in store.iter_chunks(keep):
-        point_labels[ids], similarity[ids] = assign(vectors, centroids[0])
+        point_labels[ids], similarity[ids] = assign(vectors, level_one)
     labels = [point_labels]
     for level, k in enumerate(levels[1:], start=2):
         below = centroids[-1]

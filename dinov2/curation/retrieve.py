@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 
-from dinov2.curation.clustering import Hierarchy, assign, members_by_cluster
+from dinov2.curation.clustering import Hierarchy, assign, centroid_index, members_by_cluster
 from dinov2.curation.faiss_index import VectorIndex
 
 logger = logging.getLogger("dinov2")
@@ -40,8 +40,9 @@ def nearest_neighbours(index: VectorIndex, seed_store, per_seed: int) -> np.ndar
 def from_seed_clusters(h: Hierarchy, seed_store, per_seed: int, seed: int = 0) -> np.ndarray:
     """Sorted ids: from each seed's nearest level-1 cluster, ``per_seed`` members per seed in it."""
     seeds_in = np.zeros(len(h.centroids[0]), dtype=np.int64)
+    level_one = centroid_index(h.centroids[0])
     for _, vectors in seed_store.iter_chunks():
-        labels, _ = assign(vectors, h.centroids[0])
+        labels, _ = assign(vectors, level_one)
         seeds_in += np.bincount(labels, minlength=len(seeds_in))
     ids, starts = members_by_cluster(h.labels[0], len(h.centroids[0]))
     chosen = []
