@@ -198,13 +198,22 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def describe_error(error: BaseException) -> str:
+    """One line for a report: the exception's type and the first line of its message."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}"[:500]
+
+
 def count_flops(cfg, device: torch.device, batches: list[dict], output_dir: str) -> int:
     """FLOPs of one full training step (FlopCounterMode), on an eager build without checkpointing."""
-    trainer = build_trainer(cfg, device, output_dir)
-    with FlopCounterMode(display=False) as counter:
-        run_steps(trainer, cycle(batches), 1)
-    del trainer
-    release(device)
+    trainer = None
+    try:
+        trainer = build_trainer(cfg, device, output_dir)
+        with FlopCounterMode(display=False) as counter:
+            run_steps(trainer, cycle(batches), 1)
+    finally:
+        del trainer
+        release(device)
     return int(counter.get_total_flops())
 
 
@@ -214,13 +223,16 @@ def step_flops(base, backend: str, ctx: dict) -> dict:
     # attention of the per-group sdpa path (the same block-diagonal products), so they reuse its count.
     counted = "sdpa" if resolve_backend(backend, ctx["device"], nested=True) in ("xformers", "varlen") else backend
     if counted not in ctx["flops"]:
-        executed = row_config(base, counted, "false", "off")
-        nominal = row_config(base, counted, "false", "off", drop_path=0.0)
-        ctx["flops"][counted] = {
-            "executed_flops": count_flops(executed, ctx["device"], ctx["batches"], ctx["tmp"]),
-            "nominal_flops": count_flops(nominal, ctx["device"], ctx["batches"], ctx["tmp"]),
-            "flops_counted_with_backend": counted,
-        }
+        entry = {"executed_flops": None, "nominal_flops": None, "flops_counted_with_backend": counted}
+        try:  # an eager step without checkpointing: the first thing to run out of memory on a large model
+            executed = row_config(base, counted, "false", "off")
+            entry["executed_flops"] = count_flops(executed, ctx["device"], ctx["batches"], ctx["tmp"])
+            nominal = row_config(base, counted, "false", "off", drop_path=0.0)
+            entry["nominal_flops"] = count_flops(nominal, ctx["device"], ctx["batches"], ctx["tmp"])
+        except Exception as error:  # the row is still timed; its FLOP figures are left null
+            entry["flops_error"] = describe_error(error)
+            print(f"note: FLOPs not counted with {counted}: {entry['flops_error']}")
+        ctx["flops"][counted] = entry
     return ctx["flops"][counted]
 
 
@@ -257,17 +269,28 @@ def bench_step_row(base, combo: tuple[str, str, str], ctx: dict) -> dict:
     row |= {"activation_checkpointing": checkpointing, "dtype": dtype, "batch_size": images}
     row |= {"s_iter_median": median, "s_iter_best": best, "img_s": images / median, "img_s_best": images / best}
     row |= {"peak_mem_mib": peak_memory_mb(device), "loss_last": loss, "times_s": times, **flops}
-    row["achieved_tflops"] = flops["executed_flops"] / median / 1e12
-    row["achieved_tflops_nominal"] = flops["nominal_flops"] / median / 1e12
+    for suffix, key in (("", "executed_flops"), ("_nominal", "nominal_flops")):
+        achieved = flops[key] / median / 1e12 if flops[key] is not None else None
+        row[f"achieved_tflops{suffix}"] = achieved
+        row[f"mfu{suffix}"] = achieved / peak if peak and achieved is not None else None
     row["peak_tflops"], row["peak_tflops_source"] = peak, peak_source
-    row["mfu"] = row["achieved_tflops"] / peak if peak else None
-    row["mfu_nominal"] = row["achieved_tflops_nominal"] / peak if peak else None
     del trainer, data
     release(device)
     return row
 
 
-def bench_step(base, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+def failed_step_row(combo: tuple[str, str, str], error: BaseException, device: torch.device) -> dict:
+    """The row of a combination that could not be timed (out of memory, a kernel or compiler error)."""
+    backend, compile_, checkpointing = combo
+    row = {"backend": backend, "compile": compile_, "activation_checkpointing": checkpointing}
+    row["error"] = describe_error(error)
+    if device.type == "cuda":
+        row["peak_mem_mib"] = peak_memory_mb(device)  # how far it got
+    release(device)
+    return row
+
+
+def bench_step(base, args: argparse.Namespace, device: torch.device, progress=None) -> tuple[list[dict], dict]:
     backends = args.backends or [str(base.student.attn_backend)]
     if "xformers" in backends and not (device.type == "cuda" and xformers_available()):
         print("note: skipping the xformers backend (needs CUDA and an importable xformers)")
@@ -279,8 +302,15 @@ def bench_step(base, args: argparse.Namespace, device: torch.device) -> tuple[li
     with tempfile.TemporaryDirectory(prefix="benchmark_train_") as tmp:
         ctx = {"args": args, "device": device, "batches": batches, "tmp": tmp, "flops": {}}
         for combo in ((b, c, a) for b in backends for c in compiles for a in checkpointing):
-            rows.append(bench_step_row(base, combo, ctx))
-            print_row(rows[-1], STEP_COLUMNS, header=len(rows) == 1)
+            try:
+                rows.append(bench_step_row(base, combo, ctx))
+            except Exception as error:  # one failing combination must not cost the others (or their JSON)
+                rows.append(failed_step_row(combo, error, device))
+                print(f"row {combo} failed: {rows[-1]['error']}", flush=True)
+            else:
+                print_row(rows[-1], STEP_COLUMNS, header=sum("error" not in r for r in rows) == 1)
+            if progress is not None:
+                progress(rows)
     gpu_augmentation = bool(select(base, "train.gpu_augmentation", False))  # applied inside Trainer.step
     return rows, {"batch_source": source, "distinct_batches": len(batches), "gpu_augmentation": gpu_augmentation}
 
@@ -327,12 +357,19 @@ def bench_data_row(base, workers: int, gpu_augment, args: argparse.Namespace, de
     return row
 
 
-def bench_data(base, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+def bench_data(base, args: argparse.Namespace, device: torch.device, progress=None) -> tuple[list[dict], dict]:
     gpu_augment = load_gpu_augmentation(base)
     rows = []
     for workers in args.num_workers or [int(base.train.num_workers)]:
-        rows.append(bench_data_row(base, workers, gpu_augment, args, device))
-        print_row(rows[-1], DATA_COLUMNS, header=len(rows) == 1)
+        try:
+            rows.append(bench_data_row(base, workers, gpu_augment, args, device))
+        except Exception as error:
+            rows.append({"num_workers": workers, "error": describe_error(error)})
+            print(f"row num_workers={workers} failed: {rows[-1]['error']}", flush=True)
+        else:
+            print_row(rows[-1], DATA_COLUMNS, header=sum("error" not in r for r in rows) == 1)
+        if progress is not None:
+            progress(rows)
     return rows, {"dataset_path": str(base.train.dataset_path)}
 
 
@@ -386,15 +423,21 @@ def main(argv: list[str] | None = None) -> dict:
     enable_tf32(device, bool(base.compute_precision.tf32))
     report = environment(args, device)
     print(f"{report['device']} | torch {report['torch']} | {args.config} | mode {args.mode}")
+
+    def progress(rows: list[dict]) -> None:  # the rows so far survive a run killed at a time limit
+        write_report(args.output, {**report, "rows": rows, "complete": False}, quiet=True)
+
     if args.mode == "step":
-        report["rows"], extra = bench_step(base, args, device)
+        report["rows"], extra = bench_step(base, args, device, progress)
         report |= {"flops_note": FLOPS_NOTE, "mfu_note": MFU_NOTE, **extra}
     else:
-        report["rows"], extra = bench_data(base, args, device)
+        report["rows"], extra = bench_data(base, args, device, progress)
         report |= extra
+    report["complete"] = True
+    report["failed_rows"] = sum("error" in row for row in report["rows"])
     write_report(args.output, report)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failed_rows"] else 0)

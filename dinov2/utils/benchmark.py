@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import platform
 import shlex
 import subprocess
@@ -55,8 +54,10 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write the JSON report (folders created) and say where."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+def write_report(path: Path, report: dict[str, Any], quiet: bool = False) -> None:
+    """Write the JSON report atomically (folders created; a reader never sees half a file) and say where."""
+    from dinov2.eval.metrics import write_json_atomic  # the one atomic JSON writer
+
+    write_json_atomic(Path(path), report)
+    if not quiet:
+        print(f"wrote {path}")

@@ -123,3 +123,54 @@ def test_device_peak_table(bench, monkeypatch):
     assert bench.device_peak(torch.device("cpu"), "fp32", False, None)[0] is None
     assert bench.device_peak(torch.device("cpu"), "fp32", False, 2.5)[0] == 2.5
     assert bench.cell("mfu", None) == "n/a"
+
+
+def test_a_failing_row_is_recorded_and_the_others_still_run(bench, tmp_path, monkeypatch):
+    """Out of memory (or a kernel error) in one combination: its row carries the error, the next row is
+    timed, and the exit status says a row failed."""
+    real = bench.bench_step_row
+
+    def out_of_memory_for_math(base, combo, ctx):
+        if combo[0] == "math":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(base, combo, ctx)
+
+    monkeypatch.setattr(bench, "bench_step_row", out_of_memory_for_math)
+    output = tmp_path / "step.json"
+    report = bench.main([*FAST, "--num-batches", "1", "--backends", "math", "sdpa", *SHAPE, "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["complete"] and saved["failed_rows"] == 1 == report["failed_rows"]
+    failed, timed = saved["rows"]
+    assert failed["backend"] == "math" and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert timed["backend"] == "sdpa" and "error" not in timed and timed["img_s"] > 0
+
+
+def test_rows_already_timed_survive_a_run_stopped_midway(bench, tmp_path, monkeypatch):
+    """A run killed at a time limit (here: interrupted before its second row) leaves the first row on disk."""
+    real = bench.bench_step_row
+
+    def stop_at_second(base, combo, ctx):
+        if combo[0] == "sdpa":
+            raise KeyboardInterrupt  # not a row failure: the run itself stops
+        return real(base, combo, ctx)
+
+    monkeypatch.setattr(bench, "bench_step_row", stop_at_second)
+    output = tmp_path / "step.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*FAST, "--num-batches", "1", "--backends", "math", "sdpa", *SHAPE, "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["complete"] is False and [r["backend"] for r in saved["rows"]] == ["math"]
+    assert saved["rows"][0]["s_iter_median"] > 0
+
+
+def test_flop_counting_that_runs_out_of_memory_leaves_the_timing(bench, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "count_flops", out_of_memory)
+    output = tmp_path / "step.json"
+    bench.main([*FAST, "--num-batches", "1", "--backends", "sdpa", *SHAPE, "--output", str(output)])
+    (row,) = json.loads(output.read_text())["rows"]
+    assert row["s_iter_median"] > 0 and row["img_s"] > 0 and "error" not in row
+    assert row["executed_flops"] is None and row["achieved_tflops"] is None and row["mfu"] is None
+    assert row["flops_error"].startswith("OutOfMemoryError")
