@@ -52,9 +52,27 @@ def resample_pos_embed(
     return torch.cat((prefix, patch_pos), dim=1)
 
 
-class BlockChunk(nn.ModuleList):
+class BlockChunk(nn.Module):
     """A run of consecutive blocks, padded in front with ``nn.Identity`` so that parameter keys
-    read ``blocks.{chunk}.{global_index}.`` as in the original's FSDP-wrapped checkpoints."""
+    read ``blocks.{chunk}.{global_index}.`` as in the original's FSDP-wrapped checkpoints.
+
+    A plain module with numbered children rather than an ``nn.ModuleList``: the keys are the same,
+    and FSDP2's ``fully_shard`` in some torch releases (2.11) refuses any ``ModuleList`` or
+    ``ModuleDict``, even one that defines ``forward``."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        for index, block in enumerate(blocks):
+            self.add_module(str(index), block)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return list(self._modules.values())[index]
 
     def forward(self, x):
         for block in self:
