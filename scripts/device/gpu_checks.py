@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""Issue 8's GPU checks as one prepared run for a lent GPU machine: tests, then benchmarks, in order
+of importance, each under its own time limit, all under one budget, every result kept as it lands.
+
+A lent machine gives a session minutes, not hours (15 in all, a minute or two of it to start), and
+nothing installed survives it. So this driver, which needs only the standard library:
+
+1. installs the wheels carried in ``--wheels`` (made here by ``scripts/device/fetch_wheels.sh``: the
+   packages the machine's preinstalled torch lacks) into a private folder on ``PYTHONPATH``;
+2. runs the plan's steps in order. A step gets ``min(its limit, what is left of --budget)``; one
+   that cannot get its minimum is skipped, one that overruns is killed with its whole process group
+   (DataLoader workers included), and a failing step never stops the next;
+3. after every step packs the results (each benchmark's JSON, each step's log, ``summary.json``)
+   into ``OUT/results.tar.gz``, so a call cut short still returns what was measured;
+4. prints the step table and the benchmark rows last, where the device tool's output tail shows them.
+
+Plans: ``core`` (environment and ceilings, GPU tests, attention, ViT-L/16 step per backend, data
+path with and without GPU augmentation), ``more`` (compile, ViT-L/14, ViT-g/14, the whole suite),
+``smoke`` (a CPU rehearsal of the driver with the quickstart config, for this machine).
+
+    python3 scripts/device/gpu_checks.py --plan core --budget 330       # on the device, OUT set
+    python scripts/device/gpu_checks.py --plan smoke --out /tmp/rehearsal   # here, on CPU
+
+docs/performance.md ("Running the GPU checks") gives the device tool calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SITE = Path(tempfile.gettempdir()) / "dinov2_device_site"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    limit_s: float  # at most this long
+    command: str  # shell words; "{py}", "{res}" and "{jpegs}" are filled in when the step runs
+    min_s: float = 20.0  # skipped when less than this is left of the budget
+
+    def argv(self, values: dict[str, str]) -> list[str]:
+        return [word.format(**values) for word in shlex.split(self.command)]
+
+
+def train(name: str, limit: float, args: str, min_s: float = 60.0) -> Step:
+    """A scripts/benchmark_train.py step writing ``{res}/<name>.json``."""
+    return Step(name, limit, f"{{py}} scripts/benchmark_train.py {args} --output {{res}}/{name}.json", min_s)
+
+
+# 500 x 375 JPEGs (ImageNet's typical size) from scripts/benchmark_data.py, written by N processes.
+JPEGS = (
+    '{py} -c "import sys; from concurrent.futures import ProcessPoolExecutor as P; from pathlib import Path; '
+    "sys.path.insert(0, 'scripts'); from benchmark_data import write_jpegs; "
+    "root, parts, per = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]); "
+    "dirs = [root / f'part{{k:02d}}' for k in range(parts)]; [d.mkdir(parents=True, exist_ok=True) for d in dirs]; "
+    "list(P(parts).map(write_jpegs, dirs, [per] * parts, [(500, 375)] * parts, range(parts))); "
+    "print(sum(1 for _ in root.rglob('*.jpg')), 'JPEGs in', root)\" {jpegs}"
+)
+VITL16 = "--config vitl16_short --batch-size 64"
+FOLDER = "train.dataset_path=ImageFolder:root={jpegs}"
+ENV = "{py} scripts/device/env_check.py --output {res}/env.json"
+ATTENTION = (
+    "{py} scripts/benchmark_attention.py --archs vit_large --patch-size 16 --global-size 224 --local-size 96 "
+    "--batch-sizes 64 --dtypes bf16 --modes forward_backward --backends math sdpa varlen xformers --iters 20 "
+    "--output {res}/attention_vitl16.json"
+)
+GPU_TESTS = "{py} -m pytest -q -p no:cacheprovider -m 'gpu or xformers' --junitxml {res}/gpu_tests.xml tests"
+SUITE = "{py} -m pytest -q -x -p no:cacheprovider -n 8 --junitxml {res}/suite.xml tests"
+
+PLANS: dict[str, tuple[Step, ...]] = {
+    "core": (
+        Step("env", 90, ENV),
+        Step("gpu_tests", 240, GPU_TESTS, min_s=60),
+        Step("attention_vitl16", 90, ATTENTION),
+        train("train_vitl16", 240, f"{VITL16} --backends sdpa varlen xformers --warmup 3 --iters 10"),
+        Step("jpegs", 60, f"{JPEGS} 16 256"),
+        train(
+            "data_gpu_aug_vitl16",
+            120,
+            f"{VITL16} --mode data --num-workers 8 15 --iters 15 train.gpu_augmentation=true {FOLDER}",
+            min_s=40,
+        ),  # fmt: skip
+        train("data_cpu_aug_vitl16", 90, f"{VITL16} --mode data --num-workers 15 --iters 15 {FOLDER}", min_s=40),
+    ),
+    "more": (
+        train(
+            "train_vitl16_compile",
+            300,
+            f"{VITL16} --backends xformers sdpa --compile true --warmup 4 --iters 10",
+            min_s=120,
+        ),  # fmt: skip
+        train("train_vitl14", 150, "--config vitl14 --batch-size 32 --backends xformers sdpa --warmup 3 --iters 10"),
+        train(
+            "train_vitg14",
+            240,
+            "--config vitg14 --batch-size 32 --backends xformers "
+            "--activation-checkpointing off selective --warmup 2 --iters 6",
+            min_s=90,
+        ),  # fmt: skip
+        Step("suite", 300, SUITE, min_s=120),
+    ),
+    "smoke": (
+        Step("env", 60, ENV),
+        train(
+            "train_quickstart",
+            120,
+            "--batch-size 4 --backends sdpa --warmup 1 --iters 1 --num-batches 1 --device cpu student.depth=2",
+            min_s=10,
+        ),  # fmt: skip
+        Step("jpegs", 60, f"{JPEGS} 2 8", min_s=5),
+        train(
+            "data_gpu_aug_quickstart",
+            60,
+            "--mode data --batch-size 4 --num-workers 0 --warmup 0 --iters 2 "
+            f"--device cpu train.gpu_augmentation=true {FOLDER}",
+            min_s=5,
+        ),  # fmt: skip
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- running
+def install_wheels(wheels: Path, python: str) -> tuple[str | None, list[str]]:
+    """pip-install every wheel in ``wheels`` (no index, no dependencies) into :data:`SITE`. Returns
+    the folder for PYTHONPATH (None when there are no wheels) and the folders of shared libraries
+    they brought (NVIDIA runtime wheels) for LD_LIBRARY_PATH."""
+    found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
+    if not found:
+        return None, []
+    cmd = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", str(SITE), *map(str, found)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    print(f"installed {len(found)} wheels into {SITE}: {', '.join(w.name.split('-')[0] for w in found)}")
+    libs = sorted({str(lib.parent) for lib in (SITE / "nvidia").glob("*/lib/*.so*")})
+    return str(SITE), libs
+
+
+def run_step(step: Step, argv: list[str], timeout: float, log: Path, env: dict[str, str]) -> dict:
+    """Run one step in its own process group, its output both printed and logged; kill the whole
+    group when it overruns ``timeout``. Returns its record: status ok / failed / timeout."""
+    start = time.monotonic()
+    with log.open("w") as handle:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True, errors="replace")  # fmt: skip
+
+        def copy() -> None:  # a thread, so that the time limit holds while the step is silent
+            for line in proc.stdout:
+                handle.write(line)
+                sys.stdout.write(line)
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)  # the step and everything it started
+            proc.wait()
+        reader.join(timeout=10)
+    sys.stdout.flush()
+    status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
+    return {"step": step.name, "status": status, "rc": proc.returncode, "seconds": time.monotonic() - start,
+            "limit_s": timeout, "command": argv}  # fmt: skip
+
+
+def pack(results: Path, out: Path, summary: dict) -> None:
+    """``summary.json`` into the results, then the results folder as ``out/results.tar.gz``."""
+    (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.tar.gz.partial"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(results, arcname="results")
+    partial.replace(out / "results.tar.gz")
+
+
+def run_plan(steps: tuple[Step, ...], budget: float, results: Path, out: Path, env: dict[str, str],
+             values: dict[str, str]) -> dict:  # fmt: skip
+    """Every step in order under ``budget`` seconds; the summary of what ran."""
+    deadline = time.monotonic() + budget
+    summary = {"budget_s": budget, "steps": []}
+    for step in steps:
+        left = deadline - time.monotonic()
+        if left < step.min_s:
+            record = {"step": step.name, "status": "skipped", "reason": f"{left:.0f} s left, needs {step.min_s:.0f}"}
+        else:
+            print(f"\n=== {step.name} (up to {min(step.limit_s, left):.0f} s)", flush=True)
+            argv = step.argv(values)
+            record = run_step(step, argv, min(step.limit_s, left), results / f"{step.name}.log", env)
+        summary["steps"].append(record)
+        pack(results, out, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- report
+def benchmark_rows(results: Path) -> list[str]:
+    """One line per benchmark row in the results (train steps, data path, attention)."""
+    lines = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for row in report.get("rows", []) if isinstance(report, dict) else []:
+            if "error" in row:
+                lines.append(f"{path.stem}: {row.get('backend', row.get('num_workers'))} ERROR {row['error']}")
+            elif "s_iter_median" in row:
+                mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
+                nominal = f"{100 * row['mfu_nominal']:.1f}%" if row.get("mfu_nominal") is not None else "n/a"
+                lines.append(f"{path.stem}: {row['backend']} compile={row['compile']} "
+                             f"ckpt={row['activation_checkpointing']} batch={row['batch_size']} "
+                             f"{row['img_s']:.1f} img/s  MFU {mfu} (nominal {nominal})  "
+                             f"peak {row['peak_mem_mib'] / 1024:.1f} GiB")  # fmt: skip
+            elif "num_workers" in row:
+                lines.append(f"{path.stem}: workers={row['num_workers']} {row['img_s']:.1f} img/s "
+                             f"gpu_aug={row['gpu_augmentation']}")  # fmt: skip
+            elif "median_ms" in row:
+                lines.append(f"{path.stem}: {row['backend']} {row['mode']} {row['median_ms']:.2f} ms "
+                             f"peak {row['peak_mem_mib'] or 0:.0f} MiB")  # fmt: skip
+    return lines
+
+
+def print_summary(summary: dict, results: Path) -> None:
+    print("\n=== steps")
+    for record in summary["steps"]:
+        took = f"{record['seconds']:.0f} s" if "seconds" in record else record.get("reason", "")
+        print(f"{record['step']:>24}  {record['status']:<8} {took}")
+    print("=== benchmark rows")
+    for line in benchmark_rows(results):
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", choices=sorted(PLANS), default="core")
+    p.add_argument("--only", nargs="+", help="run just these steps of the plan, in the plan's order")
+    p.add_argument("--budget", type=float, default=330.0, help="seconds for the whole plan")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "runs" / "device")))
+    p.add_argument("--wheels", type=Path, default=REPO / ".whl")
+    p.add_argument("--python", default=sys.executable)
+    args = p.parse_args(argv)
+    steps = PLANS[args.plan]
+    if args.only:
+        unknown = sorted(set(args.only) - {s.name for s in steps})
+        if unknown:
+            p.error(f"--only: no step {', '.join(unknown)} in plan {args.plan!r} ({', '.join(s.name for s in steps)})")
+        steps = tuple(s for s in steps if s.name in args.only)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    site, libs = install_wheels(args.wheels, args.python)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, str(REPO), os.environ.get("PYTHONPATH")]))
+    if libs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*libs, os.environ.get("LD_LIBRARY_PATH")]))
+    results = Path(tempfile.mkdtemp(prefix=f"gpu_checks_{args.plan}_"))
+    values = {"py": args.python, "res": str(results), "jpegs": str(results.parent / "dinov2_device_jpegs")}
+    summary = run_plan(steps, args.budget, results, args.out, env, values)
+    summary["plan"] = args.plan
+    pack(results, args.out, summary)
+    print_summary(summary, results)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
