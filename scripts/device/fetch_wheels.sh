@@ -2,7 +2,7 @@
 # Wheels for the lent GPU machine, fetched here (it reaches no package index): the runtime packages
 # of ours that its image lacks. Its image has Python 3.12 on x86-64 with torch 2.11, torchvision,
 # numpy, scipy, PyYAML, cloudpickle, safetensors, tqdm, pytest, pytest-xdist and scikit-learn.
-# They land in .whl/ (ignored by git, about 4.5 MB); scripts/device/gpu_checks.py installs them
+# They land in .whl/ (ignored by git, about 23 MB); scripts/device/gpu_checks.py installs them
 # there into a private folder on PYTHONPATH, and the device call carries ".whl".
 #
 #   scripts/device/fetch_wheels.sh
@@ -15,8 +15,10 @@ mkdir -p "$dest"
 # extension needs libcudart.so.12, which a CUDA 13 image lacks, so the CUDA 12.8 runtime comes too
 # (gpu_checks.py puts its lib folder on LD_LIBRARY_PATH). With it, the extension loads under torch
 # 2.11+cu130 (checked here on CPU, 2026-12-01); whether its kernels run there is what the GPU tests check.
-# omegaconf 2.4 needs only PyYAML; submitit is for the launcher tests.
-packages=("xformers==0.0.35" "nvidia-cuda-runtime-cu12==12.8.90" "omegaconf==2.4.0" "submitit==1.5.4")
+# omegaconf 2.4 needs only PyYAML; submitit is for the launcher tests; faiss-cpu for the k-NN and
+# curation tests of the whole suite (a faiss GPU build is hundreds of MB, over the 64 MiB a call carries).
+packages=("xformers==0.0.35" "nvidia-cuda-runtime-cu12==12.8.90" "omegaconf==2.4.0" "submitit==1.5.4"
+  "faiss-cpu==1.15.1")
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux1_x86_64 --platform any -d "$dest" "${packages[@]}" 2> >(grep -v "^WARNING: Location" >&2)

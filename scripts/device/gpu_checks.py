@@ -78,7 +78,7 @@ ATTENTION = (
     "--output {res}/attention_vitl16.json"
 )
 GPU_TESTS = "{py} -m pytest -q -p no:cacheprovider -m 'gpu or xformers' --junitxml {res}/gpu_tests.xml tests"
-SUITE = "{py} -m pytest -q -x -p no:cacheprovider -n 8 --junitxml {res}/suite.xml tests"
+SUITE = "{py} -m pytest -q -p no:cacheprovider -n 8 --junitxml {res}/suite.xml tests"
 
 PLANS: dict[str, tuple[Step, ...]] = {
     "core": (
