@@ -127,7 +127,7 @@ def test_xformers_matches_sdpa_on_nested_crops_bf16():
 
 
 # ------------------------------------------------------------------ (b) one full step per backend
-CUDA_BACKENDS = ["math", "sdpa", pytest.param("xformers", marks=pytest.mark.xformers)]
+CUDA_BACKENDS = ["math", "sdpa", "varlen", pytest.param("xformers", marks=pytest.mark.xformers)]
 
 
 @pytest.mark.gpu
