@@ -13,6 +13,7 @@ smaller rates a per-sample :class:`DropPath` mask is cheaper than the gather/sca
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 
@@ -25,6 +26,7 @@ from dinov2.layers.drop_path import DropPath
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.layers.mlp import Mlp
 from dinov2.ops.residual import index_add_residual, sample_keep_subset
+from dinov2.ops.xformers import xformers_available
 
 # Above this drop rate the subset path saves more than its gather/scatter costs.
 SUBSET_DROP_PATH_THRESHOLD = 0.1
@@ -41,8 +43,15 @@ def _save_matmuls_policy() -> Callable:
     names = (
         "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        # what SDPA on jagged tensors (varlen) and xFormers' CUTLASS kernel call on CUDA
+        "_flash_attention_forward", "_efficient_attention_forward",
     )  # fmt: skip
     saved = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    # xFormers' flash kernels are custom ops of their own namespaces, registered when xFormers imports
+    # (xformers_available() imports it once, lazily; False at once where it is not installed).
+    for namespace in ("xformers_flash", "xformers_flash3") if xformers_available() else ():
+        with contextlib.suppress(AttributeError, RuntimeError):
+            saved.add(getattr(torch.ops, namespace).flash_fwd.default)
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
@@ -116,12 +125,11 @@ class Block(nn.Module):
         residuals = _split_tokens(branch(_concat_tokens(xs), shapes), shapes)
         return [x + drop_path(r) for x, r in zip(xs, residuals)]
 
-    def _add_residual_on_subsets(self, xs: list[torch.Tensor], branch) -> list[torch.Tensor]:
+    def _add_residual_on_subsets(self, xs: list[torch.Tensor], branch, inplace: bool = False) -> list[torch.Tensor]:
         subsets = [sample_keep_subset(x.shape[0], self.sample_drop_ratio, x.device) for x in xs]
         kept = [x[indices] for x, (indices, _) in zip(xs, subsets)]
         shapes = [(x.shape[0], x.shape[1]) for x in kept]
         residuals = _split_tokens(branch(_concat_tokens(kept), shapes), shapes)
-        inplace = self.checkpointing == "off"  # a checkpointed forward must not modify its inputs
         return [
             index_add_residual(x, indices, r, scale, inplace=inplace)
             for x, r, (indices, scale) in zip(xs, residuals, subsets)
@@ -129,8 +137,11 @@ class Block(nn.Module):
 
     def forward_list(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.training and self.sample_drop_ratio > SUBSET_DROP_PATH_THRESHOLD:
-            xs = self._add_residual_on_subsets(xs, self._attn_branch)
-            return self._add_residual_on_subsets(xs, self._ffn_branch)
+            # The block's inputs are never written (under FSDP2 they come out of a custom autograd
+            # function, which forbids that): the attention branch is added out of place, and the MLP
+            # branch in place on that fresh result, unless checkpointing will re-run this forward.
+            xs = self._add_residual_on_subsets(xs, self._attn_branch, inplace=False)
+            return self._add_residual_on_subsets(xs, self._ffn_branch, inplace=self.checkpointing == "off")
         xs = self._add_residual(xs, self._attn_branch, self.drop_path1)
         return self._add_residual(xs, self._ffn_branch, self.drop_path2)
 

@@ -2,8 +2,9 @@
 
 Two implementations behind :func:`swiglu`:
 
-- ``xformers.ops.swiglu`` (fused dual GEMM + SiLU kernels) on CUDA when xFormers imports and
-  ``fused`` is asked for;
+- ``xformers.ops.swiglu`` on CUDA when ``fused`` is asked for and xFormers' dispatcher would run a
+  fused kernel (:func:`dinov2.ops.xformers.fused_swiglu_usable`; xFormers 0.0.35 never does: it
+  dispatches to three plain matmuls, which would keep more for backward than the native path);
 - the PyTorch-native path otherwise: one ``w12`` GEMM, then :func:`silu_mul`, an autograd function
   that keeps only its two inputs for backward and recomputes ``silu`` there. Plain autograd keeps
   three hidden-width tensors (``x1`` for SiLU's backward, ``silu(x1)`` and ``x2`` for the product);
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dinov2.ops.xformers import xformers_available, xformers_ops
+from dinov2.ops.xformers import fused_swiglu_usable, xformers_ops
 
 
 class _SiluMul(torch.autograd.Function):
@@ -49,14 +50,16 @@ def swiglu(
     fused: bool = True,
 ) -> torch.Tensor:
     """SwiGLU over the last dimension of ``x``; ``w12`` is ``(2 * hidden, in)`` with ``W1`` on top."""
-    if fused and x.is_cuda and xformers_available():
-        if torch.is_autocast_enabled(x.device.type):  # the xFormers op takes one dtype for all operands
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w12, w3 = x.to(dtype), w12.to(dtype), w3.to(dtype)
-            b12, b3 = (b.to(dtype) if b is not None else None for b in (b12, b3))
-        w1, w2 = w12.chunk(2, dim=0)  # views of one tensor: xFormers' packed kernel applies
-        b1, b2 = b12.chunk(2, dim=0) if b12 is not None else (None, None)
-        return xformers_ops().swiglu(x, w1, b1, w2, b2, w3, b3)
+    if fused and x.is_cuda:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        if fused_swiglu_usable(x.device.type, dtype, b12 is not None and b3 is not None):
+            if autocast:  # the xFormers op takes one dtype for all operands
+                x, w12, w3 = x.to(dtype), w12.to(dtype), w3.to(dtype)
+                b12, b3 = (b.to(dtype) if b is not None else None for b in (b12, b3))
+            w1, w2 = w12.chunk(2, dim=0)  # views of one tensor: xFormers' packed kernel applies
+            b1, b2 = b12.chunk(2, dim=0) if b12 is not None else (None, None)
+            return xformers_ops().swiglu(x, w1, b1, w2, b2, w3, b3)
     gate, value = F.linear(x, w12, b12).chunk(2, dim=-1)
     hidden = silu_mul(gate, value) if fused else F.silu(gate) * value
     return F.linear(hidden, w3, b3)

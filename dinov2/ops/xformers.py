@@ -36,3 +36,27 @@ def xformers_ops() -> ModuleType:
             "attn_backend='sdpa' (PyTorch native) or 'auto'."
         )
     return module
+
+
+@functools.lru_cache(maxsize=1)
+def scaled_index_add_usable() -> bool:
+    """True when xFormers' in-place ``scaled_index_add`` kernel can run: it imports *and* its Triton
+    forward kernel is there (xFormers switches Triton off on GPUs before sm80, and then the op raises)."""
+    if not xformers_available():
+        return False
+    indexing = importlib.import_module("xformers.ops.indexing")
+    return bool(indexing.ScaledIndexAddFw.is_available() and indexing.ScaledIndexAddBw.is_available())
+
+
+@functools.lru_cache(maxsize=8)
+def fused_swiglu_usable(device_type: str, dtype, bias: bool) -> bool:
+    """True when ``xformers.ops.swiglu`` would run a fused kernel for this case. Its dispatcher may
+    choose the eager op instead (three separate matmuls: xFormers 0.0.35 always does), which is
+    worse than our native path (one packed ``w12`` matmul, two tensors kept for backward)."""
+    if not xformers_available():
+        return False
+    ops = xformers_ops()
+    choice = ops.SwiGLUOpDispatch(
+        device=device_type, dtype=dtype, dtype_autocast_gpu=dtype, packed_weights=True, bias_enabled=bias
+    ).op
+    return choice is not ops.SwiGLUEagerOp

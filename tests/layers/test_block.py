@@ -38,6 +38,55 @@ def test_index_add_residual_touches_only_selected_rows():
         torch.testing.assert_close(out[row], expected)
 
 
+def test_index_add_residual_in_place_updates_x_itself_with_the_same_values():
+    x = torch.randn(6, 4, 8)
+    indices, residual = torch.tensor([5, 0, 2]), torch.randn(3, 4, 8)
+    expected = index_add_residual(x, indices, residual, scale=1.5)
+    target = x.clone()
+    out = index_add_residual(target, indices, residual, scale=1.5, inplace=True)
+    assert out.data_ptr() == target.data_ptr()  # no copy of x
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(target, expected)
+
+
+class _PassThrough(torch.autograd.Function):
+    """What FSDP2 does to a sharded module's inputs (RegisterPostBackwardFunction): a custom autograd
+    function that returns them unchanged. Autograd forbids modifying such outputs in place."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "selective"])
+def test_stochastic_depth_never_writes_into_the_block_inputs(checkpointing):
+    """Training with subset stochastic depth: the inputs keep their values and version, and inputs
+    that came out of a custom autograd function (as under FSDP2) give the same outputs and gradients."""
+    block = _block(drop_path=0.5).train()
+    block.checkpointing = checkpointing
+    leaves = _groups()
+
+    def run(wrap: bool):
+        torch.manual_seed(3)
+        xs = [leaf * 1.0 for leaf in leaves]  # non-leaf inputs, as inside the ViT
+        xs = list(_PassThrough.apply(*xs)) if wrap else xs
+        before = [(x._version, x.detach().clone()) for x in xs]
+        outs = block(xs)
+        for x, (version, values) in zip(xs, before):
+            assert x._version == version and torch.equal(x.detach(), values)
+        grads = torch.autograd.grad(sum((o**2).sum() for o in outs), [*leaves, *block.parameters()])
+        return outs, grads
+
+    plain_out, plain_grads = run(wrap=False)
+    wrapped_out, wrapped_grads = run(wrap=True)  # raised "a view ... modified inplace" before the fix
+    for a, b in zip([*plain_out, *plain_grads], [*wrapped_out, *wrapped_grads]):
+        torch.testing.assert_close(a, b)
+
+
 def test_keep_subset_size_and_scale():
     indices, scale = sample_keep_subset(10, 0.4, torch.device("cpu"))
     assert len(indices) == 6 and len(set(indices.tolist())) == 6

@@ -102,15 +102,15 @@ def test_block_stochastic_depth_with_xformers_kernels_matches_native_on_cuda(che
         start = [t * 1.0 for t in inputs]  # non-leaf block inputs, as inside the ViT
         if native:
             block.attn.backend, block.mlp.fused = "sdpa", False
-            saved = residual_module.xformers_available
-            residual_module.xformers_available = lambda: False
+            saved = residual_module.scaled_index_add_usable
+            residual_module.scaled_index_add_usable = lambda: False
         try:
             outs = block(start)
             loss = sum((o * o).sum() for o in outs)
             grads = torch.autograd.grad(loss, [*inputs, *block.parameters()])
         finally:
             if native:
-                residual_module.xformers_available = saved
+                residual_module.scaled_index_add_usable = saved
                 block.attn.backend, block.mlp.fused = "xformers", True
         return outs, grads
 
@@ -120,3 +120,49 @@ def test_block_stochastic_depth_with_xformers_kernels_matches_native_on_cuda(che
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
     for a, b in zip(grads_x, grads_n):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+def _fake_xformers(monkeypatch, swiglu_choice: str, triton_kernels: bool):
+    """An ``xformers.ops`` stand-in whose SwiGLU dispatcher picks ``swiglu_choice`` ("eager" or
+    "fused") and whose scaled_index_add kernels are there or not."""
+    import sys
+    import types
+
+    import dinov2.ops.xformers as xf
+
+    eager, fused = object(), object()
+
+    class Dispatch:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        @property
+        def op(self):
+            return eager if swiglu_choice == "eager" else fused
+
+    class Kernel:
+        @staticmethod
+        def is_available():
+            return triton_kernels
+
+    ops = types.SimpleNamespace(SwiGLUOpDispatch=Dispatch, SwiGLUEagerOp=eager)
+    indexing = types.ModuleType("xformers.ops.indexing")
+    indexing.ScaledIndexAddFw = indexing.ScaledIndexAddBw = Kernel
+    monkeypatch.setitem(sys.modules, "xformers.ops.indexing", indexing)
+    monkeypatch.setattr(xf, "_try_import", lambda: (ops, None))
+    xf.fused_swiglu_usable.cache_clear()  # the test clears them again when it ends
+    xf.scaled_index_add_usable.cache_clear()
+    return xf
+
+
+@pytest.mark.parametrize("choice, kernels", [("eager", False), ("fused", True)])
+def test_xformers_kernels_are_used_only_where_they_would_really_run(monkeypatch, choice, kernels):
+    """xFormers' swiglu dispatching to its eager op (three matmuls: 0.0.35 always does) is no better
+    than ours, and its scaled_index_add raises when Triton is off (GPUs before sm80): neither is used then."""
+    xf = _fake_xformers(monkeypatch, choice, kernels)
+    try:
+        assert xf.fused_swiglu_usable("cuda", torch.bfloat16, True) is (choice == "fused")
+        assert xf.scaled_index_add_usable() is kernels
+    finally:
+        xf.fused_swiglu_usable.cache_clear()
+        xf.scaled_index_add_usable.cache_clear()
