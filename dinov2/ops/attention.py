@@ -102,10 +102,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
 
 @functools.lru_cache(maxsize=64)
-def _block_diagonal_bias(group_shapes: GroupShapes):
-    """xFormers block-diagonal bias for the given groups, cached per shape tuple."""
+def _block_diagonal_bias(group_shapes: GroupShapes, device: torch.device):
+    """xFormers block-diagonal bias for the given groups on ``device``, cached per shapes and device
+    (without ``device`` xFormers puts it on the current CUDA device, which need not be the inputs')."""
     seqlens = [n for b, n in group_shapes for _ in range(b)]
-    return xformers_ops().fmha.BlockDiagonalMask.from_seqlens(seqlens)
+    return xformers_ops().fmha.BlockDiagonalMask.from_seqlens(seqlens, device=device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -124,7 +125,12 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes: GroupShap
         warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
         # Contiguous values: PyTorch's jagged SDPA kernels (and its CPU path) need them; q, k, v split
         # from a fused qkv projection are strided views.
-        q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2) for t in (q, k, v))
+        # The lengths are known here: passed, they spare PyTorch a device-to-host sync per call.
+        lengths = {"min_seqlen": min(n for _, n in shapes), "max_seqlen": max(n for _, n in shapes)}
+        q, k, v = (
+            torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets, **lengths).transpose(1, 2)
+            for t in (q, k, v)
+        )
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).values()
 
@@ -156,7 +162,7 @@ def nested_attention_parts(
     if backend == "varlen" and len(shapes) > 1:
         return [_varlen(q, k, v, shapes)]
     if backend == "xformers":
-        bias = _block_diagonal_bias(shapes)
+        bias = _block_diagonal_bias(shapes, q.device)
         return [xformers_ops().memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]]
     heads, dim = q.shape[1:]
     outputs = []

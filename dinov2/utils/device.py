@@ -12,19 +12,30 @@ import torch
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+def _local_cuda_index() -> int:
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return local_rank % torch.cuda.device_count()
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """``auto``/None: this process's CUDA device when CUDA is available (``LOCAL_RANK`` under
-    torchrun, ``SLURM_LOCALID`` under srun), else CPU. Anything else is parsed by ``torch.device``; asking for CUDA without it fails."""
+    torchrun, ``SLURM_LOCALID`` under srun), else CPU. ``cuda`` without an index is that same
+    device; anything else is parsed by ``torch.device``, and asking for CUDA without it fails.
+
+    A CUDA device is also made the current one: kernels that launch on the current device
+    (xFormers' Triton ops, its attention biases) then run where the tensors are."""
     if isinstance(name, torch.device):
-        return name
-    if name in (None, "", "auto"):
-        if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        device = name
+    elif name in (None, "", "auto"):
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", _local_cuda_index())
+        torch.cuda.set_device(device)
     return device
 
 
@@ -36,7 +47,8 @@ def resolve_autocast_dtype(setting: str, device: torch.device) -> torch.dtype | 
     if setting == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 only (sm80+): on older GPUs bf16 is emulated, and xFormers' kernels refuse it.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if setting not in AUTOCAST_DTYPES:
         raise ValueError(f"compute_precision.autocast_dtype={setting!r}; valid: auto, {', '.join(AUTOCAST_DTYPES)}")
     return AUTOCAST_DTYPES[setting]

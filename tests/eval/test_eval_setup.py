@@ -117,9 +117,25 @@ def test_devices_and_autocast_dtypes():
             resolve_device("cuda")
 
 
+def test_cuda_devices_get_this_process_index_and_become_current(monkeypatch):
+    """``cuda`` alone (as ``auto``) is this process's GPU under torchrun, not an index-less device that
+    NCCL and ``set_device`` refuse; every CUDA device is made current (xFormers launches there)."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    assert resolve_device("cuda") == torch.device("cuda", 2) == resolve_device("auto")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device(torch.device("cuda")) == torch.device("cuda", 2)
+    assert current == [torch.device("cuda", 2)] * 2 + [torch.device("cuda", 1), torch.device("cuda", 2)]
+    assert resolve_device("cpu") == torch.device("cpu") and len(current) == 4
+
+
 @pytest.mark.gpu
 def test_cuda_autocast_dtype():
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = torch.cuda.get_device_capability() >= (8, 0)  # emulated bf16 before Ampere
+    expected = torch.bfloat16 if native_bf16 else torch.float16
     assert autocast_dtype_for(torch.device("cuda")) == expected
 
 

@@ -133,7 +133,7 @@ CUDA_BACKENDS = ["math", "sdpa", "varlen", pytest.param("xformers", marks=pytest
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_training_step_per_backend_cuda_bf16(tmp_path, backend):
-    if not torch.cuda.is_bf16_supported():
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no bf16")
     overrides = [f"student.attn_backend={backend}", "compute_precision.autocast_dtype=bf16"]
     trainer = make_trainer(tmp_path, "cuda", *overrides, "student.drop_path_rate=0.2")  # subset stochastic depth
@@ -158,7 +158,7 @@ def test_training_step_per_backend_cpu_fp32(tmp_path, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, steps", [("fp16", 30), ("bf16", 20)])
 def test_mixed_precision_lowers_the_loss_on_a_fixed_batch(tmp_path, dtype, steps):
-    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no bf16")
     trainer = make_trainer(tmp_path, "cuda", f"compute_precision.autocast_dtype={dtype}", *FIXED_OBJECTIVE)
     assert trainer.autocast_dtype == DTYPES[dtype]
