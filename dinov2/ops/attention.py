@@ -79,11 +79,13 @@ def resolve_backend(backend: str, device: torch.device, nested: bool = False) ->
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference attention: explicit scores, float32 softmax. BNHD in, BNHD out."""
+    """Reference attention: explicit float32 scores and softmax, also under autocast (which would
+    otherwise run the einsums in bf16/fp16). BNHD in, BNHD out."""
     scale = q.shape[-1] ** -0.5
-    scores = torch.einsum("bnhd,bmhd->bhnm", q.float() * scale, k.float())
-    probs = scores.softmax(dim=-1)
-    return torch.einsum("bhnm,bmhd->bnhd", probs, v.float()).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.einsum("bnhd,bmhd->bhnm", q.float() * scale, k.float())
+        probs = scores.softmax(dim=-1)
+        return torch.einsum("bhnm,bmhd->bnhd", probs, v.float()).to(q.dtype)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -144,3 +144,14 @@ def test_nested_backends_agree_in_bf16_on_cuda_forward_and_backward(backend):
     torch.testing.assert_close(out, ref_out, atol=3e-2, rtol=3e-2)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=6e-2, rtol=6e-2)
+
+
+def test_math_backend_stays_float32_under_autocast():
+    """The reference backend computes in float32 even inside bf16 autocast: its output equals the
+    float32 computation on the same (bf16-rounded) inputs to float32 rounding, not bf16's."""
+    q, k, v = (torch.randn(2, 33, 2, 16).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = math_attention(q.float(), k.float(), v.float())
+    want = math_attention(q.float(), k.float(), v.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
