@@ -90,6 +90,21 @@ def apply_activation_checkpointing(backbone: nn.Module, mode: str) -> int:
     return len(blocks)
 
 
+def resolve_attention_backends(backbone: nn.Module, device: torch.device) -> list[str]:
+    """Replace ``auto`` on every attention layer by the backend it resolves to on ``device``, once,
+    at build time: the choice (and xFormers' probe) then never runs inside a forward that
+    ``torch.compile`` traces. Returns the backends the layers now have, without repeats."""
+    from dinov2.ops.attention import resolve_backend
+
+    chosen: list[str] = []
+    for block in backbone.iter_blocks():
+        if block.attn.backend == "auto":  # the nested choice: training calls are nested
+            block.attn.backend = resolve_backend("auto", device, nested=True)
+        if block.attn.backend not in chosen:
+            chosen.append(block.attn.backend)
+    return chosen
+
+
 def apply_compile(backbone: nn.Module, setting: Any) -> int:
     """``train.compile``: false, true (inductor) or a torch.compile backend name; each block (or
     chunk) is compiled in place, so parameter names do not change. Returns how many were compiled."""
@@ -151,6 +166,8 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> dict[str, A
     summary: dict[str, Any] = {"activation_checkpointing": str(cfg.train.activation_checkpointing)}
     for attribute, _ in roles:
         apply_activation_checkpointing(getattr(model, attribute).backbone, cfg.train.activation_checkpointing)
+        backends = resolve_attention_backends(getattr(model, attribute).backbone, device)
+        summary[f"{attribute}.attn_backend"] = "/".join(backends)
     summary["compiled_units"] = sum(apply_compile(getattr(model, a).backbone, cfg.train.compile) for a, _ in roles)
     if get_world_size() == 1:
         summary["fsdp"] = False

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dinov2.ops.xformers import xformers_available, xformers_ops
+from dinov2.ops.xformers import attention_failure, xformers_available, xformers_ops
 
 logger = logging.getLogger("dinov2")
 
@@ -57,7 +57,16 @@ GroupShapes = tuple[tuple[int, int], ...]
 
 
 def _usable(backend: str, device_type: str) -> bool:
-    return backend != "xformers" or (device_type == "cuda" and xformers_available())
+    """Whether ``auto`` may pick ``backend``: xFormers only on CUDA, and only where a probe call of
+    its kernel on the current device runs and is right (:func:`dinov2.ops.xformers.attention_failure`)."""
+    if backend != "xformers":
+        return True
+    if device_type != "cuda" or not xformers_available():
+        return False
+    failure = attention_failure(f"cuda:{torch.cuda.current_device()}")
+    if failure is not None:
+        logger.warning("attention backend auto: xFormers imports but cannot be used here (%s)", failure)
+    return failure is None
 
 
 @functools.cache

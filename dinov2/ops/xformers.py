@@ -60,3 +60,48 @@ def fused_swiglu_usable(device_type: str, dtype, bias: bool) -> bool:
         device=device_type, dtype=dtype, dtype_autocast_gpu=dtype, packed_weights=True, bias_enabled=bias
     ).op
     return choice is not ops.SwiGLUEagerOp
+
+
+@functools.lru_cache(maxsize=8)
+def attention_failure(device_key: str) -> str | None:
+    """None when xFormers' ``memory_efficient_attention`` with a block-diagonal bias runs forward
+    and backward on ``device_key`` in bf16 and agrees with a float32 reference; else why not.
+
+    An xFormers build made for another torch or CUDA can import and still have no kernel that runs
+    (PyPI's wheel is built for one torch/CUDA pair): ``auto`` must then fall back rather than fail
+    at the first step. Uses its own generator, so the global random streams are untouched."""
+    if not xformers_available():
+        return f"xFormers does not import ({_try_import()[1]})"
+    import torch
+
+    seqlens, heads, dim = (7, 3), 2, 64
+    try:
+        device = torch.device(device_key)
+        ops = xformers_ops()
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            qkv = [
+                torch.randn(1, sum(seqlens), heads, dim, generator=generator)
+                .to(device, torch.bfloat16)
+                .requires_grad_()
+                for _ in range(3)
+            ]
+            bias = ops.fmha.BlockDiagonalMask.from_seqlens(list(seqlens), device=device)
+            out = ops.memory_efficient_attention(*qkv, attn_bias=bias)
+            out.float().square().sum().backward()
+            reference, start = [], 0
+            for n in seqlens:  # float32 attention within each sequence
+                q, k, v = (t.detach()[0, start : start + n].float().transpose(0, 1) for t in qkv)
+                reference.append((q @ k.transpose(1, 2) * dim**-0.5).softmax(-1).matmul(v).transpose(0, 1))
+                start += n
+            reference = torch.cat(reference)[None]
+            error = float((out.detach().float() - reference).norm() / reference.norm())
+            grads_finite = all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in qkv)
+    except Exception as exc:  # no operator for this device/dtype, a kernel that fails to load or launch
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {message}"[:300]
+    if not error < 2e-2:  # also catches NaN
+        return f"memory_efficient_attention differs from a float32 reference (relative error {error:.3g})"
+    if not grads_finite:
+        return "memory_efficient_attention's backward gives no finite gradients"
+    return None

@@ -23,6 +23,7 @@ import torch
 
 from dinov2.ops import xformers_available
 from dinov2.ops.attention import resolve_backend
+from dinov2.ops.xformers import attention_failure
 from dinov2.utils.benchmark import environment, write_report
 
 PACKAGES = ("torch", "torchvision", "xformers", "omegaconf", "numpy", "triton", "faiss-cpu", "faiss-gpu")
@@ -96,8 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
         report["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}"}
         report["gpu"] |= {"memory_gib": props.total_memory / 2**30, "multiprocessors": props.multi_processor_count}
         report["nvidia_smi"] = nvidia_smi()
+        report["xformers_attention_failure"] = attention_failure(f"cuda:{torch.cuda.current_device()}")
         report["ceilings"] = ceilings(device, args.matmul_size, args.copy_mib)
-    for key in ("device", "torch", "torch_cuda", "versions", "xformers_importable", "auto_backend", "ceilings"):
+    keys = ("device", "torch", "torch_cuda", "versions", "xformers_importable", "xformers_attention_failure")
+    for key in (*keys, "auto_backend", "ceilings"):
         if key in report:
             print(f"{key:>20}: {report[key]}")
     write_report(args.output, report)

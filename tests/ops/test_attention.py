@@ -155,3 +155,81 @@ def test_math_backend_stays_float32_under_autocast():
     want = math_attention(q.float(), k.float(), v.float())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+class _FakeXformersOps:
+    """An ``xformers.ops`` stand-in: block-diagonal attention by per-sequence SDPA, optionally wrong
+    or raising, so the probe that guards ``auto`` can be checked on CPU."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        fake = self
+
+        class BlockDiagonalMask:
+            def __init__(self, seqlens):
+                self.seqlens = seqlens
+
+            @classmethod
+            def from_seqlens(cls, seqlens, device=None):
+                fake.bias_device = device
+                return cls(seqlens)
+
+        self.fmha = type("fmha", (), {"BlockDiagonalMask": BlockDiagonalMask})
+
+    def memory_efficient_attention(self, q, k, v, attn_bias):
+        if self.mode == "raises":
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+        parts, start = [], 0
+        for n in attn_bias.seqlens:
+            parts.append(attention(q[:, start : start + n], k[:, start : start + n], v[:, start : start + n], "sdpa"))
+            start += n
+        out = torch.cat(parts, dim=1)
+        return out * 1.5 if self.mode == "wrong" else out
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong", "raises"])
+def test_xformers_probe_accepts_only_a_kernel_that_runs_and_is_right(monkeypatch, mode):
+    import dinov2.ops.xformers as xf
+
+    fake = _FakeXformersOps(mode)
+    monkeypatch.setattr(xf, "_try_import", lambda: (fake, None))
+    xf.attention_failure.cache_clear()
+    state = torch.random.get_rng_state()
+    try:
+        failure = xf.attention_failure("cpu")
+    finally:
+        xf.attention_failure.cache_clear()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global stream is untouched
+    if mode == "right":
+        assert failure is None and fake.bias_device == torch.device("cpu")
+    elif mode == "wrong":
+        assert "differs from a float32 reference" in failure
+    else:
+        assert failure.startswith("NotImplementedError: No operator found")
+
+
+def test_auto_on_cuda_falls_back_to_sdpa_when_the_xformers_probe_fails(monkeypatch, caplog):
+    import importlib
+
+    attention_module = importlib.import_module("dinov2.ops.attention")
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device("cuda", 0)
+    for failure, expected in (("NotImplementedError: no operator", "sdpa"), (None, "xformers")):
+        monkeypatch.setattr(attention_module, "attention_failure", lambda key, failure=failure: failure)
+        attention_module._auto_choice.cache_clear()
+        with caplog.at_level("INFO", logger="dinov2"):
+            assert resolve_backend("auto", cuda, nested=True) == expected
+    attention_module._auto_choice.cache_clear()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot be used here (NotImplementedError: no operator)" in warnings[0]
+
+
+def test_build_time_resolution_replaces_auto_on_every_layer():
+    from dinov2.distributed.parallelize import resolve_attention_backends
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+
+    model = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, block_chunks=2)
+    model.blocks[1][3].attn.backend = "math"  # an explicit choice stays
+    assert resolve_attention_backends(model, torch.device("cpu")) == ["sdpa", "math"]  # CPU's auto is sdpa
+    assert [b.attn.backend for b in model.iter_blocks()] == ["sdpa", "sdpa", "sdpa", "math"]
