@@ -47,6 +47,7 @@ from dinov2.train.train import build_model, setup_config
 from dinov2.utils.benchmark import device_name, git_commit, write_report
 from dinov2.utils.config import load_config, load_default_config, select
 from dinov2.utils.device import enable_tf32, resolve_device, seed_everything
+from dinov2.utils.logging import describe_error
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTING = ("off", "full", "selective")
@@ -196,12 +197,6 @@ def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def describe_error(error: BaseException) -> str:
-    """One line for a report: the exception's type and the first line of its message."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first}"[:500]
 
 
 def count_flops(cfg, device: torch.device, batches: list[dict], output_dir: str) -> int:

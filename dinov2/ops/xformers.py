@@ -74,6 +74,9 @@ def attention_failure(device_key: str) -> str | None:
         return f"xFormers does not import ({_try_import()[1]})"
     import torch
 
+    from dinov2.ops.attention import math_attention  # imports this module: not at the top
+    from dinov2.utils.logging import describe_error
+
     seqlens, heads, dim = (7, 3), 2, 64
     try:
         device = torch.device(device_key)
@@ -91,15 +94,13 @@ def attention_failure(device_key: str) -> str | None:
             out.float().square().sum().backward()
             reference, start = [], 0
             for n in seqlens:  # float32 attention within each sequence
-                q, k, v = (t.detach()[0, start : start + n].float().transpose(0, 1) for t in qkv)
-                reference.append((q @ k.transpose(1, 2) * dim**-0.5).softmax(-1).matmul(v).transpose(0, 1))
+                reference.append(math_attention(*(t.detach()[:, start : start + n].float() for t in qkv)))
                 start += n
-            reference = torch.cat(reference)[None]
+            reference = torch.cat(reference, dim=1)
             error = float((out.detach().float() - reference).norm() / reference.norm())
             grads_finite = all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in qkv)
     except Exception as exc:  # no operator for this device/dtype, a kernel that fails to load or launch
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {message}"[:300]
+        return describe_error(exc, limit=300)
     if not error < 2e-2:  # also catches NaN
         return f"memory_efficient_attention differs from a float32 reference (relative error {error:.3g})"
     if not grads_finite:

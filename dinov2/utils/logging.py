@@ -95,3 +95,10 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def describe_error(error: BaseException, limit: int = 500) -> str:
+    """One line for a log or a report: the exception's type and the first line of its message."""
+    message = str(error).strip()
+    first = message.splitlines()[0] if message else ""
+    return f"{type(error).__name__}: {first}"[:limit]
