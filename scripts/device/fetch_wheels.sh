@@ -17,10 +17,21 @@ mkdir -p "$dest"
 # 2.11+cu130 (checked here on CPU, 2026-12-01); whether its kernels run there is what the GPU tests check.
 # omegaconf 2.4 needs only PyYAML; submitit is for the launcher tests; faiss-cpu for the k-NN and
 # curation tests of the whole suite (a faiss GPU build is hundreds of MB, over the 64 MiB a call carries).
+# fvcore and iopath are dependencies of ours and of the original's code, published as sources only
+# (pure Python): built into wheels here, with the small packages they import.
 packages=("xformers==0.0.35" "nvidia-cuda-runtime-cu12==12.8.90" "omegaconf==2.4.0" "submitit==1.5.4"
-  "faiss-cpu==1.15.1")
-python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  --platform manylinux1_x86_64 --platform any -d "$dest" "${packages[@]}" 2> >(grep -v "^WARNING: Location" >&2)
-ls -l "$dest"
+  "faiss-cpu==1.15.1" "yacs==0.1.8" "termcolor==3.3.0" "tabulate==0.10.0" "portalocker==4.4.2")
+download() {
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux1_x86_64 --platform any "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
+download -d "$dest" "${packages[@]}"
+python3 -m pip wheel --quiet --no-deps -w "$dest" "fvcore==0.1.5.post20221221" "iopath==0.1.10" \
+  2> >(grep -v "^WARNING: Location" >&2)
+# The original implementation, for scripts/device/benchmark_original.py: PyPI's dinov2 0.0.1.dev2, a
+# third party's upload of Meta's training code (CC-BY-NC). It sits in a folder of its own, so that
+# gpu_checks.py does not install it: it is a package named dinov2 too. It is never committed.
+download -d "$dest/original" "dinov2==0.0.1.dev2"
+ls -l "$dest" "$dest/original"
 du -sh "$dest"

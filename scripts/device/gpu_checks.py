@@ -15,8 +15,9 @@ nothing installed survives it. So this driver, which needs only the standard lib
 4. prints the step table and the benchmark rows last, where the device tool's output tail shows them.
 
 Plans: ``core`` (environment and ceilings, GPU tests, attention, ViT-L/16 step per backend, data
-path with and without GPU augmentation), ``more`` (compile, ViT-L/14, ViT-g/14, the whole suite),
-``smoke`` (a CPU rehearsal of the driver with the quickstart config, for this machine).
+path with and without GPU augmentation), ``more`` (the original implementation's ViT-L/16 step,
+compile, ViT-L/14, ViT-g/14, the whole suite), ``smoke`` (a CPU rehearsal of the driver with the
+quickstart config and of scripts/device/benchmark_original.py, for this machine).
 
     python3 scripts/device/gpu_checks.py --plan core --budget 330       # on the device, OUT set
     python scripts/device/gpu_checks.py --plan smoke --out /tmp/rehearsal   # here, on CPU
@@ -78,6 +79,8 @@ ATTENTION = (
     "--output {res}/attention_vitl16.json"
 )
 GPU_TESTS = "{py} -m pytest -q -p no:cacheprovider -m 'gpu or xformers' --junitxml {res}/gpu_tests.xml tests"
+# The original implementation (its wheel from fetch_wheels.sh) with its own vitl16_short preset.
+ORIGINAL = "{py} scripts/device/benchmark_original.py --source .whl/original --config vitl16_short"
 SUITE = "{py} -m pytest -q -p no:cacheprovider -n 8 --junitxml {res}/suite.xml tests"
 
 PLANS: dict[str, tuple[Step, ...]] = {
@@ -96,6 +99,12 @@ PLANS: dict[str, tuple[Step, ...]] = {
         train("data_cpu_aug_vitl16", 90, f"{VITL16} --mode data --num-workers 15 --iters 15 {FOLDER}", min_s=40),
     ),
     "more": (
+        Step(
+            "original_vitl16",
+            240,
+            f"{ORIGINAL} --batch-size 64 --warmup 3 --iters 10 --output {{res}}/original_vitl16.json",
+            min_s=90,
+        ),  # fmt: skip
         train(
             "train_vitl16_compile",
             300,
@@ -118,6 +127,12 @@ PLANS: dict[str, tuple[Step, ...]] = {
             "train_quickstart",
             120,
             "--batch-size 4 --backends sdpa --warmup 1 --iters 1 --num-batches 1 --device cpu student.depth=2",
+            min_s=10,
+        ),  # fmt: skip
+        Step(
+            "original_rehearsal",
+            120,
+            f"{ORIGINAL} --cpu-rehearsal --warmup 1 --iters 1 --output {{res}}/original_rehearsal.json",
             min_s=10,
         ),  # fmt: skip
         Step("jpegs", 60, f"{JPEGS} 2 8", min_s=5),

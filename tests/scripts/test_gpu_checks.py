@@ -88,6 +88,8 @@ def test_the_budget_is_shared_by_the_steps(checks, tmp_path):
 def test_every_planned_benchmark_parses_and_its_config_loads(checks, tmp_path):
     bench_train = _load(SCRIPTS / "benchmark_train.py", "benchmark_train_for_plans")
     bench_attention = _load(SCRIPTS / "benchmark_attention.py", "benchmark_attention_for_plans")
+    bench_original = _load(SCRIPTS / "device" / "benchmark_original.py", "benchmark_original_for_plans")
+    fetch = (SCRIPTS / "device" / "fetch_wheels.sh").read_text()
     values = {"py": "python", "res": str(tmp_path), "jpegs": str(tmp_path / "jpegs")}
     seen = set()
     for plan, steps in checks.PLANS.items():
@@ -104,10 +106,23 @@ def test_every_planned_benchmark_parses_and_its_config_loads(checks, tmp_path):
                 seen.add(args.config)
                 if "train.gpu_augmentation=true" in argv:
                     assert cfg.train.gpu_augmentation is True
+            elif script == "scripts/device/benchmark_original.py":
+                args = bench_original.parse_args(argv[2:])
+                assert args.output == Path(tmp_path / f"{step.name}.json")
+                # the wheel is where fetch_wheels.sh puts it, relative to the repository as the step runs
+                assert args.source == Path(".whl/original") and 'download -d "$dest/original"' in fetch
+                assert "dest=.whl" in fetch
+                # the original's preset is our config of the same name, for the settings it makes
+                ours = bench_train.load_benchmark_config(bench_train.parse_args(["--config", args.config]))
+                for setting in bench_original.PRESETS[args.config]:
+                    key, value = setting.split("=")
+                    section, name = key.split(".")
+                    assert str(ours[section][name]) == value, f"{step.name}: ours has {key}={ours[section][name]}"
+                seen.add("original")
             elif script == "scripts/benchmark_attention.py":
                 args = bench_attention.parse_args(argv[2:])
                 assert "xformers" in args.backends and args.dtypes == ["bf16"]
-    assert {"vitl16_short", "vitl14", "vitg14", "quickstart"} <= seen
+    assert {"vitl16_short", "vitl14", "vitg14", "quickstart", "original"} <= seen
 
 
 def test_only_picks_steps_and_names_unknown_ones(checks, tmp_path, capsys):
