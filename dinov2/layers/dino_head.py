@@ -27,8 +27,10 @@ class DINOHead(nn.Module):
     weight-normalised linear layer to ``out_dim`` prototypes.
 
     The prototype layer uses :func:`torch.nn.utils.parametrizations.weight_norm`: its weight is
-    ``g * v / ||v||`` per prototype, with ``g`` fixed at 1 (not trained), so every prototype is a
-    unit vector and the scores are cosine similarities. State-dict keys are
+    ``g * v / ||v||`` per prototype, ``g`` starting at 1 (unit prototypes, cosine scores) and trained
+    with ``v``, as the original's ``weight_g`` is (it is in the last-layer group, frozen with it for
+    ``optim.freeze_last_layer_epochs``; DINO v1's ``norm_last_layer`` froze it, DINOv2 does not).
+    State-dict keys are
     ``last_layer.parametrizations.weight.original0`` (g) and ``...original1`` (v); the original's
     ``last_layer.weight_g`` / ``weight_v`` keys are converted by
     :func:`dinov2.checkpoint.adapters.convert_weight_norm_keys`.
@@ -53,10 +55,8 @@ class DINOHead(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        magnitude = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
-            magnitude.fill_(1.0)
-        magnitude.requires_grad_(False)
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)

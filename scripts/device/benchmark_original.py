@@ -184,7 +184,7 @@ def let_xformers_choose(attention_module) -> str:
     return "layers.attention: no forced op, xFormers picks the kernel (as Meta's later code)"
 
 
-def cpu_stand_ins(original) -> list[str]:
+def cpu_stand_ins() -> list[str]:
     """--cpu-rehearsal only: what xFormers and CUDA would do, in plain torch on CPU."""
     import torch
     import torch.nn.functional as F
@@ -205,13 +205,13 @@ def cpu_stand_ins(original) -> list[str]:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **(kwargs | {"device_id": torch.device("cpu"), "sync_module_states": False}))
 
-    import dinov2.layers.attention
-    import dinov2.layers.block
+    from dinov2 import fsdp  # the original's, once import_original has run
+    from dinov2.layers import attention, block
 
-    dinov2.layers.attention.memory_efficient_attention = memory_efficient_attention
-    dinov2.layers.block.scaled_index_add = scaled_index_add
-    dinov2.layers.block.index_select_cat = index_select_cat
-    original.fsdp.FSDP = CpuFSDP
+    attention.memory_efficient_attention = memory_efficient_attention
+    block.scaled_index_add = scaled_index_add
+    block.index_select_cat = index_select_cat
+    fsdp.FSDP = CpuFSDP
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.cuda.synchronize = lambda *args, **kwargs: None
     return ["xformers memory_efficient_attention/scaled_index_add/index_select_cat: plain torch",
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
 
         adapters.append(let_xformers_choose(dinov2.layers.attention))
     if args.cpu_rehearsal:
-        adapters += cpu_stand_ins(original)
+        adapters += cpu_stand_ins()
     cfg, dotlist = build_config(package, args)
     torch.manual_seed(args.seed)
     if cuda:

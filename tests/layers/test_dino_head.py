@@ -16,17 +16,23 @@ def test_head_structure_and_formula():
             hidden = torch.nn.functional.gelu(hidden)
     unit = hidden / hidden.norm(dim=-1, keepdim=True)
     v = head.last_layer.parametrizations.weight.original1
-    prototypes = v / v.norm(dim=1, keepdim=True)  # g fixed at 1: unit-norm prototypes
+    prototypes = v / v.norm(dim=1, keepdim=True)  # g starts at 1: unit-norm prototypes
     torch.testing.assert_close(head(x), unit @ prototypes.T)
     assert head(x).abs().max() <= 1.0 + 1e-5  # cosine similarities
 
 
-def test_magnitude_is_frozen_at_one_and_direction_trains():
+def test_magnitude_starts_at_one_and_trains_with_the_direction():
+    # As the original's weight_g (DINOv2 trains it; DINO v1's norm_last_layer froze it).
     head = DINOHead(in_dim=8, out_dim=4, nlayers=2, hidden_dim=8, bottleneck_dim=4)
     g = head.last_layer.parametrizations.weight.original0
-    assert torch.equal(g, torch.ones(4, 1)) and not g.requires_grad
-    head(torch.randn(3, 8)).square().sum().backward()
+    assert torch.equal(g, torch.ones(4, 1)) and g.requires_grad
+    x = torch.randn(3, 8)
+    head(x).square().sum().backward()
     assert head.last_layer.parametrizations.weight.original1.grad.abs().sum() > 0
+    # d/dg_k of sum(scores^2), scores_k = g_k * cos_k: 2 * sum_rows(g_k * cos_k^2) = 2 * sum_rows(cos_k^2) at g = 1
+    with torch.no_grad():
+        cos = head(x)  # g = 1: the scores are the cosines
+    torch.testing.assert_close(g.grad.squeeze(1), 2 * cos.square().sum(0))
     assert head.last_layer.bias is None
     single = DINOHead(in_dim=8, out_dim=4, nlayers=1, bottleneck_dim=4)
     assert isinstance(single.mlp, torch.nn.Linear)

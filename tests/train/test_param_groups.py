@@ -21,13 +21,13 @@ TOKENS = {"cls_token", "pos_embed", "mask_token", "register_tokens"}
 
 
 class StandInHead(nn.Module):
-    """A small head with an MLP and a weight-normed prototype layer named ``last_layer``."""
+    """A small head with an MLP and a weight-normed prototype layer named ``last_layer`` (its
+    magnitude ``original0`` trained, as DINOHead's and the original's ``weight_g``)."""
 
     def __init__(self, dim=32, out=16):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 8))
         self.last_layer = weight_norm(nn.Linear(8, out, bias=False))
-        self.last_layer.parametrizations.weight.original0.requires_grad = False
 
     def forward(self, x):
         return self.last_layer(self.mlp(x))
@@ -101,9 +101,9 @@ def test_specific_multipliers(block_chunks):
     assert by_name["backbone.patch_embed.proj.bias"]["wd_multiplier"] == 0.0
     assert by_name["backbone.norm.weight"]["lr_multiplier"] == 1.0
     assert by_name["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
-    last = by_name["dino_head.last_layer.parametrizations.weight.original1"]
-    assert last["is_last_layer"] and last["wd_multiplier"] == 1.0
-    assert "dino_head.last_layer.parametrizations.weight.original0" not in by_name
+    for leaf in ("original0", "original1"):  # magnitude and direction: last layer, decayed (the original's rules)
+        last = by_name[f"dino_head.last_layer.parametrizations.weight.{leaf}"]
+        assert last["is_last_layer"] and last["wd_multiplier"] == 1.0
 
 
 def test_bare_backbone_and_head_alone():
@@ -114,7 +114,7 @@ def test_bare_backbone_and_head_alone():
     assert by_name["patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(0.2 * RATE**4)
     head_groups = get_params_groups_with_decay(student["dino_head"], lr_decay_rate=RATE)
     assert all(g["lr_multiplier"] == 1.0 for g in head_groups)
-    assert [g["is_last_layer"] for g in head_groups].count(True) == 1
+    assert [g["is_last_layer"] for g in head_groups].count(True) == 2  # the prototypes: magnitude and direction
 
 
 @pytest.mark.parametrize(
@@ -153,20 +153,24 @@ def test_fusion_merges_equal_settings_and_keeps_every_param_once():
 
 def test_build_optimizer_param_groups_for_adamw():
     student = make_student(0)
+    student["backbone"].mask_token.requires_grad_(False)  # frozen, as distillation freezes it
     modules = {key: student[key] for key in ("backbone", "dino_head", "ibot_head")}
     groups = build_optimizer_param_groups(modules, layerwise_decay=RATE, patch_embed_lr_mult=0.2)
     fused_ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(fused_ids) == sorted(id(p) for p in student.parameters() if p.requires_grad)
     last = [g for g in groups if g["is_last_layer"]]
-    assert len(last) == 1 and len(last[0]["params"]) == 2
+    assert len(last) == 1 and len(last[0]["params"]) == 4  # g and v of both heads
     assert "dino_head.last_layer.parametrizations.weight.original1" in last[0]["names"]
+    assert not any("mask_token" in name for g in groups for name in g["names"])
     blocks0 = next(g for g in groups if "backbone.blocks.0.attn.qkv.weight" in g["names"])
     assert blocks0["lr_multiplier"] == pytest.approx(RATE**3)
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
     assert len(optimizer.param_groups) == len(groups)
     assert all("lr_multiplier" in g and "wd_multiplier" in g for g in optimizer.param_groups)
-    frozen_g = student["dino_head"].last_layer.parametrizations.weight.original0.detach().clone()
+    frozen = student["backbone"].mask_token.detach().clone()
+    g = student["dino_head"].last_layer.parametrizations.weight.original0.detach().clone()
     features = student["backbone"](torch.randn(2, 3, 16, 16))
     (student["dino_head"](features).sum() + student["ibot_head"](features).sum()).backward()
     optimizer.step()
-    assert torch.equal(student["dino_head"].last_layer.parametrizations.weight.original0, frozen_g)
+    assert torch.equal(student["backbone"].mask_token, frozen)
+    assert not torch.equal(student["dino_head"].last_layer.parametrizations.weight.original0, g)

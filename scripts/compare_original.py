@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""Our objective against the original implementation's, on CPU in float32: the same weights and the
+same batches through both, then every loss term, every student gradient and both centres compared.
+
+The original's code comes from ``--source`` (its PyPI wheel, see scripts/device/benchmark_original.py,
+whose import isolation and CPU stand-ins for xFormers are reused here). Both packages are named
+``dinov2``, so the original runs in a child process of this script (``--side original``): it builds
+its ``SSLMetaArch`` with a small ViT, copies the student into the teacher as its
+``prepare_for_distributed_training`` does, runs ``forward_backward`` on two batches made by its own
+mask generator and collate (crops cast to float32), and saves its initial weights, the batches, its
+loss terms, gradients and centres. This process then loads those weights into our ``SSLMetaArch``
+(weight-norm keys renamed), runs the same batches, and compares.
+
+Stochastic depth is off (it draws different random subsets in the two codes); everything else is the
+recipe's. Both configs get the same explicit values (``SETTINGS``); the report also lists every
+default of the original's ``ssl_default_config.yaml`` that differs from ours.
+
+Term names: the original reports ``koleo_loss`` and ``ibot_loss`` halved "for display"; they are
+doubled back here, and our ``koleo_loss`` is weighted, so that the numbers compared are each term's
+contribution to the loss that is backpropagated.
+
+    python scripts/compare_original.py --source .whl/original --output compare_original.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# Explicit on both sides, so that differing defaults cannot hide behind a "match". A ViT-S/16 on
+# 64 px global and 32 px local crops: 16 patches per global crop, enough for block masks.
+SETTINGS = [
+    "student.arch=vit_small", "student.patch_size=16", "student.drop_path_rate=0.0", "student.layerscale=1e-05",
+    "student.ffn_layer=mlp", "student.block_chunks=0", "student.qkv_bias=true", "student.proj_bias=true",
+    "student.ffn_bias=true", "crops.global_crops_size=64", "crops.local_crops_size=32", "crops.local_crops_number=4",
+    "dino.loss_weight=1.0", "dino.koleo_loss_weight=0.1", "dino.head_n_prototypes=512", "dino.head_hidden_dim=128",
+    "dino.head_bottleneck_dim=64", "dino.head_nlayers=3", "ibot.loss_weight=1.0", "ibot.separate_head=false",
+    "ibot.mask_sample_probability=0.5", "ibot.mask_ratio_min_max=[0.1,0.5]", "ibot.head_n_prototypes=512",
+    "ibot.head_hidden_dim=128", "ibot.head_bottleneck_dim=64", "ibot.head_nlayers=3", "train.batch_size_per_gpu=8",
+]  # fmt: skip
+TEACHER_TEMP = 0.04  # the warm-up value of both recipes
+# Each case runs both codes from the same weights. At the recipe's start (LayerScale 1e-5) every
+# crop's CLS feature is nearly the same, so KoLeo's nearest-neighbour distances are ~1e-4 and its
+# gradient (~1/d) amplifies float32 rounding; the other two cases separate that from the objective.
+CASES = {
+    "recipe_start": [],
+    "recipe_start_without_koleo": ["dino.koleo_loss_weight=0.0"],
+    "spread_features": ["student.layerscale=1.0"],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", type=Path, required=True, help="the original's wheel, or a folder with it")
+    p.add_argument("--centering", choices=["centering", "sinkhorn_knopp"], default="centering")
+    p.add_argument("--separate-ibot-head", action="store_true", help="ibot.separate_head=true on both sides")
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=Path("compare_original.json"))
+    p.add_argument("--side", choices=["ours", "original"], default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def settings(args: argparse.Namespace, case: str) -> list[str]:
+    extra = [f"train.centering={args.centering}"]
+    if args.separate_ibot_head:
+        extra.append("ibot.separate_head=true")
+    return SETTINGS + extra + CASES[case]
+
+
+def _benchmark_original():
+    spec = importlib.util.spec_from_file_location("benchmark_original", HERE / "device" / "benchmark_original.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flat(cfg, prefix: str = "") -> dict:
+    """``{dotted.key: value}`` of a plain nested dict."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- original
+def run_original(args: argparse.Namespace) -> None:
+    """Child process: the original's side, saved to ``args.reference``."""
+    import torch
+
+    bench = _benchmark_original()
+    original = bench.import_original(bench.locate_package(args.source, Path(tempfile.mkdtemp(prefix="orig_"))))
+    bench.cpu_stand_ins()  # xFormers' ops in plain torch, Tensor.cuda an identity
+    from omegaconf import OmegaConf
+
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+    package = Path(original.__file__).parent
+    default = OmegaConf.load(package / "configs" / "ssl_default_config.yaml")
+    OmegaConf.set_struct(default, True)
+    cfg = OmegaConf.merge(default, OmegaConf.from_dotlist(settings(args, args.cases[0])))
+    # one gloo process: the original always runs distributed (its Sinkhorn-Knopp all-reduces)
+    init = Path(tempfile.mkdtemp(prefix="orig_pg_")) / "init"
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    torch.manual_seed(args.seed)
+    model = SSLMetaArch(cfg)
+    for name, module in model.student.items():  # what prepare_for_distributed_training does first
+        model.teacher[name].load_state_dict(module.state_dict())
+    model.need_to_synchronize_fsdp_streams = False  # no FSDP here, so no streams to share after step 1
+    model.train()
+    weights = {f"{side}.{key}": value.clone() for side in ("student", "teacher")
+               for key, value in getattr(model, side).state_dict().items()}  # fmt: skip
+    batches = bench.make_batches(cfg, 2, args.seed, original)
+    for batch in batches:
+        for key in ("collated_global_crops", "collated_local_crops"):
+            batch[key] = batch[key].float()  # float32 here, as the model is; values keep their fp16 rounding
+    steps = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        terms = model.forward_backward(batch, teacher_temp=TEACHER_TEMP)
+        model.dino_loss.apply_center_update()
+        if hasattr(model, "ibot_patch_loss"):
+            model.ibot_patch_loss.apply_center_update()
+        grads = {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
+        centers = {"dino": model.dino_loss.center.clone(), "ibot": model.ibot_patch_loss.center.clone()}
+        steps.append({"terms": {k: float(v) for k, v in terms.items()}, "grads": grads, "centers": centers})
+    torch.distributed.destroy_process_group()
+    config = OmegaConf.to_container(default, resolve=True)
+    torch.save({"weights": weights, "batches": batches, "steps": steps, "default_config": config}, args.reference)
+
+
+# ---------------------------------------------------------------------------------------------- ours
+def contributions_original(terms: dict, cfg) -> dict:
+    """Each term's share of the backpropagated loss, from the original's display values."""
+    out = {}
+    for name in ("dino_local_crops_loss", "dino_global_crops_loss"):
+        if name in terms:
+            out[name] = cfg.dino.loss_weight * terms[name]
+    if "koleo_loss" in terms:
+        out["koleo_loss"] = 2 * terms["koleo_loss"]  # shown as koleo_weight * sum / 2
+    if "ibot_loss" in terms:
+        out["ibot_loss"] = cfg.ibot.loss_weight * 2 * terms["ibot_loss"]  # shown halved
+    return out
+
+
+def contributions_ours(terms: dict, cfg) -> dict:
+    weights = {"dino_local_crops_loss": cfg.dino.loss_weight, "dino_global_crops_loss": cfg.dino.loss_weight,
+               "koleo_loss": cfg.dino.koleo_loss_weight, "ibot_loss": cfg.ibot.loss_weight}  # fmt: skip
+    return {name: weights[name] * float(value) for name, value in terms.items() if name in weights}
+
+
+def compare_tensors(ours, theirs) -> dict:
+    diff = (ours.double() - theirs.double()).abs().max().item()
+    scale = theirs.double().abs().max().item()
+    return {"max_abs": diff, "max_ref": scale, "rel": diff / scale if scale else diff}
+
+
+def default_differences(original_defaults: dict, ours_cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    theirs = flat(original_defaults)
+    ours = flat(OmegaConf.to_container(ours_cfg, resolve=True))
+    differ = {k: {"original": theirs[k], "ours": ours[k]} for k in sorted(theirs) if k in ours and theirs[k] != ours[k]}
+    return {"differ": differ, "only_original": sorted(set(theirs) - set(ours))}
+
+
+def original_side(args: argparse.Namespace, case: str) -> dict:
+    """The original's weights, batches and results for ``case``, from a child process."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as scratch:
+        reference = Path(scratch) / "original.pt"
+        child = [sys.executable, str(Path(__file__).resolve()), "--side", "original", "--reference", str(reference),
+                 "--source", str(args.source.resolve()), "--centering", args.centering, "--seed", str(args.seed),
+                 "--cases", case]  # fmt: skip
+        child += ["--separate-ibot-head"] if args.separate_ibot_head else []
+        subprocess.run(child, check=True, cwd=scratch)  # the child keeps our dinov2 off its path itself
+        return torch.load(reference, weights_only=True)
+
+
+def compare_case(args: argparse.Namespace, case: str, ref: dict) -> tuple[dict, list[tuple]]:
+    """Our side of ``case`` against the original's results ``ref``: the report and the table rows."""
+    from dinov2.checkpoint.adapters import convert_weight_norm_keys
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+    from dinov2.utils.config import load_config
+
+    cfg = load_config(None, settings(args, case) + ["student.attn_backend=math", "train.device=cpu"])
+    model = SSLMetaArch(cfg)
+    weights = convert_weight_norm_keys(ref["weights"])
+    for side in ("student", "teacher"):
+        prefix = side + "."
+        getattr(model, side).load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    model.train()
+    rows, report = [], {"settings": settings(args, case), "steps": []}
+    for k, (batch, theirs) in enumerate(zip(ref["batches"], ref["steps"], strict=True)):
+        model.zero_grad(set_to_none=True)
+        out = model(batch, teacher_temp=TEACHER_TEMP)
+        out["loss"].backward()
+        model.apply_center_updates()
+        step = {"terms": {}, "grads": {}, "centers": {}}
+        mine, their = contributions_ours(out, cfg), contributions_original(theirs["terms"], cfg)
+        mine["total"], their["total"] = float(out["loss"]), sum(their.values())
+        for name in their:
+            diff = abs(mine[name] - their[name])
+            step["terms"][name] = {"ours": mine[name], "original": their[name], "abs": diff,
+                                   "rel": diff / abs(their[name]) if their[name] else diff}  # fmt: skip
+        their_grads = convert_weight_norm_keys(theirs["grads"])
+        my_grads = {n: p.grad for n, p in model.student.named_parameters() if p.grad is not None}
+        per_param = {n: compare_tensors(my_grads[n], their_grads[n]) for n in sorted(set(my_grads) & set(their_grads))}
+        worst = max(per_param, key=lambda n: per_param[n]["rel"])
+        step["grads"] = {"parameters": len(per_param), "worst": worst, **per_param[worst],
+                         "trained_only_by_ours": sorted(set(my_grads) - set(their_grads)),
+                         "trained_only_by_original": sorted(set(their_grads) - set(my_grads))}  # fmt: skip
+        step["centers"] = {
+            "dino": compare_tensors(model.dino_loss.center.flatten(), theirs["centers"]["dino"].flatten()),
+            "ibot": compare_tensors(model.ibot_patch_loss.center.flatten(), theirs["centers"]["ibot"].flatten()),
+        }
+        report["steps"].append(step)
+        for name, cell in step["terms"].items():
+            rows.append((case, k + 1, name, cell["ours"], cell["original"], cell["rel"]))
+        rows.append((case, k + 1, f"gradient, worst of {len(per_param)} ({worst})", None, None, step["grads"]["rel"]))
+        for side in ("ours", "original"):
+            for name in step["grads"][f"trained_only_by_{side}"]:
+                rows.append((case, k + 1, f"gradient only in {side}: {name}", None, None, float("nan")))
+        for name, cell in step["centers"].items():
+            rows.append((case, k + 1, f"{name} centre after the step", None, None, cell["rel"]))
+    return report, rows
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    from dinov2.utils.config import load_default_config
+
+    report = {"teacher_temp": TEACHER_TEMP, "centering": args.centering, "separate_ibot_head": args.separate_ibot_head,
+              "note": "rel: |ours - original| / |original| for terms, max|diff| / max|original| per tensor",
+              "cases": {}}  # fmt: skip
+    rows, ref = [], None
+    for case in args.cases:
+        ref = original_side(args, case)
+        report["cases"][case], case_rows = compare_case(args, case, ref)
+        rows += case_rows
+    report["default_differences"] = default_differences(ref["default_config"], load_default_config())
+    print(f"{'case':<27} {'step':>4}  {'quantity':<62} {'ours':>10} {'original':>10} {'rel. diff':>9}")
+    for case, step_no, name, mine, their, rel in rows:
+        cells = f"{mine:>10.6f} {their:>10.6f}" if mine is not None else f"{'':>10} {'':>10}"
+        print(f"{case:<27} {step_no:>4}  {name:<62} {cells} {rel:>9.2e}")
+    differ = report["default_differences"]["differ"]
+    print(f"defaults of the original's config that differ from ours ({len(differ)}): "
+          + ", ".join(f"{k} {v['original']} -> {v['ours']}" for k, v in differ.items()))  # fmt: skip
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.side == "original":
+        run_original(args)
+        return None
+    report = run_ours(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.output.with_name(args.output.name + ".tmp")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(args.output)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""scripts/compare_original.py runs the original implementation beside ours (not available here; its
+results are in docs/method.md). What can be checked without it: every setting the comparison gives
+both codes is a key of our config and lands there with the value the original receives."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dinov2.utils.config import load_config
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_original.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_original", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("separate_head", [False, True])
+def test_every_setting_of_every_case_reaches_our_config(compare, separate_head):
+    for case in compare.CASES:
+        args = argparse.Namespace(centering="sinkhorn_knopp", separate_ibot_head=separate_head)
+        dotlist = compare.settings(args, case)
+        cfg = load_config(None, dotlist)  # an unknown key raises here
+        expected = OmegaConf.from_dotlist(dotlist)  # the values the original's OmegaConf merge receives
+        for key in (item.split("=", 1)[0] for item in dotlist):
+            assert OmegaConf.select(cfg, key) == OmegaConf.select(expected, key), f"{case}: {key}"
+        assert cfg.student.drop_path_rate == 0.0 and cfg.ibot.separate_head is separate_head
