@@ -11,6 +11,11 @@ mask generator and collate (crops cast to float32), and saves its initial weight
 loss terms, gradients and centres. This process then loads those weights into our ``SSLMetaArch``
 (weight-norm keys renamed), runs the same batches, and compares.
 
+Then the recipe around the objective: the five schedules of ``vitl16_short`` at full length (the
+original's ``build_schedulers`` after its lr scaling, against ours) and every student parameter's
+lr multiplier, weight-decay multiplier and last-layer flag (its ``get_params_groups_with_decay``
+against ours, on a ViT-S in 4 block chunks with both heads).
+
 Stochastic depth is off (it draws different random subsets in the two codes); everything else is the
 recipe's. Both configs get the same explicit values (``SETTINGS``); the report also lists every
 default of the original's ``ssl_default_config.yaml`` that differs from ours.
@@ -63,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("compare_original.json"))
-    p.add_argument("--side", choices=["ours", "original"], default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["ours", "original", "original-recipe"], default="ours", help=argparse.SUPPRESS)
     p.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -139,6 +144,89 @@ def run_original(args: argparse.Namespace) -> None:
     torch.save({"weights": weights, "batches": batches, "steps": steps, "default_config": config}, args.reference)
 
 
+# The recipe outside the objective: the schedules of vitl16_short at full length (the preset of
+# benchmark_original.py, lr scaled for one GPU of batch 64) and the parameter groups of a ViT-S/16
+# in 4 block chunks (so that chunked names are covered) with both heads.
+RECIPE_MODEL = ["student.arch=vit_small", "student.block_chunks=4", "ibot.separate_head=true",
+                "dino.head_n_prototypes=512", "ibot.head_n_prototypes=512"]  # fmt: skip
+SCHEDULES = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
+
+
+def run_original_recipe(args: argparse.Namespace) -> None:
+    """Child process: the original's schedules and per-parameter groups, saved to ``args.reference``."""
+    import torch
+
+    bench = _benchmark_original()
+    original = bench.import_original(bench.locate_package(args.source, Path(tempfile.mkdtemp(prefix="orig_"))))
+    from omegaconf import OmegaConf
+
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+    from dinov2.train.train import build_schedulers
+    from dinov2.utils import param_groups  # the original's module (ours is dinov2.train.param_groups)
+    from dinov2.utils.config import apply_scaling_rules_to_cfg
+
+    default = OmegaConf.load(Path(original.__file__).parent / "configs" / "ssl_default_config.yaml")
+    cfg = OmegaConf.merge(default, OmegaConf.from_dotlist(bench.PRESETS["vitl16_short"]))
+    cfg = apply_scaling_rules_to_cfg(cfg)  # one process: the lr for batch 64
+    schedules = {name: torch.from_numpy(s.schedule.copy()) for name, s in zip(SCHEDULES, build_schedulers(cfg))}
+    model = SSLMetaArch(OmegaConf.merge(cfg, OmegaConf.from_dotlist(RECIPE_MODEL)))
+    groups = []
+    for key, module in model.student.items():  # as its get_params_groups does, before fusing
+        found = param_groups.get_params_groups_with_decay(
+            model=module, lr_decay_rate=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
+        )
+        for g in found:
+            groups.append({k: g[k] for k in ("lr_multiplier", "wd_multiplier", "is_last_layer")})
+            groups[-1]["name"] = f"{key}.{g['name']}"
+    torch.save({"lr": float(cfg.optim.lr), "schedules": schedules, "groups": groups}, args.reference)
+
+
+def compare_recipe(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Our schedules and parameter groups against the original's: the report and printed lines."""
+    import torch
+
+    from dinov2.checkpoint.adapters import convert_weight_norm_keys
+    from dinov2.train.param_groups import get_params_groups_with_decay
+    from dinov2.train.schedules import build_schedulers, scaled_lr
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+    from dinov2.utils.config import load_config
+
+    ref = original_side(args, "recipe")
+    cfg = load_config("vitl16_short")
+    cfg.optim.lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size_per_gpu, cfg.optim.scaling_rule)
+    ours = dict(zip(SCHEDULES, build_schedulers(cfg)))
+    report, lines = {"lr": {"ours": cfg.optim.lr, "original": ref["lr"]}, "schedules": {}}, []
+    for name in SCHEDULES:
+        mine = torch.as_tensor(ours[name].schedule, dtype=torch.float64)
+        theirs = ref["schedules"][name].double()
+        same_length = mine.shape == theirs.shape
+        cell = compare_tensors(mine, theirs) if same_length else {"lengths": [len(mine), len(theirs)]}
+        report["schedules"][name] = cell
+        lines.append(f"schedule {name:<14} {len(theirs):>7} iterations: "
+                     + (f"max rel. diff {cell['rel']:.1e}" if same_length else f"lengths differ {cell['lengths']}"))  # fmt: skip
+    model = SSLMetaArch(load_config("vitl16_short", RECIPE_MODEL + ["train.device=cpu"]))
+    mine = {}
+    for key, module in model.student.items():
+        for g in get_params_groups_with_decay(module, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult):
+            mine[f"{key}.{g['name']}"] = g
+    theirs = convert_weight_norm_keys({g["name"]: g for g in ref["groups"]})
+    differ = {}
+    for name in sorted(set(mine) | set(theirs)):
+        if name not in mine or name not in theirs:
+            differ[name] = "only in " + ("ours" if name in mine else "the original")
+            continue
+        for key in ("lr_multiplier", "wd_multiplier", "is_last_layer"):
+            a, b = mine[name][key], theirs[name][key]
+            if (abs(a - b) > 1e-12 * max(abs(b), 1.0)) if key != "is_last_layer" else a != b:
+                differ.setdefault(name, {})[key] = {"ours": a, "original": b}
+    report["param_groups"] = {"parameters": len(theirs), "differ": differ}
+    lines.insert(0, f"peak lr for batch 64 on one GPU: ours {cfg.optim.lr:.6g}, original {ref['lr']:.6g}")
+    lines.append(f"parameter groups: {len(theirs)} parameters, {len(differ)} with another setting")
+    for name, what in differ.items():
+        lines.append(f"  {name}: {what}")
+    return report, lines
+
+
 # ---------------------------------------------------------------------------------------------- ours
 def contributions_original(terms: dict, cfg) -> dict:
     """Each term's share of the backpropagated loss, from the original's display values."""
@@ -183,6 +271,9 @@ def original_side(args: argparse.Namespace, case: str) -> dict:
         child = [sys.executable, str(Path(__file__).resolve()), "--side", "original", "--reference", str(reference),
                  "--source", str(args.source.resolve()), "--centering", args.centering, "--seed", str(args.seed),
                  "--cases", case]  # fmt: skip
+        if case == "recipe":
+            child[child.index("--side") + 1 : child.index("--side") + 2] = ["original-recipe"]
+            child = child[: child.index("--cases")]
         child += ["--separate-ibot-head"] if args.separate_ibot_head else []
         subprocess.run(child, check=True, cwd=scratch)  # the child keeps our dinov2 off its path itself
         return torch.load(reference, weights_only=True)
@@ -256,6 +347,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     differ = report["default_differences"]["differ"]
     print(f"defaults of the original's config that differ from ours ({len(differ)}): "
           + ", ".join(f"{k} {v['original']} -> {v['ours']}" for k, v in differ.items()))  # fmt: skip
+    report["recipe"], lines = compare_recipe(args)
+    print("\n".join(lines))
     return report
 
 
@@ -263,6 +356,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.side == "original":
         run_original(args)
+        return None
+    if args.side == "original-recipe":
+        run_original_recipe(args)
         return None
     report = run_ours(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
