@@ -44,14 +44,9 @@ def _fake_wheel(path: Path, mark: str) -> Path:
     return path
 
 
-def _module():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import benchmark_original
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-        sys.modules.pop("benchmark_original", None)
-    return benchmark_original
+@pytest.fixture
+def bench(script):
+    return script("device/benchmark_original.py", "benchmark_original")
 
 
 def test_the_named_copy_is_imported_even_with_ours_on_the_path(tmp_path):
@@ -77,8 +72,7 @@ def test_a_dinov2_already_imported_is_refused_by_name(tmp_path):
     assert "a dinov2 package is already imported from" in done.stderr and str(REPO / "dinov2") in done.stderr
 
 
-def test_a_wheel_or_a_folder_is_unpacked_and_a_bad_source_named(tmp_path):
-    bench = _module()
+def test_a_wheel_or_a_folder_is_unpacked_and_a_bad_source_named(bench, tmp_path):
     wheel = _fake_wheel(tmp_path / "dinov2-0.0.1-py3-none-any.whl", "from the wheel")
     for source in (wheel, tmp_path):  # the wheel, or the folder holding it
         scratch = tmp_path / f"scratch_{source.name}"
@@ -139,8 +133,7 @@ def test_fsdp_gets_back_the_torch20_attributes_the_original_uses(tmp_path):
     assert any("_handles" in a for a in report["adapted"]) and any("_reshard" in a for a in report["adapted"])
 
 
-def test_bad_arguments_are_named(capsys):
-    bench = _module()
+def test_bad_arguments_are_named(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--source", "x", "student.arch"])
     assert "overrides are key=value: student.arch" in capsys.readouterr().err
@@ -151,8 +144,7 @@ def test_bad_arguments_are_named(capsys):
     assert args.overrides == ["student.arch=vit_base"] and args.config == "vitl16_short"
 
 
-def test_auto_drops_the_forced_attention_op_and_keeps_the_rest():
-    bench = _module()
+def test_auto_drops_the_forced_attention_op_and_keeps_the_rest(bench):
     seen = []
 
     def memory_efficient_attention(q, k, v, attn_bias=None, op=None):  # xFormers' signature

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from dinov2.utils.config import load_config
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_train.py"
 BATCH = 4
 DROP_PATH = 0.4
 SHAPE = ["student.depth=2", f"student.drop_path_rate={DROP_PATH}"]  # few ops: FlopCounterMode costs per op
@@ -19,11 +17,8 @@ FAST = ["--batch-size", str(BATCH), "--warmup", "1", "--iters", "1", "--device",
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(script):
+    return script("benchmark_train.py", "benchmark_train")
 
 
 @pytest.fixture(scope="module")

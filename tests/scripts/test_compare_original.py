@@ -6,23 +6,16 @@ key or a mangled value would make the comparison compare something else)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from dinov2.utils.config import load_config
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_original.py"
-
 
 @pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("compare_original", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def compare(script):
+    return script("compare_original.py", "compare_original")
 
 
 @pytest.mark.parametrize("separate_head", [False, True])

@@ -4,7 +4,6 @@ GPU machine costs device minutes; found here it costs nothing)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -17,17 +16,9 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def checks():
-    return _load(SCRIPTS / "device" / "gpu_checks.py", "gpu_checks")
+def checks(script):
+    return script("device/gpu_checks.py", "gpu_checks")
 
 
 def _alive(pid: int) -> bool:
@@ -85,10 +76,10 @@ def test_the_budget_is_shared_by_the_steps(checks, tmp_path):
     assert second["status"] == "skipped"
 
 
-def test_every_planned_benchmark_parses_and_its_config_loads(checks, tmp_path):
-    bench_train = _load(SCRIPTS / "benchmark_train.py", "benchmark_train_for_plans")
-    bench_attention = _load(SCRIPTS / "benchmark_attention.py", "benchmark_attention_for_plans")
-    bench_original = _load(SCRIPTS / "device" / "benchmark_original.py", "benchmark_original_for_plans")
+def test_every_planned_benchmark_parses_and_its_config_loads(checks, script, tmp_path):
+    bench_train = script("benchmark_train.py", "benchmark_train_for_plans")
+    bench_attention = script("benchmark_attention.py", "benchmark_attention_for_plans")
+    bench_original = script("device/benchmark_original.py", "benchmark_original_for_plans")
     fetch = (SCRIPTS / "device" / "fetch_wheels.sh").read_text()
     values = {"py": "python", "res": str(tmp_path), "jpegs": str(tmp_path / "jpegs")}
     seen = set()
