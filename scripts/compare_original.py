@@ -150,6 +150,26 @@ def run_original(args: argparse.Namespace) -> None:
 RECIPE_MODEL = ["student.arch=vit_small", "student.block_chunks=4", "ibot.separate_head=true",
                 "dino.head_n_prototypes=512", "ibot.head_n_prototypes=512"]  # fmt: skip
 SCHEDULES = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
+MASK_BATCHES = 200  # iBOT masks of 64 images (128 global crops) on the 14 x 14 grid of a 224 px ViT-/16
+
+
+def draw_masks(masking_generator, collate, seed: int) -> dict:
+    """Per-crop masked-token counts and the upper bounds of ``MASK_BATCHES`` collated batches."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    grid = 14
+    generator = masking_generator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
+    samples = [({"global_crops": [torch.zeros(1)] * 2, "local_crops": [torch.zeros(1)] * 8}, ()) for _ in range(64)]
+    counts, bounds = [], []
+    for _ in range(MASK_BATCHES):
+        batch = collate(samples, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, dtype=torch.float32,
+                        n_tokens=grid * grid, mask_generator=generator)  # fmt: skip
+        counts.append(batch["collated_masks"].sum(dim=1))
+        bounds.append(batch["upperbound"])
+    return {"counts": torch.cat(counts), "upperbounds": torch.tensor(bounds)}
 
 
 def run_original_recipe(args: argparse.Namespace) -> None:
@@ -178,7 +198,10 @@ def run_original_recipe(args: argparse.Namespace) -> None:
         for g in found:
             groups.append({k: g[k] for k in ("lr_multiplier", "wd_multiplier", "is_last_layer")})
             groups[-1]["name"] = f"{key}.{g['name']}"
-    torch.save({"lr": float(cfg.optim.lr), "schedules": schedules, "groups": groups}, args.reference)
+    from dinov2.data import MaskingGenerator, collate_data_and_cast
+
+    masks = draw_masks(MaskingGenerator, collate_data_and_cast, args.seed)
+    torch.save({"lr": float(cfg.optim.lr), "schedules": schedules, "groups": groups, "masks": masks}, args.reference)
 
 
 def compare_recipe(args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -220,11 +243,44 @@ def compare_recipe(args: argparse.Namespace) -> tuple[dict, list[str]]:
             if (abs(a - b) > 1e-12 * max(abs(b), 1.0)) if key != "is_last_layer" else a != b:
                 differ.setdefault(name, {})[key] = {"ours": a, "original": b}
     report["param_groups"] = {"parameters": len(theirs), "differ": differ}
+    from dinov2.data.collate import collate_data_and_cast
+    from dinov2.data.masking import MaskingGenerator
+
+    report["masks"] = compare_masks(draw_masks(MaskingGenerator, collate_data_and_cast, args.seed), ref["masks"])
     lines.insert(0, f"peak lr for batch 64 on one GPU: ours {cfg.optim.lr:.6g}, original {ref['lr']:.6g}")
     lines.append(f"parameter groups: {len(theirs)} parameters, {len(differ)} with another setting")
     for name, what in differ.items():
         lines.append(f"  {name}: {what}")
+    m = report["masks"]
+    lines.append(f"iBOT masks, {m['crops']} global crops: masked tokens per crop {m['mean']['ours']:.2f} vs "
+                 f"{m['mean']['original']:.2f} (mean), unmasked crops {m['unmasked']['ours']:.4f} vs "
+                 f"{m['unmasked']['original']:.4f}, upper bound {m['upperbound']['ours']:.1f} vs "
+                 f"{m['upperbound']['original']:.1f}, total variation of the count histograms {m['total_variation']:.4f} "
+                 f"(two draws of the original: {m['total_variation_original_vs_itself']:.4f})")  # fmt: skip
     return report, lines
+
+
+def compare_masks(ours: dict, theirs: dict) -> dict:
+    """Summary statistics and the histogram distance of two mask draws (different random streams)."""
+    import torch
+
+    def histogram(counts):
+        return torch.bincount(counts.long(), minlength=197).double() / len(counts)
+
+    def tv(a, b):
+        return 0.5 * (histogram(a) - histogram(b)).abs().sum().item()
+
+    half = len(theirs["counts"]) // 2  # the original's own sampling noise: its first half against its second
+    return {
+        "crops": len(theirs["counts"]),
+        "mean": {"ours": ours["counts"].double().mean().item(), "original": theirs["counts"].double().mean().item()},
+        "unmasked": {"ours": (ours["counts"] == 0).double().mean().item(),
+                     "original": (theirs["counts"] == 0).double().mean().item()},
+        "upperbound": {"ours": ours["upperbounds"].double().mean().item(),
+                       "original": theirs["upperbounds"].double().mean().item()},
+        "total_variation": tv(ours["counts"], theirs["counts"]),
+        "total_variation_original_vs_itself": tv(theirs["counts"][:half], theirs["counts"][half:]),
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- ours
