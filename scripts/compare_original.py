@@ -80,11 +80,14 @@ def settings(args: argparse.Namespace, case: str) -> list[str]:
     return SETTINGS + extra + CASES[case]
 
 
-def _benchmark_original():
+def import_original(args: argparse.Namespace):
+    """Child processes: ``(benchmark_original's module, the original's dinov2 package)``, imported
+    with that script's isolation from ours."""
     spec = importlib.util.spec_from_file_location("benchmark_original", HERE / "device" / "benchmark_original.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = bench.locate_package(args.source, Path(tempfile.mkdtemp(prefix="orig_")))
+    return bench, bench.import_original(root)
 
 
 def flat(cfg, prefix: str = "") -> dict:
@@ -103,17 +106,14 @@ def run_original(args: argparse.Namespace) -> None:
     """Child process: the original's side, saved to ``args.reference``."""
     import torch
 
-    bench = _benchmark_original()
-    original = bench.import_original(bench.locate_package(args.source, Path(tempfile.mkdtemp(prefix="orig_"))))
+    bench, original = import_original(args)
     bench.cpu_stand_ins()  # xFormers' ops in plain torch, Tensor.cuda an identity
     from omegaconf import OmegaConf
 
     from dinov2.train.ssl_meta_arch import SSLMetaArch
 
     package = Path(original.__file__).parent
-    default = OmegaConf.load(package / "configs" / "ssl_default_config.yaml")
-    OmegaConf.set_struct(default, True)
-    cfg = OmegaConf.merge(default, OmegaConf.from_dotlist(settings(args, args.cases[0])))
+    cfg = bench.original_config(package, settings(args, args.cases[0]))
     # one gloo process: the original always runs distributed (its Sinkhorn-Knopp all-reduces)
     init = Path(tempfile.mkdtemp(prefix="orig_pg_")) / "init"
     torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
@@ -134,13 +134,12 @@ def run_original(args: argparse.Namespace) -> None:
         model.zero_grad(set_to_none=True)
         terms = model.forward_backward(batch, teacher_temp=TEACHER_TEMP)
         model.dino_loss.apply_center_update()
-        if hasattr(model, "ibot_patch_loss"):
-            model.ibot_patch_loss.apply_center_update()
+        model.ibot_patch_loss.apply_center_update()
         grads = {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
         centers = {"dino": model.dino_loss.center.clone(), "ibot": model.ibot_patch_loss.center.clone()}
         steps.append({"terms": {k: float(v) for k, v in terms.items()}, "grads": grads, "centers": centers})
     torch.distributed.destroy_process_group()
-    config = OmegaConf.to_container(default, resolve=True)
+    config = OmegaConf.to_container(bench.original_config(package, []), resolve=True)
     torch.save({"weights": weights, "batches": batches, "steps": steps, "default_config": config}, args.reference)
 
 
@@ -176,20 +175,16 @@ def run_original_recipe(args: argparse.Namespace) -> None:
     """Child process: the original's schedules and per-parameter groups, saved to ``args.reference``."""
     import torch
 
-    bench = _benchmark_original()
-    original = bench.import_original(bench.locate_package(args.source, Path(tempfile.mkdtemp(prefix="orig_"))))
-    from omegaconf import OmegaConf
-
+    bench, original = import_original(args)
     from dinov2.train.ssl_meta_arch import SSLMetaArch
     from dinov2.train.train import build_schedulers
     from dinov2.utils import param_groups  # the original's module (ours is dinov2.train.param_groups)
     from dinov2.utils.config import apply_scaling_rules_to_cfg
 
-    default = OmegaConf.load(Path(original.__file__).parent / "configs" / "ssl_default_config.yaml")
-    cfg = OmegaConf.merge(default, OmegaConf.from_dotlist(bench.PRESETS["vitl16_short"]))
-    cfg = apply_scaling_rules_to_cfg(cfg)  # one process: the lr for batch 64
+    package = Path(original.__file__).parent
+    cfg = apply_scaling_rules_to_cfg(bench.original_config(package, bench.PRESETS["vitl16_short"]))  # lr, batch 64
     schedules = {name: torch.from_numpy(s.schedule.copy()) for name, s in zip(SCHEDULES, build_schedulers(cfg))}
-    model = SSLMetaArch(OmegaConf.merge(cfg, OmegaConf.from_dotlist(RECIPE_MODEL)))
+    model = SSLMetaArch(bench.original_config(package, bench.PRESETS["vitl16_short"] + RECIPE_MODEL))
     groups = []
     for key, module in model.student.items():  # as its get_params_groups does, before fusing
         found = param_groups.get_params_groups_with_decay(

@@ -96,12 +96,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- source
+def source_wheels(source: Path) -> list[Path]:
+    """``source`` itself, or the ``dinov2-*.whl`` files in the folder it names."""
+    return sorted(source.glob("dinov2-*.whl")) if source.is_dir() else [source]
+
+
 def locate_package(source: Path, scratch: Path) -> Path:
     """The folder to put on ``sys.path``: ``source`` itself when it holds ``dinov2/``, else the wheel it
     is (or the one wheel it holds) unpacked into ``scratch``."""
     if source.is_dir() and (source / "dinov2" / "__init__.py").is_file():
         return source
-    wheels = sorted(source.glob("dinov2-*.whl")) if source.is_dir() else [source]
+    wheels = source_wheels(source)
     if len(wheels) != 1 or not wheels[0].is_file() or wheels[0].suffix != ".whl":
         raise SystemExit(f"--source {source}: expected a dinov2 wheel, a folder with one, or a folder "
                          f"with a dinov2/ package; found {[w.name for w in wheels] or 'nothing'}")  # fmt: skip
@@ -220,8 +225,6 @@ def cpu_stand_ins() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- config
 def build_config(package: Path, args: argparse.Namespace):
-    from omegaconf import OmegaConf
-
     dotlist = list(PRESETS[args.config])
     if args.cpu_rehearsal:
         dotlist += REHEARSAL + ["train.batch_size_per_gpu=4"]
@@ -234,9 +237,17 @@ def build_config(package: Path, args: argparse.Namespace):
                 for key in ("param_dtype", "reduce_dtype"):
                     dotlist.append(f"compute_precision.{role}.{module}.mixed_precision.{key}=bf16")
     dotlist += args.overrides
+    return original_config(package, dotlist), dotlist
+
+
+def original_config(package: Path, dotlist: list[str]):
+    """The original's ``ssl_default_config.yaml`` with ``dotlist`` merged in; a key it does not have
+    is an error that names it."""
+    from omegaconf import OmegaConf
+
     default = OmegaConf.load(package / "configs" / "ssl_default_config.yaml")
-    OmegaConf.set_struct(default, True)  # a key the original does not have is an error, named
-    return OmegaConf.merge(default, OmegaConf.from_dotlist(dotlist)), dotlist
+    OmegaConf.set_struct(default, True)
+    return OmegaConf.merge(default, OmegaConf.from_dotlist(dotlist))
 
 
 def make_batches(cfg, count: int, seed: int, original) -> list[dict]:
@@ -371,7 +382,7 @@ def run(args: argparse.Namespace) -> dict:
         versions["xformers"] = xformers.__version__
     except ImportError:
         versions["xformers"] = None
-    wheel = args.source if args.source.is_file() else next(iter(sorted(args.source.glob("dinov2-*.whl"))), None)
+    wheel = next(iter(source_wheels(args.source)), None)
     return {
         "benchmark": "original_train_step",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

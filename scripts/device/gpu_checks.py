@@ -56,9 +56,21 @@ class Step:
         return [word.format(**values) for word in shlex.split(self.command)]
 
 
+def benchmark(script: str, name: str, limit: float, args: str, min_s: float) -> Step:
+    """A step running ``script`` with ``args``, writing ``{res}/<name>.json``."""
+    return Step(name, limit, f"{{py}} {script} {args} --output {{res}}/{name}.json", min_s)
+
+
 def train(name: str, limit: float, args: str, min_s: float = 60.0) -> Step:
-    """A scripts/benchmark_train.py step writing ``{res}/<name>.json``."""
-    return Step(name, limit, f"{{py}} scripts/benchmark_train.py {args} --output {{res}}/{name}.json", min_s)
+    """A scripts/benchmark_train.py step."""
+    return benchmark("scripts/benchmark_train.py", name, limit, args, min_s)
+
+
+def original(name: str, limit: float, args: str, min_s: float) -> Step:
+    """A scripts/device/benchmark_original.py step: the original implementation (its wheel from
+    fetch_wheels.sh) with its own vitl16_short preset."""
+    return benchmark("scripts/device/benchmark_original.py", name, limit,
+                     f"--source .whl/original --config vitl16_short {args}", min_s)  # fmt: skip
 
 
 # 500 x 375 JPEGs (ImageNet's typical size) from scripts/benchmark_data.py, written by N processes.
@@ -79,8 +91,6 @@ ATTENTION = (
     "--output {res}/attention_vitl16.json"
 )
 GPU_TESTS = "{py} -m pytest -q -p no:cacheprovider -m 'gpu or xformers' --junitxml {res}/gpu_tests.xml tests"
-# The original implementation (its wheel from fetch_wheels.sh) with its own vitl16_short preset.
-ORIGINAL = "{py} scripts/device/benchmark_original.py --source .whl/original --config vitl16_short"
 SUITE = "{py} -m pytest -q -p no:cacheprovider -n 8 --junitxml {res}/suite.xml tests"
 
 PLANS: dict[str, tuple[Step, ...]] = {
@@ -99,12 +109,7 @@ PLANS: dict[str, tuple[Step, ...]] = {
         train("data_cpu_aug_vitl16", 90, f"{VITL16} --mode data --num-workers 15 --iters 15 {FOLDER}", min_s=40),
     ),
     "more": (
-        Step(
-            "original_vitl16",
-            240,
-            f"{ORIGINAL} --batch-size 64 --warmup 3 --iters 10 --output {{res}}/original_vitl16.json",
-            min_s=90,
-        ),  # fmt: skip
+        original("original_vitl16", 240, "--batch-size 64 --warmup 3 --iters 10", min_s=90),
         train(
             "train_vitl16_compile",
             300,
@@ -129,12 +134,7 @@ PLANS: dict[str, tuple[Step, ...]] = {
             "--batch-size 4 --backends sdpa --warmup 1 --iters 1 --num-batches 1 --device cpu student.depth=2",
             min_s=10,
         ),  # fmt: skip
-        Step(
-            "original_rehearsal",
-            120,
-            f"{ORIGINAL} --cpu-rehearsal --warmup 1 --iters 1 --output {{res}}/original_rehearsal.json",
-            min_s=10,
-        ),  # fmt: skip
+        original("original_rehearsal", 120, "--cpu-rehearsal --warmup 1 --iters 1", min_s=10),
         Step("jpegs", 60, f"{JPEGS} 2 8", min_s=5),
         train(
             "data_gpu_aug_quickstart",
