@@ -94,6 +94,8 @@ def unknown_keys(cfg: Any, schema: Any) -> list[str]:
             value, ref_value = _child(node, key), _child(ref, key)
             if isinstance(value, Mapping | DictConfig) and isinstance(ref_value, Mapping | DictConfig):
                 walk(value, ref_value, path)
+            elif isinstance(value, Mapping | DictConfig) and value and ref_value is not None:
+                problems.extend(_leaf_keys(value, path))  # keys under a value that is no section
 
     walk(cfg, schema, "")
     return problems
