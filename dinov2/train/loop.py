@@ -26,7 +26,7 @@ from dinov2.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from dinov2.distributed.grads import clip_grad_norm_
+from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
 from dinov2.distributed.parallelize import any_fp16, module_policy, use_mixed_precision
 from dinov2.train.data import build_gpu_augmentation, build_train_dataset, build_train_loader, gpu_augmentation_enabled
 from dinov2.train.param_groups import build_optimizer_param_groups
@@ -55,15 +55,18 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def check_finite(losses: dict[str, torch.Tensor], iteration: int, last_checkpoint: Path | None) -> None:
-    """Raise :class:`NonFiniteLossError` naming every non-finite term of ``iteration`` (1-based, as logged)."""
+def check_finite(
+    losses: dict[str, torch.Tensor], iteration: int, last_checkpoint: Path | None, what: str = "loss"
+) -> None:
+    """Raise :class:`NonFiniteLossError` naming every non-finite term of ``iteration`` (1-based, as logged);
+    ``what`` says which values these are (loss terms, or per-module gradient norms)."""
     names = list(losses)
-    values = torch.stack([losses[n].detach().float() for n in names])
+    values = torch.stack([losses[n].detach().float().to(next(iter(losses.values())).device) for n in names])
     if bool(torch.isfinite(values).all()):
         return
     bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist(), strict=True) if not math.isfinite(v))
     kept = f"the last checkpoint {last_checkpoint} is untouched" if last_checkpoint else "no checkpoint was written"
-    raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {bad}; stopping ({kept})")
+    raise NonFiniteLossError(f"non-finite {what} at iteration {iteration}: {bad}; stopping ({kept})")
 
 
 def resolve_precision(cfg: Any, device: torch.device, sharded: bool) -> tuple[torch.dtype | None, bool]:
@@ -119,7 +122,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.metrics = MetricsWriter(self.output_dir, enabled=distributed.is_main_process())
         self.online_knn = _online_knn(cfg)  # None when evaluation.knn names no datasets
-        self.skipped_images = 0
+        self.skipped_images = 0  # by this rank's data workers (plus, on rank 0, the run's count before a resume)
         self.gpu_augment = build_gpu_augmentation(cfg) if gpu_augmentation_enabled(cfg) else None
         self._rng_state: dict | None = None
         self._reseed_on_start = False
@@ -131,6 +134,7 @@ class Trainer:
             "iteration": self.iteration,
             "samples_consumed": self.samples_consumed,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "skipped_images": self.total_skipped_images(),  # all ranks' (a collective, as saving is)
             "extra": dict(self.extra),
         }
 
@@ -158,6 +162,8 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.iteration, self.extra = int(state["iteration"]), dict(state.get("extra", {}))
         self.samples_consumed = int(state["samples_consumed"])
+        # the run's count so far is carried on by rank 0 alone, so the sum over ranks stays right on any world size
+        self.skipped_images = int(state.get("skipped_images", 0)) if distributed.get_rank() == 0 else 0
         self._rng_state = state["rng"]  # restored right before the first step (see run)
         self._reseed_on_start = state["rng"] is None
         if self._reseed_on_start:
@@ -167,6 +173,13 @@ class Trainer:
         self.metrics.truncate_after(self.iteration)
         logger.info("resumed from %s at iteration %d", path, self.iteration)
         return True
+
+    def total_skipped_images(self) -> int:
+        """Unreadable images skipped so far by every rank's data workers, this run and before its resumes
+        (a collective)."""
+        count = torch.tensor([self.skipped_images], dtype=torch.float64, device=self.device)
+        distributed.all_reduce(count)
+        return int(count.item())
 
     def samples_per_step(self) -> int:
         """Samples all ranks together consume per optimiser step."""
@@ -219,8 +232,7 @@ class Trainer:
         )  # FSDP2 reduced the rest
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.cfg.optim.clip_grad:
-            timing["grad_norm"] = float(clip_grad_norm_(params, self.cfg.optim.clip_grad))
+        timing["grad_norm"] = float(self.clip_gradients())
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -230,6 +242,25 @@ class Trainer:
         self.samples_consumed += self.samples_per_step()
         return dict(totals), timing
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip each student module's gradients (backbone, each head) to ``optim.clip_grad`` on its own, as
+        the original does; returns the norm of all gradients together, before clipping.
+
+        Without a gradient scaler a non-finite norm stops the run here, before the optimiser step, so
+        that neither the weights nor the teacher (nor a checkpoint) take it. With a scaler the step is
+        skipped by the scaler instead, which is its job in fp16."""
+        max_norm = float(self.cfg.optim.clip_grad or 0.0)
+        norms = {}
+        for name, module in self.model.student.items():
+            params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
+            if params:
+                norms[name] = clip_grad_norm_(params, max_norm) if max_norm > 0 else total_grad_norm(params)
+        if not norms:
+            return torch.zeros(())
+        if self.scaler is None:
+            check_finite(norms, self.iteration + 1, self.last_checkpoint, what="gradient norm")
+        return torch.stack([n.float().to(self.device) for n in norms.values()]).square().sum().sqrt()
+
     # ------------------------------------------------------------------ logging and evaluation
     def log(self, losses: dict[str, torch.Tensor], scheduled: dict, window: dict, per_iter: float) -> None:
         """One log line and metrics record; ``per_iter``: mean seconds per iteration so far (for the ETA)."""
@@ -238,6 +269,7 @@ class Trainer:
         values = torch.stack([losses[n] for n in names])
         distributed.all_reduce(values)
         values = (values / world).tolist()
+        skipped = self.total_skipped_images()
         record = dict(zip(names, values, strict=True))
         record.update(scheduled)
         record.update(
@@ -246,7 +278,7 @@ class Trainer:
                 "data_time": window["data_time"] / max(window["steps"], 1),
                 "grad_norm": window.get("grad_norm", float("nan")),
                 "peak_memory_mb": peak_memory_mb(self.device),
-                "skipped_images": self.skipped_images,
+                "skipped_images": skipped,
             }
         )
         self.metrics.write(self.iteration, record)
@@ -264,11 +296,22 @@ class Trainer:
             record["images_per_s"],
             record["data_time"],
             record["peak_memory_mb"],
-            f" | skipped images {self.skipped_images}" if self.skipped_images else "",
+            f" | skipped images {skipped}" if skipped else "",
         )
 
     def evaluate(self, label: str) -> dict[str, float]:
-        """Export the teacher (OUTPUT/eval/training_{it}/) and run the online k-NN, if configured."""
+        """Export the teacher (OUTPUT/eval/training_{it}/) and run the online k-NN, if configured.
+
+        Training's random streams are put back afterwards: the k-NN's loaders draw from them, and a
+        run resumed from a checkpoint of this iteration (whose RNG state was saved before this)
+        must go on exactly as this one does."""
+        rng_state = capture_rng_state()
+        try:
+            return self._evaluate(label)
+        finally:
+            restore_rng_state(rng_state)
+
+    def _evaluate(self, label: str) -> dict[str, float]:
         results: dict[str, float] = {}
         if label != "start":  # a collective when sharded; rank 0 writes
             export_teacher(self.output_dir, self.iteration, self.model.teacher, write=distributed.is_main_process())
@@ -318,7 +361,8 @@ class Trainer:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        summary = {"iteration": self.iteration, "skipped_images": self.skipped_images}
+        skipped = self.total_skipped_images()
+        summary = {"iteration": self.iteration, "skipped_images": skipped}
         start, last = self.extra.get("knn_at_start"), self.extra.get("knn_last")
         if start and last and self.iteration == self.max_iter:
             summary.update(knn_top1_random_init=start["knn_top1"], knn_top1_trained=last["knn_top1"])
@@ -329,8 +373,8 @@ class Trainer:
                 last["knn_top1"],
                 last["knn_top1"] - start["knn_top1"],
             )
-        if self.skipped_images:
-            logger.warning("%d unreadable images were skipped by this rank's data workers", self.skipped_images)
+        if skipped:
+            logger.warning("%d unreadable images were skipped in this run (all processes, resumes included)", skipped)
         return summary
 
     def _log_plan(self, dataset_len: int) -> None:

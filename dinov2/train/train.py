@@ -58,6 +58,33 @@ def setup_config(args: argparse.Namespace, cfg: Any = None) -> Any:
     return cfg
 
 
+# What a run writes to its output directory besides its logs; --no-resume moves an earlier run's aside.
+RUN_OUTPUTS = ("checkpoints", "training_metrics.json", "tensorboard", "eval", "config.yaml")
+
+
+def set_aside_previous_run(output_dir: Path) -> Path | None:
+    """``--no-resume`` in a directory that holds a run: move that run's checkpoints, metrics, exports and
+    config into ``OUTPUT/replaced_{time}/`` (nothing is deleted), so that the new run neither appends to
+    them nor, when requeued or restarted, resumes from them. Returns where they went, or None."""
+    checkpoints = output_dir / "checkpoints"
+    has_run = (checkpoints.is_dir() and any(checkpoints.iterdir())) or (output_dir / "training_metrics.json").is_file()
+    if not has_run:
+        return None
+    import time
+
+    aside = output_dir / time.strftime("replaced_%Y%m%d-%H%M%S")
+    suffix = 0
+    while aside.exists():
+        suffix += 1
+        aside = aside.with_name(f"{aside.name.split('.')[0]}.{suffix}")
+    aside.mkdir()
+    for name in RUN_OUTPUTS:
+        if (output_dir / name).exists():
+            (output_dir / name).rename(aside / name)
+    logger.warning("--no-resume: the earlier run in %s was moved to %s", output_dir, aside)
+    return aside
+
+
 def build_model(cfg: Any, device):
     """The meta-architecture (SSLMetaArch, or DistillMetaArch with ``distillation.enabled``), built
     on the meta device, parallelised (checkpointing -> compile ->
@@ -96,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     init_source = resolve_init_source(cfg, output_dir / "checkpoints", resume=args.eval_only or not args.no_resume)
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
+        if args.no_resume and not args.eval_only:
+            set_aside_previous_run(output_dir)
         OmegaConf.save(cfg, output_dir / "config.yaml")
+    distributed.barrier()  # no rank looks into the output directory before rank 0 has set it up
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg))
     logger.info("device %s, %d process(es); lr %.4g (base_lr %s, %s)", device, distributed.get_world_size(),
                 cfg.optim.lr, cfg.optim.base_lr, cfg.optim.scaling_rule)  # fmt: skip

@@ -126,11 +126,89 @@ def test_resume_with_data_workers(tmp_path):
     assert [a[i]["loss"] for i in (3, 4)] == [b[i]["loss"] for i in (3, 4)]
 
 
-def test_no_resume_starts_over(tmp_path):
+ONLINE_KNN = (
+    "evaluation.knn.train_dataset=Synthetic:split=TRAIN:num_images=16:image_size=32",
+    "evaluation.knn.val_dataset=Synthetic:split=VAL:num_images=8:image_size=32",
+    "evaluation.knn.resize_size=32",
+    "evaluation.knn.crop_size=32",
+    "evaluation.knn.batch_size=8",
+    "evaluation.knn.at_start=false",
+    "evaluation.knn.nb_knn=[2]",
+)
+
+
+def test_resume_is_exact_when_an_online_knn_falls_on_the_checkpoint(tmp_path):
+    # The k-NN's loaders draw from torch's RNG after the checkpoint saved it; with stochastic depth on,
+    # a resumed run only matches if the evaluation leaves training's random streams as it found them.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    opts = (*ONLINE_KNN, "evaluation.eval_period_iterations=3", "student.drop_path_rate=0.3")
+    run(straight, *opts)
+    run(resumed, *opts, "train.stop_at_iteration=3")
+    run(resumed, *opts)
+    a, b = loss_records(straight), loss_records(resumed)
+    assert [a[it]["loss"] for it in (4, 5, 6)] == [b[it]["loss"] for it in (4, 5, 6)]
+    knn = [r for r in records(straight) if r.get("eval")]
+    assert [r["iteration"] for r in knn] == [3, 6]  # the evaluation did run where the checkpoint is
+
+
+def test_no_resume_starts_over_and_moves_the_earlier_run_aside(tmp_path):
+    run(tmp_path, "train.stop_at_iteration=5")  # checkpoints 3 and 5
+    first = loss_records(tmp_path)
+    run(tmp_path, "train.stop_at_iteration=2", extra_args=("--no-resume",))
+    assert sorted(loss_records(tmp_path)) == [1, 2] and loss_records(tmp_path)[1]["loss"] == first[1]["loss"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002"]
+    (aside,) = tmp_path.glob("replaced_*")  # nothing of the earlier run is lost
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_0000003", "step_0000005"]
+    assert sorted(loss_records(aside)) == [1, 2, 3, 4, 5]
+    # a plain restart (or a requeued job) continues the new run, not the earlier one
     run(tmp_path, "train.stop_at_iteration=3")
-    first = loss_records(tmp_path)[1]["loss"]
-    run(tmp_path, "train.stop_at_iteration=1", extra_args=("--no-resume",))
-    assert loss_records(tmp_path)[1]["loss"] == first
+    assert "resumed from" in (log := (tmp_path / "log.txt").read_text()) and "step_0000002 at iteration 2" in log
+    assert sorted(loss_records(tmp_path)) == [1, 2, 3]
+
+
+def tiny_trainer(tmp_path, *overrides: str):
+    from dinov2.utils.config import load_config
+
+    cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", *overrides])
+    seed_everything(0)
+    return loop_module.Trainer(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"), tmp_path)
+
+
+def test_each_student_module_is_clipped_on_its_own(tmp_path):
+    # As the original: clip_grad_norm_ per student module (backbone, DINO head, iBOT head), not jointly.
+    trainer = tiny_trainer(tmp_path, "optim.clip_grad=3.0", "ibot.separate_head=true")
+    scales = {"backbone": 10.0, "dino_head": 0.01, "ibot_head": 1.0}
+    before = {}
+    for name, module in trainer.model.student.items():
+        for param in module.parameters():
+            param.grad = torch.randn_like(param) * scales[name]
+        before[name] = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in module.parameters()]))
+    total = trainer.clip_gradients()
+    assert float(total) == pytest.approx(float(torch.stack(list(before.values())).square().sum().sqrt()), rel=1e-5)
+    for name, module in trainer.model.student.items():
+        after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in module.parameters()]))
+        assert float(after) == pytest.approx(min(float(before[name]), 3.0), rel=1e-4), name
+    assert float(before["dino_head"]) < 3.0 < float(before["backbone"])  # one module clipped, one left alone
+
+
+def test_a_non_finite_gradient_stops_before_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    # Finite losses, infinite gradients (fp32, no scaler to skip the step): neither the weights, nor
+    # the teacher, nor a checkpoint may take them.
+    run(tmp_path, "train.stop_at_iteration=3")
+    path = find_latest_checkpoint(tmp_path / "checkpoints")
+    digest = tree_digest(path)
+    original = SSLMetaArch.forward
+
+    def poisoned(self, batch, teacher_temp, accumulate=False):
+        out = original(self, batch, teacher_temp, accumulate)
+        out["loss"].register_hook(lambda grad: grad * float("inf"))
+        return out
+
+    monkeypatch.setattr(SSLMetaArch, "forward", poisoned)
+    with pytest.raises(loop_module.NonFiniteLossError, match=r"gradient norm at iteration 4: backbone=(inf|nan)"):
+        run(tmp_path, "train.checkpoint_period_iterations=1")
+    assert find_latest_checkpoint(tmp_path / "checkpoints") == path
+    assert tree_digest(path) == digest
 
 
 def test_grad_accumulation_equals_the_larger_batch(tmp_path):
@@ -163,6 +241,8 @@ def test_misspelt_key_names_it_and_the_nearest(tmp_path):
         run(tmp_path, "optim.lrr=0.1")
     with pytest.raises(ConfigError, match=r"studnet\.arch.*'student\.arch'"):
         run(tmp_path, "studnet.arch=vit_small")
+    with pytest.raises(ConfigError, match=r"'optim\.clip_grad\.max'"):  # a key under a value that is no section
+        run(tmp_path, "optim.clip_grad.max=1")
     with pytest.raises(FileNotFoundError, match="quickstart"):
         main(["--config", "no_such_recipe", "--output-dir", str(tmp_path)])
 
@@ -227,6 +307,13 @@ def test_unreadable_images_are_skipped_and_counted_in_the_log(tmp_path):
     assert loss_records(out)[3]["skipped_images"] == summary["skipped_images"]
     log = (out / "log.txt").read_text()
     assert "broken.jpg" in log and "skipped images" in log
+    # the count is the run's, across a resume: the same as an uninterrupted run's
+    resumed = tmp_path / "resumed"
+    opts = (f"train.dataset_path=ImageFolder:root={images}", "train.stop_at_iteration=6")
+    straight_count = run(tmp_path / "straight", *opts)["skipped_images"]
+    run(resumed, *opts[:1], "train.stop_at_iteration=3")
+    assert straight_count > summary["skipped_images"]  # later passes met the broken file again
+    assert run(resumed, *opts)["skipped_images"] == straight_count
 
 
 def test_eval_only_exports_the_latest_checkpoint(tmp_path):
