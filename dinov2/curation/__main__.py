@@ -1,6 +1,6 @@
 """Command line of the curation pipeline.
 
-    python -m dinov2.curation run --config vitl14_lvd --output-dir OUT pool=/data/uncurated [key=value ...]
+    python -m dinov2.curation run --config lvd_vitl14 --output-dir OUT pool=/data/uncurated [key=value ...]
     python -m dinov2.curation embed    --config C --output-dir OUT     # one stage (earlier ones must be done)
     python -m dinov2.curation dedup    --config C --output-dir OUT
     python -m dinov2.curation cluster  --config C --output-dir OUT

@@ -12,13 +12,15 @@ from dinov2.utils.config import CONFIGS_DIR, available_configs, load_config
 PUBLISHED = {
     "vitl16_short": {"train.dataset_path": "ImageNet:split=TRAIN", "train.batch_size_per_gpu": 64,
                      "student.arch": "vit_large", "student.patch_size": 16, "optim.epochs": 100,
-                     "optim.base_lr": 0.004, "train.centering": "centering"},
+                     "optim.base_lr": 0.004, "train.centering": "centering",
+                     "ibot.separate_head": False},  # not set there; the original's default is the shared head
     "vitl14": {"student.arch": "vit_large", "student.patch_size": 14, "train.batch_size_per_gpu": 32,
                "train.centering": "sinkhorn_knopp", "dino.head_n_prototypes": 131072, "optim.epochs": 500,
                "optim.base_lr": 2.0e-4, "optim.warmup_epochs": 80, "teacher.momentum_teacher": 0.994,
                "crops.local_crops_size": 98, "optim.layerwise_decay": 1.0, "optim.weight_decay_end": 0.2},
     "vitg14": {"student.arch": "vit_giant2", "student.ffn_layer": "swiglufused", "train.batch_size_per_gpu": 12,
-               "ibot.head_n_prototypes": 131072, "dino.head_bottleneck_dim": 384, "student.drop_path_rate": 0.4},
+               "ibot.head_n_prototypes": 131072, "dino.head_bottleneck_dim": 384, "student.drop_path_rate": 0.4,
+               "ibot.separate_head": True},
 }  # fmt: skip
 
 
