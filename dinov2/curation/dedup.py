@@ -121,19 +121,46 @@ def self_deduplicate(store, index_cfg, k: int, threshold: float, rerank_margin: 
     return keep, report
 
 
-def eval_contamination(store, eval_stores: Mapping[str, object], threshold: float, index_cfg, keep=None):
+def eval_contamination(
+    store,
+    eval_stores: Mapping[str, object],
+    threshold: float,
+    index_cfg,
+    keep=None,
+    rerank_margin: float = 0.05,
+    k: int = 8,
+):
     """``(removed mask, {name: count})``: pool vectors at similarity >= ``threshold`` to any image of
     an evaluation store (each is searched exactly or through ``index_cfg``'s choice for its size).
-    Counts are of images not already removed by ``keep`` (an image is counted for the first set it copies)."""
+    Counts are of images not already removed by ``keep`` (an image is counted for the first set it copies).
+
+    Through an approximate index each pool vector's ``k`` nearest evaluation images are candidates
+    down to ``threshold - rerank_margin - shortfall`` and are re-scored exactly, as in
+    :func:`duplicate_pairs`, so a copy is not missed because quantisation scored it low."""
     removed = np.zeros(len(store), dtype=bool)
     counts: dict[str, int] = {}
     for name, eval_store in eval_stores.items():
         index = build_index(eval_store, index_cfg)
+        shortfall = quantisation_shortfall(eval_store, index, k)
+        floor = threshold if index.exact else threshold - rerank_margin - shortfall
         hit = np.zeros(len(store), dtype=bool)
         for ids, vectors in store.iter_chunks(keep):
-            sims, _ = index.search(vectors, 1)
-            hit[ids[sims[:, 0] >= threshold]] = True
+            sims, found = index.search(vectors, 1 if index.exact else min(k, len(index)))
+            if not index.exact:
+                sims = _rescore_candidates(eval_store, vectors, sims, found, floor)
+            hit[ids[sims.max(axis=1) >= threshold]] = True
         counts[name] = int(np.count_nonzero(hit & ~removed))
         removed |= hit
         logger.info("%d pool images copy evaluation set %s (similarity >= %.2f)", counts[name], name, threshold)
     return removed, counts
+
+
+def _rescore_candidates(
+    eval_store, queries: np.ndarray, sims: np.ndarray, found: np.ndarray, floor: float
+) -> np.ndarray:
+    """Exact similarities of the searched candidates at or above ``floor`` (-inf for the others)."""
+    exact = np.full(sims.shape, -np.inf, dtype=np.float32)
+    rows, cols = np.nonzero((sims >= floor) & (found >= 0))
+    if len(rows):
+        exact[rows, cols] = np.einsum("nd,nd->n", queries[rows], eval_store.read(found[rows, cols]))
+    return exact

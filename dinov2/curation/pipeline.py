@@ -189,7 +189,9 @@ class Curation:
             d = cfg.dedup
             copy_keep, report["self"] = dedup.self_deduplicate(copies, cfg.index, d.k, d.threshold, d.rerank_margin)
             evals = {str(s): self.store(f"eval/{i}") for i, s in enumerate(d.eval_datasets)}
-            removed, report["eval"] = dedup.eval_contamination(copies, evals, d.eval_threshold, cfg.index, copy_keep)
+            removed, report["eval"] = dedup.eval_contamination(
+                copies, evals, d.eval_threshold, cfg.index, copy_keep, d.rerank_margin
+            )
             keep = _to_pool_ids(pool, copies, copy_keep & ~removed)
         np.save(self.out / "dedup" / "keep.npy", keep)
         report["after"] = int(np.count_nonzero(keep))

@@ -177,3 +177,28 @@ def test_copies_just_above_the_threshold_survive_the_quantisation_bias(tmp_path)
     exact = store.read(np.arange(4000)) @ store.read(np.arange(4000)).T
     expected = {(int(a), int(b)) for a, b in zip(*np.nonzero(np.triu(exact >= 0.9, 1)))}
     assert len(expected) >= 100 and set(zip(i.tolist(), j.tolist())) == expected
+
+
+def test_copies_of_a_large_evaluation_set_are_found_through_an_approximate_index(tmp_path):
+    """An evaluation store searched through IVF-PQ: copies at 0.905-0.93 (threshold 0.9) are scored low
+    by the quantisation; re-scoring the candidates exactly finds exactly the brute-force set."""
+    rng = np.random.default_rng(7)
+    evals = rng.normal(size=(4000, 64))
+    evals /= np.linalg.norm(evals, axis=1, keepdims=True)
+    pool = rng.normal(size=(300, 64))
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    sources = rng.choice(4000, 100, replace=False)
+    target = rng.uniform(0.905, 0.93, size=100)  # exact cosine of each planted copy to its source
+    noise = rng.normal(size=(100, 64))
+    noise -= np.einsum("nd,nd->n", noise, evals[sources])[:, None] * evals[sources]
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    pool[:100] = target[:, None] * evals[sources] + np.sqrt(1 - target[:, None] ** 2) * noise
+    pool_store, _ = make_store_from(tmp_path / "pool", pool.astype(np.float32), chunk_size=100)
+    eval_store, _ = make_store_from(tmp_path / "eval", evals.astype(np.float32), chunk_size=1000)
+    cfg = config("index.factory='IVF16,PQ16x4np'", "index.train_size=4000", "index.nprobe=16")
+    assert not dedup.build_index(eval_store, cfg.index).exact
+    removed, counts = dedup.eval_contamination(pool_store, {"val": eval_store}, 0.9, cfg.index, rerank_margin=0.0)
+    exact = pool_store.read(np.arange(300)) @ eval_store.read(np.arange(4000)).T
+    expected = exact.max(axis=1) >= 0.9
+    assert expected[:100].all() and counts == {"val": int(expected.sum())}
+    np.testing.assert_array_equal(removed, expected)
