@@ -397,6 +397,13 @@ class Trainer:
             self.accum,
             cfg.optim.lr,
         )
+        if str(cfg.train.centering) == "sinkhorn_knopp" and self.accum > 1:
+            logger.info(
+                "Sinkhorn-Knopp balances the teacher's targets over each micro-batch on all processes "
+                "(%d images), not over the effective batch of %d (see docs/distributed.md)",
+                batch // self.accum,
+                batch,
+            )
 
 
 def _online_knn(cfg: Any):
