@@ -9,13 +9,19 @@ Our backbones use the published DINOv2 key names. Other layouts in circulation:
   ``_fsdp_wrapped_module.`` / ``_checkpoint_wrapped_module.`` (FSDP1, activation checkpointing);
 - block-chunked keys ``blocks.{chunk}.{index}.`` from FSDP-era training (``block_chunks > 0``);
 - a ``pos_embed`` stored for another image size (e.g. a 16 x 16 grid at 224 px into a 518 px model
-  with 37 x 37): resampled to the model's grid with the model's own bicubic convention, and logged.
+  with 37 x 37): resampled to the model's grid with the model's own bicubic convention, and logged;
+- Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` names, as the Hub's
+  ``model.safetensors`` files store them (``attention.attention.query``, ``mlp.weights_in``, ...)
+  or as transformers 5 modules name them (``attention.q_proj``, ``mlp.gate_proj``, ...), also
+  under the ``dinov2.`` / ``dinov2_with_registers.`` prefix of the classification wrappers.
 
 :func:`adapt_backbone_state_dict` normalises any of these to flat ``blocks.{index}.`` keys, then
 re-chunks them if the target model is chunked and resamples ``pos_embed`` to its grid.
 :func:`load_backbone_state_dict` loads the result and raises :class:`StateDictMismatchError`
-listing every missing, unexpected or mis-shaped key: nothing is dropped silently. Keys outside the backbone (heads) are only ever set aside when the
-checkpoint marks the backbone explicitly with a ``backbone.`` prefix, and the report lists them.
+listing every missing, unexpected or mis-shaped key: nothing is dropped silently. Keys outside
+the backbone (heads) are only ever set aside when the checkpoint marks the backbone explicitly
+with a ``backbone.`` prefix (or a Hugging Face wrapper's ``dinov2.`` prefix), and the report
+lists them.
 """
 
 from __future__ import annotations
@@ -72,22 +78,38 @@ class AdaptReport:
     unchunked: bool = False
     rechunked: bool = False
     pos_embed_grid: tuple[int, int] | None = None  # (checkpoint's, model's) grid side when resampled
+    hugging_face: bool = False  # Hugging Face Dinov2 names renamed to the published ones
 
 
 def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _unwrap_container(checkpoint: Mapping, report: AdaptReport) -> dict[str, torch.Tensor]:
+def _container_order(branch: str) -> tuple[str, ...]:
+    """Container keys to try for ``branch``: its own, then the branch-neutral ones."""
+    return (branch, *(k for k in CONTAINER_KEYS if k not in BRANCHES))
+
+
+def _unwrap_container(checkpoint: Mapping, branch: str, report: AdaptReport) -> dict[str, torch.Tensor]:
+    """The state dict in ``checkpoint``: itself, ``checkpoint[branch]``, or a branch-neutral
+    container (``model``, ``state_dict``, whose keys may carry branch prefixes). A container of the
+    other branch only is an error, never a silent substitute."""
     if _is_tensor_dict(checkpoint):
         return dict(checkpoint)
-    for key in CONTAINER_KEYS:
+    top_level = sorted(map(str, checkpoint))[:10]
+    for key in _container_order(branch):
         if key in checkpoint and _is_tensor_dict(checkpoint[key]):
             report.container = key
             return dict(checkpoint[key])
+    others = [b for b in BRANCHES if b != branch and b in checkpoint and _is_tensor_dict(checkpoint[b])]
+    if others:
+        raise ValueError(
+            f"branch={branch!r} was requested but the checkpoint holds only a {others[0]!r} state dict "
+            f"(top-level keys: {top_level}); pass branch={others[0]!r} to load it"
+        )
     raise ValueError(
         "Not a state dict: expected a mapping of parameter names to tensors, or one stored under "
-        f"{', '.join(repr(k) for k in CONTAINER_KEYS)}; top-level keys are {sorted(map(str, checkpoint))[:10]}"
+        f"{', '.join(repr(k) for k in CONTAINER_KEYS)}; top-level keys are {top_level}"
     )
 
 
@@ -134,12 +156,13 @@ def adapt_backbone_state_dict(
     """Normalise ``checkpoint`` to the backbone key layout of ``model`` (flat if ``model`` is None).
 
     ``branch`` picks ``teacher`` (default, the model DINOv2 evaluates and releases) or
-    ``student`` when the checkpoint holds both.
+    ``student`` when the checkpoint holds both; a checkpoint that holds only the other branch
+    raises ``ValueError``.
     """
     if branch not in BRANCHES:
         raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
     report = AdaptReport()
-    state = _unwrap_container(checkpoint, report)
+    state = _unwrap_container(checkpoint, branch, report)
     stripped = {strip_wrapper_segments(k): v for k, v in state.items()}
     if len(stripped) != len(state):
         raise ValueError("removing wrapper prefixes (module., _orig_mod., ...) made keys collide")
@@ -154,6 +177,7 @@ def adapt_backbone_state_dict(
         state = _select_prefix(state, f"{branch}.", report)
     if any(k.startswith("backbone.") for k in state):
         state = _select_prefix(state, "backbone.", report)
+    state = _from_hugging_face(state, report)
     state = _unchunk(state, report)
     size = _chunk_size(model) if model is not None else None
     if size:
@@ -162,6 +186,106 @@ def adapt_backbone_state_dict(
     if model is not None:
         _fit_pos_embed(state, model, report)
     return state, report
+
+
+# ---------------------------------------------------------------------- Hugging Face names
+# Wrapper prefixes of transformers' task models (e.g. Dinov2ForImageClassification).
+HF_WRAPPER_PREFIXES = ("dinov2.", "dinov2_with_registers.")
+_HF_ROOT = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+# Inside encoder.layer.N.: one-to-one renames (Hub files and transformers 5 modules).
+_HF_LAYER_RENAMES = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "layer_scale1": "ls1",
+    "layer_scale2": "ls2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.w12",  # SwiGLU, Hub files: [gate; up] as one matrix, as ours
+    "mlp.weights_out": "mlp.w3",
+    "mlp.down_proj": "mlp.w3",
+}
+# Inside encoder.layer.N.: pieces concatenated along dim 0 into one of our tensors, in this order.
+_HF_LAYER_CONCATS = {
+    "attn.qkv": (
+        ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+        ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    ),
+    "mlp.w12": (("mlp.gate_proj", "mlp.up_proj"),),  # SwiGLU, transformers 5: hidden = silu(gate) * up
+}
+_HF_LEAVES = {"weight": "weight", "bias": "bias", "lambda1": "gamma"}
+_HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+
+
+def _is_hugging_face(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("embeddings.patch_embeddings.", "encoder.layer.")) for k in state)
+
+
+def _strip_hf_wrapper(state: dict, report: AdaptReport) -> dict:
+    """Keep the backbone of a transformers task model (``dinov2.*``), setting its heads aside."""
+    for prefix in HF_WRAPPER_PREFIXES:
+        inner = {k[len(prefix) :] for k in state if k.startswith(prefix)}
+        if _is_hugging_face(inner):
+            return _select_prefix(state, prefix, report)
+    return state
+
+
+def _hf_target(key: str) -> str | None:
+    """Our name for the one-to-one renamed HF ``key``, or None."""
+    match = _HF_LAYER.match(key)
+    if match is None:
+        return _HF_ROOT.get(key)
+    index, module, leaf = match.groups()
+    ours = _HF_LAYER_RENAMES.get(module)
+    return f"blocks.{index}.{ours}.{_HF_LEAVES[leaf]}" if ours else None
+
+
+def _concat_hf_pieces(state: dict, out: dict, index: str) -> None:
+    """Concatenate split q/k/v (and gate/up) tensors of layer ``index`` into ``out``, removing them
+    from ``state``. A partial set is an error naming the pieces that are there."""
+    for target, layouts in _HF_LAYER_CONCATS.items():
+        for layout in layouts:
+            for leaf in ("weight", "bias"):
+                names = [f"encoder.layer.{index}.{piece}.{leaf}" for piece in layout]
+                present = [n for n in names if n in state]
+                if not present:
+                    continue
+                if len(present) != len(names):
+                    raise ValueError(f"Hugging Face checkpoint has {present} but not all of {names}")
+                ours = f"blocks.{index}.{target}.{leaf}"
+                if ours in out:
+                    raise ValueError(f"Hugging Face checkpoint: {names} and another set both map to {ours!r}")
+                out[ours] = torch.cat([state.pop(n) for n in names], dim=0)
+
+
+def _from_hugging_face(state: dict, report: AdaptReport) -> dict:
+    """Hugging Face Dinov2 names -> the published layout; other keys keep their names (so the
+    strict check reports any left over)."""
+    state = _strip_hf_wrapper(state, report)
+    if not _is_hugging_face(state):
+        return state
+    state = dict(state)
+    out: dict[str, torch.Tensor] = {}
+    for index in sorted({m.group(1) for k in state if (m := _HF_LAYER.match(k))}, key=int):
+        _concat_hf_pieces(state, out, index)
+    for key, value in state.items():
+        target = _hf_target(key) or key
+        if target in out:
+            raise ValueError(f"Hugging Face checkpoint: {key!r} and another key both map to {target!r}")
+        out[target] = value
+    report.hugging_face = True
+    logger.info("Hugging Face Dinov2 key names renamed to the published DINOv2 layout")
+    return out
 
 
 def _grid_side(tokens: int) -> int | None:

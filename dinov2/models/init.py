@@ -9,9 +9,10 @@ The result equals the unsharded model initialised with the same seed.
 
 The rules follow the DINOv2 recipe: linear layers truncated-normal (std 0.02) with zero biases,
 ``pos_embed`` truncated-normal (0.02), class and register tokens normal (1e-6), the mask token
-zero, LayerScale at its ``init_values``, norms at one/zero, the patch-embedding convolution as
-PyTorch initialises it, and the weight-normalised prototype layer of a DINO head with unit
-magnitudes and PyTorch's default linear initialisation for its directions.
+zero, LayerScale at its ``init_values``, norms at one/zero, batch-norm running statistics as
+PyTorch starts them (mean zero, variance one, no batches tracked), the patch-embedding
+convolution as PyTorch initialises it, and the weight-normalised prototype layer of a DINO head
+with unit magnitudes and PyTorch's default linear initialisation for its directions.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def _rule(owner: nn.Module, name: str, qualified: str) -> Rule:
     if isinstance(owner, nn.Conv2d):
         return _kaiming_default if name == "weight" else _fan_in_uniform(owner.weight.shape)
     if isinstance(owner, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)):
-        return _constant(1.0) if name == "weight" else _constant(0.0)
+        # scale and running variance start at one; shift, running mean and batch count at zero
+        return _constant(1.0) if name in ("weight", "running_var") else _constant(0.0)
     if isinstance(owner, LayerScale):
         return _constant(float(owner.init_values))
     if name in ("center", "running_mean", "num_batches_tracked"):  # loss centres and statistics start at zero

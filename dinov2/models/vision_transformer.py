@@ -215,18 +215,28 @@ class DinoVisionTransformer(nn.Module):
     def interpolate_pos_encoding(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Position embeddings (CLS + patch grid) for an image of ``height`` x ``width`` pixels:
         the stored grid as is when it fits, else :func:`resample_pos_embed` with this model's
-        ``interpolate_offset`` and ``interpolate_antialias``."""
+        ``interpolate_offset`` and ``interpolate_antialias``.
+
+        Returned in the stored parameter's dtype, not ``x``'s: adding it to the tokens lets type
+        promotion pick the residual stream's dtype (float32 under bf16 autocast, as in the
+        original; bfloat16 for a model converted with ``.to(torch.bfloat16)``). ``x`` is kept for
+        the original's signature."""
         side = math.isqrt(self.pos_embed.shape[1] - self.num_tokens)
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         if (grid_h, grid_w) == (side, side):
-            return self.pos_embed.to(x.dtype)
+            return self.pos_embed
         pos_embed = resample_pos_embed(
             self.pos_embed, self.num_tokens, (grid_h, grid_w), self.interpolate_offset, self.interpolate_antialias
         )
-        return pos_embed.to(x.dtype)
+        return pos_embed.to(self.pos_embed.dtype)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch tokens (masked ones replaced by ``mask_token``), CLS, positions, then registers."""
+        """Patch tokens (masked ones replaced by ``mask_token``), CLS, positions, then registers.
+
+        The CLS and register tokens and the position embeddings enter in their own (parameter)
+        dtype, so under autocast, where the patch embedding yields bfloat16, concatenation and
+        addition promote the residual stream to float32 as in the original. Only the mask token
+        is cast, to the patch tokens' dtype, as in the original: it stands in for patch tokens."""
         batch, _, height, width = x.shape
         x = self.patch_embed(x)
         if masks is not None:
@@ -235,10 +245,10 @@ class DinoVisionTransformer(nn.Module):
                     f"masks must have shape (batch, num_patches) = {tuple(x.shape[:2])}, got {tuple(masks.shape)}"
                 )
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
-        x = torch.cat((self.cls_token.expand(batch, -1, -1).to(x.dtype), x), dim=1)
+        x = torch.cat((self.cls_token.expand(batch, -1, -1), x), dim=1)
         x = x + self.interpolate_pos_encoding(x, height, width)
         if self.register_tokens is not None:
-            registers = self.register_tokens.expand(batch, -1, -1).to(x.dtype)
+            registers = self.register_tokens.expand(batch, -1, -1)
             x = torch.cat((x[:, :1], registers, x[:, 1:]), dim=1)
         return x
 

@@ -93,3 +93,97 @@ def test_registers_into_plain_model_is_an_error():
 def test_not_a_state_dict():
     with pytest.raises(ValueError, match="Not a state dict"):
         adapt_backbone_state_dict({"optimizer": {"lr": 0.1}})
+
+
+# ------------------------------------------------------------------ branch containers
+@pytest.mark.parametrize("stored, requested", [("teacher", "student"), ("student", "teacher")])
+def test_other_branch_container_is_an_error_not_a_substitute(stored, requested):
+    checkpoint = {stored: {f"backbone.{k}": v for k, v in _vit().state_dict().items()}, "iteration": 3}
+    with pytest.raises(ValueError) as info:
+        load_backbone_state_dict(_vit(), checkpoint, branch=requested)
+    message = str(info.value)
+    assert f"branch={requested!r}" in message and f"only a {stored!r} state dict" in message
+    assert "'iteration'" in message  # the keys present are listed
+
+
+def test_teacher_and_student_containers_pick_the_requested_one():
+    teacher, student, target = _vit(), _vit(), _vit()
+    checkpoint = {
+        "teacher": {f"backbone.{k}": v for k, v in teacher.state_dict().items()},
+        "student": {f"backbone.{k}": v for k, v in student.state_dict().items()},
+    }
+    report = load_backbone_state_dict(target, checkpoint, branch="student")
+    assert report.container == "student"
+    _assert_same_weights(student, target)
+    report = load_backbone_state_dict(target, checkpoint)
+    assert report.container == "teacher"
+    _assert_same_weights(teacher, target)
+    load_backbone_state_dict(target, {"student": checkpoint["student"]}, branch="student")
+    _assert_same_weights(student, target)
+
+
+# ------------------------------------------------------------------ Hugging Face names
+def _hf_names(state, hub_layout: bool, prefix: str = ""):
+    """Rename our (published-layout) keys to Hugging Face Dinov2 names, independently of the adapter:
+    the Hub's file layout (``attention.attention.query``, ``mlp.weights_in``) or transformers 5's
+    module names (``attention.q_proj``, ``mlp.gate_proj`` / ``mlp.up_proj``)."""
+    root = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+            "pos_embed": "embeddings.position_embeddings", "register_tokens": "embeddings.register_tokens",
+            "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+            "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+            "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}  # fmt: skip
+    attn = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+    if not hub_layout:
+        attn = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+    out = {}
+    for key, value in state.items():
+        if key in root:
+            out[root[key]] = value
+            continue
+        _, index, *module, leaf = key.split(".")
+        module, layer = ".".join(module), f"encoder.layer.{index}."
+        if module == "attn.qkv":
+            for name, piece in zip(attn, value.chunk(3)):
+                out[f"{layer}{name}.{leaf}"] = piece
+        elif module == "mlp.w12" and not hub_layout:
+            for name, piece in zip(("mlp.gate_proj", "mlp.up_proj"), value.chunk(2)):
+                out[f"{layer}{name}.{leaf}"] = piece
+        else:
+            renamed = {"attn.proj": "attention.output.dense" if hub_layout else "attention.o_proj",
+                       "ls1": "layer_scale1", "ls2": "layer_scale2", "mlp.w12": "mlp.weights_in",
+                       "mlp.w3": "mlp.weights_out" if hub_layout else "mlp.down_proj"}.get(module, module)  # fmt: skip
+            out[f"{layer}{renamed}.{'lambda1' if leaf == 'gamma' else leaf}"] = value
+    return {prefix + k: v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("hub_layout", [True, False], ids=["hub_file", "transformers5"])
+@pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 2}, {"ffn_layer": "swiglufused"}],
+                         ids=["plain", "registers", "swiglu"])  # fmt: skip
+def test_hugging_face_names_load(hub_layout, overrides):
+    source, target = _vit(**overrides), _vit(**overrides)
+    hf_state = _hf_names(source.state_dict(), hub_layout)
+    assert not any(k in source.state_dict() for k in hf_state)  # really renamed
+    report = load_backbone_state_dict(target, hf_state)
+    assert report.hugging_face
+    _assert_same_weights(source, target)
+
+
+def test_hugging_face_wrapper_prefix_sets_the_classifier_aside():
+    source, target = _vit(), _vit()
+    state = _hf_names(source.state_dict(), hub_layout=True, prefix="dinov2.")
+    state.update({"classifier.weight": torch.zeros(3, 32), "classifier.bias": torch.zeros(3)})
+    report = load_backbone_state_dict(target, state)
+    assert report.hugging_face and "dinov2." in report.stripped_prefixes
+    assert sorted(report.set_aside) == ["classifier.bias", "classifier.weight"]
+    _assert_same_weights(source, target)
+
+
+def test_hugging_face_incomplete_or_unknown_keys_are_errors():
+    state = _hf_names(_vit().state_dict(), hub_layout=True)
+    partial = dict(state)
+    del partial["encoder.layer.1.attention.attention.value.weight"]
+    with pytest.raises(ValueError, match="encoder.layer.1.attention.attention.query.weight"):
+        load_backbone_state_dict(_vit(), partial)
+    state["encoder.layer.0.attention.attention.rel_pos.weight"] = torch.zeros(1)
+    with pytest.raises(StateDictMismatchError, match="unexpected keys: encoder.layer.0.attention.attention.rel_pos"):
+        load_backbone_state_dict(_vit(), state)
