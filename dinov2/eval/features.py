@@ -4,7 +4,14 @@ Each rank runs the model on its block of an :class:`~dinov2.data.samplers.EpochS
 order, padded by repeating the first indices so that every rank gets the same number of batches).
 After every batch the ranks all-gather their outputs, and each gathered row is written to the
 dataset index it came from; rows that are padding are dropped. Every rank ends with the features
-and labels of the whole dataset, row ``i`` for ``dataset[i]``.
+and labels of the whole dataset in dataset order.
+
+Unreadable images: a file-backed dataset (:class:`~dinov2.data.datasets.base.FileImageDataset`)
+that cannot decode ``dataset[i]`` returns the next readable sample instead, with that sample's
+label, and counts the failure in ``num_skipped``. Each sample is loaded together with the growth
+of that counter (:func:`sample_with_skips`), so a substituted sample is recognised; its row is
+dropped, not kept as a duplicate of its neighbour, and the number of dropped rows (over all ranks)
+is logged as a warning and returned as ``num_skipped``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +58,48 @@ def collate_images_and_labels(batch: Sequence[tuple[Any, Any]]) -> tuple[torch.T
     return images, labels
 
 
+def collate_with_skips(batch: Sequence[tuple[Any, Any, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate ``(image, label, skipped)`` items: images, labels (as above) and skipped counts (int64)."""
+    images, labels = collate_images_and_labels([(image, label) for image, label, _ in batch])
+    return images, labels, torch.tensor([int(skipped) for _, _, skipped in batch], dtype=torch.int64)
+
+
+def sample_with_skips(dataset: Dataset, index: int) -> tuple[Any, Any, int]:
+    """``(image, label, skipped)`` for ``dataset[index]``: ``skipped`` is how many unreadable images
+    the dataset passed over to produce it (the growth of its ``num_skipped``; 0 for datasets that do
+    not count), so ``skipped > 0`` means the sample is a substitute for ``dataset[index]``. A dataset
+    (or wrapper) may provide its own ``sample_with_skips(index)``, e.g. to cache the count."""
+    own = getattr(dataset, "sample_with_skips", None)
+    if callable(own):
+        return own(index)
+    before = getattr(dataset, "num_skipped", 0)
+    image, label = dataset[index]
+    return image, label, getattr(dataset, "num_skipped", 0) - before
+
+
+class SkipCountedSamples(Dataset):
+    """``dataset`` whose items are :func:`sample_with_skips` triples; picklable for loader workers."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        return sample_with_skips(self.dataset, index)
+
+
+@dataclass
+class ExtractedFeatures:
+    """Result of :func:`extract_labelled_features`: rows in dataset order, substituted samples dropped."""
+
+    features: torch.Tensor  # (N - num_skipped, D) float32
+    labels: torch.Tensor  # (N - num_skipped,) int64
+    indices: torch.Tensor  # (N - num_skipped,) int64: the dataset index of each row
+    num_skipped: int  # samples whose image could not be read (dropped), over all ranks
+
+
 def _cls_features(output: Any) -> torch.Tensor:
     """The CLS features of a backbone's output: a tensor, or the ``x_norm_clstoken`` of a feature dict."""
     if isinstance(output, dict):
@@ -80,11 +130,13 @@ class _Gathered:
         self.order = torch.from_numpy(np.asarray(sampler.global_indices, dtype=np.int64))
         self.features: torch.Tensor | None = None
         self.labels = torch.full((sampler.sample_count,), MISSING_LABEL, dtype=torch.int64, device=storage)
+        self.substituted = torch.zeros(sampler.sample_count, dtype=torch.bool, device=storage)
         self.offset = 0  # position of the current batch inside each rank's block
 
-    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, features: torch.Tensor, labels: torch.Tensor, skipped: torch.Tensor) -> None:
         world, n, per_rank = self.sampler.world_size, self.sampler.sample_count, self.sampler.num_samples
         features, labels = distributed.all_gather_cat(features), distributed.all_gather_cat(labels)
+        substituted = distributed.all_gather_cat(skipped) > 0
         batch = features.shape[0] // world
         positions = torch.arange(batch)[None, :] + self.offset + torch.arange(world)[:, None] * per_rank
         positions = positions.reshape(-1)
@@ -93,18 +145,82 @@ class _Gathered:
         keep = keep.to(features.device)
         if self.features is None:
             self.features = torch.zeros(n, features.shape[1], dtype=torch.float32, device=self.storage)
-        labels = labels[keep]
-        if (labels < 0).any():  # every rank sees the same gathered labels, so all raise together
+        labels, substituted = labels[keep], substituted[keep]
+        unlabelled = (labels < 0) & ~substituted  # a substitute's label belongs to another index
+        if unlabelled.any():  # every rank sees the same gathered labels, so all raise together
             raise ValueError(
-                f"dataset index {int(rows[(labels < 0).nonzero()[0, 0].item()])} has no label; "
+                f"dataset index {int(rows[unlabelled.nonzero()[0, 0].item()])} has no label; "
                 "evaluation needs a labelled split"
             )
         self.features[rows] = features[keep].float().to(self.storage)
         self.labels[rows] = labels.to(self.storage)
+        self.substituted[rows] = substituted.to(self.storage)
         self.offset += batch
+
+    def result(self, dataset: Dataset) -> ExtractedFeatures:
+        """The rows of the readable samples; warns with the number of dropped (substituted) ones."""
+        kept = ~self.substituted
+        num_skipped = int(self.substituted.sum())
+        if num_skipped == len(kept):
+            raise ValueError(f"none of the {len(kept)} images of {type(dataset).__name__} could be read")
+        if num_skipped:
+            logger.warning(
+                "%d of %d images of %s could not be read; their rows are left out of the features "
+                "(instead of duplicating the next readable image)", num_skipped, len(kept), type(dataset).__name__,
+            )  # fmt: skip
+        indices = torch.arange(len(kept), device=self.storage)[kept]
+        return ExtractedFeatures(self.features[kept], self.labels[kept], indices, num_skipped)
 
 
 @torch.no_grad()
+def extract_labelled_features(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    gather_on_cpu: bool = False,
+    progress: bool = True,
+) -> ExtractedFeatures:
+    """Features (float32), labels (int64) and dataset indices of ``dataset``'s readable samples, in
+    dataset order, on every rank, and the number of unreadable ones (dropped; see the module docstring).
+
+    The model runs in eval mode (every submodule's previous mode is restored) without gradients, under autocast
+    when ``autocast_dtype`` is given. Results live on ``device`` (default: the model's), or on the
+    CPU with ``gather_on_cpu``. Raises ``ValueError`` for an empty dataset, missing labels or a
+    dataset none of whose images could be read.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"cannot extract features: {type(dataset).__name__} is empty")
+    device = torch.device(device) if device is not None else _model_device(model)
+    sampler = EpochSampler(len(dataset))
+    loader = make_data_loader(
+        SkipCountedSamples(dataset), batch_size, num_workers, sampler=sampler, shuffle=False, drop_last=False,
+        persistent_workers=False, collate_fn=collate_with_skips,
+    )  # fmt: skip
+    gathered = _Gathered(sampler, torch.device("cpu") if gather_on_cpu else device)
+    bar = _progress_bar(sampler.total_size, progress and distributed.is_main_process(), "features")
+    modes, start = [(module, module.training) for module in model.modules()], time.perf_counter()
+    model.eval()
+    try:
+        for images, labels, skipped in loader:
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                features = _cls_features(model(images))
+            gathered.add(features, labels.to(device), skipped.to(device))
+            if bar is not None:
+                bar.update(images.shape[0] * sampler.world_size)
+    finally:
+        for module, training in modes:  # exactly as before, also where submodules differed
+            module.training = training
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    logger.info("Features of %d images in %.1f s (%.0f images/s)", len(dataset), seconds, len(dataset) / seconds)
+    return gathered.result(dataset)
+
+
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
@@ -115,37 +231,9 @@ def extract_features(
     gather_on_cpu: bool = False,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) float32 and labels (N,) int64 of ``dataset``, in dataset order, on every rank.
-
-    The model runs in eval mode (every submodule's previous mode is restored) without gradients, under autocast
-    when ``autocast_dtype`` is given. Results live on ``device`` (default: the model's), or on the
-    CPU with ``gather_on_cpu``. Raises ``ValueError`` for an empty dataset or missing labels.
-    """
-    if len(dataset) == 0:
-        raise ValueError(f"cannot extract features: {type(dataset).__name__} is empty")
-    device = torch.device(device) if device is not None else _model_device(model)
-    sampler = EpochSampler(len(dataset))
-    loader = make_data_loader(
-        dataset, batch_size, num_workers, sampler=sampler, shuffle=False, drop_last=False,
-        persistent_workers=False, collate_fn=collate_images_and_labels,
-    )  # fmt: skip
-    gathered = _Gathered(sampler, torch.device("cpu") if gather_on_cpu else device)
-    bar = _progress_bar(sampler.total_size, progress and distributed.is_main_process(), "features")
-    modes, start = [(module, module.training) for module in model.modules()], time.perf_counter()
-    model.eval()
-    try:
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                features = _cls_features(model(images))
-            gathered.add(features, labels.to(device))
-            if bar is not None:
-                bar.update(images.shape[0] * sampler.world_size)
-    finally:
-        for module, training in modes:  # exactly as before, also where submodules differed
-            module.training = training
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - start
-    logger.info("Features of %d images in %.1f s (%.0f images/s)", len(dataset), seconds, len(dataset) / seconds)
-    return gathered.features, gathered.labels
+    """``(features, labels)`` of :func:`extract_labelled_features` (same arguments): row ``i`` is
+    ``dataset[i]`` unless images were unreadable, whose rows are dropped (with a warning)."""
+    result = extract_labelled_features(
+        model, dataset, batch_size, num_workers, device, autocast_dtype, gather_on_cpu, progress
+    )
+    return result.features, result.labels

@@ -1,8 +1,10 @@
 """Weighted k-nearest-neighbour classification on frozen features (the DINO k-NN protocol).
 
 Features are L2-normalised; each query's ``k`` most cosine-similar training features vote for
-their labels with weight ``exp(similarity / T)``; classes are ranked by summed votes. Accuracy
-follows :mod:`dinov2.eval.metrics` (ties count as correct, a class without votes is never predicted).
+their labels with weight ``exp(similarity / T)``; classes are ranked by summed votes. The weights
+are computed as ``exp((similarity - top similarity) / T)``, the same ranking scaled by a per-query
+constant, which cannot overflow for small ``T``. Accuracy follows :mod:`dinov2.eval.metrics` (ties go
+to the lower class index, a class without votes is never predicted).
 
     python dinov2/eval/knn.py --config-file vitl14_pretrain --pretrained-weights W.pth \\
         --train-dataset ImageNet:split=TRAIN:root=R:extra=E --val-dataset ImageNet:split=VAL:root=R:extra=E \\
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from dinov2 import distributed
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.eval.features import extract_features, make_eval_dataset
+from dinov2.eval.features import extract_labelled_features, make_eval_dataset
 from dinov2.eval.metrics import format_table, run_record, topk_correct, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
@@ -56,8 +58,13 @@ def _faiss_neighbours(index, queries: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 
 def knn_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, temperature: float, num_classes: int):
-    """Class scores (Q, C): the first ``k`` neighbours' ``exp(sim / T)`` summed per label."""
-    weights = (sims[:, :k].float() / temperature).exp()
+    """Class scores (Q, C): the first ``k`` neighbours' ``exp(sim / T)`` summed per label, each
+    query's scores divided by ``exp(top sim / T)`` so that the largest weight is 1 and nothing
+    overflows; the ranking is unchanged. Weights are at least the smallest normal float32, so a
+    class that got a vote never scores 0 (the score of a class without votes)."""
+    sims = sims[:, :k].float()
+    shifted = (sims - sims.amax(dim=1, keepdim=True)) / temperature
+    weights = shifted.exp().clamp_min(torch.finfo(torch.float32).tiny)
     votes = torch.zeros(sims.shape[0], num_classes, dtype=torch.float32, device=sims.device)
     return votes.scatter_add_(1, neighbour_labels[:, :k], weights)
 
@@ -139,17 +146,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def extract_train_and_val(args, model, autocast_dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Build both datasets with the eval transform and extract their features (labels included)."""
+def extract_train_and_val(args, model, autocast_dtype, device: torch.device) -> dict:
+    """Build both datasets with the eval transform and extract their features (labels included);
+    ``num_skipped`` holds the number of unreadable (dropped) images of each split."""
     transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
-    out = {}
+    out = {"num_skipped": {}}
     for name, dataset_str in (("train", args.train_dataset), ("val", args.val_dataset)):
         dataset = make_eval_dataset(dataset_str, transform, role=f"{name} dataset")
-        feats, labels = extract_features(
+        result = extract_labelled_features(
             model, dataset, args.batch_size, args.num_workers, device=device, autocast_dtype=autocast_dtype,
             gather_on_cpu=args.gather_on_cpu, progress=args.progress,
         )  # fmt: skip
-        out[f"{name}_features"], out[f"{name}_labels"] = feats.to(device), labels.to(device)
+        out[f"{name}_features"], out[f"{name}_labels"] = result.features.to(device), result.labels.to(device)
+        out["num_skipped"][name] = result.num_skipped
     return out
 
 

@@ -36,7 +36,7 @@ from dinov2.data.loaders import make_data_loader
 from dinov2.data.seeding import PositionedSampler, SeededSamples
 from dinov2.data.transforms import make_classification_eval_transform, make_classification_train_transform
 from dinov2.eval import linear_heads as core
-from dinov2.eval.features import collate_images_and_labels, extract_features, make_eval_dataset
+from dinov2.eval.features import collate_with_skips, extract_labelled_features, make_eval_dataset
 from dinov2.eval.metrics import format_table, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
@@ -68,9 +68,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _collate_seeded(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate ``SeededSamples`` items ``(image, label, skipped)``: images and labels."""
-    return collate_images_and_labels([(image, label) for image, label, _ in batch])
+class SkipTally:
+    """Unreadable training images: those this process met (``local``) plus the total of the run
+    this one resumes (``earlier``). A sample whose image is unreadable is replaced by the dataset's
+    next readable one; in training that only shifts the data a little, so it is counted, not dropped."""
+
+    def __init__(self, earlier: int = 0) -> None:
+        self.earlier, self.local = int(earlier), 0
+
+    def total(self, device: torch.device) -> int:
+        """``earlier`` plus ``local`` summed over ranks; every rank must call."""
+        count = torch.tensor([self.local], dtype=torch.int64, device=device)
+        return self.earlier + int(distributed.all_reduce(count).item())
 
 
 def train_batches(
@@ -80,21 +89,25 @@ def train_batches(
     start_iter: int,
     n_max: int,
     autocast_dtype: torch.dtype | None,
+    skipped: SkipTally | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Packed features and labels of the training stream from iteration ``start_iter`` on: the data
-    order and each sample's augmentation depend only on its position in the stream (``args.seed``)."""
+    order and each sample's augmentation depend only on its position in the stream (``args.seed``).
+    Unreadable images of the yielded batches are added to ``skipped.local``."""
     device = next(backbone.parameters()).device
     start = start_iter * args.batch_size * distributed.get_world_size()
     stream = PositionedSampler(len(dataset), args.batch_size, seed=args.seed, start=start)
     loader = make_data_loader(
         SeededSamples(dataset, args.seed), args.batch_size, args.num_workers, sampler=stream,
-        seed=args.seed, drop_last=True, persistent_workers=False, collate_fn=_collate_seeded,
+        seed=args.seed, drop_last=True, persistent_workers=False, collate_fn=collate_with_skips,
     )  # fmt: skip
-    for images, labels in loader:
+    for images, labels, batch_skipped in loader:
         if (labels < 0).any():
             raise ValueError(
                 f"the train dataset {args.train_dataset!r} has unlabelled samples; linear probing needs labels"
             )
+        if skipped is not None:
+            skipped.local += int(batch_skipped.sum())
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             packed = core.pack_features(backbone, images, n_max)
@@ -119,15 +132,16 @@ def num_classes_of(dataset) -> int:
     return int(np.max(dataset.get_targets())) + 1
 
 
-def encode_val_set(args, backbone: nn.Module, n_max: int, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (N, n_max + 1, D) features (CPU) and labels of the validation set, computed once."""
+def encode_val_set(args, backbone: nn.Module, n_max: int, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Packed (N, n_max + 1, D) features (CPU) and labels of the validation set, computed once, and
+    the number of unreadable validation images (left out of N)."""
     transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
     dataset = make_eval_dataset(args.val_dataset, transform, role="val dataset")
-    flat, labels = extract_features(
+    result = extract_labelled_features(
         PackedFeatures(backbone, n_max), dataset, args.batch_size, args.num_workers,
         autocast_dtype=autocast_dtype, gather_on_cpu=True, progress=args.progress,
     )  # fmt: skip
-    return flat.reshape(len(labels), n_max + 1, -1), labels
+    return result.features.reshape(len(result.labels), n_max + 1, -1), result.labels, result.num_skipped
 
 
 def _grid(args, backbone: nn.Module, num_classes: int):
@@ -150,13 +164,14 @@ def _evaluate(heads, val, num_classes: int, metric: str, iteration: int) -> dict
     return results
 
 
-def _resume(args, heads, optimizer) -> tuple[int, list]:
+def _resume(args, heads, optimizer) -> tuple[int, list, int]:
+    """Start iteration, history and unreadable-training-image count of the run resumed from."""
     path = Path(args.output_dir) / CHECKPOINT_FILE
     if args.no_resume or not path.is_file():
-        return 0, []
+        return 0, [], 0
     state = core.load_checkpoint(path, heads, optimizer)
     logger.info("Resumed linear classifiers from %s at iteration %d", path, state["iteration"])
-    return state["iteration"], list(state.get("history", []))
+    return state["iteration"], list(state.get("history", [])), int(state.get("num_skipped_train", 0))
 
 
 def results_table(results: dict[str, dict[str, float]], metric: str, rows: int = 10) -> str:
@@ -165,7 +180,7 @@ def results_table(results: dict[str, dict[str, float]], metric: str, rows: int =
     return format_table(cells, ("classifier", "top-1 %", "top-5 %", "mean per-class %"))
 
 
-def _record(args, results, base_lrs, lrs, heads, max_iter, history, seconds) -> dict:
+def _record(args, results, base_lrs, lrs, heads, max_iter, history, seconds, num_skipped) -> dict:
     metric = args.val_metric_type
     best = core.best_classifier(results, metric)
     head = heads[best]
@@ -177,7 +192,7 @@ def _record(args, results, base_lrs, lrs, heads, max_iter, history, seconds) -> 
         "classifiers": {name: {**r, "lr": lrs[name], "base_lr": base_lrs[name]} for name, r in results.items()},
         "iterations": max_iter, "epochs": args.epochs, "epoch_length": args.epoch_length,
         "batch_size": args.batch_size, "global_batch_size": args.batch_size * distributed.get_world_size(),
-        "history": history, "config_file": args.config_file, "pretrained_weights": args.pretrained_weights,
+        "history": history, "num_skipped": num_skipped, "config_file": args.config_file, "pretrained_weights": args.pretrained_weights,
         "train_dataset": args.train_dataset, "val_dataset": args.val_dataset, "seconds": seconds,
     }  # fmt: skip
 
@@ -203,8 +218,10 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
     n_max = max(args.n_last_blocks)
     heads, optimizer, base_lrs, lrs = _grid(args, backbone, num_classes)
     max_iter = args.epochs * args.epoch_length
-    start_iter, history = _resume(args, heads, optimizer)
-    val = encode_val_set(args, backbone, n_max, autocast_dtype)
+    start_iter, history, earlier_skipped = _resume(args, heads, optimizer)
+    *val, val_skipped = encode_val_set(args, backbone, n_max, autocast_dtype)
+    train_skipped = SkipTally(earlier_skipped)
+    device = next(backbone.parameters()).device
     checkpoint_every = args.save_checkpoint_frequency * args.epoch_length
 
     def after_step(done: int) -> None:
@@ -213,15 +230,21 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
             best = core.best_classifier(results, args.val_metric_type)
             history.append({"iteration": done, "best": best, args.val_metric_type: results[best][args.val_metric_type]})
         if (checkpoint_every and done % checkpoint_every == 0) or done == max_iter:
+            skipped_so_far = train_skipped.total(device)  # on every rank
             if distributed.is_main_process():
-                state = core.checkpoint_state(heads, optimizer, done, history=history)
+                state = core.checkpoint_state(heads, optimizer, done, history=history,
+                                              num_skipped_train=skipped_so_far)  # fmt: skip
                 atomic_torch_save(state, Path(args.output_dir) / CHECKPOINT_FILE)
 
-    batches = train_batches(backbone, train_set, args, start_iter, n_max, autocast_dtype)
+    batches = train_batches(backbone, train_set, args, start_iter, n_max, autocast_dtype, train_skipped)
     core.train_heads(heads, optimizer, batches, max_iter, start_iter, after_step, log_period=max(1, max_iter // 20))
     results = _evaluate(heads, val, num_classes, args.val_metric_type, max_iter)
+    num_skipped = {"train": train_skipped.total(device), "val": val_skipped}
+    if num_skipped["train"]:
+        logger.warning("%d unreadable training images were replaced by the next readable one of the train dataset",
+                       num_skipped["train"])  # fmt: skip
     seconds = {"total": time.perf_counter() - start}
-    record = _record(args, results, base_lrs, lrs, heads, max_iter, history, seconds)
+    record = _record(args, results, base_lrs, lrs, heads, max_iter, history, seconds, num_skipped)
     if distributed.is_main_process():
         _write_outputs(args, record, heads)
     return record

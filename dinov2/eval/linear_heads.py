@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov2 import distributed
-from dinov2.eval.metrics import topk_correct
+from dinov2.eval.metrics import topk_hits
 
 logger = logging.getLogger("dinov2")
 
@@ -173,7 +173,9 @@ def _shard(n: int) -> slice:
 def evaluate_heads(
     heads: nn.ModuleDict, packed: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int = 1024
 ) -> dict[str, dict[str, float]]:
-    """Top-1, top-5 and mean per-class accuracy (percent) of every classifier on packed features.
+    """Top-1, top-5 and mean per-class accuracy (percent) of every classifier on packed features,
+    all under the top-k convention of :mod:`dinov2.eval.metrics` (ties to the lower class index,
+    NaN never correct).
 
     Every rank holds all rows and scores its share; counts are summed across ranks.
     """
@@ -185,12 +187,10 @@ def evaluate_heads(
         x = packed[start : min(start + batch_size, rows.stop)].to(device).float()
         y = labels[start : start + x.shape[0]].to(device)
         for row, head in enumerate(heads.values()):
-            scores = head(x)
-            top = topk_correct(scores, y, ks=(1, 5))
-            counts[row, 0] += top[1]
-            counts[row, 1] += top[5]
-            hits = scores.gather(1, y[:, None])[:, 0] >= scores.max(dim=1).values
-            counts[row, 2:] += torch.bincount(y[hits], minlength=num_classes).double()
+            hits = topk_hits(head(x), y, ks=(1, 5))
+            counts[row, 0] += hits[1].sum()
+            counts[row, 1] += hits[5].sum()
+            counts[row, 2:] += torch.bincount(y[hits[1]], minlength=num_classes).double()
     distributed.all_reduce(counts)
     per_class_total = torch.bincount(labels.cpu().long(), minlength=num_classes).double()
     present = per_class_total > 0

@@ -1,12 +1,14 @@
 """Accuracy from class scores, result files and small text tables, shared by the evaluations.
 
-Top-k convention (used by k-NN, logistic regression and linear probing): a sample counts as
-correct at ``k`` when its true class has a positive score margin over all but fewer than ``k``
-classes, i.e. fewer than ``k`` classes score *strictly* higher than the true class. Ties are
-therefore resolved in the sample's favour rather than by an arbitrary sort order, and with fewer
-than ``k`` classes top-k is 100 % (every class is among the top k). For k-NN votes, where a class
-with no vote has score 0, pass ``require_positive=True`` so that a class nobody voted for is never
-counted as predicted.
+Top-k convention (used by k-NN, logistic regression and linear probing): each sample's classes are
+ranked by score, highest first, with ties broken by class index (the lower index ranks first, as
+``argmax`` does), so exactly ``k`` classes are chosen at top-``k``. A sample is correct at ``k``
+when its true class is among them. A NaN score ranks above every number, so a NaN on another
+class pushes the true class down, and a sample whose true class scores NaN is never correct: a
+classifier that outputs NaN scores 0 %, and one whose scores are all equal predicts class 0 for
+every sample (chance level on balanced data). With fewer than ``k`` classes every class is chosen.
+For k-NN votes, where a class with no vote has score 0, pass ``require_positive=True`` so that a
+class nobody voted for is never counted as predicted.
 """
 
 from __future__ import annotations
@@ -21,19 +23,37 @@ from typing import Any
 import torch
 
 
-def topk_correct(
-    scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5), require_positive: bool = False
-) -> dict[int, int]:
-    """Number of rows of ``scores`` (N, C) whose ``labels`` (N,) are within the top ``k``, per ``k``."""
+def true_class_rank(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The 0-based rank (N,) of each row's true class under the module's convention: the number of
+    classes scoring higher, tied with a lower index, or NaN. A NaN true score gets the largest int64."""
     if scores.ndim != 2 or labels.shape != scores.shape[:1]:
         raise ValueError(f"need scores (N, C) and labels (N,), got {tuple(scores.shape)} and {tuple(labels.shape)}")
     labels = labels.to(scores.device).long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= scores.shape[1]):
         raise ValueError(f"labels must lie in [0, {scores.shape[1]}), got [{labels.min()}, {labels.max()}]")
     true_score = scores.gather(1, labels[:, None])
-    higher = (scores > true_score).sum(dim=1)
-    valid = true_score[:, 0] > 0 if require_positive else torch.ones_like(higher, dtype=torch.bool)
-    return {int(k): int(((higher < k) & valid).sum()) for k in ks}
+    lower_index = torch.arange(scores.shape[1], device=scores.device)[None, :] < labels[:, None]
+    ahead = (scores > true_score) | ((scores == true_score) & lower_index) | scores.isnan()
+    rank = ahead.sum(dim=1)
+    return rank.masked_fill(true_score[:, 0].isnan(), torch.iinfo(torch.int64).max)
+
+
+def topk_hits(
+    scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5), require_positive: bool = False
+) -> dict[int, torch.Tensor]:
+    """Per ``k``, a boolean (N,) tensor: is the row's true class among its top ``k`` classes."""
+    rank = true_class_rank(scores, labels)
+    if require_positive:
+        true_score = scores.gather(1, labels.to(scores.device).long()[:, None])[:, 0]
+        rank = rank.masked_fill(~(true_score > 0), torch.iinfo(torch.int64).max)
+    return {int(k): rank < int(k) for k in ks}
+
+
+def topk_correct(
+    scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5), require_positive: bool = False
+) -> dict[int, int]:
+    """Number of rows of ``scores`` (N, C) whose ``labels`` (N,) are within the top ``k``, per ``k``."""
+    return {k: int(hits.sum()) for k, hits in topk_hits(scores, labels, ks, require_positive).items()}
 
 
 def topk_accuracy(
@@ -89,12 +109,14 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt
 
 def run_record(task: str, args: Any, data: Mapping[str, Any], seconds: Mapping[str, float], **results: Any) -> dict:
     """The results JSON of an evaluation entry point: ``task``, its ``results``, the sizes of the
-    train/val features in ``data``, the inputs named on the command line and the timings."""
+    train/val features in ``data`` and its ``num_skipped`` (unreadable images left out, per split),
+    the inputs named on the command line and the timings."""
     return {
         "task": task,
         **results,
         "num_train": len(data["train_labels"]),
         "num_val": len(data["val_labels"]),
+        "num_skipped": dict(data.get("num_skipped", {})),
         "config_file": args.config_file,
         "pretrained_weights": args.pretrained_weights,
         "train_dataset": args.train_dataset,

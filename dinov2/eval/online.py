@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.eval.features import extract_features, make_eval_dataset
+from dinov2.eval.features import extract_features, make_eval_dataset, sample_with_skips
 from dinov2.eval.knn import knn_classify
 from dinov2.utils.config import select
 
@@ -30,27 +30,33 @@ class CachedDataset(Dataset):
     """``dataset[i]`` memoised in this process while the stored tensors fit in ``max_bytes``.
 
     The evaluation transform is deterministic, so a cached sample equals a recomputed one. Samples
-    loaded in DataLoader worker processes are not seen here; caching needs ``num_workers=0``.
+    loaded in DataLoader worker processes are not seen here; caching needs ``num_workers=0``. The
+    cache keeps how many unreadable images each sample stands in for
+    (:func:`~dinov2.eval.features.sample_with_skips`), so a substitute is recognised on every call.
     """
 
     def __init__(self, dataset: Dataset, max_bytes: int) -> None:
         self.dataset, self.max_bytes = dataset, int(max_bytes)
-        self.cache: dict[int, Any] = {}
+        self.cache: dict[int, tuple[Any, Any, int]] = {}
         self.cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def sample_with_skips(self, index: int) -> tuple[Any, Any, int]:
         if index in self.cache:
             return self.cache[index]
-        sample = self.dataset[index]
+        sample = sample_with_skips(self.dataset, index)
         image = sample[0]
         size = image.numel() * image.element_size() if isinstance(image, torch.Tensor) else self.max_bytes + 1
         if self.cached_bytes + size <= self.max_bytes:
             self.cache[index] = sample
             self.cached_bytes += size
         return sample
+
+    def __getitem__(self, index: int):
+        image, label, _ = self.sample_with_skips(index)
+        return image, label
 
 
 class OnlineKNN:

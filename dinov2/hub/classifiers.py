@@ -7,6 +7,7 @@ block's patch tokens. The linear-probing evaluation saves its best classifier in
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 
 import torch
@@ -14,11 +15,24 @@ from torch import nn
 
 from dinov2.checkpoint import check_state_dict, load_weights_file
 from dinov2.hub import backbones
-from dinov2.hub.backbones import DINOV2_BASE_URL, Weights, model_names, released_kwargs, resolve_weights_location
+from dinov2.hub.backbones import (
+    DINOV2_BASE_URL,
+    OFFICIAL_WEIGHT_NAMES,
+    Weights,
+    model_names,
+    resolve_weights_location,
+)
+
+logger = logging.getLogger("dinov2")
 
 
 class ClassifierWeights(Enum):
     IMAGENET1K = "IMAGENET1K"
+
+
+def _is_official(weights) -> bool:
+    """An official weight-set name (downloaded), not a path or URL."""
+    return isinstance(weights, Enum) or weights in OFFICIAL_WEIGHT_NAMES
 
 
 def linear_head_url(arch_name: str, patch_size: int, num_register_tokens: int, layers: int) -> str:
@@ -52,6 +66,7 @@ class LinearClassifierWrapper(nn.Module):
 def make_dinov2_linear_classifier(
     *,
     arch_name: str,
+    registers: bool = False,
     layers: int = 4,
     pretrained: bool = True,
     weights=ClassifierWeights.IMAGENET1K,
@@ -59,10 +74,25 @@ def make_dinov2_linear_classifier(
     num_classes: int = 1000,
     **kwargs,
 ) -> LinearClassifierWrapper:
-    """Backbone (``backbone_weights``; ``kwargs`` go to its constructor) plus a linear head
-    (``weights``: enum, path or URL)."""
+    """Backbone plus a linear head on its last ``layers`` CLS tokens and mean patch token.
+
+    The backbone is built with the released settings of ``arch_name`` (``registers``: the 4-register
+    variant; SwiGLU for ``vit_giant2``; :func:`~dinov2.hub.backbones.released_kwargs`), the same as
+    the ``dinov2_*_lc`` entry points; ``kwargs`` override them and go to its constructor. With
+    ``pretrained``, ``backbone_weights`` and ``weights`` (the head) are each an official weight-set
+    name (enum or string; downloaded), a local path or a URL; the defaults are the official
+    LVD-142M backbone and its ImageNet-1k head. A head trained on another backbone (such as
+    ``linear_head_best.pth`` of the linear probe) needs that backbone as ``backbone_weights``.
+    """
+    if pretrained and _is_official(backbone_weights) and not _is_official(weights):
+        logger.warning(
+            "linear head %s goes on the official %s backbone (backbone_weights=%s); a head from the linear "
+            "probe of another backbone needs backbone_weights=<that backbone's weights>", weights, arch_name,
+            backbone_weights,
+        )  # fmt: skip
+    settings = backbones.released_kwargs(arch_name, registers, **kwargs)
     backbone = backbones.make_dinov2_model(
-        arch_name=arch_name, pretrained=pretrained, weights=backbone_weights, **kwargs
+        arch_name=arch_name, pretrained=pretrained, weights=backbone_weights, **settings
     )
     head = nn.Linear((1 + layers) * backbone.embed_dim, num_classes)
     if pretrained:
@@ -76,9 +106,8 @@ def make_dinov2_linear_classifier(
 
 def _lc(arch_name: str, registers: bool, doc: str):
     def entry(*, layers: int = 4, pretrained: bool = True, weights=ClassifierWeights.IMAGENET1K, **kwargs):
-        kwargs = released_kwargs(arch_name, registers, **kwargs)
         return make_dinov2_linear_classifier(
-            arch_name=arch_name, layers=layers, pretrained=pretrained, weights=weights, **kwargs
+            arch_name=arch_name, registers=registers, layers=layers, pretrained=pretrained, weights=weights, **kwargs
         )
 
     base, _ = model_names(arch_name, 14)

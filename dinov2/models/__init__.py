@@ -14,7 +14,6 @@ from dinov2.models.vision_transformer import (
     vit_small,
     vit_tiny,
 )
-from dinov2.utils.config import select
 
 # Keys of the config's `student` section that shape the backbone, with their defaults.
 _BACKBONE_KEYS = {
@@ -42,6 +41,8 @@ def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
     ``only_teacher``. The teacher is built without stochastic depth. ``arch`` may carry the
     original's ``_memeff`` suffix (the attention kernel is a setting here, not a class).
     """
+    from dinov2.utils.config import select  # here, not at import: the hub models need no config stack
+
     arch = str(select(args, "arch", "")).removesuffix("_memeff")
     if arch not in ARCHS:
         raise ValueError(f"Unknown student.arch {arch!r}; valid architectures: {', '.join(ARCHS)}")

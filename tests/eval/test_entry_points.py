@@ -83,3 +83,27 @@ def test_knn_script_runs_as_a_file_path(tmp_path):
     assert "top-1 %" in done.stdout
     assert set(json.loads((tmp_path / knn.RESULTS_FILE).read_text())["results"]) == {"k10"}
     assert (tmp_path / "log.txt").is_file()
+
+
+def _image_folder(root: Path, corrupt: str) -> str:
+    """Three classes of four flat-coloured 8x8 images; ``corrupt`` is overwritten with non-image bytes."""
+    from PIL import Image
+
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * c + 10 * i, 30 * i, 200 - 50 * c)).save(root / f"class{c}" / f"{i}.png")
+    (root / corrupt).write_bytes(b"\x89PNG truncated")
+    return f"ImageFolder:root={root}"
+
+
+def test_knn_main_records_unreadable_images(micro_arch, tmp_path):
+    datasets = ["--train-dataset", _image_folder(tmp_path / "train", "class1/2.png"),
+                "--val-dataset", _image_folder(tmp_path / "val", "class0/0.png")]  # fmt: skip
+    args = knn.get_args_parser().parse_args(
+        [*datasets, *COMMON, "--output-dir", str(tmp_path), "--nb_knn", "3", "--no-progress", *micro_arch]
+    )
+    knn.main(args)
+    saved = json.loads((tmp_path / knn.RESULTS_FILE).read_text())
+    assert saved["num_skipped"] == {"train": 1, "val": 1}
+    assert (saved["num_train"], saved["num_val"]) == (11, 11)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,14 +16,54 @@ def test_topk_counts_against_hand_worked_scores():
         [
             [0.9, 0.05, 0.03, 0.02],  # label 0: rank 1
             [0.1, 0.2, 0.3, 0.4],  # label 1: two classes higher -> top-3 and up
-            [0.5, 0.5, 0.0, 0.0],  # label 1: tie for first -> counts at top-1
-            [0.0, 0.0, 0.0, 0.0],  # label 2: all zero -> correct unless a positive score is required
+            [0.5, 0.5, 0.0, 0.0],  # label 1: tied with class 0, which wins the tie -> top-2 and up
+            [0.0, 0.0, 0.0, 0.0],  # label 2: all tied, classes 0 and 1 win -> top-3 (never if positive required)
         ]
     )
     labels = torch.tensor([0, 1, 1, 2])
-    assert topk_correct(scores, labels, (1, 2, 3, 4)) == {1: 3, 2: 3, 3: 4, 4: 4}
-    assert topk_correct(scores, labels, (1, 4), require_positive=True) == {1: 2, 4: 3}
-    assert topk_accuracy(scores, labels, (1, 5)) == {1: 75.0, 5: 100.0}  # k >= classes: all
+    assert topk_correct(scores, labels, (1, 2, 3, 4)) == {1: 1, 2: 2, 3: 4, 4: 4}
+    assert topk_correct(scores, labels, (1, 4), require_positive=True) == {1: 1, 4: 3}
+    assert topk_accuracy(scores, labels, (1, 5)) == {1: 25.0, 5: 100.0}  # k >= classes: all
+
+
+def _reference_rank(row: list[float], label: int) -> float:
+    """Position of ``label`` when sorting classes by (NaN first, score descending, index ascending);
+    infinity when the true score is NaN (never correct)."""
+    if math.isnan(row[label]):
+        return math.inf
+    order = sorted(range(len(row)), key=lambda j: (not math.isnan(row[j]), -row[j] if not math.isnan(row[j]) else 0, j))
+    return order.index(label)
+
+
+def test_topk_matches_an_explicit_sort_with_ties_and_nan():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (300, 6), generator=gen).float()  # many ties
+    scores[torch.rand(300, 6, generator=gen) < 0.1] = float("nan")
+    labels = torch.randint(0, 6, (300,), generator=gen)
+    ks = (1, 2, 5, 6, 10)
+    ranks = [_reference_rank(row, label) for row, label in zip(scores.tolist(), labels.tolist())]
+    assert topk_correct(scores, labels, ks) == {k: sum(r < k for r in ranks) for k in ks}
+    assert any(math.isinf(r) for r in ranks) and any(r == 0 for r in ranks)
+
+
+def test_exactly_k_classes_are_chosen_per_sample():
+    """Every sample has exactly one correct class at top-1 and k at top-k, whatever the ties."""
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 2, (50, 7), generator=gen).float()
+    for k in (1, 3, 7):
+        hits = sum(torch.tensor(topk_correct(scores, torch.full((50,), c), (k,))[k]) for c in range(7))
+        assert int(hits) == 50 * k
+
+
+def test_nan_and_constant_scores_are_not_rewarded():
+    labels = torch.arange(40) % 10
+    nan_scores = torch.full((40, 10), float("nan"))
+    assert topk_correct(nan_scores, labels, (1, 5, 10, 20)) == {1: 0, 5: 0, 10: 0, 20: 0}
+    # a NaN on another class ranks above the true class
+    one_nan = torch.tensor([[1.0, float("nan"), 0.0]])
+    assert topk_correct(one_nan, torch.tensor([0]), (1, 2)) == {1: 0, 2: 1}
+    # all-equal scores: class 0 is predicted for everyone, i.e. chance on balanced labels
+    assert topk_accuracy(torch.zeros(40, 10), labels, (1, 5)) == {1: 10.0, 5: 50.0}
 
 
 def test_topk_rejects_bad_shapes_and_labels():

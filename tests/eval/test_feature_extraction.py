@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from dinov2.eval.features import extract_features
+from dinov2.eval.features import extract_features, extract_labelled_features
 from dinov2.eval.knn import knn_classify
-from dinov2.eval.online import OnlineKNN
+from dinov2.eval.online import CachedDataset, OnlineKNN
 
 WORLD = 2
 ODD_SIZE = 7  # not divisible by the world size: the last rank's block ends with padding
@@ -31,6 +31,21 @@ class IndexImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         label = index % 3 if self.labelled and index != self.bad_index else None
         return torch.full((3, 4, 4), float(index)), label
+
+
+class SkippingIndexImages(IndexImages):
+    """``IndexImages`` with unreadable indices, following the ``FileImageDataset`` contract: an
+    unreadable index increments ``num_skipped`` and the next index (cyclically) is returned instead."""
+
+    def __init__(self, size: int, unreadable: set[int]) -> None:
+        super().__init__(size)
+        self.unreadable, self.num_skipped = set(unreadable), 0
+
+    def __getitem__(self, index: int):
+        while index in self.unreadable:
+            self.num_skipped += 1
+            index = (index + 1) % self.size
+        return super().__getitem__(index)
 
 
 class IndexFeatures(nn.Module):
@@ -80,6 +95,66 @@ def test_empty_dataset_and_missing_labels_raise_clear_errors():
         extract_features(IndexFeatures(), IndexImages(7, bad_index=5), 2, progress=False)
 
 
+def _write_image_folder(root: Path, corrupt: str | None = None) -> str:
+    """Two classes of three 8x8 images, each a distinct flat colour; ``corrupt`` (e.g. "a/1.png")
+    is written as bytes that are not an image. Returns the dataset string."""
+    from PIL import Image
+
+    for c, name in enumerate("ab"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i + 10, 100 * c + 20, 7 * i)).save(root / name / f"{i}.png")
+    if corrupt is not None:
+        (root / corrupt).write_bytes(b"not an image")
+    return f"ImageFolder:root={root}"
+
+
+class MeanColour(nn.Module):
+    """Features: the mean of each channel (identifies the flat-coloured test images)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_images_are_dropped_and_counted(tmp_path, num_workers, caplog):
+    """A corrupt file is replaced by the dataset's next image; its row must be left out (not kept
+    as a duplicate with the neighbour's label), counted and warned about. Expected: the same
+    folder without the corrupt file."""
+    from dinov2.data.datasets import make_dataset
+    from dinov2.data.transforms import make_classification_eval_transform
+
+    transform = make_classification_eval_transform(8, 8)
+    corrupt = make_dataset(_write_image_folder(tmp_path / "corrupt", corrupt="a/1.png"), transform=transform)
+    clean_root = tmp_path / "clean"
+    _write_image_folder(clean_root)
+    (clean_root / "a" / "1.png").unlink()
+    clean = make_dataset(f"ImageFolder:root={clean_root}", transform=transform)
+
+    with caplog.at_level("WARNING", logger="dinov2"):
+        got = extract_labelled_features(MeanColour(), corrupt, 2, num_workers=num_workers, progress=False)
+    expected_features, expected_labels = extract_features(MeanColour(), clean, 2, progress=False)
+    assert got.num_skipped == 1
+    assert got.labels.tolist() == expected_labels.tolist() == [0, 0, 1, 1, 1]
+    assert got.indices.tolist() == [0, 2, 3, 4, 5]
+    torch.testing.assert_close(got.features, expected_features)
+    assert any("1 of 6 images" in record.getMessage() for record in caplog.records)
+
+
+def test_cached_dataset_keeps_reporting_substitutes():
+    """The online k-NN cache must not hide a substituted sample on later (cached) calls."""
+    cached = CachedDataset(SkippingIndexImages(6, unreadable={1, 2}), max_bytes=2**20)
+    for _ in range(2):
+        got = extract_labelled_features(IndexFeatures(), cached, 4, progress=False)
+        assert got.num_skipped == 2
+        assert got.indices.tolist() == [0, 3, 4, 5]
+        torch.testing.assert_close(got.features, expected_features(6)[[0, 3, 4, 5]])
+
+
 def _knn_problem():
     gen = torch.Generator().manual_seed(7)
     return torch.randn(40, 6, generator=gen), torch.randint(0, 5, (40,), generator=gen), \
@@ -97,6 +172,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                     IndexFeatures(), IndexImages(ODD_SIZE), batch_size, gather_on_cpu=on_cpu, progress=False
                 )
                 out[f"features_{batch_size}_{on_cpu}"], out[f"labels_{batch_size}_{on_cpu}"] = feats, labels
+        skipping = extract_labelled_features(IndexFeatures(), SkippingIndexImages(ODD_SIZE, {2, 3, 6}), 2,
+                                             progress=False)  # fmt: skip
+        out["skipping"] = (skipping.features, skipping.labels, skipping.num_skipped)
         out["knn"] = knn_classify(*_knn_problem(), nb_knn=(1, 4, 10), shard_queries=True)
         from eval_micro import micro_vit
 
@@ -123,6 +201,16 @@ def test_two_ranks_gather_features_in_dataset_order_without_padding(two_ranks):
             for on_cpu in (False, True):
                 torch.testing.assert_close(result[f"features_{batch_size}_{on_cpu}"], expected_features(ODD_SIZE))
                 assert result[f"labels_{batch_size}_{on_cpu}"].tolist() == [i % 3 for i in range(ODD_SIZE)]
+
+
+@pytest.mark.distributed
+def test_two_ranks_drop_and_count_unreadable_images_of_every_rank(two_ranks):
+    """Indices 2, 3 (rank 0's block) and 6 (rank 1's, next to the padding) are unreadable."""
+    kept = [0, 1, 4, 5]
+    for features, labels, num_skipped in (r["skipping"] for r in two_ranks):
+        assert num_skipped == 3
+        assert labels.tolist() == [i % 3 for i in kept]
+        torch.testing.assert_close(features, expected_features(ODD_SIZE)[kept])
 
 
 @pytest.mark.distributed

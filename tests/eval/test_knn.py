@@ -13,7 +13,8 @@ from dinov2.eval.knn import knn_classify
 
 def brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, num_classes):
     """Top-1/top-5 (%) by explicit loops: cosine similarities, sorted neighbours, exp(sim/T) votes,
-    correct when the true class got a vote and fewer than 1 (resp. 5) classes got strictly more."""
+    correct when the true class got a vote and fewer than 1 (resp. 5) classes got more votes or the
+    same votes with a lower class index."""
     train = [[float(v) for v in row] for row in train_x]
     hits1 = hits5 = 0
     for query, label in zip(test_x.tolist(), test_y.tolist()):
@@ -26,7 +27,7 @@ def brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, num_classe
         votes = [0.0] * num_classes
         for sim, j in sims[: min(k, len(train))]:
             votes[int(train_y[j])] += math.exp(sim / temperature)
-        higher = sum(v > votes[label] for v in votes)
+        higher = sum(v > votes[label] or (v == votes[label] and c < label) for c, v in enumerate(votes))
         hits1 += votes[label] > 0 and higher < 1
         hits5 += votes[label] > 0 and higher < 5
     n = len(test_y)
@@ -112,3 +113,22 @@ def test_bad_arguments_are_rejected():
         knn_classify(train_x, train_y, test_x, test_y, nb_knn=(0,))
     with pytest.raises(ValueError, match="at least one"):
         knn_classify(train_x[:0], train_y[:0], test_x, test_y)
+
+
+def test_small_temperature_does_not_overflow_the_votes():
+    """With T = 0.01, exp(sim / T) exceeds float32 for similarities near 1. The 15 class-0
+    neighbours are each closer to every query than the 5 of class 1, so with k = 20 class 0 gets
+    more and larger votes and must win at any temperature."""
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.randn(16, generator=gen)
+    train_x = torch.cat(
+        [centre + 0.01 * torch.randn(15, 16, generator=gen), centre + 0.3 * torch.randn(5, 16, generator=gen)]
+    )
+    train_y = torch.tensor([0] * 15 + [1] * 5)
+    queries = centre + 0.01 * torch.randn(30, 16, generator=gen)
+    sims = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(train_x, dim=1).T
+    assert float(sims.max()) / 0.01 > 88.8  # exp of this overflows float32
+    assert float(sims[:, :15].min()) > float(sims[:, 15:].max())
+    for label, expected in ((0, 100.0), (1, 0.0)):
+        got = knn_classify(train_x, train_y, queries, torch.full((30,), label), nb_knn=(20,), temperature=0.01)
+        assert got[20]["top1"] == expected

@@ -72,6 +72,24 @@ def test_linear_probe_separates_linearly_separable_features():
     assert results[best]["mean_per_class"] == pytest.approx(100.0 * sum(per_class) / 4)
 
 
+def test_tied_and_nan_logits_score_chance_and_zero():
+    """All-equal logits predict class 0 (the lowest index) for every sample; NaN logits are never
+    correct. Expected values from the label counts alone."""
+    heads, _ = core.build_heads(8, 7, [0.1, 0.2], n_last_blocks=(1,), avgpool=(False,))
+    tied, diverged = heads.values()
+    with torch.no_grad():
+        tied.linear.weight.zero_()
+        diverged.linear.weight.fill_(float("nan"))
+    labels = torch.tensor([0, 0, 0, 1, 2, 3, 4, 4, 5, 6])
+    results = core.evaluate_heads(heads, torch.randn(10, 2, 8), labels, num_classes=7)
+    tied_name, diverged_name = heads.keys()
+    assert results[tied_name]["top1"] == pytest.approx(100.0 * (labels == 0).float().mean().item())
+    assert results[tied_name]["top5"] == pytest.approx(100.0 * (labels < 5).float().mean().item())
+    assert results[tied_name]["mean_per_class"] == pytest.approx(100.0 / 7)  # class 0 all right, others none
+    assert results[diverged_name] == {"top1": 0.0, "top5": 0.0, "mean_per_class": 0.0}
+    assert core.best_classifier(results) == tied_name
+
+
 def test_grid_classifiers_are_independent():
     x, y = _separable(256)
     packed = _packed(x, n_max=4)
@@ -223,3 +241,34 @@ def test_main_end_to_end_and_resume(tmp_path, monkeypatch):
     again = _load_heads(tmp_path / "b" / linear.CHECKPOINT_FILE)
     for key, value in reference.items():
         assert torch.equal(value, again[key]), key
+
+
+def test_main_counts_unreadable_train_and_val_images(tmp_path):
+    """One corrupt training image is met once per pass over the stream position it lands on; one
+    corrupt validation image is dropped. Expected train count from the sampler's order."""
+    from PIL import Image
+
+    from dinov2.data.seeding import PositionedSampler
+
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(5):
+                Image.new("RGB", (8, 8), (50 * i, 120 * c, 30)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    (tmp_path / "train" / "c0" / "3.png").write_bytes(b"")  # index 3 of the sorted paths
+    (tmp_path / "val" / "c1" / "0.png").write_bytes(b"garbage")
+    backbone, _ = build_eval_model("vitt8_32px", None, opts=TINY_OPTS, device="cpu")
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    args = _main_args(tmp_path, tmp_path / "out")
+    args.train_dataset, args.val_dataset = (
+        f"ImageFolder:root={tmp_path / 'train'}",
+        f"ImageFolder:root={tmp_path / 'val'}",
+    )
+    record = linear.main(args)
+    positions = args.epochs * args.epoch_length * args.batch_size
+    stream = iter(PositionedSampler(10, args.batch_size, seed=args.seed, start=0))
+    expected_train = sum(next(stream)[1] == 3 for _ in range(positions))
+    assert expected_train > 0
+    assert record["num_skipped"] == {"train": expected_train, "val": 1}
+    saved = json.loads((tmp_path / "out" / linear.RESULTS_FILE).read_text())
+    assert saved["num_skipped"] == record["num_skipped"]

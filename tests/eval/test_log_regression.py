@@ -101,3 +101,12 @@ def test_a_common_offset_in_the_features_changes_only_the_bias(one_thread):
     shifted = fit_logistic_regression(train_x + offset, train_y, 0.3, 6)
     torch.testing.assert_close(shifted[0], plain[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(predict_scores(val_x + offset, shifted), predict_scores(val_x, plain), rtol=0, atol=1e-4)
+
+
+def test_constant_features_score_chance_level(one_thread):
+    """A collapsed backbone (one feature vector for every image) predicts one class set for all
+    samples: with 10 balanced classes that is 10 % top-1 and 50 % top-5, never 100 %."""
+    labels_train, labels_val = torch.arange(200) % 10, torch.arange(100) % 10
+    result = evaluate_log_regression(torch.full((200, 8), 0.3), labels_train, torch.full((100, 8), 0.3), labels_val,
+                                     c_values=[0.01, 1.0], max_iter=50)  # fmt: skip
+    assert (result["top1"], result["top5"]) == (10.0, 50.0)

@@ -1,4 +1,9 @@
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +165,100 @@ def test_hubconf_exports():
     for name in names:
         assert callable(getattr(hubconf, name)), name
     assert hubconf.dependencies == ["torch"]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+_TORCH_ONLY = textwrap.dedent(
+    """
+    import sys
+
+    class Blocked:
+        \"\"\"Refuses the packages hubconf does not declare (installed here, absent for hub users).\"\"\"
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("omegaconf", "yaml"):
+                raise ImportError(f"blocked for the test: {name}")
+            return None
+
+    sys.meta_path.insert(0, Blocked())
+    import torch
+
+    model = torch.hub.load(sys.argv[1], "dinov2_vits14_reg", source="local", pretrained=False, img_size=28)
+    tokens = model.forward_features(torch.zeros(1, 3, 28, 28))["x_norm_patchtokens"]
+    assert tuple(tokens.shape) == (1, 4, 384), tokens.shape
+    assert not {"omegaconf", "yaml"} & {m.split(".")[0] for m in sys.modules}
+    print("built")
+    """
+)
+
+
+def test_hub_load_needs_no_config_packages():
+    """``torch.hub.load`` of a backbone imports only what ``hubconf.dependencies`` declares (plus
+    what torch itself imports): no omegaconf, no PyYAML."""
+    done = subprocess.run([sys.executable, "-c", _TORCH_ONLY, str(REPO)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("built")
+
+
+def _manual_lc_logits(backbone, head, layers, x):
+    """Block-by-block reference: normed CLS of the last ``layers`` blocks and the mean of the last
+    block's normed patch tokens (registers excluded), then the linear head."""
+    skip = 1 + backbone.num_register_tokens
+    tokens = backbone.prepare_tokens_with_masks(x)
+    states = []
+    for block in backbone.blocks:
+        tokens = block(tokens)
+        states.append(backbone.norm(tokens))
+    features = torch.cat([s[:, 0] for s in states[-layers:]] + [states[-1][:, skip:].mean(dim=1)], dim=1)
+    return features @ head["weight"].T + head["bias"]
+
+
+@pytest.mark.parametrize("layers", [1, 4])
+def test_documented_head_recipe_with_a_registers_backbone(tmp_path, layers):
+    """``make_dinov2_linear_classifier(arch_name=..., registers=True, backbone_weights=<probed>)``
+    builds the register architecture, loads the given backbone and head, and agrees with the
+    named entry point and a manual computation."""
+    backbone = _randomised(backbones.dinov2_vits14_reg(pretrained=False, img_size=28)).eval()
+    torch.save(backbone.state_dict(), tmp_path / "probed_backbone.pth")
+    head = {"weight": torch.randn(5, (1 + layers) * 384), "bias": torch.randn(5)}
+    torch.save(head, tmp_path / "linear_head_best.pth")
+    files = dict(weights=str(tmp_path / "linear_head_best.pth"), backbone_weights=str(tmp_path / "probed_backbone.pth"))
+    model = classifiers.make_dinov2_linear_classifier(
+        arch_name="vit_small", registers=True, layers=layers, num_classes=5, img_size=28, **files
+    ).eval()
+    assert model.backbone.num_register_tokens == 4
+    assert (model.backbone.interpolate_antialias, model.backbone.interpolate_offset) == (True, 0.0)
+    named = hubconf.dinov2_vits14_reg_lc(layers=layers, num_classes=5, img_size=28, **files).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = _manual_lc_logits(backbone, head, layers, x)
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(named(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_generic_classifier_builds_the_released_vitg_layout():
+    with torch.device("meta"):
+        generic = classifiers.make_dinov2_linear_classifier(arch_name="vit_giant2", layers=1, pretrained=False)
+        named = hubconf.dinov2_vitg14_lc(layers=1, pretrained=False)
+    got = {k: tuple(v.shape) for k, v in generic.state_dict().items()}
+    assert got == {k: tuple(v.shape) for k, v in named.state_dict().items()}
+    assert got["backbone.blocks.0.mlp.w12.weight"] == (8192, 1536)  # SwiGLU, as released
+
+
+def test_custom_head_on_the_default_backbone_warns(monkeypatch, tmp_path, caplog):
+    """A probed head without ``backbone_weights`` lands on the official backbone: say so."""
+    state = backbones.dinov2_vits14(pretrained=False).state_dict()
+    requested = []
+
+    def fake_load(location):
+        requested.append(str(location))
+        return state if "pretrain" in str(location) else {"weight": torch.zeros(3, 768), "bias": torch.zeros(3)}
+
+    monkeypatch.setattr(backbones, "load_weights_file", fake_load)
+    monkeypatch.setattr(classifiers, "load_weights_file", fake_load)
+    with caplog.at_level("WARNING", logger="dinov2"):
+        classifiers.make_dinov2_linear_classifier(arch_name="vit_small", layers=1, weights="head.pth", num_classes=3)
+    assert requested[0].endswith("dinov2_vits14_pretrain.pth")
+    assert any("backbone_weights=" in record.getMessage() for record in caplog.records)
