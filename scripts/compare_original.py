@@ -16,6 +16,10 @@ original's ``build_schedulers`` after its lr scaling, against ours) and every st
 lr multiplier, weight-decay multiplier and last-layer flag (its ``get_params_groups_with_decay``
 against ours, on a ViT-S in 4 block chunks with both heads).
 
+Then whole training steps (``FULL_STEPS``): from the same weights, the objective, the clipping,
+AdamW over the parameter groups and the teacher EMA, in the original's optimiser code and in our
+``Trainer.step``; every student and teacher update is compared (:func:`compare_full_steps`).
+
 Stochastic depth is off (it draws different random subsets in the two codes); everything else is the
 recipe's. Both configs get the same explicit values (``SETTINGS``); the report also lists every
 default of the original's ``ssl_default_config.yaml`` that differs from ours.
