@@ -28,7 +28,9 @@ class DataAugmentationDINO:
 
     Sub-pipelines are attributes (``geometric_augmentation_global``/``_local``, ``color_jittering``,
     ``global_transfo1``/``2``, ``local_transfo``, ``normalize``) so they can be inspected or tested alone.
-    Randomness comes from torch's generator (seeded per worker by ``torch.utils.data.DataLoader``).
+    Randomness comes from torch's global CPU generator. In training, ``SeededSamples``
+    (``dinov2/data/seeding.py``) seeds it before each sample from ``train.seed`` and the sample's position
+    in the ``PositionedSampler`` stream, so a sample's crops do not depend on the worker, the rank or a resume.
     """
 
     def __init__(

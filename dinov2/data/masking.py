@@ -14,11 +14,14 @@ class MaskingGenerator:
     ``input_size`` is the patch grid (``int`` for square, or ``(height, width)``). Each rectangle has a
     random area in ``[min_num_patches, min(remaining budget, max_num_patches)]`` and an aspect ratio
     (height / width) drawn log-uniformly in ``[min_aspect, max_aspect]`` (``max_aspect`` defaults to
-    ``1 / min_aspect``). ``max_num_patches`` defaults to ``num_masking_patches``.
+    ``1 / min_aspect``); a rectangle whose rounded sides reach the grid's height or width is rejected, so no
+    single rectangle spans a full column or row (several together may). ``max_num_patches`` defaults to
+    ``num_masking_patches``.
 
-    ``rng`` (a ``random.Random``) makes masks reproducible; by default the ``random`` module is used.
-    Inside ``DataLoader`` workers keep the default: each worker's ``random`` is seeded separately, whereas
-    a ``random.Random`` given here is copied into every worker with the same state.
+    ``rng`` (a ``random.Random``) makes masks reproducible; by default the ``random`` module is used. A call's
+    own ``rng`` overrides it: the training collate passes one seeded per batch
+    (``dinov2.data.seeding.batch_random``). Avoid giving one here for use in ``DataLoader`` workers: it is
+    copied into every worker with the same state, so the workers would draw the same masks.
     """
 
     def __init__(
@@ -55,14 +58,15 @@ class MaskingGenerator:
         return self.height, self.width
 
     def _add_rectangle(self, mask: np.ndarray, budget: int, rng) -> int:
-        """Try up to 10 rectangles; mask the first that newly covers 1..``budget`` cells. Returns how many."""
+        """Try up to 10 rectangles strictly smaller than the grid in both directions; mask the first that
+        newly covers 1..``budget`` cells. Returns how many."""
         for _ in range(10):
             area = rng.uniform(self.min_num_patches, budget)
             aspect = math.exp(rng.uniform(*self.log_aspect_ratio))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
-            if not (0 < h <= self.height and 0 < w <= self.width):
-                continue
+            if not (0 < h < self.height and 0 < w < self.width):
+                continue  # as in BEiT/iBOT: a rectangle never spans a full row or column of the grid
             top = rng.randint(0, self.height - h)
             left = rng.randint(0, self.width - w)
             window = mask[top : top + h, left : left + w]

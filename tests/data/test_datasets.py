@@ -77,6 +77,47 @@ def test_image_folder_errors_name_the_path(tmp_path):
         ImageFolder(str(tmp_path / "empty"))
 
 
+def _relative_names(ds, root):
+    return [ds.get_image_path(i)[len(str(root)) + 1 :] for i in range(len(ds))]
+
+
+def test_image_folder_symlink_cycles_are_listed_once(tmp_path, caplog):
+    root = tmp_path / "data"
+    _write(root / "cats" / "a.png")
+    _write(root / "cats" / "inner" / "c.png")
+    _write(root / "dogs" / "b.png")
+    (root / "cats" / "inner" / "up").symlink_to("../..")  # -> root: an unguarded walk re-enters root repeatedly
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        ds = ImageFolder(str(root))
+    assert _relative_names(ds, root) == ["cats/a.png", "cats/inner/c.png", "dogs/b.png"]
+    assert ds.classes == ["cats", "dogs"] and ds.get_targets().tolist() == [0, 0, 1]
+    assert "cats/inner/up" in caplog.text
+
+
+def test_image_folder_follows_symlinked_class_folders(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    _write(root / "cats" / "a.png")
+    _write(outside / "birds" / "x.png")
+    _write(outside / "birds" / "sub" / "y.png")
+    _write(outside / "extra" / "z.png")
+    (root / "birds").symlink_to(outside / "birds")  # a class folder stored elsewhere
+    (root / "cats" / "more").symlink_to(outside / "extra")  # a sub-folder stored elsewhere
+    (outside / "birds" / "home").symlink_to(root)  # leads back into the tree: not walked again
+    ds = ImageFolder(str(root))
+    assert _relative_names(ds, root) == ["birds/sub/y.png", "birds/x.png", "cats/a.png", "cats/more/z.png"]
+    assert ds.classes == ["birds", "cats"] and ds.get_targets().tolist() == [0, 0, 1, 1]
+
+
+def test_image_folder_two_paths_to_one_folder_keep_the_first_name(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    _write(outside / "birds" / "x.png")
+    (root / "zz_birds").mkdir(parents=True)
+    (root / "birds").symlink_to(outside / "birds")
+    (root / "zz_birds" / "copy").symlink_to(outside / "birds")  # the same folder again, deeper
+    ds = ImageFolder(str(root))
+    assert _relative_names(ds, root) == ["birds/x.png"] and ds.classes == ["birds"]
+
+
 # FileList -----------------------------------------------------------------------------------------
 
 

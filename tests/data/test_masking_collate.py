@@ -52,6 +52,28 @@ def test_single_rectangle(aspect, shape):
         assert box.shape == shape and box.all()
 
 
+@pytest.mark.parametrize("grid", [(4, 4), (4, 6), (6, 4)])
+def test_a_rectangle_never_spans_the_grid(grid):
+    # one placement on an empty mask with a budget of the whole grid: BEiT/iBOT reject a rectangle whose
+    # height reaches the grid's height or whose width reaches its width, so none covers a full column/row
+    height, width = grid
+    gen = MaskingGenerator(grid, min_num_patches=1, max_num_patches=height * width)
+    rng = random.Random(0)
+    sides = []
+    for _ in range(1000):
+        mask = np.zeros(grid, dtype=bool)
+        added = gen._add_rectangle(mask, height * width, rng)
+        if added == 0:
+            continue
+        box = _bounding_box(mask)
+        assert box.all() and box.size == added == mask.sum()
+        sides.append(box.shape)
+    assert len(sides) > 500
+    tallest, widest = max(h for h, _ in sides), max(w for _, w in sides)
+    assert tallest < height and widest < width, f"a {tallest}-high or {widest}-wide rectangle on {grid}"
+    assert (tallest, widest) == (height - 1, width - 1)  # the bound is reached, so the check is not vacuous
+
+
 def _has_full_3x3(mask: np.ndarray) -> bool:
     return bool(np.lib.stride_tricks.sliding_window_view(mask, (3, 3)).all(axis=(-1, -2)).any())
 

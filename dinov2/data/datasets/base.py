@@ -91,15 +91,48 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageDecodeError(f"{type(error).__name__}: {error}") from error
 
 
+def _directory_key(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the directory ``path`` resolves to (symlinks followed); None if unreadable."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _unvisited_subdirs(directory: str, subdirs: list[str], visited: set[tuple[int, int]]) -> list[str]:
+    """The non-hidden ``subdirs`` of ``directory`` (sorted) whose real directory is not in ``visited``;
+    marks them visited. A pruned one (a symlink cycle, or a second path to a listed folder) is logged."""
+    kept = []
+    for name in sorted(d for d in subdirs if not d.startswith(".")):
+        path = os.path.join(directory, name)
+        key = _directory_key(path)
+        if key is None:
+            continue
+        if key in visited:
+            logger.warning("find_images: skipping %s, its directory %s is already listed", path, os.path.realpath(path))
+            continue
+        visited.add(key)
+        kept.append(name)
+    return kept
+
+
 def find_images(root: str | os.PathLike, extensions: Iterable[str] = IMG_EXTENSIONS) -> list[str]:
     """Relative POSIX paths of all image files under root (recursive, sorted, hidden entries skipped).
 
-    Extensions are matched case-insensitively; symlinked folders are followed.
+    Extensions are matched case-insensitively. Symlinked folders are followed, but every real directory
+    (identified by device and inode) is listed once: a symlink to a folder already reached (an ancestor,
+    which would loop, or a second path to the same folder) is skipped with a warning. Where two paths lead
+    to one folder, the first claimed is kept: the walk goes depth-first in name order and claims all
+    sub-folders of a folder when it lists that folder.
     """
     suffixes = tuple(ext.lower() if ext.startswith(".") else "." + ext.lower() for ext in extensions)
+    root = os.fspath(root)
+    root_key = _directory_key(root)
+    visited = {root_key} if root_key is not None else set()
     found = []
     for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        subdirs[:] = _unvisited_subdirs(directory, subdirs, visited)
         rel_dir = os.path.relpath(directory, root)
         for name in files:
             if not name.startswith(".") and name.lower().endswith(suffixes):
