@@ -66,8 +66,9 @@ def collate_data_and_cast(
     ``int(2B * mask_probability)`` crops are masked, crop ``i`` with a ratio drawn uniformly from the ``i``-th
     of the equal bins splitting ``mask_ratio_tuple``; the masks are then shuffled across crops.
     ``n_tokens`` defaults to the generator's grid size. Randomness (ratios, rectangles, the shuffle) comes
-    from ``random_generator`` when given, else the ``random`` module and the generator's own; in ``DataLoader`` workers use the default: each worker's ``random``
-    is seeded from the loader's seed (and ``worker_init_fn``), which makes batches reproducible.
+    from ``random_generator`` when given, else the ``random`` module and the generator's own. Training
+    passes ``random_generator=batch_random(...)`` (``dinov2.data.seeding``), seeded by the batch's
+    position in the sample stream, so masks do not depend on which worker or rank collates the batch.
     """
     if mask_generator is None:
         raise ValueError("collate_data_and_cast needs a mask_generator")
