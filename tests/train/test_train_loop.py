@@ -194,17 +194,10 @@ def test_each_student_module_is_clipped_on_its_own(tmp_path):
 def test_a_non_finite_gradient_stops_before_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     # Finite losses, infinite gradients (fp32, no scaler to skip the step): neither the weights, nor
     # the teacher, nor a checkpoint may take them.
-    run(tmp_path, "train.stop_at_iteration=3")
-    path = find_latest_checkpoint(tmp_path / "checkpoints")
-    digest = tree_digest(path)
-    original = SSLMetaArch.forward
-
-    def poisoned(self, batch, teacher_temp, accumulate=False):
-        out = original(self, batch, teacher_temp, accumulate)
+    def infinite_gradients(out):
         out["loss"].register_hook(lambda grad: grad * float("inf"))
-        return out
 
-    monkeypatch.setattr(SSLMetaArch, "forward", poisoned)
+    path, digest = poison_after_a_checkpoint(tmp_path, monkeypatch, infinite_gradients)
     with pytest.raises(loop_module.NonFiniteLossError, match=r"gradient norm at iteration 4: backbone=(inf|nan)"):
         run(tmp_path, "train.checkpoint_period_iterations=1")
     assert find_latest_checkpoint(tmp_path / "checkpoints") == path
@@ -247,20 +240,28 @@ def test_misspelt_key_names_it_and_the_nearest(tmp_path):
         main(["--config", "no_such_recipe", "--output-dir", str(tmp_path)])
 
 
-def test_nan_stops_with_term_and_iteration_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+def poison_after_a_checkpoint(tmp_path, monkeypatch, poison) -> tuple[Path, str]:
+    """Train to a checkpoint at iteration 3, then make ``poison(losses)`` run on every later forward's
+    output; returns the checkpoint and its digest."""
     run(tmp_path, "train.stop_at_iteration=3")
     path = find_latest_checkpoint(tmp_path / "checkpoints")
-    digest = tree_digest(path)
-
     original = SSLMetaArch.forward
 
     def poisoned(self, batch, teacher_temp, accumulate=False):
         out = original(self, batch, teacher_temp, accumulate)
-        out["koleo_loss"] = out["koleo_loss"] * float("nan")
-        out["loss"] = out["loss"] + out["koleo_loss"]
+        poison(out)
         return out
 
     monkeypatch.setattr(SSLMetaArch, "forward", poisoned)
+    return path, tree_digest(path)
+
+
+def test_nan_stops_with_term_and_iteration_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    def nan_koleo(out):
+        out["koleo_loss"] = out["koleo_loss"] * float("nan")
+        out["loss"] = out["loss"] + out["koleo_loss"]
+
+    path, digest = poison_after_a_checkpoint(tmp_path, monkeypatch, nan_koleo)
     with pytest.raises(loop_module.NonFiniteLossError, match=r"iteration 4.*koleo_loss=nan"):
         run(tmp_path)
     assert find_latest_checkpoint(tmp_path / "checkpoints") == path
