@@ -441,7 +441,7 @@ def test_tiny_training_run_with_gpu_augmentation(tmp_path):
     from dinov2.train.train import main
 
     overrides = [
-        "train.gpu_augmentation=true", "train.dataset_path=Synthetic:split=TRAIN:num_images=32:image_size=40",
+        "train.device=cpu", "train.gpu_augmentation=true", "train.dataset_path=Synthetic:split=TRAIN:num_images=32:image_size=40",
         "train.batch_size_per_gpu=4", "train.num_workers=1", "train.OFFICIAL_EPOCH_LENGTH=4", "train.log_period=1",
         "train.stop_at_iteration=2", "student.arch=vit_tiny", "student.embed_dim=32", "student.depth=2",
         "student.num_heads=2", "student.patch_size=8", "dino.head_n_prototypes=64", "dino.head_hidden_dim=32",

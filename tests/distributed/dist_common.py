@@ -10,6 +10,7 @@ import torch
 WORLD = 2
 
 TINY = [
+    "train.device=cpu",  # gloo on CPU, and one precision for both sides, also on a machine with a GPU
     "train.dataset_path=Synthetic:split=TRAIN:num_images=64:image_size=32",
     "train.batch_size_per_gpu=4",
     "train.num_workers=0",

@@ -20,6 +20,7 @@ TERMS = ("loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss"
 HEADS = [f"{h}.{k}={v}" for h in ("dino", "ibot") for k, v in
          (("head_n_prototypes", 64), ("head_hidden_dim", 32), ("head_bottleneck_dim", 16))]  # fmt: skip
 COMMON = [
+    "train.device=cpu",  # gloo on CPU, also on a machine with a GPU
     "train.dataset_path=Synthetic:split=TRAIN:num_images=64:image_size=32",
     "train.batch_size_per_gpu=4",
     "train.num_workers=0",

@@ -133,3 +133,21 @@ def test_slurm_variables_become_torchrun_variables(monkeypatch):
     assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 10000)
     monkeypatch.setenv("RANK", "3")
     assert not setup_env_from_slurm()  # torchrun's variables (WORLD_SIZE now set) win
+
+
+def test_varlen_with_checkpointing_off_cuda_fails_before_training():
+    # Off CUDA, PyTorch's jagged SDPA saves strided nested tensors, which checkpointing cannot
+    # recompute ("NestedTensorImpl doesn't support sizes" in backward); the build says so at once.
+    from dinov2.distributed.parallelize import parallelize
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+    for mode in ("full", "selective"):
+        cfg = load_config(None, [*TINY, "student.attn_backend=varlen", f"train.activation_checkpointing={mode}"])
+        with torch.device("meta"):
+            model = SSLMetaArch(cfg)
+        with pytest.raises(ValueError, match=rf"attn_backend=varlen with train.activation_checkpointing={mode}"):
+            parallelize(model, cfg, torch.device("cpu"))
+    cfg = load_config(None, [*TINY, "student.attn_backend=sdpa", "train.activation_checkpointing=full"])
+    with torch.device("meta"):
+        model = SSLMetaArch(cfg)
+    assert parallelize(model, cfg, torch.device("cpu"))["student.attn_backend"] == "sdpa"

@@ -26,6 +26,7 @@ B, N_LOCAL, K, TEMP = 4, 2, 64, 0.07
 HEADS = [f"{h}.{k}={v}" for h in ("dino", "ibot") for k, v in
          (("head_n_prototypes", K), ("head_hidden_dim", 32), ("head_bottleneck_dim", 16))]  # fmt: skip
 COMMON = [
+    "train.device=cpu",
     "train.dataset_path=Synthetic:split=TRAIN:num_images=64:image_size=32",
     f"train.batch_size_per_gpu={B}",
     "train.num_workers=0",

@@ -28,6 +28,7 @@ from dinov2.utils.config import ConfigError, is_required_unset, load_config
 PATCH = 8
 SMALL, LARGE = 32, 48  # 4 x 4 -> 6 x 6 patch grid
 TINY = [
+    "train.device=cpu",
     "train.dataset_path=Synthetic:split=TRAIN:num_images=64:image_size=48",
     "train.batch_size_per_gpu=4",
     "train.num_workers=0",

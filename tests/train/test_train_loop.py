@@ -19,6 +19,7 @@ from dinov2.utils.config import ConfigError
 from dinov2.utils.device import seed_everything
 
 TINY = [
+    "train.device=cpu",  # CPU tests also on a machine with a GPU
     "train.dataset_path=Synthetic:split=TRAIN:num_images=64:image_size=32",
     "train.batch_size_per_gpu=4",
     "train.num_workers=0",
