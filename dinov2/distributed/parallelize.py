@@ -156,6 +156,17 @@ def check_sharding_plan(cfg: Any) -> None:
             )
 
 
+def check_checkpointing_backend(mode: str, backends, device: torch.device) -> None:
+    """Off CUDA, PyTorch's jagged attention (``varlen``) takes a math path that saves strided nested
+    tensors for backward, which activation checkpointing cannot handle; fail before training."""
+    if mode != "off" and device.type != "cuda" and "varlen" in backends:
+        raise ValueError(
+            f"student.attn_backend=varlen with train.activation_checkpointing={mode} does not run on "
+            f"{device.type}: PyTorch's variable-length attention there saves nested tensors that "
+            "checkpointing cannot recompute; use student.attn_backend=sdpa (or auto) on this device"
+        )
+
+
 def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> dict[str, Any]:
     """Apply activation checkpointing, compile and (with more than one process) FSDP2 to the
     meta-architecture ``model`` in place; returns a summary for the log. Call it before the
@@ -167,6 +178,7 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> dict[str, A
     for attribute, _ in roles:
         apply_activation_checkpointing(getattr(model, attribute).backbone, cfg.train.activation_checkpointing)
         backends = resolve_attention_backends(getattr(model, attribute).backbone, device)
+        check_checkpointing_backend(str(cfg.train.activation_checkpointing), backends, device)
         summary[f"{attribute}.attn_backend"] = "/".join(backends)
     summary["compiled_units"] = sum(apply_compile(getattr(model, a).backbone, cfg.train.compile) for a, _ in roles)
     if get_world_size() == 1:
