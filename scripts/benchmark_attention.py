@@ -7,6 +7,12 @@ DINOv2 step: ``2 * batch`` global crops of ``1 + (global_size / patch)^2`` token
 arch's heads and head width. This is the number ``auto`` is chosen from (``AUTO_PREFERENCE`` in
 dinov2/ops/attention.py); scripts/benchmark_train.py measures whole training steps.
 
+A row that fails (out of memory, a kernel that does not run on the device) records its ``error`` and
+the next row still runs; the JSON is rewritten atomically after every row (``complete: false`` until
+the end) and the script exits with status 1 when a row failed. ``xformers`` is skipped up front, with
+its reason under ``skipped_backends``, unless xFormers imports and the device is CUDA; a skipped
+backend is not a failed row.
+
 Example (the CPU figures in docs/performance.md):
 
     python scripts/benchmark_attention.py --archs vit_small --batch-sizes 8 --iters 10
@@ -15,7 +21,9 @@ Example (the CPU figures in docs/performance.md):
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +31,9 @@ import torch
 
 from dinov2.models.vision_transformer import ARCHS
 from dinov2.ops import nested_attention, xformers_available
+from dinov2.ops.attention import BACKENDS
 from dinov2.utils.benchmark import environment, write_report
+from dinov2.utils.logging import describe_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("forward", "forward_backward")
@@ -38,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-local", type=int, default=8)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--backends", nargs="+", help="default: math sdpa varlen (+ xformers on CUDA when installed)")
+    p.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, help="default: math sdpa varlen (+ xformers on CUDA when installed)"
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
@@ -54,6 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def usable_backends(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """``(backends to time, {skipped backend: reason})``: xFormers needs CUDA and an importable xformers."""
+    reason = None
+    if "xformers" in args.backends:
+        if not xformers_available():
+            reason = "xformers cannot be imported in this environment"
+        elif args.device.type != "cuda":
+            reason = f"xformers has no kernels for device {args.device.type!r} (needs CUDA)"
+    if reason is None:
+        return list(args.backends), {}
+    print(f"note: skipping the xformers backend: {reason}")
+    return [b for b in args.backends if b != "xformers"], {"xformers": reason}
+
+
 def group_shapes(batch: int, args: argparse.Namespace) -> list[tuple[int, int]]:
     tokens = [1 + (size // args.patch_size) ** 2 for size in (args.global_size, args.local_size)]
     return [(2 * batch, tokens[0]), (args.n_local * batch, tokens[1])]
@@ -65,6 +91,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_backend(shapes, heads: int, dim: int, dtype, backend: str, mode: str, args) -> dict:
+    if args.device.type == "cuda":  # before the inputs: a row that fails to allocate them reports its own peak
+        torch.cuda.reset_peak_memory_stats(args.device)
     total = sum(b * n for b, n in shapes)
     backward = mode == "forward_backward"
     q, k, v = (
@@ -78,8 +106,6 @@ def time_backend(shapes, heads: int, dim: int, dtype, backend: str, mode: str, a
             torch.autograd.grad(out, (q, k, v), grad)
 
     times = []
-    if args.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(args.device)
     for i in range(args.warmup + args.iters):
         _sync(args.device)
         start = time.perf_counter()
@@ -91,7 +117,28 @@ def time_backend(shapes, heads: int, dim: int, dtype, backend: str, mode: str, a
     return {"median_ms": 1e3 * statistics.median(times), "best_ms": 1e3 * min(times), "peak_mem_mib": peak}
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def release(device: torch.device) -> None:
+    """Free what a failed row left allocated before the next row."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_row(key: dict, heads: int, dim: int, args: argparse.Namespace) -> dict:
+    """One row: ``key`` (arch, batch, groups, dtype, mode, backend) with its timing, or with ``error``."""
+    try:
+        result = time_backend(key["groups"], heads, dim, DTYPES[key["dtype"]], key["backend"], key["mode"], args)
+    except Exception as error:  # one failing backend must not cost the other rows (or their JSON)
+        row = {**key, "error": describe_error(error)}
+        if args.device.type == "cuda":
+            row["peak_mem_mib"] = torch.cuda.max_memory_allocated(args.device) / 2**20  # how far it got
+        release(args.device)
+        return row
+    return {**key, **result}
+
+
+def run(args: argparse.Namespace, backends: list[str], progress=None) -> list[dict]:
+    """Every (arch, batch, dtype, mode, backend) row; ``progress(rows)`` after each."""
     rows = []
     for arch in args.archs:
         with torch.device("meta"):  # only the attention geometry is needed
@@ -101,30 +148,43 @@ def run(args: argparse.Namespace) -> list[dict]:
             shapes = group_shapes(batch, args)
             for dtype_name in args.dtypes:
                 for mode in args.modes:
-                    for backend in args.backends:
-                        result = time_backend(shapes, heads, dim, DTYPES[dtype_name], backend, mode, args)
-                        row = {"arch": arch, "batch": batch, "groups": shapes, "dtype": dtype_name, "mode": mode,
-                               "backend": backend, **result}  # fmt: skip
-                        rows.append(row)
-                        print_row(row, header=len(rows) == 1)
+                    for backend in backends:
+                        key = {"arch": arch, "batch": batch, "groups": shapes, "dtype": dtype_name, "mode": mode}
+                        rows.append(bench_row({**key, "backend": backend}, heads, dim, args))
+                        print_row(rows[-1], header=sum("error" not in r for r in rows) == 1)
+                        if progress is not None:
+                            progress(rows)
     return rows
 
 
 def print_row(row: dict, header: bool) -> None:
     columns = ("arch", "batch", "dtype", "mode", "backend", "median_ms", "best_ms", "peak_mem_mib")
+    if "error" in row:
+        print(f"row {row['arch']} batch {row['batch']} {row['dtype']} {row['mode']} {row['backend']} failed: "
+              f"{row['error']}", flush=True)  # fmt: skip
+        return
     if header:
         print(" | ".join(f"{c:>16}" for c in columns))
     cells = [f"{row[c]:16.2f}" if isinstance(row[c], float) else f"{'n/a' if row[c] is None else row[c]!s:>16}"
              for c in columns]  # fmt: skip
-    print(" | ".join(cells))
+    print(" | ".join(cells), flush=True)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; the report written to ``--output`` (``failed_rows``: rows with an ``error``)."""
     args = parse_args(argv)
-    rows = run(args)
-    write_report(args.output, {"environment": environment(args.device), "rows": rows})
-    return rows
+    backends, skipped = usable_backends(args)
+    report = {"environment": environment(args.device), "skipped_backends": skipped}
+
+    def progress(rows: list[dict]) -> None:  # the rows so far survive a run killed at a time limit
+        write_report(args.output, {**report, "rows": rows, "complete": False}, quiet=True)
+
+    report["rows"] = run(args, backends, progress)
+    report["complete"] = True
+    report["failed_rows"] = sum("error" in row for row in report["rows"])
+    write_report(args.output, report)
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failed_rows"] else 0)

@@ -7,9 +7,10 @@ it (``build_model``), over a few real batches (the config's dataset, augmentatio
 the Synthetic set when that dataset cannot be opened) built once and cycled. One row per (attention
 backend, compile, activation checkpointing); CUDA synchronised around every step; median and best.
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one full step of an eager build without
-checkpointing (matmul/conv/attention, forward and backward). *Executed* FLOPs with stochastic depth as
-configured, *nominal* with ``student.drop_path_rate=0``; ``mfu`` = executed / median time / device
-peak, ``mfu_nominal`` the same with the nominal FLOPs. xFormers rows use the ``sdpa`` count.
+checkpointing (matmul/conv/attention, forward and backward; SDPA's CPU kernels, which torch's registry
+lacks, are given torch's SDPA formulas). *Executed* FLOPs with stochastic depth as configured, *nominal*
+with ``student.drop_path_rate=0``; ``mfu`` = executed / median time / device peak, ``mfu_nominal`` the
+same with the nominal FLOPs. xFormers and varlen rows use the ``sdpa`` count.
 
 ``--mode data``: images/s of ``build_train_loader`` per ``--num-workers``, ``--iters`` batches after
 ``--warmup`` (at least one per worker); with ``train.gpu_augmentation=true`` each batch also goes to
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from dinov2.ops import xformers_available
 from dinov2.ops.attention import BACKENDS, resolve_backend
@@ -67,6 +68,9 @@ FLOPS_NOTE = (
     "torch.utils.flop_counter.FlopCounterMode over one full Trainer.step of an eager build without activation "
     "checkpointing: matmul/conv/attention FLOPs, forward and backward (teacher forward, student forward+backward, "
     "heads, and the GPU augmentation's kernels when on); element-wise ops, optimizer and EMA not counted. "
+    "SDPA's CPU kernels (aten._scaled_dot_product_flash_attention_for_cpu and its backward) are counted with "
+    "torch's SDPA formulas where torch's registry has none; xformers and varlen rows carry the sdpa count "
+    "(flops_counted_with_backend). "
     "executed_flops: stochastic depth as configured; nominal_flops: the same step with student.drop_path_rate=0"
 )
 MFU_NOTE = (
@@ -199,12 +203,48 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _sdpa_forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of an SDPA forward op whose arguments start ``(query, key, value)`` (shapes)."""
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of an SDPA backward op whose arguments start ``(grad_out, query, key, value)`` (shapes)."""
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# SDPA ops that torch's FLOP registry may lack (torch 2.14 has no entry for the CPU flash kernels, so
+# FlopCounterMode would count CPU attention as 0), with their schemas' leading arguments:
+# _scaled_dot_product_flash_attention_for_cpu(query, key, value, ...) and
+# _scaled_dot_product_flash_attention_for_cpu_backward(grad_out, query, key, value, out, logsumexp, ...).
+EXTRA_SDPA_FORMULAS = (
+    ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward_flops),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
+)
+
+
+def extra_flop_formulas() -> dict:
+    """FlopCounterMode ``custom_mapping`` for the ops of ``EXTRA_SDPA_FORMULAS`` that this torch has and
+    its registry does not count."""
+    formulas = {}
+    for name, formula in EXTRA_SDPA_FORMULAS:
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_registry:
+            formulas[op] = formula
+    return formulas
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent FlopCounterMode that also counts SDPA's CPU kernels."""
+    return FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+
+
 def count_flops(cfg, device: torch.device, batches: list[dict], output_dir: str) -> int:
-    """FLOPs of one full training step (FlopCounterMode), on an eager build without checkpointing."""
+    """FLOPs of one full training step (:func:`flop_counter`), on an eager build without checkpointing."""
     trainer = None
     try:
         trainer = build_trainer(cfg, device, output_dir)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             run_steps(trainer, cycle(batches), 1)
     finally:
         del trainer

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dinov2.utils.config import load_config
 
@@ -79,6 +80,49 @@ def test_step_rows_times_and_flops(step_report):
         # Stochastic depth at 0.4 skips dropped samples' compute: executed well below nominal.
         assert row["executed_flops"] < 0.9 * row["nominal_flops"]
         assert row["executed_flops"] / row["nominal_flops"] == pytest.approx(executed / nominal, abs=0.1)
+
+
+def test_sdpa_row_counts_its_attention(step_report):
+    """On CPU, SDPA runs aten._scaled_dot_product_flash_attention_for_cpu (and its backward), which torch's
+    FLOP registry may not list: counted as zero, the sdpa row would count fewer FLOPs than math. The fused
+    backward recomputes QK^T, so sdpa counts at least what math's explicit matmuls do."""
+    math, sdpa = step_report["rows"]
+    assert sdpa["flops_counted_with_backend"] == "sdpa" and math["flops_counted_with_backend"] == "math"
+    assert sdpa["nominal_flops"] >= math["nominal_flops"]
+    assert sdpa["executed_flops"] >= math["executed_flops"]
+
+
+class SdpaOnly(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_count_flops_counts_cpu_sdpa(bench, monkeypatch, backward):
+    """count_flops on a step that is one SDPA call on CPU (query and key lengths differ, so a swapped
+    argument would show). Forward: QK^T and PV, 2 * Lq * Lk * D each per (batch, head). Backward: QK^T
+    recomputed, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: five products of the same size."""
+    b, h, lq, lk, d = 2, 3, 5, 7, 8
+    q = torch.randn(b, h, lq, d, requires_grad=backward)
+    k, v = (torch.randn(b, h, lk, d, requires_grad=backward) for _ in range(2))
+
+    def one_step(module, data, count):
+        out = module(q, k, v)
+        if backward:
+            out.sum().backward()
+
+    monkeypatch.setattr(bench, "build_trainer", lambda cfg, device, output_dir: SdpaOnly())
+    monkeypatch.setattr(bench, "run_steps", one_step)
+    product = 2 * b * h * lq * lk * d
+    assert bench.count_flops(None, torch.device("cpu"), [], "") == (2 + 5 * backward) * product
+
+
+def test_extra_flop_formulas_skip_ops_this_torch_lacks(bench, monkeypatch):
+    monkeypatch.setattr(bench, "EXTRA_SDPA_FORMULAS", (("no_such_attention_op", bench._sdpa_forward_flops),))
+    assert bench.extra_flop_formulas() == {}
+    with bench.flop_counter() as counter:
+        torch.ones(2, 3) @ torch.ones(3, 4)
+    assert counter.get_total_flops() == 2 * 2 * 3 * 4
 
 
 def test_data_mode_rows(bench, tmp_path):
