@@ -77,10 +77,12 @@ def resolve_init_source(cfg: Any, checkpoint_dir: str | Path, resume: bool) -> I
     checkpoint_dir = Path(checkpoint_dir)
     if resume and find_latest_checkpoint(checkpoint_dir) is not None:
         _refuse_own_checkpoints(cfg, checkpoint_dir)
+        logger.info("%s ignored: resuming from this run's own checkpoints in %s", KEY, checkpoint_dir)
         return None
     value = _setting(cfg)
     if value is None:
         return None
+    _refuse_own_checkpoints(cfg, checkpoint_dir)  # also with --no-resume, before the directory is touched
     if is_url(value):
         return InitSource(value, "backbone")
     path = Path(value).expanduser()
@@ -95,8 +97,9 @@ def resolve_init_source(cfg: Any, checkpoint_dir: str | Path, resume: bool) -> I
 
 
 def _refuse_own_checkpoints(cfg: Any, checkpoint_dir: Path) -> None:
-    """Resuming: ``train.init_from`` is ignored, unless it points at this very run's checkpoints (the
-    usual slip: the high-res phase started without a new ``--output-dir``, which would resume pretraining)."""
+    """Raise when ``train.init_from`` points at this very run's checkpoints (the usual slip: the
+    high-res phase started without a new ``--output-dir``, which would resume pretraining, or with
+    ``--no-resume``, which would set those checkpoints aside before loading them)."""
     value = None if _required_unset(cfg) else _setting(cfg)
     if value is None:
         return
@@ -111,7 +114,6 @@ def _refuse_own_checkpoints(cfg: Any, checkpoint_dir: Path) -> None:
                 f"{KEY}={value!r} is this run's own checkpoint ({resolved}): a run started from another "
                 "run's weights needs a new --output-dir"
             )
-    logger.info("%s=%s ignored: resuming from this run's own checkpoints in %s", KEY, value, checkpoint_dir)
 
 
 @torch.no_grad()

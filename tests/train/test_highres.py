@@ -193,6 +193,11 @@ def test_highres_run_trains_from_the_checkpoint_and_resumes_without_it(pretraine
     # starting the phase in the pretraining run's own directory would resume pretraining: refused
     with pytest.raises(ValueError, match="needs a new --output-dir"):
         main(["--output-dir", str(pretrained), *HIGHRES, f"train.init_from={pretrained}"])
+    # and with --no-resume as well, before the run's checkpoints would be set aside
+    before = sorted(p.name for p in pretrained.iterdir())
+    with pytest.raises(ValueError, match="needs a new --output-dir"):
+        main(["--output-dir", str(pretrained), "--no-resume", *HIGHRES, f"train.init_from={pretrained}"])
+    assert sorted(p.name for p in pretrained.iterdir()) == before
 
 
 def test_init_from_an_exported_teacher_file(pretrained):
