@@ -39,6 +39,19 @@ def all_reduce(tensor: torch.Tensor, op=None, group=None, async_op: bool = False
     return work if async_op else tensor
 
 
+class RunCount:
+    """A count over a whole run: what the run counted before it was resumed (``earlier``, from its
+    checkpoint) plus what each rank counts now (``local``), e.g. unreadable images skipped."""
+
+    def __init__(self, earlier: int = 0) -> None:
+        self.earlier, self.local = int(earlier), 0
+
+    def total(self, device: torch.device) -> int:
+        """``earlier`` plus ``local`` summed over ranks; a collective: every rank must call."""
+        count = torch.tensor([self.local], dtype=torch.int64, device=device)
+        return self.earlier + int(all_reduce(count).item())
+
+
 def all_gather_cat(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate equally-shaped tensors from all ranks along dim 0 (rank order). Not differentiable."""
     world = get_world_size(group)

@@ -68,20 +68,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-class SkipTally:
-    """Unreadable training images: those this process met (``local``) plus the total of the run
-    this one resumes (``earlier``). A sample whose image is unreadable is replaced by the dataset's
-    next readable one; in training that only shifts the data a little, so it is counted, not dropped."""
-
-    def __init__(self, earlier: int = 0) -> None:
-        self.earlier, self.local = int(earlier), 0
-
-    def total(self, device: torch.device) -> int:
-        """``earlier`` plus ``local`` summed over ranks; every rank must call."""
-        count = torch.tensor([self.local], dtype=torch.int64, device=device)
-        return self.earlier + int(distributed.all_reduce(count).item())
-
-
 def train_batches(
     backbone: nn.Module,
     dataset,
@@ -89,7 +75,7 @@ def train_batches(
     start_iter: int,
     n_max: int,
     autocast_dtype: torch.dtype | None,
-    skipped: SkipTally | None = None,
+    skipped: distributed.RunCount | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Packed features and labels of the training stream from iteration ``start_iter`` on: the data
     order and each sample's augmentation depend only on its position in the stream (``args.seed``).
@@ -220,7 +206,7 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
     max_iter = args.epochs * args.epoch_length
     start_iter, history, earlier_skipped = _resume(args, heads, optimizer)
     *val, val_skipped = encode_val_set(args, backbone, n_max, autocast_dtype)
-    train_skipped = SkipTally(earlier_skipped)
+    train_skipped = distributed.RunCount(earlier_skipped)  # unreadable images: counted, not dropped
     device = next(backbone.parameters()).device
     checkpoint_every = args.save_checkpoint_frequency * args.epoch_length
 

@@ -61,7 +61,7 @@ def check_finite(
     """Raise :class:`NonFiniteLossError` naming every non-finite term of ``iteration`` (1-based, as logged);
     ``what`` says which values these are (loss terms, or per-module gradient norms)."""
     names = list(losses)
-    values = torch.stack([losses[n].detach().float().to(next(iter(losses.values())).device) for n in names])
+    values = torch.stack([losses[n].detach().float() for n in names])
     if bool(torch.isfinite(values).all()):
         return
     bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist(), strict=True) if not math.isfinite(v))
@@ -122,7 +122,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.metrics = MetricsWriter(self.output_dir, enabled=distributed.is_main_process())
         self.online_knn = _online_knn(cfg)  # None when evaluation.knn names no datasets
-        self.skipped_images = 0  # by this rank's data workers (plus, on rank 0, the run's count before a resume)
+        self.skipped_images = distributed.RunCount()  # unreadable images the data workers skipped
         self.gpu_augment = build_gpu_augmentation(cfg) if gpu_augmentation_enabled(cfg) else None
         self._rng_state: dict | None = None
         self._reseed_on_start = False
@@ -134,7 +134,7 @@ class Trainer:
             "iteration": self.iteration,
             "samples_consumed": self.samples_consumed,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "skipped_images": self.total_skipped_images(),  # all ranks' (a collective, as saving is)
+            "skipped_images": self.skipped_images.total(self.device),  # a collective, as saving is
             "extra": dict(self.extra),
         }
 
@@ -162,8 +162,7 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.iteration, self.extra = int(state["iteration"]), dict(state.get("extra", {}))
         self.samples_consumed = int(state["samples_consumed"])
-        # the run's count so far is carried on by rank 0 alone, so the sum over ranks stays right on any world size
-        self.skipped_images = int(state.get("skipped_images", 0)) if distributed.get_rank() == 0 else 0
+        self.skipped_images = distributed.RunCount(state.get("skipped_images", 0))  # all ranks', before the resume
         self._rng_state = state["rng"]  # restored right before the first step (see run)
         self._reseed_on_start = state["rng"] is None
         if self._reseed_on_start:
@@ -173,13 +172,6 @@ class Trainer:
         self.metrics.truncate_after(self.iteration)
         logger.info("resumed from %s at iteration %d", path, self.iteration)
         return True
-
-    def total_skipped_images(self) -> int:
-        """Unreadable images skipped so far by every rank's data workers, this run and before its resumes
-        (a collective)."""
-        count = torch.tensor([self.skipped_images], dtype=torch.float64, device=self.device)
-        distributed.all_reduce(count)
-        return int(count.item())
 
     def samples_per_step(self) -> int:
         """Samples all ranks together consume per optimiser step."""
@@ -214,7 +206,7 @@ class Trainer:
             start = time.perf_counter()
             batch = next(data_iter)
             timing["data_time"] += time.perf_counter() - start
-            self.skipped_images += int(batch.pop("skipped_images", 0))
+            self.skipped_images.local += int(batch.pop("skipped_images", 0))
             batch = batch_to_device(batch, self.device)
             if self.gpu_augment is not None:  # train.gpu_augmentation: crops rendered on the device
                 batch = self.gpu_augment(batch)
@@ -269,7 +261,7 @@ class Trainer:
         values = torch.stack([losses[n] for n in names])
         distributed.all_reduce(values)
         values = (values / world).tolist()
-        skipped = self.total_skipped_images()
+        skipped = self.skipped_images.total(self.device)
         record = dict(zip(names, values, strict=True))
         record.update(scheduled)
         record.update(
@@ -361,7 +353,7 @@ class Trainer:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        skipped = self.total_skipped_images()
+        skipped = self.skipped_images.total(self.device)
         summary = {"iteration": self.iteration, "skipped_images": skipped}
         start, last = self.extra.get("knn_at_start"), self.extra.get("knn_last")
         if start and last and self.iteration == self.max_iter:
