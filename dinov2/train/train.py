@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,13 +71,11 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
     has_run = (checkpoints.is_dir() and any(checkpoints.iterdir())) or (output_dir / "training_metrics.json").is_file()
     if not has_run:
         return None
-    import time
-
-    aside = output_dir / time.strftime("replaced_%Y%m%d-%H%M%S")
-    suffix = 0
+    base = time.strftime("replaced_%Y%m%d-%H%M%S")
+    aside, suffix = output_dir / base, 0
     while aside.exists():
         suffix += 1
-        aside = aside.with_name(f"{aside.name.split('.')[0]}.{suffix}")
+        aside = output_dir / f"{base}.{suffix}"
     aside.mkdir()
     for name in RUN_OUTPUTS:
         if (output_dir / name).exists():
