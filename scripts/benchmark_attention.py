@@ -21,7 +21,6 @@ Example (the CPU figures in docs/performance.md):
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 from dinov2.models.vision_transformer import ARCHS
 from dinov2.ops import nested_attention, xformers_available
 from dinov2.ops.attention import BACKENDS
-from dinov2.utils.benchmark import environment, write_report
+from dinov2.utils.benchmark import environment, release, write_report
 from dinov2.utils.logging import describe_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,13 +114,6 @@ def time_backend(shapes, heads: int, dim: int, dtype, backend: str, mode: str, a
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(args.device) / 2**20 if args.device.type == "cuda" else None
     return {"median_ms": 1e3 * statistics.median(times), "best_ms": 1e3 * min(times), "peak_mem_mib": peak}
-
-
-def release(device: torch.device) -> None:
-    """Free what a failed row left allocated before the next row."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def bench_row(key: dict, heads: int, dim: int, args: argparse.Namespace) -> dict:

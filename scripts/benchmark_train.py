@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import importlib
 import platform
 import shlex
@@ -45,7 +44,7 @@ from dinov2.ops.attention import BACKENDS, resolve_backend
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.loop import Trainer, batch_to_device, peak_memory_mb
 from dinov2.train.train import build_model, setup_config
-from dinov2.utils.benchmark import device_name, git_commit, write_report
+from dinov2.utils.benchmark import device_name, git_commit, release, write_report
 from dinov2.utils.config import load_config, load_default_config, select
 from dinov2.utils.device import enable_tf32, resolve_device, seed_everything
 from dinov2.utils.logging import describe_error
@@ -195,12 +194,6 @@ def run_steps(trainer: Trainer, data, count: int) -> tuple[list[float], float]:
         times.append(time.perf_counter() - start)
         loss = float(losses["loss"])
     return times, loss
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _sdpa_forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:

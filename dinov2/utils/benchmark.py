@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import platform
 import shlex
 import subprocess
@@ -52,6 +53,13 @@ def environment(device: torch.device) -> dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
     }
+
+
+def release(device: torch.device) -> None:
+    """Free what a finished or failed benchmark row left allocated, before the next row."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def write_report(path: Path, report: dict[str, Any], quiet: bool = False) -> None:
