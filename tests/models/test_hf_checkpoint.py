@@ -15,6 +15,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 from dinov2.checkpoint import load_backbone_state_dict, load_weights_file  # noqa: E402
 from dinov2.models import DinoVisionTransformer  # noqa: E402
@@ -26,14 +27,6 @@ CASES = {  # name: (registers, SwiGLU FFN)
     "registers": (4, False),
     "swiglu": (0, True),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _hf_config(registers: int, swiglu: bool, **extra):

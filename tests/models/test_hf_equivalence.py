@@ -21,6 +21,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 from dinov2.models.vision_transformer import DinoVisionTransformer  # noqa: E402
 
@@ -54,15 +55,6 @@ CASES = {
         Case("swiglu", 0, "swiglufused"),
     )
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The models are tiny: intra-op threads only add synchronisation cost (large on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------- builders
