@@ -5,7 +5,8 @@
 
 The output is the published single-file layout (a flat backbone state dict with ``blocks.N.``
 keys, block chunks flattened, as ``dinov2_vitg14_pretrain.pth``), loadable with
-``dinov2_vitg14(weights=...)``, plus the same tensors as ``.safetensors`` next to it. No process
+``dinov2_vitg14(weights=...)``, plus the same tensors as ``.safetensors`` next to it (an output
+ending in ``.safetensors`` is that file alone); both are written atomically. No process
 group and no knowledge of the world size the checkpoint was saved with are needed: DCP stores each
 tensor whole in its metadata, and only the chosen backbone is read.
 """
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 
 from dinov2.checkpoint.adapters import adapt_backbone_state_dict  # noqa: E402
 from dinov2.checkpoint.sharded import find_latest_checkpoint, is_complete, load_full_tensors  # noqa: E402
-from dinov2.checkpoint.training import atomic_torch_save  # noqa: E402
+from dinov2.checkpoint.training import atomic_torch_save, atomic_write_path  # noqa: E402
 
 logger = logging.getLogger("dinov2")
 
@@ -43,8 +44,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def consolidate(checkpoint: str | Path, output: str | Path, branch: str = "teacher", safetensors: bool = True) -> dict:
-    """Write ``branch``'s backbone of ``checkpoint`` to ``output`` (and ``output`` with a
-    ``.safetensors`` suffix); returns the flat state dict written."""
+    """Write ``branch``'s backbone of ``checkpoint`` to ``output`` (and, with ``safetensors``,
+    ``output`` with a ``.safetensors`` suffix; an ``output`` ending in ``.safetensors`` is written
+    as safetensors alone); returns the flat state dict written."""
     from safetensors.torch import save_file
 
     path = resolve_checkpoint(checkpoint)
@@ -53,12 +55,16 @@ def consolidate(checkpoint: str | Path, output: str | Path, branch: str = "teach
     flat = {k: v.contiguous() for k, v in flat.items()}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(flat, output)
-    if safetensors:
-        target = output.with_suffix(".safetensors")
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file(flat, str(tmp), metadata={"format": "pt"})
-        tmp.replace(target)
+
+    def write_safetensors(target: Path) -> None:
+        atomic_write_path(target, lambda tmp: save_file(flat, str(tmp), metadata={"format": "pt"}))
+
+    if output.suffix == ".safetensors":  # the safetensors file is the output; no twin
+        write_safetensors(output)
+    else:
+        atomic_torch_save(flat, output)
+        if safetensors:
+            write_safetensors(output.with_suffix(".safetensors"))
     n_params = sum(v.numel() for v in flat.values())
     logger.info("wrote %s (%d tensors, %.1fM parameters) from %s", output, len(flat), n_params / 1e6, path)
     return flat

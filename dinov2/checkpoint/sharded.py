@@ -10,11 +10,15 @@ Layout under a run's ``checkpoints/`` directory::
 
 Every process writes its shards into a hidden ``.step_0001250.tmp`` directory; once all are done,
 rank 0 renames it onto ``step_0001250``, so a crash never leaves a half-written checkpoint under a
-final name. Loading reshards to the current world size: a checkpoint saved on N ranks resumes on M.
+final name. Old checkpoints are renamed to a hidden name before they are deleted, and the next save
+deletes whatever hidden ``.step_*.tmp`` directories a crash left behind. Loading reshards to the
+current world size: a checkpoint saved on N ranks resumes on M.
 
-Only tensors go through DCP (its non-tensor path unpickles arbitrary objects); the small
-non-tensor states are plain ``torch.save`` files read with ``weights_only=True``, and the DCP
-metadata is read with an unpickler that only accepts DCP's own metadata classes.
+Nothing is unpickled beyond weights-only data: the small non-tensor states are plain
+``torch.save`` files read with ``weights_only=True``; DCP's tensors are read weights-only by DCP
+itself, its non-tensor entries (the optimizer's ``param_groups``) by a load planner that uses
+``weights_only=True`` where DCP's own would not, and the DCP metadata with an unpickler that only
+accepts DCP's own metadata classes.
 """
 
 from __future__ import annotations
@@ -37,12 +41,17 @@ from dinov2.checkpoint.training import (
     CheckpointLoadError,
     _fsync_path,
     _remove_quietly,
+    _remove_temporaries,
     _swap_in_directory,
+    _temp_name,
 )
 
 logger = logging.getLogger("dinov2")
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
+# What a crashed save or pruning leaves behind: ``.step_N.tmp`` (being written), ``.step_N.<hex>.tmp``
+# (moved aside to be replaced or deleted).
+TEMP_PATTERN = re.compile(r"^\.step_\d+(?:\.[0-9a-f]+)?\.tmp$")
 TRAINER_STATE = "trainer_state.pth"
 METADATA = ".metadata"
 
@@ -114,6 +123,29 @@ def _safe_reader(path: Path):
     return SafeFileSystemReader(str(path))
 
 
+def _weights_only_planner():
+    """DCP's default load planner, except that the non-tensor entries of a checkpoint (the
+    optimizer's ``param_groups``: learning rates, betas, flags, parameter names) are unpickled with
+    ``weights_only=True``: DCP's own planner reads them with ``weights_only=False``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise pickle.UnpicklingError(
+                    f"entry {read_item.dest_index.fqn!r} is not weights-only data: {exc}"
+                ) from exc
+            # Hand DCP a pickle of what the restricted unpickler produced (plain values only).
+            safe = io.BytesIO()
+            torch.save(obj, safe)
+            safe.seek(0)
+            super().load_bytes(read_item, safe)
+
+    return WeightsOnlyLoadPlanner()
+
+
 def read_tensor_metadata(path: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """``{flattened key: (global shape, dtype)}`` of the tensors stored in the DCP checkpoint ``path``."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -142,7 +174,7 @@ def load_full_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.T
         raise KeyError(f"no tensor under {prefix!r} in checkpoint {path}")
     state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in wanted.items()}
     try:
-        dcp.load(state, storage_reader=_safe_reader(Path(path)), no_dist=True)
+        dcp.load(state, storage_reader=_safe_reader(Path(path)), planner=_weights_only_planner(), no_dist=True)
     except (Exception, CheckpointException) as exc:
         raise CheckpointLoadError(f"cannot read tensors of checkpoint {path}: {exc}") from exc
     return {k[len(prefix) :]: v for k, v in state.items()}
@@ -173,10 +205,20 @@ def _prune(directory: Path, keep_last: int, just_written: Path) -> None:
     if keep_last <= 0:
         return
     stale = [p for _, p in list_checkpoints(directory)[:-keep_last] if p != just_written]
+    removed = []
     for old in stale:
-        _remove_quietly(old)
-    if stale:
-        logger.info("removed %d old checkpoint(s): %s", len(stale), ", ".join(p.name for p in stale))
+        # Hidden first, then deleted: an interrupted deletion never leaves a partial step_N behind.
+        # A deletion that fails (an NFS file still open elsewhere...) does not fail the save that
+        # has just succeeded: it is logged, and what is left is deleted by the next save.
+        try:
+            hidden = _temp_name(old, directory=True)
+            os.replace(old, hidden)
+            removed.append(old.name)
+            _remove_quietly(hidden)
+        except OSError as exc:
+            logger.warning("could not delete the old checkpoint %s (retried at the next save): %s", old, exc)
+    if removed:
+        logger.info("removed %d old checkpoint(s): %s", len(removed), ", ".join(removed))
 
 
 def save_checkpoint(
@@ -199,7 +241,7 @@ def save_checkpoint(
     tmp = directory / f".{final.name}.tmp"
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        _remove_quietly(tmp)  # a crashed earlier attempt
+        _remove_temporaries(directory, TEMP_PATTERN)  # of crashed earlier saves, of any iteration
         tmp.mkdir()
     distributed.barrier()
     try:
@@ -235,7 +277,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     try:
         trainer_state = load_trainer_state(path)
         state = _model_and_optimizer_state(model, optimizer)
-        dcp.load(state, storage_reader=_safe_reader(path))
+        dcp.load(state, storage_reader=_safe_reader(path), planner=_weights_only_planner())
     except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
         raise CheckpointLoadError(f"cannot load training checkpoint {path}: {exc}") from exc
     set_state_dict(
@@ -244,5 +286,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     rank, world = distributed.get_rank(), distributed.get_world_size()
     rng_path = path / rng_file(rank)
     same_world = int(trainer_state.get("world_size", -1)) == world
-    trainer_state["rng"] = torch.load(rng_path, weights_only=True) if same_world and rng_path.is_file() else None
+    trainer_state["rng"] = None
+    if same_world and rng_path.is_file():
+        try:
+            trainer_state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointLoadError(f"cannot read the RNG states {rng_path}: {exc}") from exc
     return trainer_state

@@ -8,7 +8,8 @@ Exports under a run's output directory::
 Every file is written to a hidden temporary name in the same directory (``.<name>.<random>.tmp``),
 flushed and fsynced, then renamed onto its final name, so a crash never leaves a half-written
 file under a final name. Export directories are built under a hidden temporary sibling and
-renamed the same way.
+renamed the same way; the next export deletes the hidden ``.training_*.tmp`` directories that an
+interrupted one left behind.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ logger = logging.getLogger("dinov2")
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d+)\.pth$")
 TEACHER_CHECKPOINT = "teacher_checkpoint.pth"
 TEACHER_BACKBONE = "teacher_backbone.safetensors"
+# Hidden directories of exports that a crash (or a kill) interrupted: being built, or moved aside.
+EXPORT_TEMP_PATTERN = re.compile(r"^\.training_\d+\.[0-9a-f]+\.tmp$")
 
 
 class CheckpointLoadError(RuntimeError):
@@ -69,6 +72,22 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
+def _remove_temporaries(directory: Path, pattern: re.Pattern) -> list[str]:
+    """Delete the entries of ``directory`` whose names match ``pattern`` (what crashed writes left
+    behind); returns their names. One that cannot be deleted is logged, not raised."""
+    removed = []
+    for entry in sorted(directory.iterdir()):
+        if pattern.match(entry.name):
+            try:
+                _remove_quietly(entry)
+                removed.append(entry.name)
+            except OSError as exc:
+                logger.warning("could not delete the leftover temporary %s: %s", entry, exc)
+    if removed:
+        logger.info("removed %d leftover temporary(ies) of interrupted writes: %s", len(removed), ", ".join(removed))
+    return removed
+
+
 def _temp_name(path: Path, directory: bool = False) -> Path:
     """Create and return a fresh hidden ``.tmp`` sibling of ``path`` (a file, or a directory).
 
@@ -99,6 +118,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_path(path.parent)
+
+
+def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """:func:`atomic_write` for writers that take a file name (``safetensors.torch.save_file``)."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        write(tmp)
+        _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
@@ -228,6 +261,7 @@ def export_teacher(directory: str | os.PathLike, iteration: int, teacher: nn.Mod
     if not write:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(final.parent, EXPORT_TEMP_PATTERN)  # of interrupted exports; gigabytes each
     built = _temp_name(final, directory=True)
     try:
         _write_export(built, teacher_state)

@@ -311,3 +311,145 @@ def test_consolidate_writes_the_flat_backbone_of_the_newest_checkpoint(tmp_path)
         consolidate([str(tmp_path / "empty"), "--output", str(out)])
     with pytest.raises(KeyError, match="model.student.backbone."):
         consolidate([str(run), "--output", str(out), "--branch", "student"])
+
+
+# ------------------------------------------------------------- non-tensor entries of DCP checkpoints
+class _CodeInPickle:
+    """Unpickling this runs code (records that it did)."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_CodeInPickle._run, ())
+
+    @staticmethod
+    def _run():
+        _CodeInPickle.ran = True
+        return 0.1
+
+
+def _point_entry_at_bytes(path, fqn: str, payload: bytes) -> None:
+    """Tamper with checkpoint ``path``: store ``payload`` as the bytes of entry ``fqn`` (appended to
+    a shard file, the metadata pointing at it), as a hand-edited or hostile checkpoint would."""
+    import dataclasses
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from dinov2.checkpoint.sharded import _safe_reader
+
+    metadata = _safe_reader(path).read_metadata()
+    assert isinstance(metadata.state_dict_metadata[fqn], BytesStorageMetadata)  # a non-tensor entry
+    (index,) = [i for i in metadata.storage_data if i.fqn == fqn]
+    info = metadata.storage_data[index]
+    shard = path / info.relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(payload)
+    metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(payload))
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def test_non_tensor_checkpoint_entries_are_read_weights_only(tmp_path):
+    import io
+
+    model, optimizer = _model_and_optimizer(0)
+    path = _save(tmp_path, 4, model, optimizer)
+    # The optimizer's hyper-parameters (param_groups) are DCP "bytes" entries, not tensors.
+    buffer = io.BytesIO()
+    torch.save(_CodeInPickle(), buffer)
+    _point_entry_at_bytes(path, "optimizer.param_groups.0.lr", buffer.getvalue())
+    fresh, fresh_opt = _model_and_optimizer(1)
+    _CodeInPickle.ran = False
+    with pytest.raises(CheckpointLoadError, match=re.escape(str(path))):
+        load_checkpoint(path, fresh, fresh_opt)
+    assert not _CodeInPickle.ran
+
+
+def test_non_tensor_checkpoint_entries_round_trip(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    for group in optimizer.param_groups:
+        group["lr"], group["betas"] = 0.0123, (0.8, 0.95)
+    path = _save(tmp_path, 4, model, optimizer)
+    fresh, fresh_opt = _model_and_optimizer(1)
+    load_checkpoint(path, fresh, fresh_opt)
+    assert [(g["lr"], tuple(g["betas"])) for g in fresh_opt.param_groups] == [(0.0123, (0.8, 0.95))]
+
+
+def test_corrupt_rng_file_error_names_the_file(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    path = _save(tmp_path, 2, model, optimizer)
+    rng = path / "rng_rank0.pth"
+    rng.write_bytes(rng.read_bytes()[:50])
+    with pytest.raises(CheckpointLoadError, match=re.escape(str(rng))):
+        load_checkpoint(path, model, optimizer)
+
+
+# ------------------------------------------------------------- leftovers of interrupted writes
+def test_save_removes_temporaries_left_by_crashed_saves(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    for name in (".step_0000003.tmp", ".step_0000002.0123456789ab.tmp"):  # being written / moved aside
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__0_0.distcp").write_bytes(b"\0" * 64)
+    (tmp_path / ".nfs0001").write_text("not ours")
+    (tmp_path / "step_0000001").mkdir()  # no metadata: not a checkpoint, and not a temporary either
+    _save(tmp_path, 5, model, optimizer)
+    assert _names(tmp_path) == [".nfs0001", "step_0000001", "step_0000005"]
+
+
+def test_interrupted_or_failed_pruning_neither_fails_the_save_nor_leaves_a_partial_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    model, optimizer = _model_and_optimizer(0)
+    first = _save(tmp_path, 1, model, optimizer, keep_last=1)
+    real_rmtree = shutil.rmtree
+
+    def rmtree_dies_halfway(path, *args, **kwargs):
+        next(p for p in sorted(path.iterdir()) if p.suffix == ".distcp").unlink()  # one shard gone...
+        raise OSError(39, "Directory not empty")  # ...then the deletion fails (NFS .nfsXXXX file)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_dies_halfway)
+    second = _save(tmp_path, 2, model, optimizer, keep_last=1)  # the new checkpoint is written: no error
+    # The half-deleted old checkpoint is not left under a checkpoint's name.
+    assert find_latest_checkpoint(tmp_path) == second and not first.exists()
+    assert [n for n in _names(tmp_path) if not n.startswith(".")] == [second.name]
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    third = _save(tmp_path, 3, model, optimizer, keep_last=1)  # and the next save deletes what is left
+    assert _names(tmp_path) == [third.name]
+    fresh, fresh_opt = _model_and_optimizer(1)
+    assert load_checkpoint(third, fresh, fresh_opt)["iteration"] == 3
+
+
+def test_export_removes_temporaries_left_by_interrupted_exports(tmp_path):
+    stale = tmp_path / "eval" / ".training_4.0123456789ab.tmp"
+    stale.mkdir(parents=True)
+    (stale / "teacher_checkpoint.pth").write_bytes(b"\0" * 64)
+    (tmp_path / "eval" / "training_2").mkdir()  # an earlier export stays
+    export_teacher(tmp_path, 7, _teacher(ibot=False))
+    assert _names(tmp_path / "eval") == ["training_2", "training_7"]
+
+
+def test_consolidate_failure_leaves_no_temporary_and_output_safetensors(tmp_path, monkeypatch):
+    from dinov2.checkpoint.consolidate import consolidate
+
+    backbone = DinoVisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, block_chunks=0)
+    model = nn.ModuleDict({"teacher": nn.ModuleDict({"backbone": backbone})})
+    _save(tmp_path / "checkpoints", 1, model, torch.optim.AdamW(model.parameters()))
+    out = tmp_path / "out"
+    real_save_file = safetensors.torch.save_file
+
+    def save_file_fails_halfway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("quota exceeded")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file_fails_halfway)
+    with pytest.raises(OSError, match="quota exceeded"):
+        consolidate(tmp_path, out / "teacher.pth")
+    assert _names(out) == ["teacher.pth"]  # no temporary file left behind
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+    flat = consolidate(tmp_path, out / "only.safetensors")  # a .safetensors output is that file, no twin
+    assert _names(out) == ["only.safetensors", "teacher.pth"]
+    loaded = safetensors.torch.load_file(out / "only.safetensors")
+    assert loaded.keys() == backbone.state_dict().keys() == flat.keys()
+    assert torch.equal(loaded["pos_embed"], backbone.pos_embed.detach())

@@ -1,0 +1,69 @@
+"""Reading user-supplied weight files: URL cache, clear errors naming the file."""
+
+import pickle
+import re
+
+import pytest
+import torch
+
+from dinov2.checkpoint import CheckpointLoadError, load_weights_file
+
+
+def _fake_downloads(monkeypatch, tmp_path):
+    """No network: a URL "downloads" a state dict that says which URL it came from."""
+    downloads = []
+
+    def download_url_to_file(url, dst, hash_prefix=None, progress=True):
+        downloads.append(url)
+        torch.save({"source": torch.tensor([len(url), sum(map(ord, url))])}, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download_url_to_file)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return downloads
+
+
+def _expected(url):
+    return torch.tensor([len(url), sum(map(ord, url))])
+
+
+def test_urls_with_the_same_file_name_are_not_confused(tmp_path, monkeypatch):
+    downloads = _fake_downloads(monkeypatch, tmp_path)
+    small = "https://huggingface.co/facebook/dinov2-small/resolve/main/pytorch_model.bin"
+    base = "https://huggingface.co/facebook/dinov2-base/resolve/main/pytorch_model.bin"
+    assert torch.equal(load_weights_file(small)["source"], _expected(small))
+    assert torch.equal(load_weights_file(base)["source"], _expected(base))  # not small's cached file
+    assert torch.equal(load_weights_file(small)["source"], _expected(small))
+    assert downloads == [small, base]  # each downloaded once
+
+
+def test_official_weights_keep_their_torch_hub_cache_name(tmp_path, monkeypatch):
+    downloads = _fake_downloads(monkeypatch, tmp_path)
+    url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+    assert torch.equal(load_weights_file(url)["source"], _expected(url))
+    assert (tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth").is_file()  # shared with torch.hub
+    load_weights_file(url)
+    assert downloads == [url]
+
+
+def test_truncated_weights_file_error_names_the_file(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(64)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointLoadError, match=re.escape(str(path))):
+        load_weights_file(path)
+    broken = tmp_path / "weights.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointLoadError, match=re.escape(str(broken))):
+        load_weights_file(broken)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("must not run",))
+
+
+def test_refused_pickle_error_names_the_file(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "x": _Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError, match=re.escape(str(path))):
+        load_weights_file(path)
