@@ -3,8 +3,8 @@
 Hierarchical k-means (Vo et al., 2024, "Automatic Data Curation for Self-Supervised Learning: A
 Clustering-Based Approach"): level 1 clusters the points into ``levels[0]`` clusters, level 2
 clusters the level-1 centroids into ``levels[1]``, and so on. Optional resampling steps move each
-level's centroids towards a uniform cover of the data: each step re-runs k-means (from the current
-centroids) on the ``resample_size`` points nearest each centroid.
+level's centroids towards a uniform cover of the data: each step runs a fresh k-means on the
+``resample_size`` points nearest each centroid (every cluster then weighs the same).
 
 Level 1 is trained on a seeded sample of at most ``max_train_points`` vectors and then every
 vector is assigned chunk by chunk, so the pool is never in memory at once; what is kept per vector
@@ -95,11 +95,26 @@ def _resampled(x: np.ndarray, centroids: np.ndarray, size: int) -> np.ndarray:
 
 
 def kmeans_level(x: np.ndarray, k: int, cfg, seed: int, gpus: int) -> np.ndarray:
-    """One level: k-means on ``x``, then ``cfg.resampling_steps`` re-runs on the vectors nearest each centroid."""
-    centroids = spherical_kmeans(x, k, int(cfg.niter), seed, gpus, method=str(cfg.init), nredo=int(cfg.nredo))
-    for step in range(int(cfg.resampling_steps)):
-        subset = _resampled(x, centroids, int(cfg.resample_size))
-        centroids = spherical_kmeans(subset, k, int(cfg.niter), seed + step + 1, gpus, init=centroids)
+    """One level: k-means on ``x``, then ``cfg.resampling_steps`` resampling steps.
+
+    Each step takes the ``cfg.resample_size`` vectors nearest each current centroid and runs a fresh
+    k-means (``cfg.init`` seeding, its own seed) on them, as Vo et al. do. Every cluster then weighs
+    the same, so centroids leave dense regions for sparse ones. Starting that k-means from the current
+    centroids would not do this: each resampled vector already sits in its own centroid's cell, so
+    the run stops where it starts.
+    """
+    steps, size = int(cfg.resampling_steps), int(cfg.resample_size)
+    if steps > 0 and size < 1:
+        raise ValueError(f"clustering.resample_size must be >= 1 when resampling_steps > 0, got {size}")
+    method, nredo = str(cfg.init), int(cfg.nredo)
+    centroids = spherical_kmeans(x, k, int(cfg.niter), seed, gpus, method=method, nredo=nredo)
+    for step in range(steps):
+        subset = _resampled(x, centroids, size)
+        if len(subset) < k:  # empty clusters (repeated vectors): too few points for k clusters
+            logger.warning("Resampling step %d gives %d vectors for %d clusters: stopping resampling here",
+                           step + 1, len(subset), k)  # fmt: skip
+            break
+        centroids = spherical_kmeans(subset, k, int(cfg.niter), seed + step + 1, gpus, method=method, nredo=nredo)
     return centroids
 
 
@@ -151,6 +166,13 @@ def hierarchical_kmeans(store, keep, cfg, gpus: int = 0) -> Hierarchy:
         raise ValueError(f"clustering.levels must be positive and non-increasing (level 1 first), got {levels}")
     seed = int(cfg.seed)
     sample = store.read(store.sample_ids(int(cfg.max_train_points), seed, keep))
+    if len(sample) < levels[0]:
+        available = len(store) if keep is None else int(np.count_nonzero(keep))
+        raise ValueError(
+            f"clustering.levels[0] = {levels[0]} clusters, but level 1 is trained on {len(sample)} vectors "
+            f"({available} left after deduplication, clustering.max_train_points = {int(cfg.max_train_points)}); "
+            "use fewer level-1 clusters"
+        )
     centroids = [kmeans_level(sample, levels[0], cfg, seed, gpus)]
     point_labels = np.full(len(store), -1, dtype=np.int64)
     similarity = np.full(len(store), -np.inf, dtype=np.float32)

@@ -42,7 +42,7 @@ EMBEDDER_KINDS = ("backbone", "thumbnail")
 def list_images(source: str) -> list[str]:
     """Absolute image paths of ``source``: a folder, a list file (``FileList`` format), or a dataset
     string naming a file-backed dataset (``ImageFolder:root=R``, ``FileList:path=P``, ``ImageNet:...``)."""
-    from dinov2.data.datasets import FileImageDataset, FileList, ImageFolder, make_dataset
+    from dinov2.data.datasets import DATASET_NAMES, FileImageDataset, FileList, ImageFolder, make_dataset
 
     if not source:
         raise ValueError("no image source given (a folder, a list file or a dataset string)")
@@ -51,6 +51,11 @@ def list_images(source: str) -> list[str]:
         dataset = ImageFolder(str(path))
     elif path.is_file():
         dataset = FileList(str(path))
+    elif source.split(":", 1)[0].strip().lower() not in {n.lower() for n in DATASET_NAMES}:
+        raise FileNotFoundError(
+            f"image source {source!r} is neither an existing folder or list file nor a dataset string "
+            f"({', '.join(n + ':...' for n in DATASET_NAMES)})"
+        )
     else:
         dataset = make_dataset(source)
     if not isinstance(dataset, FileImageDataset):

@@ -70,13 +70,13 @@ class VectorIndex:
         faiss = import_faiss()
         self.spec, self.dim = spec, int(dim)
         index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
-        if gpus:
-            index = faiss.index_cpu_to_all_gpus(index, ngpu=gpus)
-        if "IVF" in spec:
+        if "IVF" in spec:  # on the CPU index: every GPU copy (one, or the replicas of several) inherits it
             try:
                 faiss.extract_index_ivf(index).nprobe = int(nprobe)
-            except (RuntimeError, AttributeError):  # GPU IVF indexes take it directly
-                index.nprobe = int(nprobe)
+            except RuntimeError as error:
+                raise ValueError(f"index.factory {spec!r} names IVF but faiss finds no IVF index in it") from error
+        if gpus:
+            index = faiss.index_cpu_to_all_gpus(index, ngpu=gpus)
         self.index = index
         self._ids: list[np.ndarray] = []
         self._all: np.ndarray | None = None

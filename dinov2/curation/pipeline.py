@@ -260,11 +260,22 @@ class Curation:
 
 
 def _to_pool_ids(pool: EmbeddingStore, other: EmbeddingStore, other_keep: np.ndarray) -> np.ndarray:
-    """A keep mask over ``other``'s ids carried to ``pool``'s ids by path (the same ids when the lists match)."""
+    """A keep mask over ``other``'s ids carried to ``pool``'s ids: both stores embed the same image
+    list in the same order, so the ``n``-th row of a path in one is its ``n``-th row in the other (a
+    path listed twice is two entries, of which deduplication removes one, not both)."""
     if other is pool:
         return other_keep
-    removed = set(other.paths(np.nonzero(~other_keep)[0]))
-    return np.array([p not in removed for p in pool.paths()], dtype=bool)
+
+    def entries(paths: list[str]) -> list[tuple[str, int]]:
+        seen: dict[str, int] = {}
+        out = []
+        for path in paths:
+            out.append((path, seen.get(path, 0)))
+            seen[path] = out[-1][1] + 1
+        return out
+
+    removed = {entry for entry, kept in zip(entries(other.paths()), other_keep) if not kept}
+    return np.array([entry not in removed for entry in entries(pool.paths())], dtype=bool)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -1,0 +1,134 @@
+"""Regression tests from an audit of the curation pipeline: resampling k-means, pool ids through a
+second (copy-detection) store, and the edges of clustering and balanced sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from curation_images import write_pool
+from test_curation_dedup import config, make_store_from
+
+from dinov2.curation import clustering
+from dinov2.curation.__main__ import main
+
+
+def _skewed_mixture(seed: int, dim: int = 8):
+    """One dense component of 4,000 unit vectors and nine sparse ones of 40."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(10, dim))
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(10), [4000] + [40] * 9)
+    x = means[labels] + 0.15 * rng.normal(size=(len(labels), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), means
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_resampling_steps_move_centroids_out_of_the_dense_region(seed):
+    """Vo et al.'s resampling: k-means on the r vectors nearest each centroid spreads the centroids
+    over the components; without it most of them sit in the dense one."""
+    x, means = _skewed_mixture(seed)
+
+    def centroids_per_component(steps):
+        cfg = config("clustering.niter=20", f"clustering.resampling_steps={steps}", "clustering.resample_size=10")
+        centroids = clustering.kmeans_level(x, 20, cfg.clustering, seed=0, gpus=0)
+        nearest_mean = np.argmax(centroids @ means.T, axis=1)  # independent of the code's own labels
+        return np.bincount(nearest_mean, minlength=10)
+
+    plain = centroids_per_component(0)
+    assert plain[0] >= 10  # the setting is skewed: plain k-means crowds the dense component
+    resampled = centroids_per_component(10)
+    assert resampled[0] <= 5, resampled
+    assert np.count_nonzero(resampled[1:]) >= 8, resampled  # the sparse components get centroids
+
+
+def test_resampling_with_too_few_vectors_stops_instead_of_failing():
+    """Repeated vectors leave clusters empty; the resampled set is then smaller than k."""
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(6, 8))
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    x = np.repeat(distinct, 20, axis=0).astype(np.float32)  # 6 distinct vectors, 8 clusters
+    cfg = config("clustering.resampling_steps=2", "clustering.resample_size=1").clustering
+    centroids = clustering.kmeans_level(x, 8, cfg, seed=0, gpus=0)
+    assert centroids.shape == (8, 8)
+    with pytest.raises(ValueError, match="resample_size must be >= 1"):
+        clustering.kmeans_level(x, 8, config("clustering.resampling_steps=1", "clustering.resample_size=0").clustering,
+                                seed=0, gpus=0)  # fmt: skip
+
+
+def test_hierarchical_kmeans_and_sampling_are_deterministic_given_a_seed(tmp_path):
+    x, _ = _skewed_mixture(3)
+    store, _ = make_store_from(tmp_path / "s", x[::4], chunk_size=300)
+    cfg = config("clustering.levels=[12,3]", "clustering.resampling_steps=2", "clustering.resample_size=5").clustering
+    a = clustering.hierarchical_kmeans(store, None, cfg)
+    b = clustering.hierarchical_kmeans(store, None, cfg)
+    for x_a, x_b in zip(a.centroids + a.labels, b.centroids + b.labels):
+        np.testing.assert_array_equal(x_a, x_b)
+    np.testing.assert_array_equal(
+        clustering.balanced_sample(a, 100, seed=1), clustering.balanced_sample(b, 100, seed=1)
+    )
+
+
+def test_a_pool_image_listed_twice_keeps_one_entry_with_a_separate_copy_detection_store(tmp_path):
+    """Copies are found in embeddings/copy and carried to the pool's ids: the second listing of a file
+    is a copy of the first, and exactly one of the two must stay (as without copy_detection)."""
+    groups = write_pool(tmp_path / "pool", 6)
+    paths = sorted(groups)
+    listing = tmp_path / "pool.txt"
+    listing.write_text("".join(p + "\n" for p in [*paths, paths[2]]))  # img_0002 listed twice
+    common = [f"pool={listing}", "embed.model.kind=thumbnail", "embed.model.thumbnail_size=8", "embed.num_workers=0",
+              "dedup.threshold=0.8", "dedup.k=4"]  # fmt: skip
+    for name, extra in (("plain", []), ("copy", ["dedup.copy_detection={kind: thumbnail, thumbnail_size: 16}"])):
+        out = tmp_path / name
+        main(["embed", "--output-dir", str(out), *common, *extra])
+        main(["dedup", "--output-dir", str(out), *common, *extra])
+        keep = np.load(out / "dedup" / "keep.npy")
+        assert keep.tolist() == [True] * 6 + [False], (name, keep)  # the first listing stays
+
+
+def test_nprobe_reaches_every_replica_of_an_index_on_several_gpus(monkeypatch):
+    """faiss puts an index on several GPUs as an IndexReplicas of per-GPU copies, each copied from the
+    CPU index (nprobe included); the replicas object has no nprobe of its own. Simulated on the CPU
+    with replicas of CPU clones, which is what index_cpu_to_all_gpus builds, device aside."""
+    import faiss
+
+    from dinov2.curation.faiss_index import VectorIndex
+
+    copies = []
+
+    def to_all_gpus(index, ngpu):
+        replicas = faiss.IndexReplicas(index.d)
+        for _ in range(ngpu):
+            copies.append(faiss.clone_index(index))  # kept alive here: the replicas do not own them
+            replicas.addIndex(copies[-1])
+        return replicas
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all_gpus)
+    index = VectorIndex(16, "IVF8,PQ4np", gpus=2, nprobe=5)
+    assert len(copies) == 2 and [faiss.extract_index_ivf(c).nprobe for c in copies] == [5, 5]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(800, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index.train(x)
+    index.add(x, np.arange(800) + 1000)
+    _, ids = index.search(x[:3], 1)
+    assert ids.shape == (3, 1) and (ids >= 1000).all()
+
+
+def test_a_missing_pool_path_is_named_as_missing(tmp_path):
+    from dinov2.curation.embed import list_images
+
+    missing = str(tmp_path / "no_such_folder")
+    with pytest.raises(FileNotFoundError, match=r"no_such_folder' is neither an existing folder or list file"):
+        list_images(missing)
+    with pytest.raises(FileNotFoundError, match="neither an existing folder"):
+        main(["run", "--output-dir", str(tmp_path / "out"), f"pool={missing}", "embed.model.kind=thumbnail"])
+    with pytest.raises(ValueError, match="Synthetic, which has no image files"):  # dataset strings still parse
+        list_images("Synthetic:split=TRAIN:num_images=4")
+
+
+def test_more_level_one_clusters_than_vectors_names_the_setting(tmp_path):
+    x, _ = _skewed_mixture(0)
+    store, _ = make_store_from(tmp_path / "s", x[:50], chunk_size=50)
+    keep = np.arange(50) < 30
+    with pytest.raises(ValueError, match=r"clustering.levels\[0\] = 40 clusters.*30 vectors \(30 left after"):
+        clustering.hierarchical_kmeans(store, keep, config("clustering.levels=[40]").clustering)
