@@ -13,12 +13,14 @@ Modules (the names the loop, the checkpoints and the exports rely on):
     frozen_teacher  backbone + dino_head + ibot_head of a pretraining checkpoint; eval mode, no
                     gradients, never updated; sharded with compute_precision.teacher's policies;
                     left out of training checkpoints and reloaded from distillation.teacher_checkpoint
+                    (a teacher trained with ibot.separate_head: false has no ibot_head: its
+                    dino_head scores the patch tokens, as in its own pretraining)
 
 Data flow of one step:
 
     batch -> _teacher_targets: frozen teacher on the 2 global crops (no grad) -> its DINO head on the
              CLS tokens (views swapped), its iBOT head on ALL patch tokens -> centring
-          -> _student_outputs: student on [global crops (no masks), local crops] in one nested pass
+          -> _student_outputs: student on [global crops (no masks), local crops (if any)] in one nested pass
              -> DINO head on every CLS token, iBOT head on every global-crop patch token
           -> _losses: DINO (local and global crops), KoLeo, iBOT over all patches
           -> {"loss": total, per-term values}
@@ -45,6 +47,8 @@ from dinov2.train.distill_teacher import (
     resolve_teacher_source,
     state_fingerprint,
     teacher_location,
+    teacher_patch_head,
+    teacher_prototypes,
 )
 from dinov2.train.ssl_meta_arch import (
     CENTERINGS,
@@ -86,22 +90,29 @@ def _teacher_section(teacher_cfg: Any, cfg: Any) -> dict[str, Any]:
     return section
 
 
-def _check_config(cfg: Any, teacher_cfg: Any) -> None:
+def _check_config(cfg: Any, teacher_cfg: Any, origin: str) -> None:
+    """``origin``: where ``teacher_cfg`` came from (named in the errors about the teacher)."""
     if cfg.train.centering not in CENTERINGS:
         raise ValueError(f"train.centering={cfg.train.centering!r}; valid: {', '.join(CENTERINGS)}")
     if cfg.ibot.loss_weight > 0 and not cfg.ibot.separate_head:
-        raise ValueError("distillation needs ibot.separate_head: true (the teacher's iBOT head gives the targets)")
+        raise ValueError(
+            "distillation needs ibot.separate_head: true (the student's iBOT head learns the teacher's patch targets)"
+        )
     if int(teacher_cfg.student.patch_size) != int(cfg.student.patch_size):
         raise ValueError(
-            f"teacher patch size {teacher_cfg.student.patch_size} != student.patch_size {cfg.student.patch_size}: "
-            "the iBOT loss pairs teacher and student patch tokens one to one"
+            f"teacher patch size {teacher_cfg.student.patch_size} (from {origin}) != student.patch_size "
+            f"{cfg.student.patch_size}: the iBOT loss pairs teacher and student patch tokens one to one"
         )
     for section in ("dino", "ibot"):
-        ours, theirs = int(cfg[section].head_n_prototypes), int(teacher_cfg[section].head_n_prototypes)
+        if cfg[section].loss_weight <= 0:
+            continue  # no such term: the student's head is not built
+        ours, theirs = int(cfg[section].head_n_prototypes), teacher_prototypes(teacher_cfg, section)
+        head = teacher_patch_head(teacher_cfg) if section == "ibot" else "dino_head"
         if ours != theirs:
             raise ValueError(
-                f"{section}.head_n_prototypes={ours} but the teacher's {section} head has {theirs} prototypes; "
-                f"the student's heads predict the teacher's prototypes: set {section}.head_n_prototypes={theirs}"
+                f"{section}.head_n_prototypes={ours} but the teacher's {section} targets come from its {head}, which "
+                f"has {theirs} prototypes (per {origin}); the student's heads predict the teacher's prototypes: set "
+                f"{section}.head_n_prototypes={theirs}"
             )
 
 
@@ -113,12 +124,15 @@ class DistillMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.teacher_source = resolve_teacher_source(teacher_location(cfg))
-        teacher_cfg = load_teacher_config(cfg, self.teacher_source)
-        _check_config(cfg, teacher_cfg)
+        teacher_cfg, self.teacher_origin = load_teacher_config(cfg, self.teacher_source)
+        _check_config(cfg, teacher_cfg, self.teacher_origin)
         self.do_dino = cfg.dino.loss_weight > 0
         self.do_koleo = cfg.dino.koleo_loss_weight > 0
         self.do_ibot = cfg.ibot.loss_weight > 0
+        self.teacher_patch_head = teacher_patch_head(teacher_cfg)  # scores the teacher's patch tokens
         wanted = {"dino_head": self.do_dino, "ibot_head": self.do_ibot}
+        frozen_wanted = {"dino_head": self.do_dino, "ibot_head": False}
+        frozen_wanted[self.teacher_patch_head] |= self.do_ibot
 
         student_backbone, ema_backbone, embed_dim = build_model(
             _student_section(cfg), img_size=cfg.crops.global_crops_size
@@ -133,6 +147,7 @@ class DistillMetaArch(nn.Module):
         for name, section in (("dino_head", "dino"), ("ibot_head", "ibot")):
             if wanted[name]:
                 student[name], ema[name] = build_head(cfg[section], embed_dim), build_head(cfg[section], embed_dim)
+            if frozen_wanted[name]:
                 frozen[name] = build_head(teacher_cfg[section], teacher_dim)
         self.student = nn.ModuleDict(student)
         self.teacher = nn.ModuleDict(ema)  # the spare EMA of the student (see the module docstring)
@@ -191,7 +206,7 @@ class DistillMetaArch(nn.Module):
                 local_tensor(p_t).copy_(local_tensor(p_s))
         seeded_init_(self.frozen_teacher, seed)  # every value is then overwritten by the checkpoint's
         state = read_teacher_state(self.teacher_source)
-        load_teacher_(self.frozen_teacher, state, str(self.teacher_source.path))
+        load_teacher_(self.frozen_teacher, state, str(self.teacher_source.path), self.teacher_origin)
         self._loaded_fingerprint = state_fingerprint(state)
         self.teacher_fingerprint.copy_(self._loaded_fingerprint)
 
@@ -226,7 +241,7 @@ class DistillMetaArch(nn.Module):
             targets["dino"] = dino.view(N_GLOBAL_CROPS, -1, dino.shape[-1])
         if self.do_ibot:
             patches = out["x_norm_patchtokens"].flatten(0, 1)  # every patch token of both global crops
-            scores = self.frozen_teacher.ibot_head(patches)
+            scores = self.frozen_teacher[self.teacher_patch_head](patches)
             n_tokens = torch.tensor([len(patches)], device=patches.device)
             targets["ibot"] = center_teacher_scores(
                 centering, self.ibot_patch_loss, scores, teacher_temp, accumulate, n_masked_patches_tensor=n_tokens
@@ -235,15 +250,17 @@ class DistillMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ student
     def _student_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        global_out, local_out = self.student.backbone(
-            [batch["collated_global_crops"], batch["collated_local_crops"]], masks=[None, None], is_training=True
-        )
+        crops = [batch["collated_global_crops"]]
+        if self.cfg.crops.local_crops_number > 0:  # crops.local_crops_number=0: the collate gives an empty tensor
+            crops.append(batch["collated_local_crops"])
+        global_out, *local_out = self.student.backbone(crops, masks=[None] * len(crops), is_training=True)
         global_cls = global_out["x_norm_clstoken"]
         outputs = {"global_cls": global_cls}
         if self.do_dino:
-            local_cls = local_out["x_norm_clstoken"]
-            scores = self.student.dino_head(torch.cat((local_cls, global_cls)))
-            outputs["local_scores"], outputs["global_scores"] = scores.split([len(local_cls), len(global_cls)])
+            cls_tokens = [out["x_norm_clstoken"] for out in local_out] + [global_cls]
+            scores = self.student.dino_head(torch.cat(cls_tokens)).split([len(t) for t in cls_tokens])
+            outputs["local_scores"] = scores[0] if local_out else None
+            outputs["global_scores"] = scores[-1]
         if self.do_ibot:
             tokens = global_out["x_norm_patchtokens"]  # (2B, N, D), unmasked
             outputs["ibot_scores"] = self.student.ibot_head(tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])

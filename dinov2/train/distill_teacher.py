@@ -7,7 +7,9 @@
   ``model.teacher.`` (backbone, DINO head, iBOT head) are read whole, without a process group;
 * an export ``eval/training_N/teacher_checkpoint.pth`` (``{"teacher": {backbone.*, dino_head.*,
   ibot_head.*}}``, also the original code's format, old weight-norm key names accepted), or the
-  ``eval/training_N`` directory holding it.
+  ``eval/training_N`` directory holding it;
+* a file holding a whole meta-architecture's state dict (``{"model": {...}}``, ``{"state_dict":
+  {...}}`` or flat), whose ``teacher.*`` tensors are the teacher.
 
 A backbone-only file (``teacher_backbone.safetensors``, a consolidated backbone, the released hub
 weights) has no heads, and the distillation targets are the teacher's head outputs: it is refused
@@ -15,7 +17,9 @@ with a message saying what to pass instead.
 
 The teacher's architecture and head shapes are the ``student``, ``dino``, ``ibot`` and ``crops``
 sections of its own training config: ``distillation.teacher_config`` (a config name or path) when
-set, else the ``config.yaml`` of the run the checkpoint belongs to.
+set, else the ``config.yaml`` of the run the checkpoint belongs to. A teacher trained with
+``ibot.separate_head: false`` has no iBOT head: its DINO head gave its own iBOT targets, and it
+gives the distillation's (:func:`teacher_patch_head`).
 
 Every process reads the whole teacher state (CPU) and loads its shard of it. The frozen teacher is
 not part of the training checkpoints; it is read again from here when a run resumes, and
@@ -97,19 +101,34 @@ def resolve_teacher_source(location: Any) -> TeacherSource:
     return TeacherSource("dcp", checkpoint, run_dir)
 
 
-def load_teacher_config(cfg: Any, source: TeacherSource):
-    """The teacher's training config: ``distillation.teacher_config``, else its run's ``config.yaml``."""
+def load_teacher_config(cfg: Any, source: TeacherSource) -> tuple[Any, str]:
+    """The teacher's training config: ``distillation.teacher_config``, else its run's ``config.yaml``;
+    with where it came from, for error messages."""
     named = select(cfg, "distillation.teacher_config", None)
     if named:
-        return load_config(str(named))
+        return load_config(str(named)), f"distillation.teacher_config={named}"
     if source.run_dir is not None and (source.run_dir / RUN_CONFIG).is_file():
         # Written by the pretraining run itself: merged onto the defaults without the schema check,
         # so that a run saved by an older version of the code still reads.
-        return default_config_with(OmegaConf.load(source.run_dir / RUN_CONFIG))
+        run_config = source.run_dir / RUN_CONFIG
+        return default_config_with(OmegaConf.load(run_config)), str(run_config)
     raise FileNotFoundError(
         f"cannot tell the teacher's architecture: no {RUN_CONFIG} of a training run next to {source.path}; "
         "set distillation.teacher_config=<the teacher's training config name or path> (e.g. vitg14)"
     )
+
+
+def teacher_patch_head(teacher_cfg: Any) -> str:
+    """The teacher head that scores patch tokens: ``ibot_head``, or ``dino_head`` for a teacher
+    trained with ``ibot.separate_head: false`` (one head for both losses, as in its pretraining)."""
+    return "ibot_head" if bool(teacher_cfg.ibot.separate_head) else "dino_head"
+
+
+def teacher_prototypes(teacher_cfg: Any, section: str) -> int:
+    """The number of prototypes of the teacher's targets for the ``dino`` or ``ibot`` loss."""
+    if section == "ibot" and teacher_patch_head(teacher_cfg) == "dino_head":
+        section = "dino"
+    return int(teacher_cfg[section].head_n_prototypes)
 
 
 def read_teacher_state(source: TeacherSource) -> dict[str, torch.Tensor]:
@@ -118,7 +137,13 @@ def read_teacher_state(source: TeacherSource) -> dict[str, torch.Tensor]:
         return load_full_tensors(source.path, "model.teacher.")
     raw = load_weights_file(source.path)
     state = raw["teacher"] if isinstance(raw.get("teacher"), Mapping) else raw
-    state = convert_weight_norm_keys({strip_wrapper_segments(k): v for k, v in state.items()})
+    for container in ("model", "state_dict"):  # a whole meta-architecture's state: {"model": {teacher.*, ...}}
+        if state is raw and isinstance(raw.get(container), Mapping):
+            state = raw[container]
+    state = {strip_wrapper_segments(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("teacher.") for k in state):  # its teacher branch; the student's is not the teacher
+        state = {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
+    state = convert_weight_norm_keys(state)
     if not any(k.startswith(tuple(f"{h}." for h in HEADS)) for k in state):
         raise ValueError(
             f"{source.path} holds a backbone without the DINO/iBOT heads; distillation targets are the teacher's "
@@ -129,23 +154,26 @@ def read_teacher_state(source: TeacherSource) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_teacher_(frozen: nn.ModuleDict, state: dict[str, torch.Tensor], source: str) -> None:
+def load_teacher_(frozen: nn.ModuleDict, state: dict[str, torch.Tensor], source: str, architecture: str = "") -> None:
     """Load ``state`` (see :func:`read_teacher_state`) strictly into the frozen teacher's backbone
-    (any block-chunk layout) and heads."""
+    (any block-chunk layout) and heads; ``architecture``: where the frozen teacher's shapes came from
+    (:func:`load_teacher_config`), named when the checkpoint does not fit them."""
+    built = f" (the frozen teacher as {architecture} describes it)" if architecture else ""
     backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone:
         raise ValueError(f"{source} holds no teacher backbone ('backbone.' keys)")
-    report = load_backbone_state_dict(frozen.backbone, backbone, source=source)
+    report = load_backbone_state_dict(frozen.backbone, backbone, source=f"{source}{built}")
     for name in HEADS:
         if name not in frozen:
             continue
         head = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
         if not head:
             raise ValueError(
-                f"{source} holds no teacher {name}: the teacher must have been trained with it "
-                "(ibot.separate_head: true for the iBOT head)"
+                f"{source} holds no teacher {name}, which {architecture or 'the teacher config'} says it has: "
+                "the teacher must have been trained with it (dino.loss_weight > 0 for the DINO head, "
+                "ibot.separate_head: true for the iBOT head)"
             )
-        load_module_state_dict(frozen[name], head, f"{source} ({name})")
+        load_module_state_dict(frozen[name], head, f"{source} ({name}){built}")
     logger.info(
         "frozen teacher loaded from %s (%s; heads: %s)", source, report, ", ".join(n for n in HEADS if n in frozen)
     )

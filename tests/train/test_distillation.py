@@ -110,24 +110,29 @@ def _ce(targets: torch.Tensor, scores: torch.Tensor, temp: float = 0.1) -> torch
 
 
 @torch.no_grad()
-def expected_first_losses(model: DistillMetaArch, batch: dict) -> dict[str, float]:
+def expected_first_losses(
+    model: DistillMetaArch, batch: dict, teacher_patch_head: str = "ibot_head", n_local: int = N_LOCAL
+) -> dict[str, float]:
     """DINO and iBOT terms of a first step (softmax-centering, centres zero), from plain loops;
-    the student sees the global crops without any mask."""
+    the student sees the global crops without any mask. ``teacher_patch_head``: the frozen teacher's
+    head that scores its patch tokens."""
     frozen, student = model.frozen_teacher, model.student
     t_out = frozen.backbone.forward_features(batch["collated_global_crops"])
     t_cls = t_out["x_norm_clstoken"].chunk(2)
     t_dino = [torch.softmax(frozen.dino_head(c).double() / TEMP, -1) for c in t_cls]  # per view
     s_glob = student.backbone.forward_features(batch["collated_global_crops"])
-    s_loc = student.backbone.forward_features(batch["collated_local_crops"])
     v_glob = student.dino_head(s_glob["x_norm_clstoken"]).chunk(2)
-    v_loc = student.dino_head(s_loc["x_norm_clstoken"]).chunk(N_LOCAL)
-    n_terms = 2 + 2 * N_LOCAL
-    local = sum(_ce(t, v).mean() for v in v_loc for t in t_dino) / n_terms
+    n_terms = 2 + 2 * n_local
+    losses = {}
+    if n_local:
+        s_loc = student.backbone.forward_features(batch["collated_local_crops"])
+        v_loc = student.dino_head(s_loc["x_norm_clstoken"]).chunk(n_local)
+        losses["dino_local_crops_loss"] = (sum(_ce(t, v).mean() for v in v_loc for t in t_dino) / n_terms).item()
     glob = (_ce(t_dino[1], v_glob[0]).mean() + _ce(t_dino[0], v_glob[1]).mean()) / n_terms
-    t_patch = torch.softmax(frozen.ibot_head(t_out["x_norm_patchtokens"]).double() / TEMP, -1)
+    t_patch = torch.softmax(frozen[teacher_patch_head](t_out["x_norm_patchtokens"]).double() / TEMP, -1)
     s_patch = student.ibot_head(s_glob["x_norm_patchtokens"])
     ibot = _ce(t_patch, s_patch).mean()  # every patch token of every global crop
-    return {"dino_local_crops_loss": local.item(), "dino_global_crops_loss": glob.item(), "ibot_loss": ibot.item()}
+    return {**losses, "dino_global_crops_loss": glob.item(), "ibot_loss": ibot.item()}
 
 
 def test_losses_use_every_patch_and_no_masks_and_no_stochastic_depth(teacher_run):
@@ -274,3 +279,70 @@ def test_laptop_distillation_config_matches_the_quickstart_teacher():
     for section in ("dino", "ibot"):
         assert cfg[section].head_n_prototypes == teacher[section].head_n_prototypes
     assert cfg.crops == teacher.crops and cfg.evaluation.knn == teacher.evaluation.knn
+
+
+def test_teacher_with_a_shared_head_gives_the_patch_targets_with_its_dino_head(tmp_path):
+    """A teacher pretrained with ibot.separate_head=false (as configs/train/vitl16_short.yaml) has one
+    head: its DINO head scored the patch tokens for its own iBOT loss and does so for distillation.
+    Its ibot.head_* settings were unused: the iBOT prototypes are its DINO head's."""
+    teacher = tmp_path / "shared_head_teacher"
+    main(["--output-dir", str(teacher), *PRETRAIN, "ibot.separate_head=false", "ibot.head_n_prototypes=32"])
+    assert not [k for k in read_tensor_metadata(find_latest_checkpoint(teacher / "checkpoints")) if "ibot_head" in k]
+    _, model = distill_model(teacher)  # the student's iBOT head predicts the teacher's K = 64 DINO prototypes
+    assert "ibot_head" not in model.frozen_teacher and "ibot_head" in model.student
+    model.train()
+    batch = fixed_batch()
+    expected = expected_first_losses(model, batch, teacher_patch_head="dino_head")
+    losses = model(batch, teacher_temp=TEMP)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+    with pytest.raises(ValueError, match=r"ibot\.head_n_prototypes=32 .* its dino_head, which has 64 prototypes"):
+        distill_model(teacher, "ibot.head_n_prototypes=32")
+
+
+def test_no_local_crops(teacher_run, tmp_path):
+    """crops.local_crops_number=0: the collate's empty local-crop tensor is not fed to the student; the
+    DINO loss has the 2 global-crop terms only."""
+    _, model = distill_model(teacher_run, "crops.local_crops_number=0")
+    model.train()
+    batch = {**fixed_batch(), "collated_local_crops": torch.empty(0)}  # what the collate gives without local crops
+    expected = expected_first_losses(model, batch, n_local=0)
+    losses = model(batch, teacher_temp=TEMP)
+    assert "dino_local_crops_loss" not in losses
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+    summary = main(["--output-dir", str(tmp_path), *distill_opts(teacher_run, "crops.local_crops_number=0",
+                                                                  "train.stop_at_iteration=1")])  # fmt: skip
+    assert summary["iteration"] == 1
+
+
+def test_errors_name_where_the_teacher_architecture_came_from(teacher_run, tmp_path):
+    """A teacher config that does not describe the checkpoint: the errors name the config they were
+    built from, so that the user can tell a wrong distillation.teacher_config from a wrong student."""
+    wrong = OmegaConf.load(teacher_run / "config.yaml")
+    wrong.student.depth = 3  # the checkpoint has 2 blocks
+    wrong_config = tmp_path / "wrong_teacher.yaml"
+    OmegaConf.save(wrong, wrong_config)
+    with pytest.raises(
+        RuntimeError, match=rf"as distillation\.teacher_config={wrong_config} describes it(.|\n)*blocks\.2"
+    ):
+        distill_model(teacher_run, f"distillation.teacher_config={wrong_config}")
+    wrong.student.depth, wrong.dino.head_n_prototypes = 2, 128
+    OmegaConf.save(wrong, wrong_config)
+    with pytest.raises(ValueError, match=rf"has 128 prototypes \(per distillation\.teacher_config={wrong_config}\)"):
+        distill_model(teacher_run, f"distillation.teacher_config={wrong_config}")
+    with pytest.raises(ValueError, match=rf"has 64 prototypes \(per {teacher_run / 'config.yaml'}\)"):
+        distill_model(teacher_run, "dino.head_n_prototypes=32")
+
+
+def test_teacher_from_a_whole_meta_architecture_state_dict(teacher_run, tmp_path):
+    """A file holding the whole model of a training run ({"model": {student.*, teacher.*, ...}}, as a
+    torch.save of a meta-architecture's state dict): its teacher.* tensors are the frozen teacher."""
+    whole = load_full_tensors(find_latest_checkpoint(teacher_run / "checkpoints"), "model.")
+    assert any(k.startswith("student.") for k in whole) and any(k.startswith("teacher.dino_head.") for k in whole)
+    file = tmp_path / "model_final.pth"
+    torch.save({"model": whole, "iteration": 1}, file)
+    _, model = distill_model(file, f"distillation.teacher_config={teacher_run / 'config.yaml'}")
+    for key, value in model.frozen_teacher.state_dict().items():
+        assert torch.equal(value, whole[f"teacher.{key}"]), key  # the teacher's, not the student's
+    assert not torch.equal(whole["teacher.dino_head.mlp.0.weight"], whole["student.dino_head.mlp.0.weight"])
