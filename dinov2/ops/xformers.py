@@ -3,17 +3,28 @@
 Nothing here imports xFormers at module import time: CPU installs never need it,
 and a broken xFormers build must not break ``import dinov2``. Callers ask
 :func:`xformers_ops` for the ``xformers.ops`` module when they are about to use it.
+
+``DINOV2_DISABLE_XFORMERS=1`` in the environment makes this process behave as if xFormers were not
+installed (``auto`` picks a native backend, the native residual add runs); it is read once, at the
+first use. scripts/device/gpu_checks.py runs the GPU tests of the native paths that way, apart from
+the xFormers tests.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
+
+DISABLE_VARIABLE = "DINOV2_DISABLE_XFORMERS"
 
 
 @functools.lru_cache(maxsize=1)
 def _try_import() -> tuple[ModuleType | None, str | None]:
+    setting = os.environ.get(DISABLE_VARIABLE, "").strip()
+    if setting not in ("", "0"):
+        return None, f"disabled by {DISABLE_VARIABLE}={setting}"
     try:
         module = importlib.import_module("xformers.ops")
     except Exception as exc:  # ImportError, or a build that fails while loading its extensions

@@ -25,6 +25,7 @@ from dinov2.ops import xformers_available
 from dinov2.ops.attention import resolve_backend
 from dinov2.ops.xformers import attention_failure
 from dinov2.utils.benchmark import environment, write_report
+from dinov2.utils.logging import describe_error
 
 PACKAGES = ("torch", "torchvision", "xformers", "omegaconf", "numpy", "triton", "faiss-cpu", "faiss-gpu")
 
@@ -72,6 +73,12 @@ def ceilings(device: torch.device, size: int, copy_mib: int) -> dict[str, float]
     return result
 
 
+def gpu_properties(device: torch.device) -> dict:
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": props.total_memory / 2**30, "multiprocessors": props.multi_processor_count}  # fmt: skip
+
+
 def nvidia_smi() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
@@ -81,6 +88,10 @@ def nvidia_smi() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The report, written to ``--output`` after each part: software, then the GPU and its ceilings,
+    then xFormers' probe and what ``auto`` resolves to. The probe runs xFormers' kernels, which an
+    xFormers built for another torch or CUDA may crash in, so it comes last and what came before is
+    already on disk; a part that raises is recorded under ``errors`` and the next part still runs."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--matmul-size", type=int, default=8192)
     p.add_argument("--copy-mib", type=int, default=4096)
@@ -88,19 +99,27 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    report = {**environment(device), "versions": versions(), "cuda_available": cuda}
+    report = {**environment(device), "versions": versions(), "cuda_available": cuda, "complete": False}
     report["torch_cuda"] = torch.version.cuda
     report["xformers_importable"] = xformers_available()
-    report["auto_backend"] = {"dense": resolve_backend("auto", device), "nested": resolve_backend("auto", device, True)}
+    write_report(args.output, report, quiet=True)
+
+    def part(key: str, compute) -> None:
+        try:
+            report[key] = compute()
+        except Exception as error:  # recorded; the next part still runs
+            report.setdefault("errors", {})[key] = describe_error(error)
+        write_report(args.output, report, quiet=True)
+
     if cuda:
-        props = torch.cuda.get_device_properties(device)
-        report["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}"}
-        report["gpu"] |= {"memory_gib": props.total_memory / 2**30, "multiprocessors": props.multi_processor_count}
-        report["nvidia_smi"] = nvidia_smi()
-        report["xformers_attention_failure"] = attention_failure(f"cuda:{torch.cuda.current_device()}")
-        report["ceilings"] = ceilings(device, args.matmul_size, args.copy_mib)
+        part("gpu", lambda: gpu_properties(device))
+        part("nvidia_smi", nvidia_smi)
+        part("ceilings", lambda: ceilings(device, args.matmul_size, args.copy_mib))
+        part("xformers_attention_failure", lambda: attention_failure(f"cuda:{torch.cuda.current_device()}"))
+    part("auto_backend", lambda: {n: resolve_backend("auto", device, n == "nested") for n in ("dense", "nested")})
+    report["complete"] = True
     keys = ("device", "torch", "torch_cuda", "versions", "xformers_importable", "xformers_attention_failure")
-    for key in (*keys, "auto_backend", "ceilings"):
+    for key in (*keys, "auto_backend", "ceilings", "errors"):
         if key in report:
             print(f"{key:>20}: {report[key]}")
     write_report(args.output, report)

@@ -10,12 +10,18 @@ nothing installed survives it. So this driver, which needs only the standard lib
 2. runs the plan's steps in order. A step gets ``min(its limit, what is left of --budget)``; one
    that cannot get its minimum is skipped, one that overruns is killed with its whole process group
    (DataLoader workers included), and a failing step never stops the next;
-3. after every step packs the results (each benchmark's JSON, each step's log, ``summary.json``)
-   into ``OUT/results.tar.gz``, so a call cut short still returns what was measured;
+3. after every step, and every ``PACK_EVERY_S`` seconds while one runs, packs the results (each
+   benchmark's JSON, which the benchmarks rewrite after every row, each step's log, ``summary.json``)
+   into ``OUT/results.tar.gz``, so a call cut short still returns what was measured; on SIGTERM it
+   stops the running step, records it as ``terminated`` and packs once more;
 4. prints the step table and the benchmark rows last, where the device tool's output tail shows them.
 
-Plans: ``core`` (environment and ceilings, GPU tests, attention, ViT-L/16 step per backend, data
-path with and without GPU augmentation), ``more`` (the original implementation's ViT-L/16 step,
+A wheel install that fails is recorded (``install_error`` in ``summary.json``) and the steps still run.
+The GPU tests run as two steps, the xFormers-marked ones apart: an xFormers built for another torch
+or CUDA may crash the process in its kernels, and must not take the other GPU tests' results with it.
+
+Plans: ``core`` (environment and ceilings, GPU tests, xFormers tests, attention, ViT-L/16 step per
+backend, data path with and without GPU augmentation), ``more`` (the original implementation's ViT-L/16 step,
 compile, ViT-L/14, ViT-g/14, the whole suite), ``smoke`` (a CPU rehearsal of the driver with the
 quickstart config and of scripts/device/benchmark_original.py, for this machine).
 
@@ -43,6 +49,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = Path(tempfile.gettempdir()) / "dinov2_device_site"
+PACK_EVERY_S = 30.0  # while a step runs, its results so far are packed this often
+
+
+class Terminated(Exception):
+    """The driver got SIGTERM (the device call's time limit): stop the running step, keep the results."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +101,24 @@ ATTENTION = (
     "--batch-sizes 64 --dtypes bf16 --modes forward_backward --backends math sdpa varlen xformers --iters 20 "
     "--output {res}/attention_vitl16.json"
 )
-GPU_TESTS = "{py} -m pytest -q -p no:cacheprovider -m 'gpu or xformers' --junitxml {res}/gpu_tests.xml tests"
-SUITE = "{py} -m pytest -q -p no:cacheprovider -n 8 --junitxml {res}/suite.xml tests"
+# -v: each test's name and outcome reach the log as it finishes, which is all that is left of a run
+# killed at its limit or crashed by a kernel (the JUnit XML is written at the end).
+# --continue-on-collection-errors: a test module that does not import on the machine's image must not
+# stop every other test. The xFormers-marked tests run in a step of their own (see the docstring); the
+# other GPU tests run with xFormers switched off (dinov2.ops.xformers.DISABLE_VARIABLE), so that they
+# test the native paths (``auto``, the residual add) and no xFormers kernel runs in their process.
+PYTEST = "{py} -m pytest -p no:cacheprovider --continue-on-collection-errors"
+GPU_TESTS = (
+    f"env DINOV2_DISABLE_XFORMERS=1 {PYTEST} -v -m 'gpu and not xformers' --junitxml {{res}}/gpu_tests.xml tests"
+)
+XFORMERS_TESTS = f"{PYTEST} -v -m xformers --junitxml {{res}}/xformers_tests.xml tests"
+SUITE = f"{PYTEST} -q -n 8 --junitxml {{res}}/suite.xml tests"
 
 PLANS: dict[str, tuple[Step, ...]] = {
     "core": (
         Step("env", 90, ENV),
-        Step("gpu_tests", 240, GPU_TESTS, min_s=60),
+        Step("gpu_tests", 180, GPU_TESTS, min_s=60),
+        Step("xformers_tests", 120, XFORMERS_TESTS, min_s=40),
         Step("attention_vitl16", 90, ATTENTION),
         train("train_vitl16", 240, f"{VITL16} --backends sdpa varlen xformers --warmup 3 --iters 10"),
         Step("jpegs", 60, f"{JPEGS} 16 256"),
@@ -159,13 +181,20 @@ def install_wheels(wheels: Path, python: str) -> tuple[str | None, list[str]]:
            "--upgrade", "--target", str(SITE), *map(str, found)]  # fmt: skip
     subprocess.run(cmd, check=True)
     print(f"installed {len(found)} wheels into {SITE}: {', '.join(w.name.split('-')[0] for w in found)}")
+    return installed()
+
+
+def installed() -> tuple[str | None, list[str]]:
+    """What :func:`install_wheels` returns, for whatever is in :data:`SITE` (also after a failed install)."""
     libs = sorted({str(lib.parent) for lib in (SITE / "nvidia").glob("*/lib/*.so*")})
-    return str(SITE), libs
+    return (str(SITE) if SITE.is_dir() else None), libs
 
 
-def run_step(step: Step, argv: list[str], timeout: float, log: Path, env: dict[str, str]) -> dict:
+def run_step(step: Step, argv: list[str], timeout: float, log: Path, env: dict[str, str], tick=None,
+             tick_s: float = PACK_EVERY_S) -> dict:  # fmt: skip
     """Run one step in its own process group, its output both printed and logged; kill the whole
-    group when it overruns ``timeout``. Returns its record: status ok / failed / timeout."""
+    group when it overruns ``timeout`` (or when the driver is stopped while it runs). ``tick()`` is
+    called every ``tick_s`` seconds while it runs. Returns its record: status ok / failed / timeout."""
     start = time.monotonic()
     with log.open("w") as handle:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -178,14 +207,25 @@ def run_step(step: Step, argv: list[str], timeout: float, log: Path, env: dict[s
 
         reader = threading.Thread(target=copy, daemon=True)
         reader.start()
+        timed_out = False
         try:
-            proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # the step and everything it started
-            proc.wait()
-        reader.join(timeout=10)
+            while True:
+                left = timeout - (time.monotonic() - start)
+                if left <= 0:
+                    timed_out = True
+                    break
+                try:
+                    proc.wait(timeout=min(left, tick_s))
+                    break
+                except subprocess.TimeoutExpired:
+                    if tick is not None and time.monotonic() - start < timeout:
+                        handle.flush()
+                        tick(time.monotonic() - start)
+        finally:
+            if proc.poll() is None:  # overran, or the driver is being stopped
+                os.killpg(proc.pid, signal.SIGKILL)  # the step and everything it started
+                proc.wait()
+            reader.join(timeout=10)
     sys.stdout.flush()
     status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
     return {"step": step.name, "status": status, "rc": proc.returncode, "seconds": time.monotonic() - start,
@@ -203,10 +243,12 @@ def pack(results: Path, out: Path, summary: dict) -> None:
 
 
 def run_plan(steps: tuple[Step, ...], budget: float, results: Path, out: Path, env: dict[str, str],
-             values: dict[str, str]) -> dict:  # fmt: skip
-    """Every step in order under ``budget`` seconds; the summary of what ran."""
+             values: dict[str, str], extra: dict | None = None, tick_s: float = PACK_EVERY_S) -> dict:  # fmt: skip
+    """Every step in order under ``budget`` seconds; the summary of what ran (``extra`` merged in).
+    On :class:`Terminated` the running step is recorded as ``terminated``, the results are packed
+    and the exception goes on."""
     deadline = time.monotonic() + budget
-    summary = {"budget_s": budget, "steps": []}
+    summary = {"budget_s": budget, **(extra or {}), "steps": []}
     for step in steps:
         left = deadline - time.monotonic()
         if left < step.min_s:
@@ -214,13 +256,44 @@ def run_plan(steps: tuple[Step, ...], budget: float, results: Path, out: Path, e
         else:
             print(f"\n=== {step.name} (up to {min(step.limit_s, left):.0f} s)", flush=True)
             argv = step.argv(values)
-            record = run_step(step, argv, min(step.limit_s, left), results / f"{step.name}.log", env)
+
+            def tick(seconds: float, name: str = step.name) -> None:  # the step's results so far
+                running = {"step": name, "status": "running", "seconds": seconds}
+                pack(results, out, {**summary, "steps": [*summary["steps"], running]})
+
+            try:
+                record = run_step(step, argv, min(step.limit_s, left), results / f"{step.name}.log", env, tick,
+                                  tick_s)  # fmt: skip
+            except Terminated as stop:
+                summary["steps"].append({"step": step.name, "status": "terminated", "reason": str(stop)})
+                summary["terminated"] = True
+                pack(results, out, summary)
+                raise
         summary["steps"].append(record)
         pack(results, out, summary)
     return summary
 
 
 # ---------------------------------------------------------------------------------------------- report
+def benchmark_row(stem: str, row: dict) -> str | None:
+    """One benchmark row as a line of the summary (None for a kind of row it does not know)."""
+    if "error" in row:
+        return f"{stem}: {row.get('backend', row.get('num_workers'))} ERROR {row['error']}"
+    if "s_iter_median" in row:
+        mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
+        nominal = f"{100 * row['mfu_nominal']:.1f}%" if row.get("mfu_nominal") is not None else "n/a"
+        return (f"{stem}: {row['backend']} compile={row['compile']} ckpt={row['activation_checkpointing']} "
+                f"batch={row['batch_size']} {row['img_s']:.1f} img/s  MFU {mfu} (nominal {nominal})  "
+                f"peak {row['peak_mem_mib'] / 1024:.1f} GiB")  # fmt: skip
+    if "num_workers" in row:
+        return f"{stem}: workers={row['num_workers']} {row['img_s']:.1f} img/s gpu_aug={row['gpu_augmentation']}"
+    if "median_ms" in row:
+        return (
+            f"{stem}: {row['backend']} {row['mode']} {row['median_ms']:.2f} ms peak {row['peak_mem_mib'] or 0:.0f} MiB"
+        )
+    return None
+
+
 def benchmark_rows(results: Path) -> list[str]:
     """One line per benchmark row in the results (train steps, data path, attention)."""
     lines = []
@@ -230,26 +303,19 @@ def benchmark_rows(results: Path) -> list[str]:
         except (OSError, json.JSONDecodeError):
             continue
         for row in report.get("rows", []) if isinstance(report, dict) else []:
-            if "error" in row:
-                lines.append(f"{path.stem}: {row.get('backend', row.get('num_workers'))} ERROR {row['error']}")
-            elif "s_iter_median" in row:
-                mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
-                nominal = f"{100 * row['mfu_nominal']:.1f}%" if row.get("mfu_nominal") is not None else "n/a"
-                lines.append(f"{path.stem}: {row['backend']} compile={row['compile']} "
-                             f"ckpt={row['activation_checkpointing']} batch={row['batch_size']} "
-                             f"{row['img_s']:.1f} img/s  MFU {mfu} (nominal {nominal})  "
-                             f"peak {row['peak_mem_mib'] / 1024:.1f} GiB")  # fmt: skip
-            elif "num_workers" in row:
-                lines.append(f"{path.stem}: workers={row['num_workers']} {row['img_s']:.1f} img/s "
-                             f"gpu_aug={row['gpu_augmentation']}")  # fmt: skip
-            elif "median_ms" in row:
-                lines.append(f"{path.stem}: {row['backend']} {row['mode']} {row['median_ms']:.2f} ms "
-                             f"peak {row['peak_mem_mib'] or 0:.0f} MiB")  # fmt: skip
+            try:
+                line = benchmark_row(path.stem, row)
+            except (KeyError, TypeError, ValueError) as error:  # the table must not cost the summary
+                line = f"{path.stem}: a row this table cannot show ({type(error).__name__}: {error})"
+            if line is not None:
+                lines.append(line)
     return lines
 
 
 def print_summary(summary: dict, results: Path) -> None:
     print("\n=== steps")
+    if "install_error" in summary:
+        print(f"installing the wheels failed: {summary['install_error']}")
     for record in summary["steps"]:
         took = f"{record['seconds']:.0f} s" if "seconds" in record else record.get("reason", "")
         print(f"{record['step']:>24}  {record['status']:<8} {took}")
@@ -274,14 +340,35 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--only: no step {', '.join(unknown)} in plan {args.plan!r} ({', '.join(s.name for s in steps)})")
         steps = tuple(s for s in steps if s.name in args.only)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    site, libs = install_wheels(args.wheels, args.python)
+    extra = {"plan": args.plan}
+    try:
+        site, libs = install_wheels(args.wheels, args.python)
+    except (OSError, subprocess.CalledProcessError) as error:  # the steps still run, and say what is missing
+        site, libs = installed()  # what got in before the failure
+        extra["install_error"] = f"{type(error).__name__}: {error}"
+        print(f"installing the wheels failed: {extra['install_error']}", flush=True)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, str(REPO), os.environ.get("PYTHONPATH")]))
     if libs:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*libs, os.environ.get("LD_LIBRARY_PATH")]))
     results = Path(tempfile.mkdtemp(prefix=f"gpu_checks_{args.plan}_"))
     values = {"py": args.python, "res": str(results), "jpegs": str(results.parent / "dinov2_device_jpegs")}
-    summary = run_plan(steps, args.budget, results, args.out, env, values)
-    summary["plan"] = args.plan
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the results are being packed
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        summary = run_plan(steps, args.budget, results, args.out, env, values, extra)
+    except Terminated:
+        try:  # as packed when it stopped
+            summary = json.loads((results / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            summary = {**extra, "steps": []}
+        print_summary(summary, results)
+        raise SystemExit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     pack(results, args.out, summary)
     print_summary(summary, results)
     return summary

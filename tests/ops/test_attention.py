@@ -123,7 +123,7 @@ def test_xformers_matches_sdpa_bf16(nested):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["sdpa", "varlen", "xformers"])
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", pytest.param("xformers", marks=pytest.mark.xformers)])
 def test_nested_backends_agree_in_bf16_on_cuda_forward_and_backward(backend):
     if backend == "xformers" and not xformers_available():
         pytest.skip("xFormers is not installed")
@@ -233,3 +233,31 @@ def test_build_time_resolution_replaces_auto_on_every_layer():
     model.blocks[1][3].attn.backend = "math"  # an explicit choice stays
     assert resolve_attention_backends(model, torch.device("cpu")) == ["sdpa", "math"]  # CPU's auto is sdpa
     assert [b.attn.backend for b in model.iter_blocks()] == ["sdpa", "sdpa", "sdpa", "math"]
+
+
+def test_xformers_can_be_switched_off_by_the_environment(monkeypatch):
+    """DINOV2_DISABLE_XFORMERS=1: an installed xFormers is treated as absent (``auto`` goes native, the
+    xformers backend's error names the variable); unset or 0, the module is used."""
+    import sys
+    import types
+
+    import dinov2.ops.xformers as xf
+
+    fake = types.ModuleType("xformers.ops")
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake)
+    try:
+        for setting, available in (("1", False), ("0", True), (None, True)):
+            if setting is None:
+                monkeypatch.delenv(xf.DISABLE_VARIABLE, raising=False)
+            else:
+                monkeypatch.setenv(xf.DISABLE_VARIABLE, setting)
+            xf._try_import.cache_clear()
+            assert xf.xformers_available() is available, setting
+            if available:
+                assert xf.xformers_ops() is fake
+            else:
+                with pytest.raises(RuntimeError, match="disabled by DINOV2_DISABLE_XFORMERS=1"):
+                    xf.xformers_ops()
+    finally:
+        xf._try_import.cache_clear()

@@ -8,7 +8,9 @@ import torch
 from dinov2.loss import DINOLoss, iBOTPatchLoss
 from dinov2.ops.cross_entropy import default_chunk_rows, soft_cross_entropy
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA cases carry the gpu marker: scripts/device/gpu_checks.py selects the GPU tests by it, and
+# tests/conftest.py skips them where there is no CUDA device.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def ce_ref(student, teacher, temp):

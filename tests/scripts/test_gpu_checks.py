@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -120,3 +123,117 @@ def test_only_picks_steps_and_names_unknown_ones(checks, tmp_path, capsys):
     with pytest.raises(SystemExit):
         checks.main(["--plan", "smoke", "--only", "no_such_step", "--out", str(tmp_path)])
     assert "no step no_such_step in plan 'smoke'" in capsys.readouterr().err
+
+
+def _collected(expression: str, *paths: str) -> set[str]:
+    """Test ids that ``pytest -m expression`` selects under ``paths`` (collection only)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", expression, *paths],
+        cwd=SCRIPTS.parent, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return {line.strip() for line in out.stdout.splitlines() if "::" in line}
+
+
+def test_the_test_steps_split_the_gpu_tests_and_keep_the_cuda_cases(checks):
+    """The core plan's two pytest steps together select every GPU or xFormers test, none twice, with
+    every xFormers case (also a parameter of a GPU test) in the xFormers step; the CUDA cases of the
+    cross-entropy tests are among them (they used to be plain parameters that only the suite ran)."""
+    steps = {s.name: s for s in checks.PLANS["core"]}
+    expressions, argvs = {}, {}
+    for name in ("gpu_tests", "xformers_tests"):
+        argv = argvs[name] = steps[name].argv({"py": "python", "res": "/tmp"})
+        assert "--continue-on-collection-errors" in argv  # one module that fails to import stops nothing
+        expressions[name] = argv[len(argv) - argv[::-1].index("-m")]  # the last -m: the marker expression
+    # the native GPU tests run with xFormers switched off, the xFormers tests with it on
+    assert argvs["gpu_tests"][:2] == ["env", "DINOV2_DISABLE_XFORMERS=1"]
+    assert not any("DINOV2_DISABLE_XFORMERS" in word for word in argvs["xformers_tests"])
+    paths = ("tests/ops",)
+    gpu, xformers = (_collected(expressions[name], *paths) for name in ("gpu_tests", "xformers_tests"))
+    assert not gpu & xformers
+    assert gpu | xformers == _collected("gpu or xformers", *paths)
+    assert any("test_cross_entropy.py" in t and "cuda" in t for t in gpu)
+    assert not any("xformers" in t for t in gpu), sorted(t for t in gpu if "xformers" in t)
+    assert (
+        "tests/ops/test_attention.py::test_nested_backends_agree_in_bf16_on_cuda_forward_and_backward[xformers]"
+        in xformers
+    )
+
+
+def test_a_running_step_is_packed_while_it_runs(checks, tmp_path):
+    """A call cut short in the middle of a long step still returns the rows the step has written."""
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    slow = ("{py} -c \"import time; open('{res}/rows.json', 'w').write('[1]'); print('row 1', flush=True); "
+            "time.sleep(3)\"")  # fmt: skip
+    seen = {}
+    step = checks.Step("slow", 30, slow, min_s=1)
+
+    def look() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "summary" not in seen:
+            try:
+                with tarfile.open(out / "results.tar.gz") as tar:
+                    summary = json.loads(tar.extractfile("results/summary.json").read())
+                    if summary["steps"] and summary["steps"][-1]["status"] == "running":
+                        rows = tar.extractfile("results/rows.json").read().decode()
+                        log = tar.extractfile("results/slow.log").read().decode()
+                        seen.update(summary=summary, rows=rows, log=log)
+            except (OSError, KeyError, tarfile.TarError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=look)
+    watcher.start()
+    summary = checks.run_plan((step,), 60, results, out, dict(os.environ),
+                              {"py": sys.executable, "res": str(results)}, tick_s=0.5)  # fmt: skip
+    watcher.join()
+    assert summary["steps"][0]["status"] == "ok"
+    assert "summary" in seen, "nothing was packed while the step ran"
+    assert seen["summary"]["steps"] == [
+        {"step": "slow", "status": "running", "seconds": seen["summary"]["steps"][0]["seconds"]}
+    ]
+    assert seen["rows"] == "[1]" and seen["log"].strip() == "row 1"
+
+
+def test_sigterm_stops_the_step_and_keeps_the_results(tmp_path):
+    """The device call's limit may end the driver with SIGTERM: the running step (and its children)
+    stop, it is recorded as terminated, and the results are packed once more."""
+    out, wheels = tmp_path / "out", tmp_path / "no_wheels"
+    driver = f"""
+import sys, time
+sys.path.insert(0, {str(SCRIPTS / "device")!r})
+import gpu_checks
+gpu_checks.PLANS["test"] = (
+    gpu_checks.Step("first", 30, "{{py}} -c \\"print('first done')\\"", min_s=1),
+    gpu_checks.Step("hangs", 60, "{{py}} -c \\"import time; print('hanging', flush=True); time.sleep(60)\\"", min_s=1),
+    gpu_checks.Step("never", 30, "{{py}} -c \\"print('never')\\"", min_s=1),
+)
+gpu_checks.main(["--plan", "test", "--out", {str(out)!r}, "--wheels", {str(wheels)!r}, "--budget", "100"])
+"""
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    for line in proc.stdout:  # wait until the second step runs
+        if "hanging" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, rest
+    with tarfile.open(out / "results.tar.gz") as tar:
+        summary = json.loads(tar.extractfile("results/summary.json").read())
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("first", "ok"), ("hangs", "terminated")]
+    assert summary["terminated"] is True and summary["plan"] == "test"
+    assert "terminated" in rest and "never" not in rest
+
+
+def test_a_failed_wheel_install_is_recorded_and_the_steps_still_run(checks, tmp_path, monkeypatch, capsys):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    monkeypatch.setattr(checks, "SITE", tmp_path / "site")
+    monkeypatch.setitem(checks.PLANS, "test", (checks.Step("passes", 30, "{py} -c \"print('fine')\"", min_s=1),))
+    summary = checks.main(["--plan", "test", "--out", str(tmp_path / "out"), "--wheels", str(wheels)])
+    assert "CalledProcessError" in summary["install_error"]
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("passes", "ok")]
+    assert "installing the wheels failed" in capsys.readouterr().out
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        assert "install_error" in json.loads(tar.extractfile("results/summary.json").read())
