@@ -344,9 +344,9 @@ class Trainer:
                 per_iter = (time.perf_counter() - start_time) / (self.iteration - start_iteration)
                 self.log(losses, scheduled, window, per_iter)
                 window = _new_window()
-            if self.iteration % ckpt_period == 0 or self.iteration == self.stop_iter:
+            if _due(self.iteration, ckpt_period) or self.iteration == self.stop_iter:
                 self.save_checkpoint()
-            if self.iteration % eval_period == 0 or self.iteration == self.max_iter:
+            if _due(self.iteration, eval_period) or self.iteration == self.max_iter:
                 self.extra["knn_last"] = self.evaluate(f"training_{self.iteration}")
                 self.model.train()
         self.metrics.close()
@@ -402,6 +402,12 @@ def _online_knn(cfg: Any):
     from dinov2.eval.online import OnlineKNN  # the eval package is only needed when training runs
 
     return OnlineKNN.from_config(cfg.evaluation.knn)
+
+
+def _due(iteration: int, period: int) -> bool:
+    """Whether a periodic action falls on ``iteration``; a period <= 0 never does (the action then
+    happens only where the loop also asks for it at the end)."""
+    return period > 0 and iteration % period == 0
 
 
 def _new_window() -> dict[str, float]:

@@ -218,14 +218,14 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ student
     def _student_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        global_out, local_out = self.student.backbone(
-            [batch["collated_global_crops"], batch["collated_local_crops"]],
-            masks=[batch["collated_masks"], None],
-            is_training=True,
-        )
-        local_cls, global_cls = local_out["x_norm_clstoken"], global_out["x_norm_clstoken"]
+        crops, masks = [batch["collated_global_crops"]], [batch["collated_masks"]]
+        if self.cfg.crops.local_crops_number > 0:  # crops.local_crops_number=0: the collate gives an empty tensor
+            crops.append(batch["collated_local_crops"])
+            masks.append(None)
+        global_out, *local_out = self.student.backbone(crops, masks=masks, is_training=True)
+        global_cls = global_out["x_norm_clstoken"]
         outputs = {"global_cls": global_cls}
-        head_inputs = [local_cls, global_cls]
+        head_inputs = [out["x_norm_clstoken"] for out in local_out] + [global_cls]
         if self.do_ibot:
             masked = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices_list"])
             if self.ibot_separate_head:
@@ -235,9 +235,11 @@ class SSLMetaArch(nn.Module):
         if self.do_dino:
             sizes = [len(t) for t in head_inputs]
             scores = self.student.dino_head(torch.cat(head_inputs)).split(sizes)
-            outputs["local_scores"], outputs["global_scores"] = scores[0], scores[1]
+            n_local_groups = len(local_out)  # 0 or 1
+            outputs["local_scores"] = scores[0] if n_local_groups else None
+            outputs["global_scores"] = scores[n_local_groups]
             if self.do_ibot and not self.ibot_separate_head:
-                outputs["ibot_scores"] = scores[2]
+                outputs["ibot_scores"] = scores[n_local_groups + 1]
         return outputs
 
     # ------------------------------------------------------------------ losses

@@ -69,22 +69,22 @@ def _koleo(features):
 
 
 @torch.no_grad()
-def _expected_losses(model, batch, teacher_temp):
+def _expected_losses(model, batch, teacher_temp, n_local=N_LOCAL):
     """Every loss term of the first step (centres still zero) from plain loops."""
     t_out = model.teacher.backbone.forward_features(batch["collated_global_crops"])
     t_cls = t_out["x_norm_clstoken"]
     t_probs = torch.softmax(model.teacher.dino_head(t_cls).double() / teacher_temp, dim=-1)  # per crop row
     g_out = model.student.backbone.forward_features(batch["collated_global_crops"], masks=batch["collated_masks"])
-    l_out = model.student.backbone.forward_features(batch["collated_local_crops"])
     s_global = model.student.dino_head(g_out["x_norm_clstoken"])
-    s_local = model.student.dino_head(l_out["x_norm_clstoken"])
-    n_terms = 2 * 1 + 2 * N_LOCAL
+    if n_local:
+        s_local = model.student.dino_head(model.student.backbone(batch["collated_local_crops"]))
+    n_terms = 2 * 1 + 2 * n_local
 
     local = global_ = 0.0
     for img in range(B):
         for tc in range(2):  # teacher global crop tc of image img
             target = t_probs[tc * B + img]
-            for lc in range(N_LOCAL):
+            for lc in range(n_local):
                 local += _ce(target, s_local[lc * B + img]) / B
             global_ += _ce(target, s_global[(1 - tc) * B + img]) / B  # the other view only
 
@@ -99,12 +99,15 @@ def _expected_losses(model, batch, teacher_temp):
             ibot += _ce(t_patch_probs[row], s_patch[row]) / count
             row += 1
     koleo = sum(_koleo(c) for c in g_out["x_norm_clstoken"].chunk(2))
-    return {
+    expected = {
         "dino_local_crops_loss": local / n_terms,
         "dino_global_crops_loss": global_ / n_terms,
         "koleo_loss": koleo,
         "ibot_loss": ibot / (2 * B),
     }
+    if not n_local:
+        del expected["dino_local_crops_loss"]
+    return expected
 
 
 def test_loss_terms_match_plain_computation():
@@ -123,6 +126,31 @@ def test_loss_terms_match_plain_computation():
     total = expected["dino_local_crops_loss"] + expected["dino_global_crops_loss"]
     total += 0.1 * expected["koleo_loss"] + expected["ibot_loss"]
     assert out["loss"].item() == pytest.approx(total, rel=1e-4)
+
+
+def test_no_local_crops_gives_the_global_terms_only():
+    """crops.local_crops_number=0: the collate's empty local-crop tensor is not fed to the student,
+    and the DINO loss averages the 2 global-crop pair terms alone."""
+    model = SSLMetaArch(_cfg(student={"layerscale": 1.0}, crops={"local_crops_number": 0})).train()
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = {**_batch(), "collated_local_crops": torch.empty(0)}  # what the collate gives without local crops
+    out = model(batch, teacher_temp=0.07)
+    expected = _expected_losses(model, batch, 0.07, n_local=0)
+    assert set(out) == {"loss", *expected}
+    for name, value in expected.items():
+        assert out[name].item() == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    out["loss"].backward()
+    assert model.student.dino_head.mlp[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("separate_head", [True, False])
+def test_no_local_crops_trains_with_either_head_layout(separate_head):
+    model = SSLMetaArch(_cfg(crops={"local_crops_number": 0}, ibot={"separate_head": separate_head})).train()
+    out = model({**_batch(), "collated_local_crops": torch.empty(0)}, teacher_temp=0.07)
+    assert "dino_local_crops_loss" not in out and torch.isfinite(out["loss"])
+    out["loss"].backward()
 
 
 @pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,25 @@ def test_three_iterations_through_main(tmp_path):
     assert saved.student.embed_dim == 32
     assert find_latest_checkpoint(tmp_path / "checkpoints").name == "step_0000003"
     assert "training to iteration 3 of 6" in (tmp_path / "log.txt").read_text()
+
+
+def test_zero_periods_checkpoint_and_export_only_at_the_end(tmp_path):
+    """checkpoint_period_iterations=0 and eval_period_iterations=0 turn the periodic actions off:
+    the run still checkpoints where it stops and exports at its last iteration."""
+    summary = run(
+        tmp_path, "train.checkpoint_period_iterations=0", "evaluation.eval_period_iterations=0",
+        "train.checkpoint_keep_last=0", "train.stop_at_iteration=6",
+    )  # fmt: skip
+    assert summary["iteration"] == 6
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000006"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["training_6"]
+
+
+def test_training_without_local_crops(tmp_path):
+    summary = run(tmp_path, "crops.local_crops_number=0", "train.stop_at_iteration=2")
+    assert summary["iteration"] == 2
+    for record in loss_records(tmp_path).values():
+        assert "dino_local_crops_loss" not in record and math.isfinite(record["dino_global_crops_loss"])
 
 
 def test_resume_continues_the_identical_trajectory(tmp_path):
