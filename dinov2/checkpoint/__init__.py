@@ -4,6 +4,7 @@ from dinov2.checkpoint.adapters import (
     AdaptReport,
     StateDictMismatchError,
     adapt_backbone_state_dict,
+    adapt_head_state_dict,
     check_state_dict,
     convert_weight_norm_keys,
     load_backbone_state_dict,

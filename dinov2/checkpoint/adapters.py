@@ -188,6 +188,20 @@ def adapt_backbone_state_dict(
     return state, report
 
 
+def adapt_head_state_dict(checkpoint: Mapping, head: str, branch: str = "teacher") -> dict[str, torch.Tensor]:
+    """The tensors of the projection head ``head`` (``dino_head``, ``ibot_head``) of ``branch`` in
+    ``checkpoint`` (an exported ``teacher_checkpoint.pth``, a whole model's state dict), keys
+    relative to the head, old weight-norm names converted; empty when the file has none (a
+    backbone-only file)."""
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+    state = _unwrap_container(checkpoint, branch, AdaptReport())
+    state = {strip_wrapper_segments(k): v for k, v in state.items()}
+    if any(k.startswith(f"{branch}.") for k in state):
+        state = {k[len(branch) + 1 :]: v for k, v in state.items() if k.startswith(f"{branch}.")}
+    return convert_weight_norm_keys({k[len(head) + 1 :]: v for k, v in state.items() if k.startswith(f"{head}.")})
+
+
 # ---------------------------------------------------------------------- Hugging Face names
 # Wrapper prefixes of transformers' task models (e.g. Dinov2ForImageClassification).
 HF_WRAPPER_PREFIXES = ("dinov2.", "dinov2_with_registers.")

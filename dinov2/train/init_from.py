@@ -9,9 +9,11 @@ state, the schedules, the iteration counter and the data stream start fresh, as 
 - a DCP training checkpoint ``step_NNNNNNN/``, a ``checkpoints/`` directory or a run's output
   directory (its newest checkpoint): every module is read whole (:func:`load_full_tensors`, no
   process group needed) and loaded into the plain or FSDP2-sharded model;
-- a backbone file (a consolidated ``.pth`` / ``.safetensors``, an exported
+- a weights file (a consolidated ``.pth`` / ``.safetensors``, an exported
   ``teacher_checkpoint.pth``, released weights; a path or a URL): student = teacher = that backbone,
-  the heads and the loss centres keep their fresh initialisation (logged).
+  and the same for the heads the file holds (an export holds the teacher's DINO and iBOT heads;
+  backbone-only files none); the other heads and the loss centres keep their fresh initialisation
+  (logged).
 
 A ``pos_embed`` stored for another image size is resampled to the model's grid by the adapters
 (:mod:`dinov2.checkpoint.adapters`). A run that already has checkpoints in its own output
@@ -21,6 +23,7 @@ directory resumes from them and ignores ``train.init_from``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from torch import nn
 
 from dinov2.checkpoint import (
     adapt_backbone_state_dict,
+    adapt_head_state_dict,
     find_latest_checkpoint,
     load_backbone_state_dict,
     load_module_state_dict,
@@ -159,17 +163,28 @@ def _load_training_checkpoint(model: nn.Module, path: Path) -> None:
 
 
 def _load_backbone_file(model: nn.Module, location: str) -> None:
-    """student = teacher = the file's backbone (its teacher when it holds both); heads stay fresh."""
-    state, report = adapt_backbone_state_dict(load_weights_file(location), model.student.backbone)
+    """student = teacher = the file's backbone (its teacher when it holds both), and the same for each
+    head the file holds (an exported ``teacher_checkpoint.pth`` holds the teacher's DINO and iBOT
+    heads); the other heads and the loss centres stay fresh."""
+    raw = load_weights_file(location)
+    state, report = adapt_backbone_state_dict(raw, model.student.backbone)
     for branch in BRANCHES:
         load_module_state_dict(getattr(model, branch).backbone, state, source=location)
-    heads = [name for name in model.student if name != "backbone"]
+    loaded, fresh = [], []
+    for name in (n for n in model.student if n != "backbone"):
+        head = adapt_head_state_dict(raw, name) if isinstance(raw, Mapping) else {}
+        if not head:
+            fresh.append(name)
+            continue
+        for branch in BRANCHES:
+            load_module_state_dict(getattr(model, branch)[name], head, source=f"{location} ({name})")
+        loaded.append(name)
     logger.info(
-        "%s=%s is a backbone file (%s): student and teacher backbones loaded from it; %s and the loss "
-        "centres keep their fresh initialisation (train.seed); optimizer, schedules, iteration counter "
-        "and data stream start fresh",
+        "%s=%s is a weights file (%s): student and teacher backbones%s loaded from it; %s keep their fresh "
+        "initialisation (train.seed); optimizer, schedules, iteration counter and data stream start fresh",
         KEY,
         location,
         report,
-        " and ".join(heads) if heads else "no heads",
+        "".join(f" and {n}" for n in loaded),
+        " and ".join([*fresh, "the loss centres"]),
     )

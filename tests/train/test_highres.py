@@ -201,6 +201,8 @@ def test_highres_run_trains_from_the_checkpoint_and_resumes_without_it(pretraine
 
 
 def test_init_from_an_exported_teacher_file(pretrained):
+    """An export holds the teacher's backbone and heads: both branches start from them; the loss
+    centres (not in the file) stay fresh."""
     exported = pretrained / "eval" / "training_6" / "teacher_checkpoint.pth"
     cfg = highres_cfg(exported)
     source = resolve_init_source(cfg, pretrained / "none", resume=True)
@@ -209,15 +211,36 @@ def test_init_from_an_exported_teacher_file(pretrained):
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     with dinov2_log() as log:
         load_init_source(model, source)
-    assert any("is a backbone file" in m and "dino_head and ibot_head and the loss centres keep" in m for m in log)
-    teacher = load_full_tensors(find_latest_checkpoint(pretrained / "checkpoints"), "model.teacher.backbone.")
+    assert any("backbones and dino_head and ibot_head loaded" in m and "the loss centres keep" in m for m in log)
+    teacher = load_full_tensors(find_latest_checkpoint(pretrained / "checkpoints"), "model.teacher.")
     for branch in ("student", "teacher"):
-        for key, value in getattr(model, branch).backbone.state_dict().items():
-            expected = independent_resample(teacher[key], 6) if key == "pos_embed" else teacher[key]
-            torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=f"{branch} {key}")
+        for name, module in getattr(model, branch).items():
+            for key, value in module.state_dict().items():
+                stored = teacher[f"{name}.{key}"]
+                expected = independent_resample(stored, 6) if key == "pos_embed" else stored
+                torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=f"{branch} {name} {key}")
+    centres = [k for k in model.state_dict() if k.endswith("center")]
+    assert centres
+    for key in centres:
+        assert torch.equal(model.state_dict()[key], fresh[key]), key
+
+
+def test_init_from_a_backbone_only_file_keeps_fresh_heads(pretrained, tmp_path):
+    exported = torch.load(pretrained / "eval" / "training_6" / "teacher_checkpoint.pth", weights_only=True)
+    backbone_only = tmp_path / "backbone.pth"
+    torch.save({k.removeprefix("backbone."): v for k, v in exported["teacher"].items() if k.startswith("backbone.")},
+               backbone_only)  # fmt: skip
+    cfg = highres_cfg(backbone_only)
+    model = build_model(cfg, torch.device("cpu"))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    with dinov2_log() as log:
+        load_init_source(model, resolve_init_source(cfg, pretrained / "none", resume=True))
+    assert any("dino_head and ibot_head and the loss centres keep" in m for m in log)
     for key, value in model.state_dict().items():
         if "_head." in key or key.endswith("center"):
             assert torch.equal(value, fresh[key]), key
+        elif key.startswith("student.backbone.blocks"):
+            assert not torch.equal(value, fresh[key]), key  # loaded from the file
 
 
 # ------------------------------------------------------------------------------ errors and configs
