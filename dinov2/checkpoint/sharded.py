@@ -264,6 +264,30 @@ def save_checkpoint(
     return final
 
 
+def _check_model_fits(path: Path, model_state: dict[str, Any]) -> None:
+    """Raise a :class:`CheckpointLoadError` naming the model tensors that ``path`` lacks or stores
+    with another global shape: the run's config no longer describes the checkpoint's model."""
+    stored = read_tensor_metadata(path)
+    missing, mismatched = [], []
+    for key, value in model_state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        entry = stored.get(f"model.{key}")
+        if entry is None:
+            missing.append(key)
+        elif tuple(entry[0]) != tuple(value.shape):  # a DTensor's shape is the global one
+            mismatched.append(f"{key} {tuple(entry[0])} in the checkpoint vs {tuple(value.shape)} in the model")
+    if missing or mismatched:
+        shown = (mismatched + [f"{k} (not in the checkpoint)" for k in missing])[:6]
+        more = len(mismatched) + len(missing) - len(shown)
+        raise CheckpointLoadError(
+            f"training checkpoint {path} does not fit the model this run's config builds: {'; '.join(shown)}"
+            f"{f'; and {more} more' if more > 0 else ''}. A changed architecture or image size (e.g. "
+            "crops.global_crops_size) cannot resume this run; to start a new run from these weights, use a new "
+            f"--output-dir with train.init_from={path}"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load ``path`` into ``model`` and ``optimizer`` (resharded to the current world size; a
     collective). Returns the trainer state, with ``"rng"``: this rank's RNG states when the world
@@ -277,7 +301,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     try:
         trainer_state = load_trainer_state(path)
         state = _model_and_optimizer_state(model, optimizer)
+        _check_model_fits(path, state["model"])
         dcp.load(state, storage_reader=_safe_reader(path), planner=_weights_only_planner())
+    except CheckpointLoadError:
+        raise
     except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
         raise CheckpointLoadError(f"cannot load training checkpoint {path}: {exc}") from exc
     set_state_dict(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from dinov2.checkpoint import find_latest_checkpoint, load_backbone_state_dict
+from dinov2.checkpoint import CheckpointLoadError, find_latest_checkpoint, load_backbone_state_dict
 from dinov2.checkpoint.sharded import load_full_tensors, load_trainer_state
 from dinov2.models import DinoVisionTransformer
 from dinov2.train.data import build_collate
@@ -198,6 +200,19 @@ def test_highres_run_trains_from_the_checkpoint_and_resumes_without_it(pretraine
     with pytest.raises(ValueError, match="needs a new --output-dir"):
         main(["--output-dir", str(pretrained), "--no-resume", *HIGHRES, f"train.init_from={pretrained}"])
     assert sorted(p.name for p in pretrained.iterdir()) == before
+
+
+def test_resuming_at_another_image_size_names_the_tensor_and_the_way_out(pretrained, tmp_path):
+    """Rerunning a 32 px run's own directory at 48 px: the error names the tensor whose shape the
+    new config changes and points at a new --output-dir with train.init_from."""
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    with pytest.raises(CheckpointLoadError) as caught:
+        main(["--output-dir", str(run), *HIGHRES])
+    message = str(caught.value)
+    old, new = (SMALL // PATCH) ** 2 + 1, (LARGE // PATCH) ** 2 + 1  # tokens: the patch grid plus CLS
+    assert re.search(rf"backbone\.pos_embed \(1, {old}, 32\) in the checkpoint vs \(1, {new}, 32\)", message)
+    assert "new --output-dir with train.init_from=" in message
 
 
 def test_init_from_an_exported_teacher_file(pretrained):
