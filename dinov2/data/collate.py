@@ -20,6 +20,17 @@ def _stack_crop_major(samples_list: Sequence, key: str, dtype: torch.dtype) -> t
     return torch.stack(crops).to(dtype)
 
 
+def check_mask_settings(mask_ratio_tuple: Sequence[float], mask_probability: float, where: str = "") -> None:
+    """Raise a ValueError unless ``0 <= mask_probability <= 1`` and ``mask_ratio_tuple`` is a
+    pair of ratios in ``[0, 1]``; ``where`` names the setting in the message."""
+    prefix = f"{where}: " if where else ""
+    if not 0.0 <= float(mask_probability) <= 1.0:
+        raise ValueError(f"{prefix}mask_probability must be in [0, 1], got {mask_probability}")
+    ratios = tuple(mask_ratio_tuple)
+    if len(ratios) != 2 or not all(0.0 <= float(ratio) <= 1.0 for ratio in ratios):
+        raise ValueError(f"{prefix}mask_ratio_tuple must be a (min, max) pair of ratios in [0, 1], got {ratios}")
+
+
 def _draw_masks(
     n_crops: int,
     n_tokens: int,
@@ -32,6 +43,7 @@ def _draw_masks(
     """(n_crops, n_tokens) bool masks, ``int(n_crops * mask_probability)`` of them non-empty, and the
     upper bound on their total number of masked tokens. ``mask_rng`` (default: the generator's own)
     draws the rectangles."""
+    check_mask_settings(mask_ratio_tuple, mask_probability)
     n_masked = int(n_crops * mask_probability)
     probs = np.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_masked + 1)
     masks, upperbound = [], 0

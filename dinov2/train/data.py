@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dinov2.data.augmentations import DataAugmentationDINO
-from dinov2.data.collate import collate_data_and_cast
+from dinov2.data.collate import check_mask_settings, collate_data_and_cast
 from dinov2.data.gpu_augmentation import GPUMultiCrop, MultiCropParams, collate_multicrop_params
 from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.data.masking import MaskingGenerator
@@ -66,6 +66,11 @@ def collate_training_batch(samples: list[tuple], seed: int = 0, **collate_kwargs
 def build_collate(cfg: Any, dtype: torch.dtype = torch.float32) -> partial:
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     n_tokens = grid * grid
+    check_mask_settings(
+        tuple(cfg.ibot.mask_ratio_min_max),
+        cfg.ibot.mask_sample_probability,
+        where="ibot.mask_ratio_min_max / ibot.mask_sample_probability",
+    )
     return partial(
         collate_training_batch,
         seed=int(cfg.train.seed),
@@ -91,9 +96,24 @@ def build_train_dataset(cfg: Any):
     return make_dataset(str(cfg.train.dataset_path), transform=transform, target_transform=None)
 
 
+def _pins_memory(cfg: Any) -> bool:
+    """Pinned host memory only helps copies to a CUDA device: True when ``train.device`` is (or,
+    with ``auto``, resolves to) CUDA. A CPU run on a machine with GPUs does not pin (pinning would
+    also start a CUDA context in the pin-memory thread)."""
+    name = select(cfg, "train.device", "auto")
+    if name in (None, "", "auto"):
+        return torch.cuda.is_available()
+    try:
+        device = torch.device(str(name))
+    except RuntimeError as error:
+        raise ValueError(f"train.device={name!r} is not a device name ({error})") from error
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
 def build_train_loader(cfg: Any, dataset, samples_consumed: int = 0) -> DataLoader:
     """Batches of ``train.batch_size_per_gpu`` from the infinite global stream, starting after
-    ``samples_consumed`` samples of all ranks together (see :class:`PositionedSampler`)."""
+    ``samples_consumed`` samples of all ranks together (see :class:`PositionedSampler`). Host
+    memory is pinned only when ``train.device`` is a CUDA device."""
     if str(cfg.train.sampler_type).upper() not in ("INFINITE", "SHARDED_INFINITE"):
         raise ValueError(f"train.sampler_type={cfg.train.sampler_type!r}: training needs INFINITE or SHARDED_INFINITE")
     batch_size = int(cfg.train.batch_size_per_gpu)
@@ -105,5 +125,6 @@ def build_train_loader(cfg: Any, dataset, samples_consumed: int = 0) -> DataLoad
         sampler=sampler,
         seed=cfg.train.seed,
         drop_last=True,
+        pin_memory=_pins_memory(cfg),
         collate_fn=build_gpu_collate(cfg) if gpu_augmentation_enabled(cfg) else build_collate(cfg),
     )

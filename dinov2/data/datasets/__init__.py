@@ -51,6 +51,9 @@ def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"dataset string {dataset_str!r}: expected 'key=value', got {part!r}")
         if key in kwargs:
             raise ValueError(f"dataset string {dataset_str!r}: key {key!r} given twice")
+        if not value.strip():
+            # e.g. an unset environment variable: an empty root would silently mean the current directory
+            raise ValueError(f"dataset string {dataset_str!r}: key {key!r} has an empty value")
         kwargs[key] = value.strip()
     return name, kwargs
 

@@ -118,7 +118,7 @@ def _parse_line(line: str, where: str) -> tuple[str, int | None]:
 def read_file_list(list_path: Path) -> tuple[list[str], list[int] | None]:
     """Parse a list file into paths and labels (None when the file has no labels)."""
     paths, labels = [], []
-    with open(list_path, encoding="utf-8") as handle:
+    with open(list_path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not part of a path
         for number, raw in enumerate(handle, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):

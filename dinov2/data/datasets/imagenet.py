@@ -45,7 +45,7 @@ def read_labels(root: Path) -> tuple[list[str], list[str]]:
     if not labels_path.is_file():
         raise FileNotFoundError(f"ImageNet labels file not found: {labels_path} (lines '<wnid>,<class name>')")
     pairs = {}
-    for number, raw in enumerate(labels_path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(labels_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -55,6 +55,27 @@ def read_labels(root: Path) -> tuple[list[str], list[str]]:
         pairs[wnid.strip()] = name.strip()
     class_ids = sorted(pairs)
     return class_ids, [pairs[c] for c in class_ids]
+
+
+def _save_all(arrays: dict[str, np.ndarray]) -> None:
+    """Write each ``path -> array`` as .npy, atomically: every array first goes to a temporary file
+    next to its target, and the targets are replaced only once all of them are written, so an
+    interrupted dump never leaves a truncated file (or new entries next to old class ids)."""
+    staged = []
+    try:
+        for path, array in arrays.items():
+            temporary = f"{path}.tmp-{os.getpid()}"
+            staged.append((temporary, path))
+            with open(temporary, "wb") as handle:
+                np.save(handle, array)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    finally:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 def _entries_dtype(class_ids: list[str], class_names: list[str]) -> np.dtype:
@@ -171,9 +192,13 @@ class ImageNet(FileImageDataset):
             name = class_names[class_index] if class_index >= 0 else ""
             entries[i] = (actual_index, class_index, wnid, name)
         os.makedirs(self.extra, exist_ok=True)
-        np.save(self._extra_path("entries"), entries)
-        np.save(self._extra_path("class-ids"), np.array(class_ids))
-        np.save(self._extra_path("class-names"), np.array(class_names))
+        _save_all(
+            {
+                self._extra_path("entries"): entries,
+                self._extra_path("class-ids"): np.array(class_ids),
+                self._extra_path("class-names"): np.array(class_names),
+            }
+        )
         self._cache = {}
         logger.info("ImageNet %s: wrote metadata for %d images to %s", self.split.name, len(rows), self.extra)
 
@@ -237,8 +262,7 @@ class ImageNet22k(FileImageDataset):
         dtype = np.dtype([("class_index", "<i4"), ("path", f"S{max(len(e) for e in encoded)}")])
         entries = np.array([(class_to_index[p.split("/", 1)[0]], e) for p, e in zip(relatives, encoded)], dtype=dtype)
         os.makedirs(self.extra, exist_ok=True)
-        np.save(self._extra_path("entries"), entries)
-        np.save(self._extra_path("class-ids"), np.array(class_ids))
+        _save_all({self._extra_path("entries"): entries, self._extra_path("class-ids"): np.array(class_ids)})
         self._cache = {}
         logger.info(
             "ImageNet22k: wrote metadata for %d images in %d classes to %s", len(entries), len(class_ids), self.extra
