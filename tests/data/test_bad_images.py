@@ -173,3 +173,39 @@ def test_all_bad_small_dataset_does_not_spin(tmp_path):
     with pytest.raises(RuntimeError, match="none of its 3 images could be decoded"):
         ds[1]
     assert ds.num_attempts == 3
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 10, 97, 100, 1024])
+def test_substitute_order_tries_neighbours_then_every_index_once(length):
+    from dinov2.data.datasets.base import substitute_order
+
+    for index in {0, length // 2, length - 1}:
+        order = list(substitute_order(index, length, neighbours=3))
+        assert sorted(order) == list(range(length))  # each index exactly once
+        near = min(4, length)
+        assert order[:near] == [(index + k) % length for k in range(near)]
+        if length >= 100:  # the first jump leaves the neighbourhood by far
+            assert min(abs(order[near] - index), length - abs(order[near] - index)) > length // 4
+
+
+def test_a_broken_class_folder_is_skipped_not_fatal(tmp_path):
+    """A block of 60 unreadable files in a row (one broken class folder among 400 images), read in
+    a shuffled order as training does: every sample comes back, each substitute a readable image,
+    and the skips are counted. Walking the block file by file would stop at 50 failures in a row."""
+    lines = []
+    for i in range(400):
+        name = f"img{i:03d}.png"
+        if 150 <= i < 210:
+            (tmp_path / name).write_bytes(b"broken")
+        else:
+            Image.new("RGB", (2, 2), (i % 256, 0, 0)).save(tmp_path / name)
+        lines.append(name)
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    ds = FileList(str(tmp_path / "list.txt"))
+    order = np.random.default_rng(0).permutation(len(ds))
+    values = [ds[int(i)][0].getpixel((0, 0))[0] for i in order]
+    assert len(values) == 400
+    readable = {i % 256 for i in range(400) if not 150 <= i < 210}
+    assert set(values) <= readable
+    assert ds.num_skipped >= 60 and set(ds.bad_paths) == {str(tmp_path / f"img{i:03d}.png") for i in range(150, 210)}
+    assert ds.num_skipped <= 4 * 60 + 10  # a few failures per broken sample, not a walk through the block

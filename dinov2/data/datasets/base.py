@@ -13,13 +13,14 @@ common mode to 8-bit RGB:
 
 Any failure (missing, zero-byte, truncated or corrupt file, not an image) raises `ImageDecodeError`.
 `FileImageDataset.__getitem__` catches it, logs a warning, records the path and returns the next index
-instead; too many failures raise a RuntimeError (see `FileImageDataset`). PIL's global
+instead (a distant one after a few failures in a row); too many failures raise a RuntimeError (see `FileImageDataset`). PIL's global
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left untouched: truncated files count as bad.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -149,6 +150,29 @@ def decode_path(encoded: bytes) -> str:
     return os.fsdecode(bytes(encoded))
 
 
+GOLDEN = 0.6180339887498949
+
+
+def substitute_order(index: int, length: int, neighbours: int = 3):
+    """The indexes tried for ``index`` of a dataset of ``length``: ``index`` itself, then its next
+    ``neighbours`` (cyclically), then every other index once, in strides of about 0.62 * length.
+
+    Deterministic, and a permutation of ``range(length)``: the stride is coprime with ``length``.
+    The jump keeps a contiguous block of unreadable files (a broken class folder) from being walked
+    file by file, which would count as a long run of failures and stop training.
+    """
+    near = min(neighbours + 1, length)
+    for offset in range(near):
+        yield (index + offset) % length
+    stride = max(1, round(length * GOLDEN))
+    while math.gcd(stride, length) != 1:
+        stride += 1
+    for k in range(1, length + 1):  # k * stride mod length: every residue once
+        candidate = (index + near - 1 + k * stride) % length
+        if (candidate - index) % length >= near:
+            yield candidate
+
+
 class FileImageDataset(Dataset):
     """Base class for datasets of image files: returns ``(transform(image), target_transform(target))``.
 
@@ -156,7 +180,8 @@ class FileImageDataset(Dataset):
     and ``num_classes``; targets are class indices, -1 when unlabeled.
 
     A file that fails to decode is skipped: a warning is logged, the failure is recorded (``num_skipped``,
-    ``bad_paths``, ``skipped_report()``) and the next index (cyclically) is tried. A RuntimeError naming
+    ``bad_paths``, ``skipped_report()``) and the next index (cyclically) is tried, then, after
+    ``neighbours_tried`` neighbours, distant ones (:func:`substitute_order`). A RuntimeError naming
     the root and example paths stops the run when ``max_consecutive_failures`` decodes fail in a row, or
     when more than ``max_failure_fraction`` of all decode attempts failed after at least
     ``min_attempts_for_fraction`` attempts. Counters are per process: each DataLoader worker holds its
@@ -164,6 +189,7 @@ class FileImageDataset(Dataset):
     """
 
     max_consecutive_failures: int = 50
+    neighbours_tried: int = 3
     max_failure_fraction: float = 0.5
     min_attempts_for_fraction: int = 20
 
@@ -199,8 +225,7 @@ class FileImageDataset(Dataset):
         if not -length <= index < length:
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {length}")
         index %= length
-        for offset in range(length):
-            current = (index + offset) % length
+        for current in substitute_order(index, length, self.neighbours_tried):
             path = self.get_image_path(current)
             self.num_attempts += 1
             try:
