@@ -47,6 +47,7 @@ RESULTS_FILE = "results_eval_linear.json"
 TABLE_FILE = "results_eval_linear.txt"
 CHECKPOINT_FILE = "checkpoint_linear.pth"
 BEST_HEAD_FILE = "linear_head_best.pth"
+DEFAULT_BATCH_SIZE = 128  # per process, as the original linear evaluation
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -65,6 +66,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--crop-size", type=int, default=224, help="train and eval crop size")
     parser.add_argument("--seed", type=int, default=0, help="data order, augmentations and classifier init")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    # The protocol's batch: 128 per process, a global 1024 on the usual 8 GPUs (the shared default, 256,
+    # suits feature extraction); the learning rates are scaled by the global batch either way.
+    parser.set_defaults(batch_size=DEFAULT_BATCH_SIZE)
     return parser
 
 
@@ -150,12 +154,27 @@ def _evaluate(heads, val, num_classes: int, metric: str, iteration: int) -> dict
     return results
 
 
-def _resume(args, heads, optimizer) -> tuple[int, list, int]:
-    """Start iteration, history and unreadable-training-image count of the run resumed from."""
+def _stream_settings(args, max_iter: int) -> dict[str, int]:
+    """What fixes the training stream and the schedules: a checkpoint resumes only under the same."""
+    return {"global_batch_size": args.batch_size * distributed.get_world_size(), "iterations": max_iter,
+            "seed": args.seed}  # fmt: skip
+
+
+def _resume(args, heads, optimizer, max_iter: int) -> tuple[int, list, int]:
+    """Start iteration, history and unreadable-training-image count of the run resumed from. A
+    checkpoint of another global batch (``--batch-size`` x processes), length or seed is refused:
+    its data position, learning rates and cosine schedule would not continue this run's."""
     path = Path(args.output_dir) / CHECKPOINT_FILE
     if args.no_resume or not path.is_file():
         return 0, [], 0
     state = core.load_checkpoint(path, heads, optimizer)
+    saved, current = state.get("stream"), _stream_settings(args, max_iter)
+    if saved is not None and dict(saved) != current:
+        changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v)
+        raise ValueError(
+            f"{path} was written by a run with other settings ({changed}): resume with the same --batch-size "
+            "and number of processes, --epochs x --epoch-length and --seed, or pass --no-resume"
+        )
     logger.info("Resumed linear classifiers from %s at iteration %d", path, state["iteration"])
     return state["iteration"], list(state.get("history", [])), int(state.get("num_skipped_train", 0))
 
@@ -204,7 +223,7 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
     n_max = max(args.n_last_blocks)
     heads, optimizer, base_lrs, lrs = _grid(args, backbone, num_classes)
     max_iter = args.epochs * args.epoch_length
-    start_iter, history, earlier_skipped = _resume(args, heads, optimizer)
+    start_iter, history, earlier_skipped = _resume(args, heads, optimizer, max_iter)
     *val, val_skipped = encode_val_set(args, backbone, n_max, autocast_dtype)
     train_skipped = distributed.RunCount(earlier_skipped)  # unreadable images: counted, not dropped
     device = next(backbone.parameters()).device
@@ -218,8 +237,8 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
         if (checkpoint_every and done % checkpoint_every == 0) or done == max_iter:
             skipped_so_far = train_skipped.total(device)  # on every rank
             if distributed.is_main_process():
-                state = core.checkpoint_state(heads, optimizer, done, history=history,
-                                              num_skipped_train=skipped_so_far)  # fmt: skip
+                state = core.checkpoint_state(heads, optimizer, done, history=history, num_skipped_train=skipped_so_far,
+                                              stream=_stream_settings(args, max_iter))  # fmt: skip
                 atomic_torch_save(state, Path(args.output_dir) / CHECKPOINT_FILE)
 
     batches = train_batches(backbone, train_set, args, start_iter, n_max, autocast_dtype, train_skipped)

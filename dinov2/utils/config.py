@@ -4,7 +4,11 @@ Order of precedence: ``configs/ssl_default_config.yaml`` <- an experiment config
 ``configs/train/``, ``configs/eval/`` or ``configs/distill/``, a ``<kind>/<name>`` such as
 ``distill/vits14``, or a path) <- command-line ``key=value`` overrides. The
 default config is also the schema: every key of an experiment config or override must exist in
-it, and a misspelt key fails with its dotted name and the nearest valid keys.
+it, and a misspelt key fails with its dotted name and the nearest valid keys. Values are checked
+against the default's kind where that is unambiguous: a number for a numeric key, a list for a list,
+a section for a section (``optim.base_lr=abc`` fails naming ``optim.base_lr``). OmegaConf
+interpolations (``optim.min_lr=${optim.base_lr}``) resolve against the whole merged config; one that
+cannot resolve fails at load time, naming its key.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "ssl_default_config.yaml"
@@ -61,9 +67,17 @@ def resolve_config_path(name: str | Path, kinds: Sequence[str] = CONFIG_KINDS) -
     raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a shipped config; shipped: {known}")
 
 
+def _unreadable(node: Any, key: Any) -> bool:
+    """A value that cannot be read where it stands: required and not given yet (``???``), or an
+    interpolation (which resolves only against the merged config, not inside one layer)."""
+    return isinstance(node, DictConfig | ListConfig) and (
+        OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key)
+    )
+
+
 def _child(node: Any, key: Any) -> Any:
-    """``node[key]``, or None for a required value not given yet (``???``), which cannot be read."""
-    return None if isinstance(node, DictConfig) and OmegaConf.is_missing(node, key) else node[key]
+    """``node[key]``, or None for a value that cannot be read in place (``???``, ``${...}``)."""
+    return None if _unreadable(node, key) else node[key]
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> Iterator[str]:
@@ -115,12 +129,110 @@ def check_against_schema(cfg: Any, schema: Any, source: str) -> None:
     raise ConfigError("\n".join(lines))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, DictConfig):
+        return "a section"
+    if isinstance(value, ListConfig):
+        return f"{OmegaConf.to_container(value, resolve=False)!r}"
+    return f"{value!r}"
+
+
+def type_problems(cfg: Any, schema: Any) -> list[str]:
+    """One line for each value of ``cfg`` whose kind contradicts the default in ``schema``: a string
+    (or list, or section) for a numeric key, a scalar for a list or a section, a non-number in a
+    list of numbers. Keys the schema lacks, ``null`` defaults, strings and booleans (which several
+    keys take interchangeably, e.g. ``train.compile``), ``null``, ``???`` and interpolations pass."""
+    problems = []
+
+    def check(value: Any, ref: Any, path: str) -> None:
+        if ref is None or value is None:
+            return
+        if isinstance(ref, DictConfig):
+            if not isinstance(value, DictConfig):
+                problems.append(
+                    f"  {path!r} is a section (keys: {', '.join(map(str, ref.keys()))}), got {_describe(value)}"
+                )
+            else:
+                for key in value:
+                    if key in ref.keys() and not _unreadable(value, key) and not _unreadable(ref, key):
+                        check(value[key], ref[key], f"{path}.{key}")
+        elif isinstance(ref, ListConfig):
+            if not isinstance(value, ListConfig):
+                problems.append(f"  {path!r} expects a list (default {_describe(ref)}), got {_describe(value)}")
+            elif len(ref) and all(_is_number(ref[i]) for i in range(len(ref)) if not _unreadable(ref, i)):
+                bad = [value[i] for i in range(len(value)) if not _unreadable(value, i) and not _is_number(value[i])]
+                if bad:
+                    problems.append(f"  {path!r} expects a list of numbers, got {_describe(value)}")
+        elif _is_number(ref) and not isinstance(value, int | float):  # booleans pass: clip_grad=false means 0
+            problems.append(f"  {path!r} expects a number (default {ref!r}), got {_describe(value)}")
+
+    for key in cfg:
+        if key in schema.keys() and not _unreadable(cfg, key) and not _unreadable(schema, key):
+            check(cfg[key], schema[key], str(key))
+    return problems
+
+
+def check_types(cfg: Any, schema: Any, source: str) -> None:
+    """Raise :class:`ConfigError` when a value of ``cfg`` is of the wrong kind for its key (see
+    :func:`type_problems`)."""
+    problems = type_problems(cfg, schema)
+    if problems:
+        raise ConfigError("\n".join([f"wrong value type{'s' if len(problems) > 1 else ''} in {source}:", *problems]))
+
+
+def _interpolation_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_interpolation(node, key):
+            yield path
+        elif not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig | ListConfig):
+            yield from _interpolation_paths(node[key], path)
+
+
+def check_interpolations(cfg: DictConfig) -> None:
+    """Resolve every interpolation of ``cfg`` once, so that one naming a key that does not exist (or
+    an unset environment variable) fails now, as a :class:`ConfigError` naming it, not when the
+    value is first read. One that points at a still-required ``???`` value is left for later."""
+    problems = []
+    for path in _interpolation_paths(cfg):
+        try:
+            OmegaConf.select(cfg, path, throw_on_missing=False)
+        except InterpolationToMissingValueError:
+            continue
+        except (InterpolationResolutionError, ValueError, KeyError) as error:
+            problems.append(f"  {path!r}: {str(error).splitlines()[0]}")
+    if problems:
+        raise ConfigError("\n".join(["interpolation that does not resolve:", *problems]))
+
+
 def parse_overrides(opts: Sequence[str]) -> DictConfig:
     """``["optim.lr=0.1", "student.arch=vit_small"]`` -> a config (values parsed as YAML)."""
     bad = [opt for opt in opts if "=" not in opt or not opt.split("=", 1)[0].strip()]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {', '.join(map(repr, bad))}")
+    for opt in opts:  # one at a time, so that a value YAML cannot parse is named
+        try:
+            OmegaConf.from_dotlist([opt])
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"override {opt!r}: the value is not valid YAML ({problem})") from None
     return OmegaConf.from_dotlist(list(opts))
+
+
+def _load_config_file(path: Path) -> DictConfig:
+    """An experiment config file, which must be YAML holding a mapping (of sections)."""
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config {path} must hold a mapping of sections (train:, optim:, ...), not a list")
+    return layer
 
 
 def load_config(
@@ -137,14 +249,16 @@ def load_config(
     layers = []
     if config:
         path = resolve_config_path(config, kinds)
-        layers.append((OmegaConf.load(path), str(path)))
+        layers.append((_load_config_file(path), str(path)))
     if overrides:
         layers.append((parse_overrides(overrides), "command-line overrides"))
     for layer, source in layers:
         check_against_schema(layer, cfg, source)
+        check_types(layer, cfg, source)
         cfg = OmegaConf.merge(cfg, layer)
         for key in required_keys(layer):  # merging ``???`` keeps the old value; a config means "required"
             OmegaConf.update(cfg, key, "???", merge=False)
+    check_interpolations(cfg)
     return cfg
 
 
@@ -156,7 +270,7 @@ def required_keys(node: Any, prefix: str = "") -> list[str]:
         path = f"{prefix}.{key}" if prefix else str(key)
         if OmegaConf.is_missing(node, key):
             found.append(path)
-        elif isinstance(node[key], DictConfig):
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
             found.extend(required_keys(node[key], path))
     return found
 

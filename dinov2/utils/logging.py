@@ -71,13 +71,36 @@ class MetricsWriter:
                 self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop records logged after ``iteration`` (a resumed run rewrites them)."""
+        """Drop records logged after ``iteration`` (a resumed run rewrites them), and any line that
+        is not a whole record (the last one, torn when a run was killed while appending it). The
+        file is replaced atomically: an interruption here leaves the old file, never a partial one."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept, torn = [], 0
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                keep = int(record["iteration"]) <= iteration
+            except (ValueError, TypeError, KeyError):
+                torn += 1
+                continue
+            if keep:
+                kept.append(line)
+        if torn:
+            logging.getLogger(LOGGER_NAME).warning(
+                "%s: dropped %d line(s) that are not whole records (a run killed while writing)", self.path, torn
+            )
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as handle:
+                handle.write("".join(line + "\n" for line in kept))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def write(self, iteration: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -107,3 +107,25 @@ def test_knn_main_records_unreadable_images(micro_arch, tmp_path):
     saved = json.loads((tmp_path / knn.RESULTS_FILE).read_text())
     assert saved["num_skipped"] == {"train": 1, "val": 1}
     assert (saved["num_train"], saved["num_val"]) == (11, 11)
+
+
+def test_linear_resume_under_another_batch_or_length_is_refused(micro_arch, tmp_path):
+    """A checkpoint continues only the run that wrote it: under another global batch the data
+    position, the scaled learning rates and the cosine schedule would silently mix two runs."""
+    from dinov2.eval import linear
+
+    def args(*extra):
+        return linear.get_args_parser().parse_args(
+            [*DATASETS, *COMMON, "--output-dir", str(tmp_path), "--epochs", "1", "--epoch-length", "2",
+             "--eval-period-iterations", "0", "--learning-rates", "0.01", "--n-last-blocks", "1",
+             "--no-progress", *extra, *micro_arch]
+        )  # fmt: skip
+
+    first = linear.main(args("--batch-size", "8"))
+    assert torch.load(tmp_path / linear.CHECKPOINT_FILE, weights_only=True)["iteration"] == 2
+    with pytest.raises(ValueError, match=r"global_batch_size 8 -> 4.*--no-resume"):
+        linear.main(args("--batch-size", "4"))
+    with pytest.raises(ValueError, match=r"iterations 2 -> 4"):
+        linear.main(args("--batch-size", "8", "--epochs", "2"))
+    assert linear.main(args("--batch-size", "8"))["classifiers"] == first["classifiers"]  # same settings resume
+    assert linear.main(args("--batch-size", "4", "--no-resume"))["global_batch_size"] == 4

@@ -108,6 +108,27 @@ def test_parser_reads_shared_options_and_trailing_overrides():
     assert args.opts == ["student.attn_backend=math", "crops.global_crops_size=224"]
 
 
+def test_protocol_defaults_of_the_three_evaluations():
+    """The published protocols (the original scripts' defaults, written out here): k-NN with k in
+    10/20/100/200 and T = 0.07; linear probing 10 x 1250 iterations at 128 images per GPU (a global
+    1024 on 8 GPUs), the 13-rate grid, last 1 and 4 blocks; logistic regression over 45 C values
+    log-spaced in [1e-6, 1e5], 1000 L-BFGS iterations in float64."""
+    from dinov2.eval import knn, linear, log_regression
+
+    k = knn.get_args_parser().parse_args([])
+    assert k.nb_knn == [10, 20, 100, 200] and k.temperature == 0.07
+    lin = linear.get_args_parser().parse_args([])
+    assert lin.batch_size == 128 and lin.epochs * lin.epoch_length == 12500
+    assert lin.learning_rates == [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
+    assert lin.n_last_blocks == [1, 4] and lin.eval_period_iterations == 1250
+    assert linear.get_args_parser().parse_args(["--batch-size", "64"]).batch_size == 64
+    lr = log_regression.get_args_parser().parse_args([])
+    c = log_regression.default_c_values(lr.c_count, *lr.c_powers)
+    assert len(c) == 45 and c[0] == pytest.approx(1e-6) and c[-1] == pytest.approx(1e5)
+    assert c[22] == pytest.approx(10 ** (-6 + 11 * 22 / 44))
+    assert lr.max_iter == 1000 and lr.train_dtype == "float64"
+
+
 def test_devices_and_autocast_dtypes():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

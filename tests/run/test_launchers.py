@@ -159,12 +159,21 @@ def test_percent_j_becomes_the_job_id(tmp_path):
         (["--output-dir", "o", "optim.epoch=3"], "optim.epoch"),
         (["--output-dir", "o", "--config", "no_such_config"], "no_such_config"),
         (["--output-dir", "o", "--executor", "local", "--nodes", "2"], "--nodes 1"),
+        (["--output-dir", "o", "train.batch_size_per_gpu=abc"], "'train.batch_size_per_gpu' expects a number"),
+        (["--output-dir", "o", "crops.global_crops_scale=[0.3,1.0"], "crops.global_crops_scale=[0.3,1.0"),
+        (["--output-dir", "o", "optim.min_lr=${optim.baselr}"], "'optim.min_lr'"),
     ],
 )
 def test_mistakes_fail_before_submission(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=re.escape(message)):
         launcher.submit(run_train.ENTRY, [*argv, "--slurm-output-dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing was submitted
+
+
+def test_a_valid_interpolation_passes_the_submission_check(tmp_path):
+    argv = ["--output-dir", str(tmp_path / "%j"), "--config", "vitl14", "optim.min_lr=${optim.base_lr}"]
+    slurm, _, entry_args = launcher.parse_launcher_args(run_train.ENTRY, argv)
+    launcher.check_submission(run_train.ENTRY, slurm, entry_args)  # no SystemExit
 
 
 @pytest.mark.parametrize("module", [run_knn, run_linear, run_log_regression])

@@ -20,7 +20,25 @@ PUBLISHED = {
                "crops.local_crops_size": 98, "optim.layerwise_decay": 1.0, "optim.weight_decay_end": 0.2},
     "vitg14": {"student.arch": "vit_giant2", "student.ffn_layer": "swiglufused", "train.batch_size_per_gpu": 12,
                "ibot.head_n_prototypes": 131072, "dino.head_bottleneck_dim": 384, "student.drop_path_rate": 0.4,
-               "ibot.separate_head": True},
+               "ibot.separate_head": True, "train.centering": "sinkhorn_knopp", "student.block_chunks": 4,
+               "student.patch_size": 14, "teacher.momentum_teacher": 0.994, "optim.epochs": 500,
+               "optim.base_lr": 2.0e-4, "optim.warmup_epochs": 80, "optim.layerwise_decay": 1.0,
+               "optim.weight_decay_end": 0.2, "crops.local_crops_size": 98, "train.dataset_path": "ImageNet22k"},
+}  # fmt: skip
+
+# The published default config (facebookresearch/dinov2, dinov2/configs/ssl_default_config.yaml): what every recipe starts from.
+PUBLISHED_DEFAULTS = {
+    "dino.head_n_prototypes": 65536, "dino.head_bottleneck_dim": 256, "dino.head_hidden_dim": 2048,
+    "dino.head_nlayers": 3, "dino.koleo_loss_weight": 0.1, "ibot.mask_sample_probability": 0.5,
+    "ibot.mask_ratio_min_max": [0.1, 0.5], "train.OFFICIAL_EPOCH_LENGTH": 1250, "student.drop_path_rate": 0.3,
+    "student.layerscale": 1.0e-05, "teacher.momentum_teacher": 0.992, "teacher.final_momentum_teacher": 1,
+    "teacher.warmup_teacher_temp": 0.04, "teacher.teacher_temp": 0.07, "teacher.warmup_teacher_temp_epochs": 30,
+    "optim.epochs": 100, "optim.weight_decay": 0.04, "optim.weight_decay_end": 0.4, "optim.base_lr": 0.004,
+    "optim.warmup_epochs": 10, "optim.min_lr": 1.0e-06, "optim.clip_grad": 3.0, "optim.freeze_last_layer_epochs": 1,
+    "optim.scaling_rule": "sqrt_wrt_1024", "optim.patch_embed_lr_mult": 0.2, "optim.layerwise_decay": 0.9,
+    "optim.adamw_beta2": 0.999, "crops.global_crops_scale": [0.32, 1.0], "crops.local_crops_scale": [0.05, 0.32],
+    "crops.local_crops_number": 8, "crops.global_crops_size": 224, "crops.local_crops_size": 96,
+    "evaluation.eval_period_iterations": 12500,
 }  # fmt: skip
 
 
@@ -55,3 +73,13 @@ def test_config_by_path_and_with_suffix(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert load_config(str(path)) == load_config("vitl14.yaml") == load_config("vitl14")
+
+
+def test_the_default_config_has_the_published_defaults():
+    cfg = load_config(None)
+    for key, value in PUBLISHED_DEFAULTS.items():
+        section, leaf = key.split(".")
+        got = cfg[section][leaf]
+        assert (list(got) if isinstance(value, list) else got) == value, key
+    lr = setup_config(get_args_parser().parse_args(["--config", "vitg14"]))  # one process: batch 12
+    assert lr.optim.lr == pytest.approx(2.0e-4 * (12 / 1024) ** 0.5)  # the sqrt rule of the original

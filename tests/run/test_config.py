@@ -1,0 +1,98 @@
+"""Config loading as the command lines use it: names, paths, OmegaConf override syntax, error messages."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from dinov2.utils.config import CONFIGS_DIR, ConfigError, load_config
+
+
+def test_list_null_and_dotted_overrides_parse_as_yaml():
+    cfg = load_config("vitl14", ["crops.global_crops_scale=[0.25,1.0]", "train.stop_at_iteration=null",
+                                 "train.dataset_path=ImageFolder:root=/data/x"])  # fmt: skip
+    assert list(cfg.crops.global_crops_scale) == [0.25, 1.0]
+    assert cfg.train.stop_at_iteration is None
+    assert cfg.train.dataset_path == "ImageFolder:root=/data/x"  # split at the first '=' only
+    assert cfg.student.arch == "vit_large"  # the experiment config is still underneath
+
+
+def test_interpolation_in_an_override_resolves_against_the_merged_config():
+    cfg = load_config(
+        "vitl14", ["optim.min_lr=${optim.base_lr}", "evaluation.knn.batch_size=${train.batch_size_per_gpu}"]
+    )
+    assert cfg.optim.min_lr == 2.0e-04  # vitl14's base_lr, not the default's 0.004
+    assert cfg.evaluation.knn.batch_size == 32
+
+
+def test_interpolation_in_an_experiment_config_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("teacher:\n  warmup_teacher_temp_epochs: ${optim.warmup_epochs}\n")
+    cfg = load_config(str(path), ["optim.warmup_epochs=5"])  # a key of another section, set by a later layer
+    assert cfg.teacher.warmup_teacher_temp_epochs == 5
+
+
+def test_an_interpolation_that_does_not_resolve_fails_at_load_naming_the_key():
+    with pytest.raises(ConfigError, match=r"'optim\.min_lr'.*optim\.baselr"):
+        load_config(None, ["optim.min_lr=${optim.baselr}"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.batch_size_per_gpu=abc", "train.batch_size_per_gpu"),
+        ("optim.base_lr=fast", "optim.base_lr"),
+        ("crops.global_crops_scale=0.5", "crops.global_crops_scale"),
+        ("crops.global_crops_scale=[small,1.0]", "crops.global_crops_scale"),
+        ("crops=5", "crops"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_names_its_key(override, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        load_config(None, [override])
+
+
+def test_a_wrong_kind_in_a_config_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  num_workers: many\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml(.|\n)*'train\.num_workers'"):
+        load_config(str(path))
+
+
+def test_values_several_keys_take_interchangeably_still_pass():
+    cfg = load_config(None, ["train.compile=inductor", "train.activation_checkpointing=selective",
+                             "compute_precision.fsdp_mixed_precision=true", "teacher.final_momentum_teacher=0.9995",
+                             "optim.epochs=1e1", "evaluation.knn.nb_knn=[5]"])  # fmt: skip
+    assert cfg.train.compile == "inductor" and cfg.teacher.final_momentum_teacher == 0.9995
+    assert list(cfg.evaluation.knn.nb_knn) == [5]
+
+
+def test_an_override_yaml_cannot_parse_is_named():
+    with pytest.raises(ConfigError, match=r"crops\.global_crops_scale=\[0\.3,1\.0'"):
+        load_config(None, ["crops.global_crops_scale=[0.3,1.0"])
+
+
+def test_typo_suggests_the_nearest_key():
+    with pytest.raises(ConfigError, match=r"'crops\.global_crop_scale'.*did you mean 'crops\.global_crops_scale'"):
+        load_config(None, ["crops.global_crop_scale=[0.3,1.0]"])
+
+
+def test_config_by_name_kind_and_path_and_saved_config_reloads(tmp_path):
+    by_kind = load_config("distill/vits14")
+    by_path = load_config(str(CONFIGS_DIR / "distill" / "vits14.yaml"))
+    assert by_kind == by_path and by_kind.distillation.enabled is True
+    cfg = load_config("vitl14", ["optim.min_lr=${optim.base_lr}", "train.output_dir=" + str(tmp_path)])
+    saved = tmp_path / "config.yaml"
+    OmegaConf.save(cfg, saved)  # what the training entry point writes
+    assert load_config(str(saved)) == cfg
+    assert load_config(str(saved)).optim.min_lr == 2.0e-04
+
+
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):
+    broken, listing = tmp_path / "broken.yaml", tmp_path / "listing.yaml"
+    broken.write_text("train:\n  batch_size_per_gpu: [1,\n")
+    listing.write_text("- optim.epochs=1\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml is not valid YAML"):
+        load_config(str(broken))
+    with pytest.raises(ConfigError, match=r"listing\.yaml must hold a mapping"):
+        load_config(str(listing))
