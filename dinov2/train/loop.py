@@ -155,7 +155,8 @@ class Trainer:
     def resume(self) -> bool:
         """Load the latest checkpoint of the output directory, if any (saved on any world size)."""
         path = find_latest_checkpoint(self.checkpoint_dir)
-        if path is None:
+        if path is None:  # a fresh start: records of a run lost before its first checkpoint go
+            self.metrics.truncate_after(-1)
             return False
         state = load_checkpoint(path, self.model, self.optimizer)
         if self.scaler is not None and state.get("grad_scaler"):

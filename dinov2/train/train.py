@@ -25,6 +25,7 @@ if __name__ == "__main__" and not __package__:
 from omegaconf import OmegaConf  # noqa: E402
 
 from dinov2 import distributed  # noqa: E402
+from dinov2.checkpoint.training import atomic_write  # noqa: E402
 from dinov2.train.schedules import scaled_lr  # noqa: E402
 from dinov2.utils.config import load_config, select  # noqa: E402
 from dinov2.utils.device import enable_tf32, resolve_device, seed_everything  # noqa: E402
@@ -124,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         if args.no_resume and not args.eval_only:
             set_aside_previous_run(output_dir)
-        OmegaConf.save(cfg, output_dir / "config.yaml")
+        # resolved (interpolations written as their values), and atomically: a killed run never
+        # leaves a torn config.yaml for its resume or for a distillation that reads it
+        resolved = OmegaConf.to_yaml(cfg, resolve=True).encode()
+        atomic_write(output_dir / "config.yaml", lambda handle: handle.write(resolved))
     distributed.barrier()  # no rank looks into the output directory before rank 0 has set it up
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg))
     logger.info("device %s, %d process(es); lr %.4g (base_lr %s, %s)", device, distributed.get_world_size(),

@@ -119,6 +119,26 @@ def test_training_without_local_crops(tmp_path):
         assert "dino_local_crops_loss" not in record and math.isfinite(record["dino_global_crops_loss"])
 
 
+def test_a_restart_before_the_first_checkpoint_drops_the_lost_runs_records(tmp_path):
+    """A job killed before its first checkpoint left metrics records; its requeue starts from scratch
+    and must not log iterations 1, 2, ... a second time after them."""
+    tmp_path.mkdir(exist_ok=True)
+    lost = [{"iteration": i, "loss": 9.0} for i in (1, 2, 3)]
+    (tmp_path / "training_metrics.json").write_text("".join(json.dumps(r) + "\n" for r in lost) + '{"itera')
+    run(tmp_path, "train.stop_at_iteration=2")
+    assert [r["iteration"] for r in records(tmp_path) if "loss" in r] == [1, 2]
+    assert all(r["loss"] != 9.0 for r in records(tmp_path) if "loss" in r)
+
+
+def test_config_yaml_is_written_resolved(tmp_path):
+    run(tmp_path, "train.stop_at_iteration=1", "optim.min_lr=${optim.base_lr}")
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "${" not in saved
+    assert (
+        OmegaConf.load(tmp_path / "config.yaml").optim.min_lr == OmegaConf.load(tmp_path / "config.yaml").optim.base_lr
+    )
+
+
 def test_resume_continues_the_identical_trajectory(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(straight)
