@@ -113,6 +113,19 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def shutdown() -> None:
+    """The end of a distributed run that completed: wait for every rank, then destroy the default
+    process group (and the groups of the device meshes), as PyTorch asks before exit (NCCL warns
+    otherwise). A no-op without a process group. Call it only for a group this process joined for
+    the run (:func:`init_from_env` where no group existed yet), and not on an error path: there,
+    destroying an NCCL group waits for collectives that a failed peer will never join, while a
+    process that just exits aborts its communicators."""
+    if not is_enabled():
+        return
+    barrier()
+    dist.destroy_process_group()
+
+
 def is_dtensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (an FSDP2 parameter, its gradient or optimizer state)."""
     return hasattr(tensor, "device_mesh")

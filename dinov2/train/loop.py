@@ -8,7 +8,6 @@ loop owns everything around the objective; the objective itself is :class:`SSLMe
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from collections import defaultdict
@@ -62,9 +61,16 @@ def check_finite(
     ``what`` says which values these are (loss terms, or per-module gradient norms)."""
     names = list(losses)
     values = torch.stack([losses[n].detach().float() for n in names])
-    if bool(torch.isfinite(values).all()):
+    # Decided together: a term that is non-finite on any rank stops every rank here, with the same
+    # error, rather than one rank raising while the others wait in the gradient reduction.
+    ranks_bad = distributed.all_reduce((~torch.isfinite(values)).to(torch.int32))
+    if not bool(ranks_bad.any()):
         return
-    bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist(), strict=True) if not math.isfinite(v))
+    world = distributed.get_world_size()
+    where = (lambda r: f" (non-finite on {r} of {world} processes)") if world > 1 else (lambda r: "")
+    bad = ", ".join(
+        f"{n}={v:.4g}{where(r)}" for n, v, r in zip(names, values.tolist(), ranks_bad.tolist(), strict=True) if r > 0
+    )
     kept = f"the last checkpoint {last_checkpoint} is untouched" if last_checkpoint else "no checkpoint was written"
     raise NonFiniteLossError(f"non-finite {what} at iteration {iteration}: {bad}; stopping ({kept})")
 

@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
     cfg = load_config(args.config or None, args.opts)
     device = resolve_device(cfg.train.device)
+    joined = not distributed.is_enabled()  # a group made here is destroyed here, once the run completes
     distributed.init_from_env(device)
     cfg = setup_config(args, cfg)  # the lr depends on the world size, known once the group exists
     output_dir = Path(cfg.train.output_dir)
@@ -149,8 +150,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.eval_only:
         if not trainer.resume():
             logger.warning("--eval-only: no checkpoint in %s; evaluating the initial weights", trainer.checkpoint_dir)
-        return {"iteration": trainer.iteration, **trainer.evaluate(f"training_{trainer.iteration}")}
-    return trainer.run(resume=not args.no_resume)
+        result = {"iteration": trainer.iteration, **trainer.evaluate(f"training_{trainer.iteration}")}
+    else:
+        result = trainer.run(resume=not args.no_resume)
+    if joined:  # not on an error path: see distributed.shutdown
+        distributed.shutdown()
+    return result
 
 
 def console_main() -> None:

@@ -1,0 +1,81 @@
+"""What the other ranks do when one rank's loss turns non-finite (2 gloo processes).
+
+The original reduces the loss terms over the ranks before its NaN check, so every rank stops at
+the same step with the same error. A check on each rank's own losses lets the other ranks walk
+on into the next collective, where (with NCCL) they wait for a peer that has left until the
+process-group timeout, and then fail with a timeout instead of the reason.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from dist_common import TINY, WORLD, free_port
+
+pytestmark = pytest.mark.distributed
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank),
+         "LOCAL_RANK": str(rank)}
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    # a short timeout: a rank left waiting must not hold the test for gloo's default 30 minutes
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+    from dinov2.train.train import main
+
+    if rank == 0:  # only this rank's KoLeo term becomes NaN, from the second step on
+        forward, calls = SSLMetaArch.forward, []
+
+        def poisoned(self, batch, *args, **kwargs):
+            out = forward(self, batch, *args, **kwargs)
+            calls.append(1)
+            if len(calls) >= 2:
+                out["koleo_loss"] = out["koleo_loss"] * float("nan")
+                out["loss"] = self.total_loss({k: v for k, v in out.items() if k != "loss"})
+            return out
+
+        SSLMetaArch.forward = poisoned
+    try:
+        main(["--output-dir", str(Path(root) / "run"), *TINY, "train.stop_at_iteration=3"])
+        outcome = "finished"
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test compares
+        outcome = f"{type(error).__name__}: {error}"
+    (Path(root) / f"rank{rank}.txt").write_text(outcome)
+    # no destroy_process_group: a rank that still waits in a collective would hang it; leaving the
+    # process closes this rank's connections, which makes such a peer's gloo call fail at once
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert outcomes[0].startswith("NonFiniteLossError: non-finite loss at iteration 2"), outcomes[0]
+    assert outcomes[1].startswith("NonFiniteLossError: non-finite loss at iteration 2"), outcomes[1]
+    assert "koleo_loss=nan (non-finite on 1 of 2 processes)" in outcomes[0]
+    assert "(non-finite on 1 of 2 processes)" in outcomes[1] and "koleo_loss=nan" not in outcomes[1]
+
+
+def _launched_worker(rank: int, port: int, root: str) -> None:
+    """As under torchrun: only the environment describes the group, main creates it."""
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank),
+         "LOCAL_RANK": str(rank)}
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    from dinov2.train.train import main
+
+    summary = main(["--output-dir", str(Path(root) / "run"), *TINY, "train.stop_at_iteration=1"])
+    (Path(root) / f"rank{rank}.txt").write_text(f"{summary['iteration']} {dist.is_initialized()}")
+
+
+def test_a_completed_run_destroys_the_process_group_it_created(tmp_path):
+    mp.spawn(_launched_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)] == ["1 False"] * WORLD
