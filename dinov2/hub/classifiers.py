@@ -1,8 +1,9 @@
 """Backbones with linear ImageNet-1k classifiers: ``dinov2_vit{s,b,l,g}14[_reg]_lc``.
 
-A head file holds ``{"weight": (1000, (1 + layers) * D), "bias": (1000,)}``: a linear layer on
-the concatenated CLS tokens of the last ``layers`` blocks (1 or 4) and the average of the last
-block's patch tokens. The linear-probing evaluation saves its best classifier in this format.
+A head file holds ``{"weight": (C, (1 + layers) * D), "bias": (C,)}``: a linear layer on
+the concatenated CLS tokens of the last ``layers`` blocks and the average of the last block's
+patch tokens. The released ImageNet-1k heads (C = 1000) exist for ``layers`` 1 and 4; the
+linear-probing evaluation saves its best classifier in this format for any ``--n-last-blocks``.
 """
 
 from __future__ import annotations
@@ -40,16 +41,24 @@ def linear_head_url(arch_name: str, patch_size: int, num_register_tokens: int, l
     return f"{DINOV2_BASE_URL}/{base}/{full}_linear{layers if layers == 4 else ''}_head.pth"
 
 
+# The released linear heads were trained on the CLS tokens of the last 1 or 4 blocks.
+RELEASED_HEAD_LAYERS = (1, 4)
+
+
+def _check_layers(layers) -> int:
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"layers must be a positive int (the number of last blocks' CLS tokens), got {layers!r}")
+    return layers
+
+
 class LinearClassifierWrapper(nn.Module):
     """``backbone`` + linear head on ``[cls_1, ..., cls_layers, mean(patch tokens)]``."""
 
     def __init__(self, *, backbone: nn.Module, linear_head: nn.Linear, layers: int = 4) -> None:
         super().__init__()
-        if layers not in (1, 4):
-            raise ValueError(f"layers must be 1 or 4, got {layers}")
+        self.layers = _check_layers(layers)
         self.backbone = backbone
         self.linear_head = linear_head
-        self.layers = layers
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.layers == 1:
@@ -76,6 +85,9 @@ def make_dinov2_linear_classifier(
 ) -> LinearClassifierWrapper:
     """Backbone plus a linear head on its last ``layers`` CLS tokens and mean patch token.
 
+    ``layers`` is 1 or 4 for the official heads; a head file of one's own (the linear probe's
+    ``linear_head_best.pth`` for ``--n-last-blocks n``) takes ``layers=n``, any n up to the depth.
+
     The backbone is built with the released settings of ``arch_name`` (``registers``: the 4-register
     variant; SwiGLU for ``vit_giant2``; :func:`~dinov2.hub.backbones.released_kwargs`), the same as
     the ``dinov2_*_lc`` entry points; ``kwargs`` override them and go to its constructor. With
@@ -84,6 +96,12 @@ def make_dinov2_linear_classifier(
     LVD-142M backbone and its ImageNet-1k head. A head trained on another backbone (such as
     ``linear_head_best.pth`` of the linear probe) needs that backbone as ``backbone_weights``.
     """
+    _check_layers(layers)  # before any download
+    if pretrained and _is_official(weights) and layers not in RELEASED_HEAD_LAYERS:
+        raise ValueError(
+            f"the released linear heads use layers 1 or 4, got layers={layers}; pass weights=<your head file> "
+            "for a head trained on another number of blocks"
+        )
     if pretrained and _is_official(backbone_weights) and not _is_official(weights):
         logger.warning(
             "linear head %s goes on the official %s backbone (backbone_weights=%s); a head from the linear "
@@ -94,6 +112,9 @@ def make_dinov2_linear_classifier(
     backbone = backbones.make_dinov2_model(
         arch_name=arch_name, pretrained=pretrained, weights=backbone_weights, **settings
     )
+    depth = getattr(backbone, "n_blocks", layers)
+    if layers > depth:
+        raise ValueError(f"layers={layers} exceeds the backbone's depth ({depth} blocks)")
     head = nn.Linear((1 + layers) * backbone.embed_dim, num_classes)
     if pretrained:
         default = linear_head_url(arch_name, backbone.patch_size, backbone.num_register_tokens, layers)
@@ -113,7 +134,8 @@ def _lc(arch_name: str, registers: bool, doc: str):
     base, _ = model_names(arch_name, 14)
     entry.__name__ = entry.__qualname__ = f"{base}{'_reg' if registers else ''}_lc"
     entry.__doc__ = (
-        f"{doc} with a linear ImageNet-1k head. ``layers``: 1 or 4; ``weights``: the head file "
+        f"{doc} with a linear ImageNet-1k head. ``layers``: 1 or 4 (official heads; any n for a head "
+        "file of one's own); ``weights``: the head file "
         "(enum, path or URL); ``backbone_weights``: the backbone file; ``pretrained=False``: random weights."
     )
     return entry

@@ -7,6 +7,7 @@ Parameter names and shapes follow the published DINOv2 backbones exactly, so an 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -78,6 +79,16 @@ class BlockChunk(nn.Module):
         for block in self:
             x = block(x)
         return x
+
+
+def _as_index(value) -> int | None:
+    """``value`` as a Python int when it is one integer (int, numpy integer, 0-d integer tensor), else None."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def init_weights_vit_timm(module: nn.Module) -> None:
@@ -290,13 +301,18 @@ class DinoVisionTransformer(nn.Module):
 
     def _block_indices(self, n: int | Sequence[int]) -> list[int]:
         total = self.n_blocks
-        if isinstance(n, int):
-            if not 1 <= n <= total:
-                raise ValueError(f"n={n} must be between 1 and the depth ({total})")
-            return list(range(total - n, total))
-        indices = sorted({i + total if i < 0 else i for i in n})
+        count = _as_index(n)  # an int, numpy integer or 0-d integer tensor: the last ``n`` blocks
+        if count is not None:
+            if not 1 <= count <= total:
+                raise ValueError(f"n={count} must be between 1 and the depth ({total})")
+            return list(range(total - count, total))
+        try:
+            given = [operator.index(i) for i in n]
+        except TypeError:
+            raise TypeError(f"n must be an int or a sequence of block indices, got {n!r}") from None
+        indices = sorted({i + total if i < 0 else i for i in given})
         if not indices or indices[0] < 0 or indices[-1] >= total:
-            raise ValueError(f"block indices {list(n)} out of range for a depth of {total}")
+            raise ValueError(f"block indices {given} out of range for a depth of {total}")
         return indices
 
     def _get_intermediate_layers(self, x: torch.Tensor, n: int | Sequence[int]) -> list[torch.Tensor]:
