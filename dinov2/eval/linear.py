@@ -134,6 +134,34 @@ def encode_val_set(args, backbone: nn.Module, n_max: int, autocast_dtype) -> tup
     return result.features.reshape(len(result.labels), n_max + 1, -1), result.labels, result.num_skipped
 
 
+def check_train_labels(args, dataset) -> None:
+    """Refuse a train set with unlabelled samples (target < 0) before anything runs, from its
+    ``get_targets()`` where it has one. Every rank reads the same targets and stops together; the
+    check of each training batch (``train_batches``) would only stop the rank whose batch holds such a
+    sample, possibly late in the run, and leave the other ranks waiting in the gradient all-reduce."""
+    get_targets = getattr(dataset, "get_targets", None)
+    targets = np.asarray(get_targets()) if callable(get_targets) else None
+    if targets is None or targets.dtype.kind not in "iu":
+        return
+    missing = np.flatnonzero(targets < 0)
+    if missing.size:
+        raise ValueError(
+            f"the train dataset {args.train_dataset!r} has {missing.size} unlabelled samples (target -1; the "
+            f"first at index {int(missing[0])}); linear probing needs a label for every training image"
+        )
+
+
+def check_val_classes(args, val_labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse, before any training, a validation set with a class index the classifiers lack (the
+    train set has ``num_classes``): it could not be scored, and would only fail at the first evaluation."""
+    if len(val_labels) and int(val_labels.max()) >= num_classes:
+        raise ValueError(
+            f"the val dataset {args.val_dataset!r} has class index {int(val_labels.max())}, but the train dataset "
+            f"{args.train_dataset!r} has {num_classes} classes (0 to {num_classes - 1}), so the classifiers have "
+            "no output for it; use a train and val split with the same classes"
+        )
+
+
 def _grid(args, backbone: nn.Module, num_classes: int):
     depth = backbone.n_blocks
     if any(not 1 <= n <= depth for n in args.n_last_blocks):
@@ -219,12 +247,14 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
     start = time.perf_counter()
     train_transform = make_classification_train_transform(crop_size=args.crop_size)
     train_set = make_eval_dataset(args.train_dataset, train_transform, role="train dataset")
+    check_train_labels(args, train_set)
     num_classes = num_classes_of(train_set)
     n_max = max(args.n_last_blocks)
     heads, optimizer, base_lrs, lrs = _grid(args, backbone, num_classes)
     max_iter = args.epochs * args.epoch_length
     start_iter, history, earlier_skipped = _resume(args, heads, optimizer, max_iter)
     *val, val_skipped = encode_val_set(args, backbone, n_max, autocast_dtype)
+    check_val_classes(args, val[1], num_classes)
     train_skipped = distributed.RunCount(earlier_skipped)  # unreadable images: counted, not dropped
     device = next(backbone.parameters()).device
     checkpoint_every = args.save_checkpoint_frequency * args.epoch_length

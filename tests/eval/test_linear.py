@@ -272,3 +272,54 @@ def test_main_counts_unreadable_train_and_val_images(tmp_path):
     assert record["num_skipped"] == {"train": expected_train, "val": 1}
     saved = json.loads((tmp_path / "out" / linear.RESULTS_FILE).read_text())
     assert saved["num_skipped"] == record["num_skipped"]
+
+
+def test_val_class_unknown_to_the_train_set_fails_before_training(tmp_path, monkeypatch):
+    """A val split with a class the train split lacks cannot be scored by the classifiers: refused
+    up front, naming both datasets (it used to fail only at the first evaluation, after training)."""
+    from PIL import Image
+
+    for split, classes in (("train", 2), ("val", 3)):
+        for c in range(classes):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (60 * i, 100 * c, 30)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    backbone, _ = build_eval_model("vitt8_32px", None, opts=TINY_OPTS, device="cpu")
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    args = _main_args(tmp_path, tmp_path / "out")
+    args.train_dataset = f"ImageFolder:root={tmp_path / 'train'}"
+    args.val_dataset = f"ImageFolder:root={tmp_path / 'val'}"
+    steps = []
+    monkeypatch.setattr(core, "train_step", lambda *a, **k: steps.append(1) or 0.0)
+    with pytest.raises(ValueError, match=r"val dataset .*class index 2.*train dataset .*2 classes"):
+        linear.main(args)
+    assert steps == []
+    assert not (tmp_path / "out" / linear.CHECKPOINT_FILE).exists()
+
+
+def test_unlabelled_training_image_fails_before_training(tmp_path, monkeypatch):
+    """An image lying in the ImageFolder root next to the class folders has label -1. The probe
+    stops before the first step, naming the dataset and the index, instead of when a batch first
+    meets it (late, and on one rank only under torchrun, which leaves the others hanging)."""
+    from PIL import Image
+
+    from dinov2.data.datasets import make_dataset
+
+    for c in range(2):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (8, 8), (20 * i, 100 * c, 30)).save(tmp_path / "train" / f"c{c}" / f"{i}.png")
+    Image.new("RGB", (8, 8), (200, 200, 200)).save(tmp_path / "train" / "stray.png")
+    train = f"ImageFolder:root={tmp_path / 'train'}"
+    stray = list(make_dataset(train).get_targets()).index(-1)  # from the dataset itself, not the probe
+    backbone, _ = build_eval_model("vitt8_32px", None, opts=TINY_OPTS, device="cpu")
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    args = _main_args(tmp_path, tmp_path / "out")
+    args.train_dataset, args.batch_size, args.epochs, args.epoch_length = train, 2, 2, 6
+    args.eval_period_iterations = 0
+    steps, encoded = [], []
+    monkeypatch.setattr(core, "train_step", lambda *a, **k: steps.append(1) or 0.0)
+    monkeypatch.setattr(linear, "encode_val_set", lambda *a, **k: encoded.append(1) or (None, None, 0))
+    with pytest.raises(ValueError, match=rf"train dataset .*1 unlabelled.*index {stray}\b"):
+        linear.main(args)
+    assert steps == [] and encoded == []
