@@ -182,7 +182,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="held-out split seed")
     parser.add_argument("--train-dtype", choices=tuple(DTYPES), default="float64", help="precision of the fits")
     parser.add_argument("--gather-on-cpu", action="store_true", help="keep gathered features in CPU memory")
-    parser.add_argument("--resize-size", type=int, default=256, help="eval transform: shorter side resized to")
+    # 224 / 224, as the original's logistic regression (k-NN and the linear probe resize to 256)
+    parser.add_argument("--resize-size", type=int, default=224, help="eval transform: shorter side resized to")
     parser.add_argument("--crop-size", type=int, default=224, help="eval transform: center crop")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser

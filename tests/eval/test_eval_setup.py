@@ -112,7 +112,7 @@ def test_protocol_defaults_of_the_three_evaluations():
     """The published protocols (the original scripts' defaults, written out here): k-NN with k in
     10/20/100/200 and T = 0.07; linear probing 10 x 1250 iterations at 128 images per GPU (a global
     1024 on 8 GPUs), the 13-rate grid, last 1 and 4 blocks; logistic regression over 45 C values
-    log-spaced in [1e-6, 1e5], 1000 L-BFGS iterations in float64."""
+    log-spaced in [1e-6, 1e5], 1000 L-BFGS iterations in float64, on 224 px images resized to 224."""
     from dinov2.eval import knn, linear, log_regression
 
     k = knn.get_args_parser().parse_args([])
@@ -127,6 +127,8 @@ def test_protocol_defaults_of_the_three_evaluations():
     assert len(c) == 45 and c[0] == pytest.approx(1e-6) and c[-1] == pytest.approx(1e5)
     assert c[22] == pytest.approx(10 ** (-6 + 11 * 22 / 44))
     assert lr.max_iter == 1000 and lr.train_dtype == "float64"
+    # the evaluation transforms: k-NN resizes to 256, logistic regression to 224, both crop 224
+    assert (k.resize_size, k.crop_size) == (256, 224) and (lr.resize_size, lr.crop_size) == (224, 224)
 
 
 def test_devices_and_autocast_dtypes():
