@@ -104,6 +104,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def resolve_stop_iteration(stop: Any, max_iter: int) -> int:
+    """Where this job stops: ``train.stop_at_iteration``, or the schedule's end ``max_iter`` when it
+    is null. Training never goes past the schedules: a later stop is clamped to their end, with a
+    warning (raise ``optim.epochs`` to train longer; the schedules then stretch)."""
+    if stop is None:
+        return max_iter
+    try:
+        valid = not isinstance(stop, (bool, str)) and int(stop) == stop and stop >= 0
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise ValueError(f"train.stop_at_iteration must be null or a non-negative integer, got {stop!r}")
+    if int(stop) > max_iter:
+        logger.warning(
+            "train.stop_at_iteration=%d is past the end of the schedules (%d iterations = optim.epochs x "
+            "train.OFFICIAL_EPOCH_LENGTH): training stops at %d; raise optim.epochs to train longer",
+            int(stop), max_iter, max_iter,
+        )  # fmt: skip
+        return max_iter
+    return int(stop)
+
+
 class Trainer:
     """State of one run: model, optimiser, schedules, data stream, writers."""
 
@@ -113,9 +135,8 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.optimizer = build_optimizer(cfg, model)
         self.schedules = build_schedulers(cfg)
-        self.max_iter = int(cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH)
-        stop = cfg.train.stop_at_iteration
-        self.stop_iter = self.max_iter if stop is None else min(int(stop), self.max_iter)
+        self.max_iter = len(self.schedules.lr)  # optim.epochs x OFFICIAL_EPOCH_LENGTH, as every schedule
+        self.stop_iter = resolve_stop_iteration(cfg.train.stop_at_iteration, self.max_iter)
         self.accum = int(cfg.train.grad_accum_steps)
         if self.accum < 1:
             raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.accum}")

@@ -72,22 +72,67 @@ class Schedulers(NamedTuple):
     last_layer_lr: CosineScheduler
 
 
+def epochs_to_iterations(epochs: Any, epoch_len: int, key: str = "optim.epochs") -> int:
+    """``epochs * epoch_len`` iterations, rounded down (fractional epochs are allowed). A product
+    that float arithmetic puts a hair below an integer (``2.3 * 50 = 114.99999999999999``) counts
+    as that integer, so that it does not lose an iteration. ``key`` names the setting in errors."""
+    try:
+        value = float(epochs)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number of epochs, got {epochs!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} must be a non-negative number of epochs, got {epochs!r}")
+    product = value * epoch_len
+    nearest = round(product)
+    return int(nearest) if abs(product - nearest) <= 1e-9 * max(1.0, product) else math.floor(product)
+
+
+def official_epoch_length(cfg: Any) -> int:
+    """``train.OFFICIAL_EPOCH_LENGTH``, checked to be a positive integer."""
+    value = select(cfg, "train.OFFICIAL_EPOCH_LENGTH")
+    try:
+        valid = not isinstance(value, (bool, str)) and int(value) == value and value >= 1
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"train.OFFICIAL_EPOCH_LENGTH must be a positive integer (iterations per epoch), got {value!r}"
+        )
+    return int(value)
+
+
+def total_iterations(cfg: Any) -> int:
+    """The length of every epoch-long schedule: ``optim.epochs x train.OFFICIAL_EPOCH_LENGTH``."""
+    return epochs_to_iterations(select(cfg, "optim.epochs"), official_epoch_length(cfg), "optim.epochs")
+
+
 def build_schedulers(cfg: Any) -> Schedulers:
     """Build (lr, wd, momentum, teacher_temp, last_layer_lr) schedules from a training config.
 
     ``cfg.optim.lr`` is used as is: it should already be scaled to the batch size (see
     :func:`scaled_lr`). The last-layer lr equals the lr schedule, zeroed for the first
-    ``cfg.optim.freeze_last_layer_epochs`` epochs.
+    ``cfg.optim.freeze_last_layer_epochs`` epochs. Epoch counts become iterations with
+    :func:`epochs_to_iterations`; a warm-up longer than the run is refused, naming both keys.
     """
-    epoch_len = int(select(cfg, "train.OFFICIAL_EPOCH_LENGTH"))
-    total = int(select(cfg, "optim.epochs") * epoch_len)
+    epoch_len = official_epoch_length(cfg)
+    total = total_iterations(cfg)
+
+    def iters(key: str) -> int:
+        return epochs_to_iterations(select(cfg, key), epoch_len, key)
+
+    warmup = iters("optim.warmup_epochs")
+    if warmup > total:
+        raise ValueError(
+            f"optim.warmup_epochs ({select(cfg, 'optim.warmup_epochs')}, {warmup} iterations) is longer than the "
+            f"run, optim.epochs ({select(cfg, 'optim.epochs')}, {total} iterations); shorten the warm-up"
+        )
 
     def lr_schedule() -> CosineScheduler:
         return CosineScheduler(
             base_value=select(cfg, "optim.lr"),
             final_value=select(cfg, "optim.min_lr"),
             total_iters=total,
-            warmup_iters=int(select(cfg, "optim.warmup_epochs") * epoch_len),
+            warmup_iters=warmup,
             start_warmup_value=0.0,
         )
 
@@ -95,7 +140,7 @@ def build_schedulers(cfg: Any) -> Schedulers:
     momentum = CosineScheduler(
         select(cfg, "teacher.momentum_teacher"), select(cfg, "teacher.final_momentum_teacher"), total
     )
-    temp_iters = int(select(cfg, "teacher.warmup_teacher_temp_epochs") * epoch_len)
+    temp_iters = iters("teacher.warmup_teacher_temp_epochs")
     teacher_temp = CosineScheduler(
         base_value=select(cfg, "teacher.teacher_temp"),
         final_value=select(cfg, "teacher.teacher_temp"),
@@ -104,7 +149,7 @@ def build_schedulers(cfg: Any) -> Schedulers:
         start_warmup_value=select(cfg, "teacher.warmup_teacher_temp"),
     )
     last_layer_lr = lr_schedule()
-    last_layer_lr.schedule[: int(select(cfg, "optim.freeze_last_layer_epochs") * epoch_len)] = 0.0
+    last_layer_lr.schedule[: iters("optim.freeze_last_layer_epochs")] = 0.0
     return Schedulers(lr_schedule(), wd, momentum, teacher_temp, last_layer_lr)
 
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+from fractions import Fraction
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinov2.train.schedules import CosineScheduler, apply_optim_scheduler, build_schedulers, scaled_lr
+from dinov2.train.loop import resolve_stop_iteration
+from dinov2.train.schedules import (
+    CosineScheduler,
+    apply_optim_scheduler,
+    build_schedulers,
+    epochs_to_iterations,
+    scaled_lr,
+    total_iterations,
+)
 
 
 def expected_cosine(base, final, n):
@@ -161,3 +172,112 @@ def test_scaled_lr_rules():
     assert scaled_lr(0.001, 64, "linear_wrt_256") == pytest.approx(0.00025)
     with pytest.raises(ValueError, match="sqrt_wrt_1024.*linear_wrt_256"):
         scaled_lr(0.001, 64, "quadratic")
+
+
+# ---------------------------------------------------------------- epochs -> iterations, edges
+
+
+@pytest.mark.parametrize(
+    ("epochs", "epoch_len"),
+    [("2.3", 50), ("0.58", 50), ("4.02", 50), ("0.29", 100), ("0.25", 6), ("1", 1250), ("0", 50), ("2.35", 10)],
+)
+def test_epochs_to_iterations_is_exact_for_decimal_epochs(epochs, epoch_len):
+    # golden: exact rational arithmetic on the decimal the user typed, rounded down
+    expected = math.floor(Fraction(epochs) * epoch_len)
+    assert epochs_to_iterations(float(epochs), epoch_len) == expected
+
+
+def test_fractional_epochs_do_not_lose_an_iteration():
+    cfg = make_cfg()
+    cfg.train.OFFICIAL_EPOCH_LENGTH = 50
+    cfg.optim.epochs = 2.3  # 115 iterations; 2.3 * 50 is 114.99999999999999 in floats
+    cfg.optim.warmup_epochs = 0.58  # 29 warm-up points; 0.58 * 50 is 28.999999999999996
+    lr, wd, momentum, _, _ = build_schedulers(cfg)
+    assert len(lr) == len(wd) == len(momentum) == total_iterations(cfg) == 115
+    warmup = [i * 0.004 / 28 for i in range(29)]
+    assert [lr[i] for i in range(29)] == pytest.approx(warmup)
+    assert [lr[29 + i] for i in range(86)] == pytest.approx(expected_cosine(0.004, 1e-6, 86))
+
+
+def test_a_warmup_longer_than_the_run_names_both_keys():
+    cfg = make_cfg()
+    cfg.optim.warmup_epochs = 10  # the default warm-up, with a 5-epoch run
+    with pytest.raises(ValueError, match=r"optim\.warmup_epochs \(10.*optim\.epochs \(5"):
+        build_schedulers(cfg)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("train.OFFICIAL_EPOCH_LENGTH", 0),
+        ("train.OFFICIAL_EPOCH_LENGTH", 2.5),
+        ("optim.epochs", -1),
+        ("optim.warmup_epochs", -0.5),
+        ("optim.freeze_last_layer_epochs", -1),
+        ("teacher.warmup_teacher_temp_epochs", float("nan")),
+    ],
+)
+def test_bad_epoch_settings_name_the_key(key, value):
+    cfg = make_cfg()
+    OmegaConf.update(cfg, key, value)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        build_schedulers(cfg)
+
+
+def test_stop_at_iteration_past_the_schedules_is_clamped_with_a_warning(caplog):
+    assert resolve_stop_iteration(None, 20) == 20
+    assert resolve_stop_iteration(7, 20) == 7
+    assert resolve_stop_iteration(20, 20) == 20
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        assert resolve_stop_iteration(25, 20) == 20
+    assert "past the end of the schedules" in caplog.text and "optim.epochs" in caplog.text
+    for bad in (-1, 2.5, "10", True):
+        with pytest.raises(ValueError, match=r"train\.stop_at_iteration"):
+            resolve_stop_iteration(bad, 20)
+
+
+# ---------------------------------------------------------------- the schedules over a whole run
+
+
+def test_whole_run_follows_the_schedules_by_optimiser_step_under_accumulation(tmp_path):
+    """Six optimiser steps of two micro-batches each: every logged value is the schedule at the
+    step's index (not the micro-batch's), the last step included; computed here from the recipe."""
+    from test_train_loop import loss_records, run
+
+    summary = run(tmp_path, "train.grad_accum_steps=2", "train.batch_size_per_gpu=2")
+    assert summary["iteration"] == 6
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    peak = 0.004 * math.sqrt(4 / 1024)  # base_lr, sqrt rule, effective batch 2 x 1 x 2
+    assert saved.optim.lr == pytest.approx(peak)
+    lr = [0.0, peak / 2, peak] + expected_cosine(peak, 1e-6, 3)  # warm-up 0.5 x 6 = 3 points
+    wd = expected_cosine(0.04, 0.4, 6)
+    mom = expected_cosine(0.992, 1.0, 6)
+    temp = [0.04, 0.055, 0.07, 0.07, 0.07, 0.07]
+    last_layer = [0.0, 0.0, 0.0] + lr[3:]
+    logged = loss_records(tmp_path)
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    for it in range(1, 7):
+        record, i = logged[it], it - 1
+        assert record["lr"] == pytest.approx(lr[i], rel=1e-9, abs=1e-15), it
+        assert record["wd"] == pytest.approx(wd[i]), it
+        assert record["mom"] == pytest.approx(mom[i]), it
+        assert record["teacher_temp"] == pytest.approx(temp[i]), it
+        assert record["last_layer_lr"] == pytest.approx(last_layer[i], abs=1e-15), it
+
+
+def test_the_loop_runs_as_long_as_the_schedules(tmp_path):
+    """The training loop's end is the schedules' length, float noise in epochs x length included;
+    a stop past that end is clamped to it, with a warning."""
+    from test_train_loop import run
+
+    opts = ("train.OFFICIAL_EPOCH_LENGTH=50", "optim.epochs=0.58", "train.checkpoint_period_iterations=0")
+    summary = run(tmp_path / "short", *opts, "train.stop_at_iteration=1")
+    assert summary["iteration"] == 1
+    log = (tmp_path / "short" / "log.txt").read_text()
+    assert "training to iteration 1 of 29" in log  # 0.58 x 50
+    assert "past the end" not in log
+    summary = run(tmp_path / "past", "train.stop_at_iteration=8")  # TINY: 1 epoch of 6 iterations
+    assert summary["iteration"] == 6
+    log = (tmp_path / "past" / "log.txt").read_text()
+    assert "train.stop_at_iteration=8 is past the end of the schedules (6 iterations" in log
