@@ -417,6 +417,13 @@ class Trainer:
             self.accum,
             cfg.optim.lr,
         )
+        if self.iteration >= self.stop_iter:
+            logger.warning(
+                "nothing to train: this run is at iteration %d, and it stops at %d (train.stop_at_iteration, "
+                "or optim.epochs x train.OFFICIAL_EPOCH_LENGTH); raise them to train on",
+                self.iteration,
+                self.stop_iter,
+            )
         if str(cfg.train.centering) == "sinkhorn_knopp" and self.accum > 1:
             logger.info(
                 "Sinkhorn-Knopp balances the teacher's targets over each micro-batch on all processes "

@@ -139,6 +139,13 @@ def test_config_yaml_is_written_resolved(tmp_path):
     )
 
 
+def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path):
+    run(tmp_path, "train.stop_at_iteration=3")
+    summary = run(tmp_path, "train.stop_at_iteration=2")  # resumed at 3, already past the stop
+    assert summary["iteration"] == 3
+    assert "nothing to train: this run is at iteration 3, and it stops at 2" in (tmp_path / "log.txt").read_text()
+
+
 def test_resume_continues_the_identical_trajectory(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(straight)
