@@ -6,11 +6,14 @@ forward + backward, heads, losses, clipping, AdamW, teacher EMA) on a model buil
 it (``build_model``), over a few real batches (the config's dataset, augmentation and masked collate;
 the Synthetic set when that dataset cannot be opened) built once and cycled. One row per (attention
 backend, compile, activation checkpointing); CUDA synchronised around every step; median and best.
-FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one full step of an eager build without
-checkpointing (matmul/conv/attention, forward and backward; SDPA's CPU kernels, which torch's registry
-lacks, are given torch's SDPA formulas). *Executed* FLOPs with stochastic depth as configured, *nominal*
-with ``student.drop_path_rate=0``; ``mfu`` = executed / median time / device peak, ``mfu_nominal`` the
-same with the nominal FLOPs. xFormers and varlen rows use the ``sdpa`` count.
+FLOPs: model FLOPs, counted with ``torch.utils.flop_counter.FlopCounterMode`` (not fvcore) over one
+full step (all its micro-batches, no warm-up) of an eager build without checkpointing: matmul/conv/
+attention, forward and backward, a multiply-add = 2 FLOPs. Every SDPA kernel's backward is counted as
+twice its forward (the fused kernels' recomputed ``QK^T`` left out, as the ``math`` backend counts), and
+SDPA's CPU kernels, which torch's registry lacks, get torch's SDPA formula; activation-checkpointing
+recomputation is not counted (MFU, not HFU). *Executed* FLOPs with stochastic depth as configured,
+*nominal* with ``student.drop_path_rate=0``; ``mfu`` = executed / median s per step / device peak,
+``mfu_nominal`` the same with the nominal FLOPs. xFormers and varlen rows use the ``sdpa`` count.
 
 ``--mode data``: images/s of ``build_train_loader`` per ``--num-workers``, ``--iters`` batches after
 ``--warmup`` (at least one per worker); with ``train.gpu_augmentation=true`` each batch also goes to
@@ -37,7 +40,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dinov2.ops import xformers_available
 from dinov2.ops.attention import BACKENDS, resolve_backend
@@ -64,17 +67,22 @@ DEVICE_PEAKS = (
     ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
 )
 FLOPS_NOTE = (
-    "torch.utils.flop_counter.FlopCounterMode over one full Trainer.step of an eager build without activation "
-    "checkpointing: matmul/conv/attention FLOPs, forward and backward (teacher forward, student forward+backward, "
-    "heads, and the GPU augmentation's kernels when on); element-wise ops, optimizer and EMA not counted. "
-    "SDPA's CPU kernels (aten._scaled_dot_product_flash_attention_for_cpu and its backward) are counted with "
-    "torch's SDPA formulas where torch's registry has none; xformers and varlen rows carry the sdpa count "
+    "model FLOPs: torch.utils.flop_counter.FlopCounterMode (not fvcore) over one full Trainer.step (every "
+    "micro-batch of it, no warm-up) of an eager build without activation checkpointing: matmul/conv/attention "
+    "FLOPs, multiply-add = 2, forward and backward (teacher forward, student forward+backward, heads, KoLeo's "
+    "neighbour search, and the GPU augmentation's kernels when on); element-wise ops, optimizer and EMA not "
+    "counted, nor recomputation: the backward of every SDPA kernel (CPU flash, CUDA flash/efficient/cuDNN) is "
+    "counted as twice its forward (4 B H Lq Lk D), as the math backend's matmuls are, not with the recomputed "
+    "QK^T torch's registry adds, and activation checkpointing's recomputed forward is not counted (MFU, not HFU). "
+    "SDPA's CPU forward kernel (aten._scaled_dot_product_flash_attention_for_cpu), which torch's registry "
+    "lacks, gets torch's SDPA formula. xformers and varlen rows carry the sdpa count "
     "(flops_counted_with_backend). "
     "executed_flops: stochastic depth as configured; nominal_flops: the same step with student.drop_path_rate=0"
 )
 MFU_NOTE = (
-    "mfu = executed_flops / s_iter_median / peak; mfu_nominal = nominal_flops / s_iter_median / peak (model FLOPs "
-    "utilisation counting the FLOPs a step would take without stochastic depth); null when no peak is known"
+    "mfu = executed_flops / s_iter_median / peak (s_iter: one optimiser step, all its micro-batches); "
+    "mfu_nominal = nominal_flops / s_iter_median / peak (model FLOPs utilisation counting the FLOPs a step would "
+    "take without stochastic depth); null when no peak is known"
 )
 CPU_MEM_NOTE = "CPU: peak_mem_mib is the process peak RSS (ru_maxrss): monotone over rows, FLOP counting included"
 CUDA_MEM_NOTE = "CUDA: torch.cuda.max_memory_allocated over warm-up + timed steps, reset before each row"
@@ -197,33 +205,44 @@ def run_steps(trainer: Trainer, data, count: int) -> tuple[list[float], float]:
 
 
 def _sdpa_forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of an SDPA forward op whose arguments start ``(query, key, value)`` (shapes)."""
+    """FLOPs of an SDPA forward op whose arguments start ``(query, key, value)`` (shapes): ``QK^T`` and
+    ``PV``, ``2 B H Lq Lk D`` each (torch's ``sdpa_flop_count``)."""
     return sdpa_flop_count(query, key, value)
 
 
 def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of an SDPA backward op whose arguments start ``(grad_out, query, key, value)`` (shapes)."""
-    return sdpa_backward_flop_count(grad_out, query, key, value)
+    """Model FLOPs of an SDPA backward op whose arguments start ``(grad_out, query, key, value)`` (shapes):
+    twice the forward, i.e. the four products ``dP = dO V^T``, ``dV = P^T dO``, ``dQ = dS K`` and
+    ``dK = dS^T Q``, as the ``math`` backend's two batched matmuls count. The ``QK^T`` that the fused
+    kernels recompute in backward is recomputation, which model FLOPs (MFU) leave out; torch's registry
+    (``sdpa_backward_flop_count``) counts it as a fifth product, which would make a fused-attention row
+    count more FLOPs than a ``math`` row for the same model."""
+    return 2 * sdpa_flop_count(query, key, value)
 
 
-# SDPA ops that torch's FLOP registry may lack (torch 2.14 has no entry for the CPU flash kernels, so
-# FlopCounterMode would count CPU attention as 0), with their schemas' leading arguments:
-# _scaled_dot_product_flash_attention_for_cpu(query, key, value, ...) and
-# _scaled_dot_product_flash_attention_for_cpu_backward(grad_out, query, key, value, out, logsumexp, ...).
+# SDPA kernels, with their schemas' leading arguments, given explicit formulas (the same for every
+# backend, so that every row counts the same model FLOPs):
+# - _scaled_dot_product_flash_attention_for_cpu(query, key, value, ...): torch 2.14's registry lacks it
+#   (FlopCounterMode would count CPU attention as 0);
+# - the backward ops, (grad_out, query, key, value, ...): CPU flash (also missing from the registry) and
+#   the CUDA flash / memory-efficient / cuDNN kernels, whose registry formula counts the recomputed QK^T.
 EXTRA_SDPA_FORMULAS = (
     ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward_flops),
     ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
+    ("_scaled_dot_product_flash_attention_backward", _sdpa_backward_flops),
+    ("_scaled_dot_product_efficient_attention_backward", _sdpa_backward_flops),
+    ("_scaled_dot_product_cudnn_attention_backward", _sdpa_backward_flops),
 )
 
 
 def extra_flop_formulas() -> dict:
-    """FlopCounterMode ``custom_mapping`` for the ops of ``EXTRA_SDPA_FORMULAS`` that this torch has and
-    its registry does not count."""
+    """FlopCounterMode ``custom_mapping`` for the ops of ``EXTRA_SDPA_FORMULAS`` that this torch has
+    (they replace the registry's entries where it has some)."""
     formulas = {}
     for name, formula in EXTRA_SDPA_FORMULAS:
-        op = getattr(torch.ops.aten, name, None)
-        if op is not None and op not in flop_registry:
-            formulas[op] = formula
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            formulas[packet] = formula
     return formulas
 
 

@@ -84,12 +84,84 @@ def test_step_rows_times_and_flops(step_report):
 
 def test_sdpa_row_counts_its_attention(step_report):
     """On CPU, SDPA runs aten._scaled_dot_product_flash_attention_for_cpu (and its backward), which torch's
-    FLOP registry may not list: counted as zero, the sdpa row would count fewer FLOPs than math. The fused
-    backward recomputes QK^T, so sdpa counts at least what math's explicit matmuls do."""
+    FLOP registry may not list: counted as zero, the sdpa row would count fewer FLOPs than math. Counted as
+    model FLOPs (backward = twice the forward, the fused kernel's recomputed QK^T left out), both backends
+    count the same FLOPs for the same model."""
     math, sdpa = step_report["rows"]
     assert sdpa["flops_counted_with_backend"] == "sdpa" and math["flops_counted_with_backend"] == "math"
-    assert sdpa["nominal_flops"] >= math["nominal_flops"]
-    assert sdpa["executed_flops"] >= math["executed_flops"]
+    assert sdpa["nominal_flops"] == math["nominal_flops"]
+    assert sdpa["executed_flops"] == math["executed_flops"]
+
+
+def analytic_step_flops(cfg, batch: dict, drop_path: float) -> int:
+    """Model FLOPs of one training step, by hand from the config (an independent check of the counter).
+
+    Multiply-add = 2 FLOPs. Per crop of N = 1 + registers + P tokens (P patches) and per block:
+    qkv 3d^2 + proj d^2 + MLP (GELU: 2 d h; SwiGLU: 3 d h' with h' = 2/3 h rounded up to 8) per token,
+    attention QK^T and AV 2 N^2 d per crop; patch embedding 3 p^2 d per patch. Teacher: the global crops,
+    DINO head on their CLS tokens, iBOT head on the masked patches, forward only. Student: global + local
+    crops, DINO head on every CLS token, iBOT head on the masked patches; backward = 2 x forward except
+    the patch embedding (the images need no gradient: weight gradient only, 1 x). With a drop rate above
+    0.1 each block's two branches run on max(int(n (1 - rate)), 1) of each group's n crops. KoLeo: a
+    no-grad B x B x d matmul per global crop. Everything per micro-batch, times train.grad_accum_steps."""
+    s = cfg.student
+    dim, depth, patch, tokens_extra = s.embed_dim, s.depth, s.patch_size, 1 + s.num_register_tokens
+    hidden = 4 * dim
+    if s.ffn_layer == "mlp":
+        per_token = 3 * dim * dim + dim * dim + 2 * dim * hidden
+    else:
+        swiglu_hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        per_token = 3 * dim * dim + dim * dim + 3 * dim * swiglu_hidden
+    batch_size = len(batch["collated_global_crops"]) // 2
+    n_masked = len(batch["mask_indices_list"])
+
+    def backbone(crops: int, size: int, rate: float) -> tuple[int, int]:
+        """(patch embedding, blocks) forward FLOPs of one group of crops."""
+        grid = (size // patch) ** 2
+        tokens = grid + tokens_extra
+        kept = max(int(crops * (1 - rate)), 1) if rate > 0.1 else crops
+        blocks = depth * kept * (2 * tokens * per_token + 2 * 2 * tokens * tokens * dim)
+        return 2 * crops * grid * 3 * patch * patch * dim, blocks
+
+    def head(section, rows: int) -> int:
+        widths = [dim] + [section.head_hidden_dim] * (section.head_nlayers - 1)
+        widths += [section.head_bottleneck_dim, section.head_n_prototypes]
+        return 2 * rows * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+    n_global, n_local = 2 * batch_size, cfg.crops.local_crops_number * batch_size
+    teacher = sum(backbone(n_global, cfg.crops.global_crops_size, 0.0))
+    teacher += head(cfg.dino, n_global) + head(cfg.ibot, n_masked)
+    groups = [backbone(n_global, cfg.crops.global_crops_size, drop_path)]
+    groups += [backbone(n_local, cfg.crops.local_crops_size, drop_path)] if n_local else []
+    embed, blocks = sum(g[0] for g in groups), sum(g[1] for g in groups)
+    heads = head(cfg.dino, n_global + n_local) + head(cfg.ibot, n_masked)
+    student = (embed + blocks + heads) + (embed + 2 * blocks + 2 * heads)  # forward + backward
+    koleo = 2 * (2 * batch_size * batch_size * dim)
+    return cfg.train.grad_accum_steps * (teacher + student + koleo)
+
+
+EXACT_CASES = {
+    "vit, drop path 0.4, registers": ["student.num_register_tokens=2"],
+    "swiglu, no local crops, 2 micro-batches": [
+        "student.ffn_layer=swiglufused", "crops.local_crops_number=0", "train.grad_accum_steps=2",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", EXACT_CASES)
+def test_counted_flops_equal_the_analytic_formula(bench, tmp_path, case):
+    """count_flops over one full step (teacher, nested student forward + backward, heads, losses) equals
+    the hand-derived model FLOPs exactly, for math and sdpa attention, executed and nominal; one step
+    with two micro-batches counts both (twice one micro-batch), warm-up never enters."""
+    argv = [*FAST, "--num-batches", "1", *SHAPE, *EXACT_CASES[case]]
+    args = bench.parse_args(argv)
+    base = bench.load_benchmark_config(args)
+    batches, _ = bench.make_batches(base, 1, "synthetic")
+    for backend in ("math", "sdpa"):
+        for drop_path in (DROP_PATH, 0.0):
+            cfg = bench.row_config(base, backend, "false", "off", drop_path=drop_path)
+            counted = bench.count_flops(cfg, torch.device("cpu"), batches, str(tmp_path))
+            assert counted == analytic_step_flops(cfg, batches[0], drop_path), (backend, drop_path)
 
 
 class SdpaOnly(torch.nn.Module):
@@ -100,8 +172,9 @@ class SdpaOnly(torch.nn.Module):
 @pytest.mark.parametrize("backward", [False, True])
 def test_count_flops_counts_cpu_sdpa(bench, monkeypatch, backward):
     """count_flops on a step that is one SDPA call on CPU (query and key lengths differ, so a swapped
-    argument would show). Forward: QK^T and PV, 2 * Lq * Lk * D each per (batch, head). Backward: QK^T
-    recomputed, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: five products of the same size."""
+    argument would show). Forward: QK^T and PV, 2 * Lq * Lk * D each per (batch, head). Backward, as
+    model FLOPs: dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q, four products of that size (twice the
+    forward; the kernel's recomputation of QK^T is not a model FLOP)."""
     b, h, lq, lk, d = 2, 3, 5, 7, 8
     q = torch.randn(b, h, lq, d, requires_grad=backward)
     k, v = (torch.randn(b, h, lk, d, requires_grad=backward) for _ in range(2))
@@ -114,7 +187,7 @@ def test_count_flops_counts_cpu_sdpa(bench, monkeypatch, backward):
     monkeypatch.setattr(bench, "build_trainer", lambda cfg, device, output_dir: SdpaOnly())
     monkeypatch.setattr(bench, "run_steps", one_step)
     product = 2 * b * h * lq * lk * d
-    assert bench.count_flops(None, torch.device("cpu"), [], "") == (2 + 5 * backward) * product
+    assert bench.count_flops(None, torch.device("cpu"), [], "") == (2 + 4 * backward) * product
 
 
 def test_extra_flop_formulas_skip_ops_this_torch_lacks(bench, monkeypatch):
@@ -123,6 +196,54 @@ def test_extra_flop_formulas_skip_ops_this_torch_lacks(bench, monkeypatch):
     with bench.flop_counter() as counter:
         torch.ones(2, 3) @ torch.ones(3, 4)
     assert counter.get_total_flops() == 2 * 2 * 3 * 4
+
+
+def _meta_attention_calls(q, k, v, grad):
+    """(name, forward, backward) calls of the fused SDPA kernels torch dispatches to on CUDA, here on the
+    meta device (shapes only): the same aten ops, so the same FLOP formulas, without a GPU."""
+    aten = torch.ops.aten
+
+    def flash_backward(out):
+        o, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = out
+        return aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset
+        )
+
+    def efficient_backward(out):
+        o, lse, seed, offset = out
+        return aten._scaled_dot_product_efficient_attention_backward(
+            grad, q, k, v, None, o, lse, seed, offset, 0.0, [True, True, True, False]
+        )
+
+    def cudnn_backward(out):
+        o, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = out
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q, k, v, o, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, False
+        )
+
+    return [
+        ("flash", lambda: aten._scaled_dot_product_flash_attention(q, k, v), flash_backward),
+        ("efficient", lambda: aten._scaled_dot_product_efficient_attention(q, k, v, None, True), efficient_backward),
+        ("cudnn", lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True), cudnn_backward),
+    ]
+
+
+def test_cuda_attention_kernels_count_model_flops(bench):
+    """The CUDA flash / memory-efficient / cuDNN SDPA kernels (run on meta tensors) count 2 products
+    forward and 4 backward, as the math backend's matmuls do: torch's registry alone counts 5 backward
+    (the recomputed QK^T), which would put a GPU sdpa (or xformers, counted as sdpa) row above math."""
+    b, h, lq, lk, d = 2, 3, 5, 7, 8
+    q, grad = (torch.empty(b, h, lq, d, device="meta") for _ in range(2))
+    k, v = (torch.empty(b, h, lk, d, device="meta") for _ in range(2))
+    product = 2 * b * h * lq * lk * d
+    for name, forward, backward in _meta_attention_calls(q, k, v, grad):
+        out = forward()
+        with bench.flop_counter() as counter:
+            forward()
+        assert counter.get_total_flops() == 2 * product, name
+        with bench.flop_counter() as counter:
+            backward(out)
+        assert counter.get_total_flops() == 4 * product, name
 
 
 def test_data_mode_rows(bench, tmp_path):
