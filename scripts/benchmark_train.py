@@ -264,6 +264,15 @@ def count_flops(cfg, device: torch.device, batches: list[dict], output_dir: str)
     return int(counter.get_total_flops())
 
 
+def countable(cfg):
+    """``cfg`` for the FLOP count: ``ffn_layer: swiglufused`` counted as ``swiglu`` (the same
+    parameters and matmuls; xFormers' fused SwiGLU, where it runs, is a custom op the counter
+    cannot see)."""
+    if str(select(cfg, "student.ffn_layer", "mlp")) == "swiglufused":
+        cfg = OmegaConf.merge(cfg, {"student": {"ffn_layer": "swiglu"}})
+    return cfg
+
+
 def step_flops(base, backend: str, ctx: dict) -> dict:
     """Executed and nominal FLOPs for ``backend`` (cached; xFormers and varlen are counted as sdpa)."""
     # FlopCounterMode sees neither the xFormers kernel nor SDPA on jagged tensors; both compute the
@@ -272,9 +281,9 @@ def step_flops(base, backend: str, ctx: dict) -> dict:
     if counted not in ctx["flops"]:
         entry = {"executed_flops": None, "nominal_flops": None, "flops_counted_with_backend": counted}
         try:  # an eager step without checkpointing: the first thing to run out of memory on a large model
-            executed = row_config(base, counted, "false", "off")
+            executed = countable(row_config(base, counted, "false", "off"))
             entry["executed_flops"] = count_flops(executed, ctx["device"], ctx["batches"], ctx["tmp"])
-            nominal = row_config(base, counted, "false", "off", drop_path=0.0)
+            nominal = countable(row_config(base, counted, "false", "off", drop_path=0.0))
             entry["nominal_flops"] = count_flops(nominal, ctx["device"], ctx["batches"], ctx["tmp"])
         except Exception as error:  # the row is still timed; its FLOP figures are left null
             entry["flops_error"] = describe_error(error)
