@@ -10,8 +10,9 @@ to the lower class index, a class without votes is never predicted).
         --train-dataset ImageNet:split=TRAIN:root=R:extra=E --val-dataset ImageNet:split=VAL:root=R:extra=E \\
         --output-dir OUT --nb_knn 10 20 100 200 --temperature 0.07
 
-writes ``OUT/results_eval_knn.json``. Under ``torchrun`` the ranks share feature extraction and the
-queries.
+writes ``OUT/results_eval_knn.json``. Under ``torchrun`` the ranks share feature extraction and
+the training features of the search (each device holds ``1/world`` of them; ``--gather-on-cpu`` keeps
+the whole set in CPU memory).
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def knn_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, temper
     return votes.scatter_add_(1, neighbour_labels[:, :k], weights)
 
 
+def _merge_rank_neighbours(sims: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``(Q, <= k)`` nearest neighbours among its training rows -> the ``(Q, k)`` nearest
+    overall, sorted (an all-gather; a rank with fewer than ``k`` rows pads with ``-inf``)."""
+    missing = k - sims.shape[1]
+    if missing:
+        sims = torch.cat((sims, sims.new_full((len(sims), missing), float("-inf"))), dim=1)
+        labels = torch.cat((labels, labels.new_zeros((len(labels), missing))), dim=1)
+    world, queries = distributed.get_world_size(), len(sims)
+    all_sims = distributed.all_gather_cat(sims.contiguous()).view(world, queries, k).permute(1, 0, 2)
+    all_labels = distributed.all_gather_cat(labels.contiguous()).view(world, queries, k).permute(1, 0, 2)
+    top, where = all_sims.reshape(queries, world * k).topk(k, dim=1)
+    return top, all_labels.reshape(queries, world * k).gather(1, where)
+
+
 def _query_slice(n: int, shard_queries: bool) -> slice:
     if not shard_queries:
         return slice(0, n)
@@ -88,39 +103,52 @@ def knn_classify(
     chunk_size: int = 256,
     backend: str = "torch",
     shard_queries: bool = False,
+    shard_train: bool = False,
+    device: torch.device | None = None,
 ) -> dict[int, dict[str, float]]:
     """``{k: {"top1": %, "top5": %}}`` for each ``k`` in ``nb_knn`` (``k`` clipped to the training size).
 
-    Runs on the training features' device, ``chunk_size`` queries at a time (memory
+    Runs on ``device`` (default: the training features'), ``chunk_size`` queries at a time (memory
     ``chunk_size x N_train``). ``backend="faiss"`` searches with a flat inner-product index (same
     neighbours). With ``shard_queries`` each rank classifies a slice of the queries and the counts are
-    summed over ranks (all ranks must call; they must hold the same features).
+    summed over ranks (all ranks must call; they must hold the same features). With ``shard_train``
+    each rank moves only its contiguous ``1/world`` share of the training features to ``device``
+    (default: where they are), finds every query's ``k`` nearest among them, and the ranks' candidates
+    are merged by an all-gather: the same neighbours, with ``1/world`` of the training features per
+    device (ImageNet-22k's 14M ViT-g features are 86 GB in fp32).
     """
+    if shard_queries and shard_train:
+        raise ValueError("shard_queries and shard_train are alternatives: pass one")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not nb_knn or min(nb_knn) < 1 or temperature <= 0:
         raise ValueError(f"need positive nb_knn and temperature, got {tuple(nb_knn)} and {temperature}")
     if len(train_features) == 0 or len(test_features) == 0:
         raise ValueError("k-NN needs at least one training and one test feature")
-    device = train_features.device
-    train = F.normalize(train_features.float(), dim=1)
+    device = train_features.device if device is None else torch.device(device)
+    sharded = shard_train and distributed.get_world_size() > 1
+    own = _query_slice(len(train_features), sharded)  # this rank's training rows (all of them unsharded)
+    train = F.normalize(train_features[own].to(device).float(), dim=1)
     train_labels = train_labels.to(device).long()
     test_labels = test_labels.to(device).long()
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    ks = {int(k): min(int(k), len(train)) for k in nb_knn}
+    ks = {int(k): min(int(k), len(train_features)) for k in nb_knn}
     k_max = max(ks.values())
-    index = _faiss_index(train) if backend == "faiss" else None
+    index = _faiss_index(train) if backend == "faiss" and len(train) else None
     correct = torch.zeros(len(ks), 2, dtype=torch.int64, device=device)
     part = _query_slice(len(test_features), shard_queries)
     for start in range(part.start, part.stop, chunk_size):
         stop = min(start + chunk_size, part.stop)
         queries = F.normalize(test_features[start:stop].to(device).float(), dim=1)
-        if index is None:
-            sims, ids = _torch_neighbours(train, queries, k_max)
+        k_own = min(k_max, len(train))
+        if index is not None:
+            sims, ids = _faiss_neighbours(index, queries, k_own)
         else:
-            sims, ids = _faiss_neighbours(index, queries, k_max)
-        neighbour_labels = train_labels[ids]
+            sims, ids = _torch_neighbours(train, queries, k_own)
+        neighbour_labels = train_labels[own][ids] if len(train) else ids
+        if sharded:
+            sims, neighbour_labels = _merge_rank_neighbours(sims, neighbour_labels, k_max)
         for row, k in enumerate(ks.values()):
             votes = knn_votes(sims, neighbour_labels, k, temperature, num_classes)
             counts = topk_correct(votes, test_labels[start:stop], (1, 5), require_positive=True)
@@ -157,7 +185,9 @@ def extract_train_and_val(args, model, autocast_dtype, device: torch.device) -> 
             model, dataset, args.batch_size, args.num_workers, device=device, autocast_dtype=autocast_dtype,
             gather_on_cpu=args.gather_on_cpu, progress=args.progress,
         )  # fmt: skip
-        out[f"{name}_features"], out[f"{name}_labels"] = result.features.to(device), result.labels.to(device)
+        # left where the extraction gathered them (CPU with --gather-on-cpu): knn_classify moves only
+        # this rank's share of the training features to the device
+        out[f"{name}_features"], out[f"{name}_labels"] = result.features, result.labels
         out["num_skipped"][name] = result.num_skipped
     return out
 
@@ -177,7 +207,7 @@ def main(args: argparse.Namespace) -> dict:
     results = knn_classify(
         data["train_features"], data["train_labels"], data["val_features"], data["val_labels"],
         nb_knn=args.nb_knn, temperature=args.temperature, num_classes=num_classes,
-        chunk_size=args.chunk_size, backend=args.backend, shard_queries=True,
+        chunk_size=args.chunk_size, backend=args.backend, shard_train=True, device=device,
     )  # fmt: skip
     best_k = max(results, key=lambda k: results[k]["top1"])
     record = run_record(

@@ -176,6 +176,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                                              progress=False)  # fmt: skip
         out["skipping"] = (skipping.features, skipping.labels, skipping.num_skipped)
         out["knn"] = knn_classify(*_knn_problem(), nb_knn=(1, 4, 10), shard_queries=True)
+        out["knn_train"] = knn_classify(*_knn_problem(), nb_knn=(1, 4, 10, 40), shard_train=True)
+        out["knn_train_faiss"] = knn_classify(*_knn_problem(), nb_knn=(1, 4, 10), shard_train=True, backend="faiss")
+        train_x, train_y, test_x, test_y = _knn_problem()  # one training row: rank 1 holds none
+        out["knn_train_one"] = knn_classify(train_x[:1], train_y[:1], test_x, test_y, nb_knn=(1, 3), shard_train=True)
         from eval_micro import micro_vit
 
         torch.manual_seed(0)
@@ -217,6 +221,20 @@ def test_two_ranks_drop_and_count_unreadable_images_of_every_rank(two_ranks):
 def test_two_ranks_sharded_knn_equals_one_process(two_ranks):
     expected = knn_classify(*_knn_problem(), nb_knn=(1, 4, 10))
     assert [r["knn"] for r in two_ranks] == [expected, expected]
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_sharded_training_features_equal_one_process(two_ranks):
+    """Each rank searches its half of the training features; the merged neighbours give the
+    single-process result (also with faiss, and when one rank holds no training row)."""
+    problem = _knn_problem()
+    expected = knn_classify(*problem, nb_knn=(1, 4, 10, 40))
+    assert [r["knn_train"] for r in two_ranks] == [expected, expected]
+    expected_faiss = knn_classify(*problem, nb_knn=(1, 4, 10), backend="faiss")
+    assert [r["knn_train_faiss"] for r in two_ranks] == [expected_faiss, expected_faiss]
+    train_x, train_y, test_x, test_y = problem
+    one = knn_classify(train_x[:1], train_y[:1], test_x, test_y, nb_knn=(1, 3))
+    assert [r["knn_train_one"] for r in two_ranks] == [one, one]
 
 
 @pytest.mark.distributed
