@@ -32,6 +32,7 @@ from dinov2.eval.features import extract_labelled_features, make_eval_dataset
 from dinov2.eval.metrics import format_table, run_record, topk_correct, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
+from dinov2.utils.device import full_precision_matmuls
 
 logger = logging.getLogger("dinov2")
 
@@ -92,6 +93,7 @@ def _query_slice(n: int, shard_queries: bool) -> slice:
     return slice(min(rank * per_rank, n), min((rank + 1) * per_rank, n))
 
 
+@full_precision_matmuls()
 def knn_classify(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,

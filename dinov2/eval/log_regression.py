@@ -32,6 +32,7 @@ from dinov2.eval.knn import extract_train_and_val
 from dinov2.eval.metrics import format_table, run_record, topk_accuracy, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
+from dinov2.utils.device import full_precision_matmuls
 
 logger = logging.getLogger("dinov2")
 
@@ -46,6 +47,7 @@ def default_c_values(count: int = 45, low_power: float = -6.0, high_power: float
     return [10.0 ** (low_power + (high_power - low_power) * i / (count - 1)) for i in range(count)]
 
 
+@full_precision_matmuls()
 def fit_logistic_regression(
     features: torch.Tensor,
     labels: torch.Tensor,

@@ -68,6 +68,19 @@ def enable_tf32(device: torch.device, enabled: bool = True) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+@contextlib.contextmanager
+def full_precision_matmuls():
+    """fp32 matmuls without TF32 inside the block (or the decorated function), the setting restored
+    after: for the evaluations' own arithmetic (k-NN similarities, logistic-regression fits), which
+    the original runs in full fp32, while the backbone's feature extraction may use TF32."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed Python, NumPy and torch (all devices) with ``seed + rank``."""
     value = int(seed) + int(rank)

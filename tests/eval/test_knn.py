@@ -132,3 +132,23 @@ def test_small_temperature_does_not_overflow_the_votes():
     for label, expected in ((0, 100.0), (1, 0.0)):
         got = knn_classify(train_x, train_y, queries, torch.full((30,), label), nb_knn=(20,), temperature=0.01)
         assert got[20]["top1"] == expected
+
+
+def test_similarities_are_computed_without_tf32(monkeypatch):
+    """TF32 (allowed for feature extraction on CUDA) is off for the k-NN arithmetic and back on after."""
+    import dinov2.eval.knn as knn
+
+    seen, search = [], knn._torch_neighbours
+
+    def recording(*args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return search(*args)
+
+    monkeypatch.setattr(knn, "_torch_neighbours", recording)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        knn_classify(*random_problem(0), nb_knn=(3,), chunk_size=10)
+        assert seen == [False, False, False] and torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

@@ -110,3 +110,24 @@ def test_constant_features_score_chance_level(one_thread):
     result = evaluate_log_regression(torch.full((200, 8), 0.3), labels_train, torch.full((100, 8), 0.3), labels_val,
                                      c_values=[0.01, 1.0], max_iter=50)  # fmt: skip
     assert (result["top1"], result["top5"]) == (10.0, 50.0)
+
+
+def test_fits_run_without_tf32(monkeypatch):
+    """The L-BFGS fits run in full fp32/fp64 precision even when TF32 is allowed (as for extraction)."""
+    from dinov2.eval.log_regression import fit_logistic_regression
+
+    seen, step = [], torch.optim.LBFGS.step
+
+    def recording(self, closure):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return step(self, closure)
+
+    monkeypatch.setattr(torch.optim.LBFGS, "step", recording)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        gen = torch.Generator().manual_seed(0)
+        fit_logistic_regression(torch.randn(20, 4, generator=gen), torch.arange(20) % 3, 1.0, 3, max_iter=5)
+        assert seen and not any(seen) and torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
