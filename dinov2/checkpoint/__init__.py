@@ -5,6 +5,7 @@ from dinov2.checkpoint.adapters import (
     StateDictMismatchError,
     adapt_backbone_state_dict,
     adapt_head_state_dict,
+    branch_state_dict,
     check_state_dict,
     convert_weight_norm_keys,
     load_backbone_state_dict,

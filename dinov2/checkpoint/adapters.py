@@ -188,18 +188,32 @@ def adapt_backbone_state_dict(
     return state, report
 
 
-def adapt_head_state_dict(checkpoint: Mapping, head: str, branch: str = "teacher") -> dict[str, torch.Tensor]:
-    """The tensors of the projection head ``head`` (``dino_head``, ``ibot_head``) of ``branch`` in
-    ``checkpoint`` (an exported ``teacher_checkpoint.pth``, a whole model's state dict), keys
-    relative to the head, old weight-norm names converted; empty when the file has none (a
-    backbone-only file)."""
+def branch_state_dict(checkpoint: Mapping, branch: str = "teacher") -> dict[str, torch.Tensor]:
+    """The tensors of one branch of a training-side file, keys relative to the branch (``backbone.*``,
+    ``dino_head.*``, ``ibot_head.*``), wrapper segments stripped, old weight-norm names converted.
+
+    The file may be an export (``{"teacher": {...}}``), a whole model's state dict (``{"model":
+    {teacher.*, student.*}}``, ``{"state_dict": ...}``, or flat with or without branch prefixes);
+    entries that are not tensors (an iteration counter...) are left out.
+    """
     if branch not in BRANCHES:
         raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
-    state = _unwrap_container(checkpoint, branch, AdaptReport())
-    state = {strip_wrapper_segments(k): v for k, v in state.items()}
-    if any(k.startswith(f"{branch}.") for k in state):
+    state = checkpoint[branch] if isinstance(checkpoint.get(branch), Mapping) else checkpoint
+    for container in ("model", "state_dict"):
+        if state is checkpoint and isinstance(checkpoint.get(container), Mapping):
+            state = checkpoint[container]
+    state = {strip_wrapper_segments(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith(f"{branch}.") for k in state):  # that branch's part, never the other's
         state = {k[len(branch) + 1 :]: v for k, v in state.items() if k.startswith(f"{branch}.")}
-    return convert_weight_norm_keys({k[len(head) + 1 :]: v for k, v in state.items() if k.startswith(f"{head}.")})
+    return convert_weight_norm_keys(state)
+
+
+def adapt_head_state_dict(checkpoint: Mapping, head: str, branch: str = "teacher") -> dict[str, torch.Tensor]:
+    """The tensors of the projection head ``head`` (``dino_head``, ``ibot_head``) of ``branch`` in
+    ``checkpoint`` (see :func:`branch_state_dict`), keys relative to the head; empty when the file
+    has none (a backbone-only file)."""
+    prefix = f"{head}."
+    return {k[len(prefix) :]: v for k, v in branch_state_dict(checkpoint, branch).items() if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------- Hugging Face names

@@ -39,12 +39,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dinov2.checkpoint import (
-    convert_weight_norm_keys,
     load_backbone_state_dict,
     load_module_state_dict,
     load_weights_file,
 )
-from dinov2.checkpoint.adapters import strip_wrapper_segments
+from dinov2.checkpoint.adapters import branch_state_dict
 from dinov2.checkpoint.consolidate import resolve_checkpoint
 from dinov2.checkpoint.sharded import load_full_tensors
 from dinov2.checkpoint.training import TEACHER_CHECKPOINT
@@ -135,15 +134,7 @@ def read_teacher_state(source: TeacherSource) -> dict[str, torch.Tensor]:
     """The teacher's tensors on CPU, keys ``backbone.*``, ``dino_head.*``, ``ibot_head.*``."""
     if source.kind == "dcp":
         return load_full_tensors(source.path, "model.teacher.")
-    raw = load_weights_file(source.path)
-    state = raw["teacher"] if isinstance(raw.get("teacher"), Mapping) else raw
-    for container in ("model", "state_dict"):  # a whole meta-architecture's state: {"model": {teacher.*, ...}}
-        if state is raw and isinstance(raw.get(container), Mapping):
-            state = raw[container]
-    state = {strip_wrapper_segments(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if any(k.startswith("teacher.") for k in state):  # its teacher branch; the student's is not the teacher
-        state = {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
-    state = convert_weight_norm_keys(state)
+    state = branch_state_dict(load_weights_file(source.path), "teacher")
     if not any(k.startswith(tuple(f"{h}." for h in HEADS)) for k in state):
         raise ValueError(
             f"{source.path} holds a backbone without the DINO/iBOT heads; distillation targets are the teacher's "

@@ -23,7 +23,6 @@ directory resumes from them and ignores ``train.init_from``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +171,7 @@ def _load_backbone_file(model: nn.Module, location: str) -> None:
         load_module_state_dict(getattr(model, branch).backbone, state, source=location)
     loaded, fresh = [], []
     for name in (n for n in model.student if n != "backbone"):
-        head = adapt_head_state_dict(raw, name) if isinstance(raw, Mapping) else {}
+        head = adapt_head_state_dict(raw, name)
         if not head:
             fresh.append(name)
             continue
