@@ -132,23 +132,24 @@ def knn_classify(
     own = _query_slice(len(train_features), sharded)  # this rank's training rows (all of them unsharded)
     train = F.normalize(train_features[own].to(device).float(), dim=1)
     train_labels = train_labels.to(device).long()
+    own_labels = train_labels[own]
     test_labels = test_labels.to(device).long()
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     ks = {int(k): min(int(k), len(train_features)) for k in nb_knn}
     k_max = max(ks.values())
+    k_own = min(k_max, len(train))  # this rank's candidates (fewer when it holds fewer rows)
     index = _faiss_index(train) if backend == "faiss" and len(train) else None
     correct = torch.zeros(len(ks), 2, dtype=torch.int64, device=device)
     part = _query_slice(len(test_features), shard_queries)
     for start in range(part.start, part.stop, chunk_size):
         stop = min(start + chunk_size, part.stop)
         queries = F.normalize(test_features[start:stop].to(device).float(), dim=1)
-        k_own = min(k_max, len(train))
         if index is not None:
             sims, ids = _faiss_neighbours(index, queries, k_own)
         else:
             sims, ids = _torch_neighbours(train, queries, k_own)
-        neighbour_labels = train_labels[own][ids] if len(train) else ids
+        neighbour_labels = own_labels[ids]
         if sharded:
             sims, neighbour_labels = _merge_rank_neighbours(sims, neighbour_labels, k_max)
         for row, k in enumerate(ks.values()):

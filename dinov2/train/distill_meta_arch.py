@@ -58,6 +58,7 @@ from dinov2.train.ssl_meta_arch import (
     dino_crop_losses,
     ema_update_,
     koleo_term,
+    student_crop_groups,
     teacher_as_student,
     weighted_total,
 )
@@ -250,10 +251,8 @@ class DistillMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ student
     def _student_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        crops = [batch["collated_global_crops"]]
-        if self.cfg.crops.local_crops_number > 0:  # crops.local_crops_number=0: the collate gives an empty tensor
-            crops.append(batch["collated_local_crops"])
-        global_out, *local_out = self.student.backbone(crops, masks=[None] * len(crops), is_training=True)
+        crops, masks = student_crop_groups(batch, self.cfg.crops.local_crops_number, None)  # no masks
+        global_out, *local_out = self.student.backbone(crops, masks=masks, is_training=True)
         global_cls = global_out["x_norm_clstoken"]
         outputs = {"global_cls": global_cls}
         if self.do_dino:

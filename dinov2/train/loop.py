@@ -67,9 +67,10 @@ def check_finite(
     if not bool(ranks_bad.any()):
         return
     world = distributed.get_world_size()
-    where = (lambda r: f" (non-finite on {r} of {world} processes)") if world > 1 else (lambda r: "")
     bad = ", ".join(
-        f"{n}={v:.4g}{where(r)}" for n, v, r in zip(names, values.tolist(), ranks_bad.tolist(), strict=True) if r > 0
+        f"{n}={v:.4g}" + (f" (non-finite on {r} of {world} processes)" if world > 1 else "")
+        for n, v, r in zip(names, values.tolist(), ranks_bad.tolist(), strict=True)
+        if r > 0
     )
     kept = f"the last checkpoint {last_checkpoint} is untouched" if last_checkpoint else "no checkpoint was written"
     raise NonFiniteLossError(f"non-finite {what} at iteration {iteration}: {bad}; stopping ({kept})")

@@ -65,6 +65,17 @@ def center_teacher_scores(
     return targets
 
 
+def student_crop_groups(batch: dict, n_local: int, global_masks: torch.Tensor | None) -> tuple[list, list]:
+    """The student's crop groups and their masks for one nested backbone pass: the global crops
+    (with ``global_masks``), then the local crops, left out when there are none
+    (``crops.local_crops_number=0``: the collate gives an empty tensor)."""
+    crops, masks = [batch["collated_global_crops"]], [global_masks]
+    if n_local > 0:
+        crops.append(batch["collated_local_crops"])
+        masks.append(None)
+    return crops, masks
+
+
 def dino_crop_losses(
     dino_loss: DINOLoss, local_scores: torch.Tensor | None, global_scores: torch.Tensor, targets: torch.Tensor,
     n_local: int,
@@ -218,10 +229,7 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ student
     def _student_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        crops, masks = [batch["collated_global_crops"]], [batch["collated_masks"]]
-        if self.cfg.crops.local_crops_number > 0:  # crops.local_crops_number=0: the collate gives an empty tensor
-            crops.append(batch["collated_local_crops"])
-            masks.append(None)
+        crops, masks = student_crop_groups(batch, self.cfg.crops.local_crops_number, batch["collated_masks"])
         global_out, *local_out = self.student.backbone(crops, masks=masks, is_training=True)
         global_cls = global_out["x_norm_clstoken"]
         outputs = {"global_cls": global_cls}

@@ -92,15 +92,10 @@ class MetricsWriter:
             logging.getLogger(LOGGER_NAME).warning(
                 "%s: dropped %d line(s) that are not whole records (a run killed while writing)", self.path, torn
             )
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w") as handle:
-                handle.write("".join(line + "\n" for line in kept))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from dinov2.checkpoint.training import atomic_write  # the project's one atomic replace
+
+        text = "".join(line + "\n" for line in kept).encode()
+        atomic_write(self.path, lambda handle: handle.write(text))
 
     def write(self, iteration: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
