@@ -21,12 +21,17 @@ from dist_common import TINY, WORLD, free_port
 pytestmark = pytest.mark.distributed
 
 
-def _worker(rank: int, port: int, root: str) -> None:
+def _describe_group(rank: int, port: int) -> None:
+    """The variables torchrun would set for this rank of a 2-process group on this machine."""
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank),
          "LOCAL_RANK": str(rank)}
     )  # fmt: skip
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    _describe_group(rank, port)
     # a short timeout: a rank left waiting must not hold the test for gloo's default 30 minutes
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -65,11 +70,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_
 
 def _launched_worker(rank: int, port: int, root: str) -> None:
     """As under torchrun: only the environment describes the group, main creates it."""
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank),
-         "LOCAL_RANK": str(rank)}
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _describe_group(rank, port)
     from dinov2.train.train import main
 
     summary = main(["--output-dir", str(Path(root) / "run"), *TINY, "train.stop_at_iteration=1"])
