@@ -13,6 +13,47 @@ from dinov2.data.transforms import GaussianBlur, make_normalize_transform
 logger = logging.getLogger("dinov2")
 
 
+def _is_fraction_range(scale) -> bool:
+    try:
+        low, high = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        return False
+    return 0.0 < low <= high <= 1.0
+
+
+def _is_integer(value) -> bool:
+    try:
+        return not isinstance(value, bool) and float(value) == int(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def check_crop_settings(
+    global_crops_scale,
+    local_crops_scale,
+    local_crops_number,
+    global_crops_size,
+    local_crops_size,
+    probabilities: dict[str, float],
+) -> None:
+    """Raise a ValueError naming the setting (the ``crops.*`` config keys have the same names) unless the
+    scales are ``(min, max)`` area fractions with ``0 < min <= max <= 1``, the crop count is an integer
+    >= 0, the sizes are integers >= 1 and every probability is in [0, 1]."""
+    for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+        if not _is_fraction_range(scale):
+            raise ValueError(f"{name} must be a (min, max) area fraction with 0 < min <= max <= 1, got {scale!r}")
+    for name, value, least in (
+        ("local_crops_number", local_crops_number, 0),
+        ("global_crops_size", global_crops_size, 1),
+        ("local_crops_size", local_crops_size, 1),
+    ):
+        if not _is_integer(value) or int(value) < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    for name, p in probabilities.items():
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+
+
 class DataAugmentationDINO:
     """Multi-crop view generator for DINO/iBOT self-distillation.
 
@@ -28,6 +69,7 @@ class DataAugmentationDINO:
 
     Sub-pipelines are attributes (``geometric_augmentation_global``/``_local``, ``color_jittering``,
     ``global_transfo1``/``2``, ``local_transfo``, ``normalize``) so they can be inspected or tested alone.
+    Settings out of range (see :func:`check_crop_settings`) raise a ValueError naming them.
     Randomness comes from torch's global CPU generator. In training, ``SeededSamples``
     (``dinov2/data/seeding.py``) seeds it before each sample from ``train.seed`` and the sample's position
     in the ``PositionedSampler`` stream, so a sample's crops do not depend on the worker, the rank or a resume.
@@ -45,11 +87,16 @@ class DataAugmentationDINO:
         local_crops_blur_prob: float = 0.5,
         solarization_prob: float = 0.2,
     ) -> None:
+        check_crop_settings(
+            global_crops_scale, local_crops_scale, local_crops_number, global_crops_size, local_crops_size,
+            dict(global_crops_1_blur_prob=global_crops_1_blur_prob, global_crops_2_blur_prob=global_crops_2_blur_prob,
+                 local_crops_blur_prob=local_crops_blur_prob, solarization_prob=solarization_prob),
+        )  # fmt: skip
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
-        self.local_crops_number = local_crops_number
-        self.global_crops_size = global_crops_size
-        self.local_crops_size = local_crops_size
+        self.local_crops_number = int(local_crops_number)
+        self.global_crops_size = int(global_crops_size)
+        self.local_crops_size = int(local_crops_size)
         self._log_settings(global_crops_1_blur_prob, global_crops_2_blur_prob, local_crops_blur_prob, solarization_prob)
 
         self.geometric_augmentation_global = self._geometric(global_crops_size, self.global_crops_scale)

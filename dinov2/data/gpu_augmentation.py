@@ -23,6 +23,7 @@ from torchvision import transforms as T
 from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
+from dinov2.data.augmentations import check_crop_settings
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, GaussianBlur
 
 # One row of floats per crop; the crop box is in the coordinates of the image the row travels with.
@@ -59,6 +60,7 @@ class MultiCropParams:
     An image whose longer side exceeds ``max_image_side`` (default ``4 * global_crops_size``) is
     downscaled (bicubic, antialiased) after the draws and its boxes scaled with it, which bounds the
     padded batch; every crop keeps at least its output resolution unless the image is very elongated.
+    Settings out of range raise a ValueError naming them (``check_crop_settings``).
     """
 
     def __init__(
@@ -74,6 +76,12 @@ class MultiCropParams:
         solarization_prob: float = 0.2,
         max_image_side: int | None = None,
     ) -> None:
+        blur_probs = (global_crops_1_blur_prob, global_crops_2_blur_prob, local_crops_blur_prob)
+        check_crop_settings(
+            global_crops_scale, local_crops_scale, local_crops_number, global_crops_size, local_crops_size,
+            dict(zip(("global_crops_1_blur_prob", "global_crops_2_blur_prob", "local_crops_blur_prob"), blur_probs),
+                 solarization_prob=solarization_prob),
+        )  # fmt: skip
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = int(local_crops_number)
@@ -81,7 +89,6 @@ class MultiCropParams:
         self.ratio = (3.0 / 4.0, 4.0 / 3.0)
         self.flip_prob, self.jitter_prob, self.grayscale_prob = 0.5, 0.8, 0.2
         self.jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-        blur_probs = (global_crops_1_blur_prob, global_crops_2_blur_prob, local_crops_blur_prob)
         self.blurs = tuple(GaussianBlur(p) for p in blur_probs)  # global 1, global 2, local
         self.solarization_prob = solarization_prob
         self.max_image_side = 4 * self.global_crops_size if max_image_side is None else int(max_image_side)

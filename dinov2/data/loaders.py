@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from dinov2 import distributed
 from dinov2.data.samplers import EpochSampler, InfiniteSampler
@@ -56,16 +56,26 @@ def sampler_for(
 
 class WorkerSeeder:
     """``worker_init_fn`` that seeds Python ``random``, NumPy and torch in each worker from
-    ``(seed, rank, worker_id)``: reproducible across runs, different across workers and ranks."""
+    ``(seed, rank, worker_id)`` and the DataLoader iterator's base seed: reproducible across runs,
+    different across workers and ranks, and different for each new iterator of the loader (an epoch
+    of a loader without persistent workers restarts its workers; without the base seed they would
+    redraw the previous epoch's augmentations). :func:`make_data_loader` draws the base seeds from a
+    generator seeded by ``seed``, so the sequence of epochs is reproducible as well. Called
+    outside a worker, the base seed counts as 0. The three generators get independent seeds."""
 
     def __init__(self, seed: int, rank: int) -> None:
         self.seed, self.rank = int(seed), int(rank)
 
     def __call__(self, worker_id: int) -> None:
-        state = np.random.SeedSequence([self.seed, self.rank, int(worker_id)]).generate_state(2, dtype=np.uint64)
+        info = get_worker_info()
+        base_seed = 0 if info is None else int(info.seed) - int(info.id)  # the same for all workers of an iterator
+        entropy = [self.seed, self.rank, int(worker_id), base_seed]
+        state = np.random.SeedSequence(entropy).generate_state(3, dtype=np.uint64)
         random.seed(int(state[0]))
+        # NumPy's legacy generator and torch's CPU generator are both MT19937 seeded from the seed's low 32
+        # bits: one shared word would give them the same stream of numbers. Each gets its own.
         np.random.seed(int(state[1] % 2**32))
-        torch.manual_seed(int(state[1] % 2**63))
+        torch.manual_seed(int(state[2] % 2**63))
 
 
 def make_data_loader(
@@ -87,15 +97,19 @@ def make_data_loader(
     Without ``sampler`` an :class:`EpochSampler` (sharded over ranks, shuffled by ``seed`` when
     ``shuffle``) is used. ``pin_memory=None`` pins when CUDA is available; ``persistent_workers`` and
     ``prefetch_factor`` only apply with ``num_workers > 0``. ``worker_init_fn=None`` installs
-    :class:`WorkerSeeder` (seeded from ``seed`` and this process's rank); pass a callable to replace it.
+    :class:`WorkerSeeder` (seeded from ``seed``, this process's rank and each iterator's base seed, drawn
+    from a generator of the loader's own); pass a callable to replace it (then the base seeds come from
+    torch's global generator, as in PyTorch).
     With ``num_workers=0`` no seeding happens: samples use the main process's generators.
     """
     if sampler is None:
         sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    generator = None
     if worker_init_fn is None:
         worker_init_fn = WorkerSeeder(seed, distributed.get_rank())
+        generator = torch.Generator().manual_seed(int(seed))  # the iterators' base seeds, for WorkerSeeder
     extra = {}
     if num_workers > 0:
         extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor}
@@ -108,5 +122,6 @@ def make_data_loader(
         drop_last=drop_last,
         collate_fn=collate_fn,
         worker_init_fn=worker_init_fn,
+        generator=generator,
         **extra,
     )

@@ -18,7 +18,8 @@ class MaskingGenerator:
     single rectangle spans a full column or row (several together may). ``max_num_patches`` defaults to
     ``num_masking_patches``.
 
-    ``rng`` (a ``random.Random``) makes masks reproducible; by default the ``random`` module is used. A call's
+    ``rng`` (a ``random.Random``) makes masks reproducible; by default the ``random`` module is used (looked up at
+    each call, so that the generator pickles into spawned DataLoader workers). A call's
     own ``rng`` overrides it: the training collate passes one seeded per batch
     (``dinov2.data.seeding.batch_random``). Avoid giving one here for use in ``DataLoader`` workers: it is
     copied into every worker with the same state, so the workers would draw the same masks.
@@ -45,7 +46,7 @@ class MaskingGenerator:
         if not 0.0 < min_aspect <= max_aspect:
             raise ValueError(f"need 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
-        self.rng = rng if rng is not None else random
+        self.rng = rng  # None: the ``random`` module, looked up per call (a module cannot be pickled into workers)
 
     def __repr__(self) -> str:
         return (
@@ -83,7 +84,7 @@ class MaskingGenerator:
         fall short (typically when the remaining budget is below ``min_num_patches``). ``rng``
         overrides the generator given at construction for this call.
         """
-        rng = rng if rng is not None else self.rng
+        rng = rng if rng is not None else self.rng if self.rng is not None else random
         mask = np.zeros(self.get_shape(), dtype=bool)
         count = 0
         while count < num_masking_patches:

@@ -53,9 +53,10 @@ class PositionedSampler:
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        if sample_count < 1 or batch_size < 1 or start < 0:
+        if sample_count < 1 or batch_size < 1 or start < 0 or seed < 0:
             raise ValueError(
-                f"need sample_count >= 1, batch_size >= 1, start >= 0; got {sample_count}, {batch_size}, {start}"
+                "need sample_count >= 1, batch_size >= 1, start >= 0, seed >= 0; "
+                f"got {sample_count}, {batch_size}, {start}, {seed}"
             )
         self.sample_count, self.batch_size, self.seed = int(sample_count), int(batch_size), int(seed)
         self.start, self.shuffle = int(start), bool(shuffle)

@@ -113,17 +113,19 @@ def _pins_memory(cfg: Any) -> bool:
 def build_train_loader(cfg: Any, dataset, samples_consumed: int = 0) -> DataLoader:
     """Batches of ``train.batch_size_per_gpu`` from the infinite global stream, starting after
     ``samples_consumed`` samples of all ranks together (see :class:`PositionedSampler`). Host
-    memory is pinned only when ``train.device`` is a CUDA device."""
+    memory is pinned only when ``train.device`` is a CUDA device. ``train.seed`` must be >= 0."""
     if str(cfg.train.sampler_type).upper() not in ("INFINITE", "SHARDED_INFINITE"):
         raise ValueError(f"train.sampler_type={cfg.train.sampler_type!r}: training needs INFINITE or SHARDED_INFINITE")
-    batch_size = int(cfg.train.batch_size_per_gpu)
-    sampler = PositionedSampler(len(dataset), batch_size, seed=int(cfg.train.seed), start=int(samples_consumed))
+    batch_size, seed = int(cfg.train.batch_size_per_gpu), int(cfg.train.seed)
+    if seed < 0:  # the stream's generators are seeded through NumPy's SeedSequence, which takes no negative words
+        raise ValueError(f"train.seed must be a non-negative integer, got {cfg.train.seed}")
+    sampler = PositionedSampler(len(dataset), batch_size, seed=seed, start=int(samples_consumed))
     return make_data_loader(
-        SeededSamples(dataset, seed=cfg.train.seed, return_position=True),
+        SeededSamples(dataset, seed=seed, return_position=True),
         batch_size=batch_size,
         num_workers=cfg.train.num_workers,
         sampler=sampler,
-        seed=cfg.train.seed,
+        seed=seed,
         drop_last=True,
         pin_memory=_pins_memory(cfg),
         collate_fn=build_gpu_collate(cfg) if gpu_augmentation_enabled(cfg) else build_collate(cfg),

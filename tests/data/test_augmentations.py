@@ -153,6 +153,31 @@ def test_gaussian_blur_alone():
         GaussianBlur(p=1.5)
 
 
+@pytest.mark.parametrize(
+    ("setting", "name"),
+    [
+        (dict(global_crops_scale=(1.0, 0.32)), "global_crops_scale"),  # reversed
+        (dict(global_crops_scale=(0.32, 1.5)), "global_crops_scale"),  # a crop larger than the image
+        (dict(local_crops_scale=(0.0, 0.32)), "local_crops_scale"),
+        (dict(local_crops_scale=0.3), "local_crops_scale"),
+        (dict(local_crops_number=-1), "local_crops_number"),  # would silently train without local crops
+        (dict(local_crops_number=2.5), "local_crops_number"),
+        (dict(global_crops_size=0), "global_crops_size"),
+        (dict(local_crops_size=[16, 16]), "local_crops_size"),
+        (dict(solarization_prob=1.5), "solarization_prob"),
+        (dict(local_crops_blur_prob=-0.1), "local_crops_blur_prob"),
+    ],
+)
+def test_bad_crop_settings_are_named_at_construction(setting, name):
+    from dinov2.data.gpu_augmentation import MultiCropParams
+
+    defaults = dict(SCALES, local_crops_number=3, global_crops_size=32, local_crops_size=16)
+    for cls in (DataAugmentationDINO, MultiCropParams):  # both training modes check alike
+        with pytest.raises(ValueError, match=name):
+            cls(**{**defaults, **setting})
+    assert len(_small(local_crops_number=0)(_random_image())["local_crops"]) == 0
+
+
 def test_construction_logs_settings(caplog):
     with caplog.at_level(logging.INFO, logger="dinov2"):
         _small(local_crops_number=7)

@@ -142,10 +142,10 @@ def test_invalid_mask_settings_are_named(ratio, probability, message):
                               random_generator=random.Random(0))  # fmt: skip
 
 
-def _train_cfg(device="auto", mask_probability=0.5):
+def _train_cfg(device="auto", mask_probability=0.5, seed=0):
     return OmegaConf.create(
         {
-            "train": {"seed": 0, "batch_size_per_gpu": 2, "num_workers": 0, "sampler_type": "INFINITE",
+            "train": {"seed": seed, "batch_size_per_gpu": 2, "num_workers": 0, "sampler_type": "INFINITE",
                       "gpu_augmentation": False, "device": device},
             "crops": {"global_crops_scale": [0.32, 1.0], "local_crops_scale": [0.05, 0.32], "local_crops_number": 1,
                       "global_crops_size": 16, "local_crops_size": 8, "global_crops_1_blur_prob": 0.0,
@@ -173,3 +173,14 @@ def test_train_loader_pins_memory_only_for_cuda_training(monkeypatch, device, cu
     dataset = make_dataset("Synthetic:num_images=4:image_size=16")
     loader = build_train_loader(_train_cfg(device=device), dataset)
     assert loader.pin_memory is pinned
+
+
+def test_a_negative_train_seed_is_named_when_the_loader_is_built():
+    from dinov2.data.seeding import PositionedSampler
+    from dinov2.train.data import build_train_loader
+
+    dataset = make_dataset("Synthetic:num_images=4:image_size=16")
+    with pytest.raises(ValueError, match=r"train\.seed must be a non-negative integer, got -3"):
+        build_train_loader(_train_cfg(seed=-3), dataset)  # not an obscure NumPy error at the first batch
+    with pytest.raises(ValueError, match="seed >= 0"):
+        PositionedSampler(4, 2, seed=-3)

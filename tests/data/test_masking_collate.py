@@ -236,3 +236,24 @@ def test_with_dino_augmentation():
     assert out["collated_local_crops"].shape == (4, 3, 16, 16)
     assert torch.equal(out["collated_global_crops"][1], samples[1][0]["global_crops"][0].half())
     assert torch.equal(out["collated_local_crops"][2], samples[0][0]["local_crops"][1].half())
+
+
+def test_training_collate_pickles_for_spawned_workers():
+    # DataLoader workers started by spawn/forkserver (macOS; Linux from Python 3.14) receive the collate
+    # pickled: the default generator (the ``random`` module) must not be stored in it.
+    import pickle
+
+    from dinov2.train.data import build_collate
+    from dinov2.utils.config import default_config_with
+
+    cfg = default_config_with({"crops": {"global_crops_size": 32}, "student": {"patch_size": 8}})
+    collate = build_collate(cfg)
+    copy = pickle.loads(pickle.dumps(collate))
+    samples = [(crops, target, 0, position) for position, (crops, target) in enumerate(_samples())]
+    for key in ("collated_masks", "mask_indices_list", "masks_weight"):
+        assert torch.equal(copy(samples)[key], collate(samples)[key])
+    unseeded = pickle.loads(pickle.dumps(MaskingGenerator(GRID, max_num_patches=32)))
+    random.seed(5)
+    first = unseeded(20)
+    random.seed(5)
+    assert first.sum() > 0 and np.array_equal(first, unseeded(20))  # still the module's generator

@@ -163,6 +163,23 @@ def test_worker_seeding_is_reproducible_and_differs_across_workers():
     assert (first[0] != other[0]).all()
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_each_epoch_draws_new_augmentations_reproducibly(persistent):
+    def two_epochs(seed: int) -> list[torch.Tensor]:
+        loader = make_data_loader(
+            _RandomDraws(), 4, num_workers=1, shuffle=False, seed=seed, persistent_workers=persistent
+        )
+        return [torch.cat(list(loader)) for _ in range(2)]
+
+    epochs = two_epochs(seed=3)
+    # same samples in the same order, but a new epoch must not replay the previous epoch's random draws
+    assert (epochs[0] != epochs[1]).all()
+    torch.manual_seed(123)  # the epochs do not depend on the main process's generator either
+    again = two_epochs(seed=3)
+    for a, b in zip(epochs, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_worker_seeder_seeds_all_generators():
     WorkerSeeder(seed=1, rank=0)(worker_id=3)
     draws = (random.random(), np.random.rand(), torch.rand(()).item())
@@ -170,6 +187,14 @@ def test_worker_seeder_seeds_all_generators():
     assert draws == (random.random(), np.random.rand(), torch.rand(()).item())
     WorkerSeeder(seed=1, rank=1)(worker_id=3)
     assert random.random() != draws[0]
+
+
+def test_worker_seeder_gives_numpy_and_torch_different_streams():
+    # both are MT19937 generators: seeded from one word they would emit the same 32-bit numbers
+    WorkerSeeder(seed=5, rank=0)(worker_id=0)
+    from_numpy = set(np.random.randint(0, 2**32, size=64, dtype=np.uint64).tolist())
+    from_torch = set(torch.randint(0, 2**32, (64,), dtype=torch.int64).tolist())
+    assert not from_numpy & from_torch
 
 
 def test_loader_defaults_pin_memory_and_drop_last():
