@@ -58,6 +58,8 @@ def make_dinov2_model(
     **kwargs,
 ) -> DinoVisionTransformer:
     """Build a backbone with the released models' settings and optionally load weights."""
+    if arch_name not in ARCHS:
+        raise ValueError(f"Unknown arch_name {arch_name!r}; valid architectures: {', '.join(ARCHS)}")
     model = ARCHS[arch_name](
         img_size=img_size,
         patch_size=patch_size,

@@ -38,6 +38,8 @@ class PatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:  # the convolution would take a 3-d (C, H, W) image and return its features unbatched
+            raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
         height, width = x.shape[-2:]
         ph, pw = self.patch_size
         if height % ph or width % pw:

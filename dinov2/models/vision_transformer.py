@@ -154,6 +154,9 @@ class DinoVisionTransformer(nn.Module):
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         num_patches = self.patch_embed.num_patches
+        rows, cols = getattr(self.patch_embed, "patches_resolution", (math.isqrt(num_patches),) * 2)
+        if rows != cols or rows * cols != num_patches:  # resample_pos_embed reads the stored grid as square
+            raise ValueError(f"img_size {img_size}: the position embeddings are stored for a square patch grid")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_tokens, embed_dim))
         self.register_tokens = (
@@ -248,8 +251,9 @@ class DinoVisionTransformer(nn.Module):
         dtype, so under autocast, where the patch embedding yields bfloat16, concatenation and
         addition promote the residual stream to float32 as in the original. Only the mask token
         is cast, to the patch tokens' dtype, as in the original: it stands in for patch tokens."""
-        batch, _, height, width = x.shape
-        x = self.patch_embed(x)
+        height, width = x.shape[-2:]
+        x = self.patch_embed(x)  # checks the input is (B, C, H, W)
+        batch = x.shape[0]
         if masks is not None:
             if masks.shape != x.shape[:2]:
                 raise ValueError(

@@ -7,7 +7,7 @@ xFormers consumes directly. The softmax scale is always ``head_dim ** -0.5``.
 Backends:
 
 - ``math``: the explicit ``softmax(q k^T / sqrt(d)) v``; the reference every other backend is
-  tested against. Softmax runs in float32.
+  tested against. Softmax runs in float32 (float64 for float64 inputs).
 - ``sdpa``: :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient /
   C++ kernels chosen by PyTorch for the device).
 - ``varlen``: one variable-length SDPA call over a nested jagged tensor (``torch.nested``,
@@ -88,13 +88,15 @@ def resolve_backend(backend: str, device: torch.device, nested: bool = False) ->
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference attention: explicit float32 scores and softmax, also under autocast (which would
-    otherwise run the einsums in bf16/fp16). BNHD in, BNHD out."""
+    """Reference attention: explicit scores and softmax in float32 (float64 for float64 inputs, which
+    are never rounded down), also under autocast (which would otherwise run the einsums in bf16/fp16).
+    BNHD in, BNHD out."""
     scale = q.shape[-1] ** -0.5
+    dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        scores = torch.einsum("bnhd,bmhd->bhnm", q.float() * scale, k.float())
+        scores = torch.einsum("bnhd,bmhd->bhnm", q.to(dtype) * scale, k.to(dtype))
         probs = scores.softmax(dim=-1)
-        return torch.einsum("bhnm,bmhd->bnhd", probs, v.float()).to(q.dtype)
+        return torch.einsum("bhnm,bmhd->bnhd", probs, v.to(dtype)).to(q.dtype)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,11 @@ def scaled_index_add_usable() -> bool:
     forward kernel is there (xFormers switches Triton off on GPUs before sm80, and then the op raises)."""
     if not xformers_available():
         return False
-    indexing = importlib.import_module("xformers.ops.indexing")
-    return bool(indexing.ScaledIndexAddFw.is_available() and indexing.ScaledIndexAddBw.is_available())
+    try:  # a release without the op (or with it renamed) leaves the native index_add_
+        indexing = importlib.import_module("xformers.ops.indexing")
+        return bool(indexing.ScaledIndexAddFw.is_available() and indexing.ScaledIndexAddBw.is_available())
+    except Exception:
+        return False
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,10 +70,13 @@ def fused_swiglu_usable(device_type: str, dtype, bias: bool) -> bool:
     if not xformers_available():
         return False
     ops = xformers_ops()
-    choice = ops.SwiGLUOpDispatch(
-        device=device_type, dtype=dtype, dtype_autocast_gpu=dtype, packed_weights=True, bias_enabled=bias
-    ).op
-    return choice is not ops.SwiGLUEagerOp
+    try:  # a release without this dispatcher (or with another signature) leaves the native path
+        choice = ops.SwiGLUOpDispatch(
+            device=device_type, dtype=dtype, dtype_autocast_gpu=dtype, packed_weights=True, bias_enabled=bias
+        ).op
+        return choice is not ops.SwiGLUEagerOp
+    except Exception:
+        return False
 
 
 @functools.lru_cache(maxsize=8)

@@ -262,3 +262,8 @@ def test_custom_head_on_the_default_backbone_warns(monkeypatch, tmp_path, caplog
         classifiers.make_dinov2_linear_classifier(arch_name="vit_small", layers=1, weights="head.pth", num_classes=3)
     assert requested[0].endswith("dinov2_vits14_pretrain.pth")
     assert any("backbone_weights=" in record.getMessage() for record in caplog.records)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown arch_name 'vit_huge'; valid architectures: vit_tiny, vit_small"):
+        backbones.make_dinov2_model(arch_name="vit_huge", pretrained=False)

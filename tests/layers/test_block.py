@@ -165,3 +165,17 @@ def test_mlp_and_layerscale():
     torch.testing.assert_close(mlp(x), expected)
     ls = LayerScale(8, init_values=0.25)
     torch.testing.assert_close(ls(x), x * 0.25)
+
+
+@pytest.mark.parametrize("drop_path", [0.05, 0.5])  # per-sample mask, and the subset path
+def test_stochastic_depth_is_a_no_op_in_eval(drop_path):
+    """In eval a block with stochastic depth computes every sample's branches unscaled: it equals
+    the same weights without stochastic depth, for a tensor and for nested groups."""
+    torch.manual_seed(0)
+    dropping = _block(drop_path=drop_path).eval()
+    plain = _block(drop_path=0.0).eval()
+    plain.load_state_dict(dropping.state_dict())
+    xs = [torch.randn(4, 6, 32), torch.randn(8, 3, 32)]
+    torch.testing.assert_close(dropping(xs[0]), plain(xs[0]), rtol=0, atol=0)
+    for got, want in zip(dropping(xs), plain(xs)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -93,6 +95,7 @@ def test_size_not_multiple_of_patch_is_a_clear_error(size):
         _vit()(torch.randn(1, 3, *size))
 
 
+@pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("backend", ["math", "sdpa", "varlen"])
 def test_nested_forward_equals_per_group_forward(backend):
     # float64: the two passes sum in different orders (varlen's CPU path runs one sequence at a time),
@@ -228,3 +231,51 @@ def test_nested_pass_keeps_no_more_for_backward_than_separate_passes(drop_path_r
     torch.manual_seed(0)
     separate = _saved_storage_bytes(lambda: (model.forward_features(globals_), model.forward_features(locals_)))
     assert 0 < nested <= separate
+
+
+def test_non_square_stored_grid_is_refused_at_construction():
+    """A non-square img_size would only fail at the first forward (the stored grid is read as square)."""
+    for size in ((32, 64), (16, 64)):  # 4 x 8 patches, and 2 x 8 (a square count, 16, in a non-square grid)
+        message = re.escape(f"img_size {size}: the position embeddings are stored for a square")
+        with pytest.raises(ValueError, match=message):
+            _vit(img_size=size)
+    assert _vit(img_size=(32, 32)).pos_embed.shape == (1, 17, 64)
+
+
+def test_unbatched_image_is_a_clear_error():
+    model = _vit()
+    for shape in ((3, 32, 32), (1, 1, 3, 32, 32)):
+        message = re.escape(f"expected a batch of images (B, C, H, W), got a tensor of shape {shape}")
+        with pytest.raises(ValueError, match=message):
+            model(torch.randn(shape))
+        with pytest.raises(ValueError, match="expected a batch of images"):
+            model.patch_embed(torch.randn(shape))
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("backend", ["sdpa", "varlen"])
+def test_nested_training_pass_with_masks_and_stochastic_depth_equals_separate_passes(monkeypatch, backend):
+    """With the same kept samples per (block, group), the nested training pass (subset stochastic
+    depth, iBOT masks, a register) gives the separate passes' outputs and gradients."""
+    import dinov2.layers.block as block_module
+
+    def fixed_subset(batch, rate, device):  # deterministic per batch size: both passes keep the same rows
+        keep = max(int(batch * (1 - rate)), 1)
+        return torch.randperm(batch, generator=torch.Generator().manual_seed(batch))[:keep].to(device), batch / keep
+
+    monkeypatch.setattr(block_module, "sample_keep_subset", fixed_subset)
+    model = _vit(embed_dim=32, num_heads=2, depth=2, num_register_tokens=1, drop_path_rate=0.5,
+                 drop_path_uniform=True, attn_backend=backend).double().train()  # fmt: skip
+    globals_, locals_ = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    masks = torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) < 0.4
+    nested = model.forward_features_list([globals_, locals_], [masks, None])
+    separate = [model.forward_features(globals_, masks=masks), model.forward_features(locals_)]
+    losses = []
+    for outs in (nested, separate):
+        losses.append(sum(o["x_norm_patchtokens"].square().sum() + o["x_norm_clstoken"].sum() for o in outs))
+    for got, want in zip(nested, separate):
+        torch.testing.assert_close(got["x_prenorm"], want["x_prenorm"], atol=1e-12, rtol=1e-12)
+    params = list(model.parameters())
+    for a, b in zip(*(torch.autograd.grad(loss, params, allow_unused=True) for loss in losses)):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)

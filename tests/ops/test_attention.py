@@ -28,6 +28,14 @@ def test_math_matches_float64_reference(shape):
     torch.testing.assert_close(math_attention(q, k, v).double(), _reference(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_math_keeps_float64_inputs_in_float64():
+    """The reference backend never rounds float64 inputs down to float32 (errors ~1e-7 before)."""
+    q, k, v = _qkv(2, 33, 2, 16, dtype=torch.float64)
+    out = math_attention(q, k, v)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _reference(q, k, v), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 3, 8), (4, 50, 6, 32)])
 def test_sdpa_matches_math(shape):
     q, k, v = _qkv(*shape)
