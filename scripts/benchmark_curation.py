@@ -539,7 +539,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[dict]:
         rows.append(row)
         print(f"store: {row['chunks_written']} of {row['chunks']} chunks written in {row['seconds']:.1f} s", flush=True)
     if "dedup" in args.sections:
-        rows.append({"kind": "dedup", **in_child("dedup", **params)})
+        rows.append({"kind": "dedup", **in_child("dedup", **{**params, "levels": None})})  # one list per k-means row
         print(f"dedup: {rows[-1]['seconds']:.1f} s", flush=True)
     if "kmeans" in args.sections:
         for levels in args.levels:

@@ -7,8 +7,9 @@ Embedders (the ``model`` section of a curation config):
   ``teacher_checkpoint.pth``, a ``.safetensors`` export); eval transform (resize, centre crop),
   autocast on CUDA; the CLS token, the mean patch token or both (``pooling``).
 * ``kind: thumbnail``: a tiny-image descriptor (the image area-resized to ``thumbnail_size``
-  squared, each channel's mean removed). No model: a fast detector of exact and near-exact copies
-  (re-encoded, resized, lightly cropped) for the deduplication stage.
+  squared, each channel's mean removed; uniform images share one direction). No model: a fast
+  detector of exact and near-exact copies (re-encoded, resized, lightly cropped) for the
+  deduplication stage.
 
 Chunks are dealt round robin over ranks (``torchrun``); a chunk already on disk is not redone, so an
 interrupted run resumes where it stopped. Unreadable images are skipped and listed per chunk.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dinov2 import distributed
-from dinov2.curation.store import EmbeddingStore, StoreError
+from dinov2.curation.store import STAMP, EmbeddingStore, StoreError, read_json
 from dinov2.data.datasets.base import ImageDecodeError, load_image
 
 logger = logging.getLogger("dinov2")
@@ -83,6 +84,72 @@ def check_file_list_paths(paths: Sequence[str], source: str) -> None:
             )
 
 
+# ------------------------------------------------------------------------------ source stamps
+def _source_anchors(source: str) -> list[str]:
+    """The files and folders that ``source``'s image list comes from: the source itself when it
+    exists, else the existing paths among a dataset string's ``key=value`` values."""
+    if os.path.exists(os.path.expanduser(source)):
+        return [os.path.abspath(os.path.expanduser(source))]
+    values = [part.partition("=")[2] for part in source.split(":")[1:]]
+    return [os.path.abspath(os.path.expanduser(v)) for v in values if v and os.path.exists(os.path.expanduser(v))]
+
+
+def _stat(path: str, with_size: bool):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if with_size else st.st_mtime_ns
+
+
+def source_stamp(source: str, paths: Sequence[str]) -> dict[str, dict]:
+    """What a change of ``source``'s image list would change, found without listing it again: the
+    size and modification time of each list file it names, and the modification time of each folder
+    it names and of every folder between one of them and a listed image (adding, removing or
+    renaming an image changes its folder's time). Not seen: an image rewritten under its own name,
+    or images put in a folder that held none before under an unchanged parent."""
+    anchors = _source_anchors(source)
+    roots = [a for a in anchors if os.path.isdir(a)]
+    folders = set(roots)
+    for parent in {os.path.dirname(p) for p in paths} if roots else ():
+        while parent not in folders and any(parent.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+            folders.add(parent)
+            parent = os.path.dirname(parent)
+    files = {a: _stat(a, True) for a in anchors if not os.path.isdir(a)}
+    return {"files": files, "folders": {f: _stat(f, False) for f in sorted(folders)}}
+
+
+def stamp_changed(stamp: dict[str, dict]) -> bool:
+    """True when a file or folder of a :func:`source_stamp` has another size or time than recorded."""
+    files = any(_stat(p, True) != (None if v is None else list(v)) for p, v in stamp["files"].items())
+    return files or any(_stat(p, False) != v for p, v in stamp["folders"].items())
+
+
+def write_source_stamp(store_dir: str | os.PathLike, source: str, paths: Sequence[str]) -> None:
+    from dinov2.eval.metrics import write_json_atomic
+
+    write_json_atomic(Path(store_dir) / STAMP, {"source": source, **source_stamp(source, paths)})
+
+
+def source_change(source: str, store: EmbeddingStore, refresh: bool = True) -> str | None:
+    """None when ``source`` still lists the images ``store`` embedded (a store without a stamp is
+    taken as current); else what changed. Lists the source again only when its stamp moved, and
+    then (``refresh``) records the new stamp when the list turns out the same."""
+    path = store.dir / STAMP
+    if not path.is_file():
+        return None
+    stamp = read_json(path)
+    if stamp.get("source") == source and not stamp_changed(stamp):
+        return None
+    now, before = list_images(source), store.sources()
+    if now == before:
+        if refresh:
+            write_source_stamp(store.dir, source, now)
+        return None
+    added, gone = len(set(now) - set(before)), len(set(before) - set(now))
+    return f"it listed {len(before)} images when embedded and lists {len(now)} now ({added} new, {gone} gone)"
+
+
 class _ImageFiles(Dataset):
     """``(index, tensor or None, reason)`` per path; a file that cannot be decoded is reported, not replaced."""
 
@@ -108,7 +175,15 @@ def _collate(batch):
 
 # ------------------------------------------------------------------------------ embedders
 class ThumbnailEmbedder:
-    """Area-resized ``size x size`` RGB thumbnail, channel means removed, flattened and L2-normalised."""
+    """Area-resized ``size x size`` RGB thumbnail, channel means removed, flattened and L2-normalised.
+
+    A uniform image (blank, or one colour: an RMS deviation from its channel means below
+    ``FLAT_CONTRAST``) has nothing left to normalise; it gets the all-equal direction instead, which
+    is orthogonal to every other descriptor (their entries sum to zero per channel), so uniform
+    images are copies of each other (similarity 1) and of nothing else (0).
+    """
+
+    FLAT_CONTRAST = 1.0 / 255
 
     def __init__(self, size: int = 16) -> None:
         if size < 2:
@@ -121,8 +196,10 @@ class ThumbnailEmbedder:
         return F.adaptive_avg_pool2d(x, self.size)[0]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images - images.mean(dim=(2, 3), keepdim=True)
-        return F.normalize(x.flatten(1), dim=1)
+        x = (images - images.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        flat = x.pow(2).mean(dim=1).sqrt() < self.FLAT_CONTRAST
+        x[flat] = 1.0
+        return F.normalize(x, dim=1)
 
 
 class BackboneEmbedder:
@@ -235,6 +312,7 @@ def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, de
             if for_file_list:
                 check_file_list_paths(paths, source)
             EmbeddingStore.create(store_dir, paths, chunk_size, info)
+            write_source_stamp(store_dir, source, paths)  # the list was just checked against the store's
         except (ValueError, OSError) as caught:  # StoreError is a ValueError
             error = caught
     if distributed.get_world_size() > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import numpy as np
 
@@ -46,21 +47,50 @@ def num_gpus(setting) -> int:
 def factory_string(num_vectors: int, dim: int, cfg) -> str:
     """``cfg.factory`` when set; else ``Flat`` up to ``cfg.exact_max_size`` vectors, ``IVF<nlist>,PQ<m>`` above.
 
+    A factory that needs more training vectors than the store holds (``IVF65536`` for a 50,000-image
+    evaluation set) gives way to the automatic choice; one that ``cfg.train_size`` is too small for
+    is an error. The automatic IVF-PQ needs 256 training vectors (else ``Flat``).
+
     ``nlist`` is the power of two nearest ``4 sqrt(n)``, at most ``train_size / 39``; ``m`` (bytes
     per vector) is the largest of 64, 48, 32, ... that divides ``dim`` and leaves at least 4
     dimensions per sub-quantiser (fewer train slowly and gain little). ``np``: no polysemous
     training, which only serves a Hamming pre-filter that these searches never use (measured: it
     more than halves the training time of IVF4096,PQ64 on 1M x 384, same pairs; docs/performance.md).
     """
+    num_train = min(int(cfg.train_size), num_vectors)
     if cfg.factory:
-        return str(cfg.factory)
+        if _trainable(str(cfg.factory), num_vectors, cfg):
+            return str(cfg.factory)
+        logger.info("index.factory %r needs more training vectors than a store of %d holds: automatic choice",
+                    str(cfg.factory), num_vectors)  # fmt: skip
     if num_vectors <= int(cfg.exact_max_size):
         return "Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(num_vectors)))
-    cap = max(1, min(int(cfg.train_size), num_vectors) // MIN_POINTS_PER_CENTROID)
+    cap = max(1, num_train // MIN_POINTS_PER_CENTROID)
     nlist = max(1, min(nlist, 2 ** int(math.log2(cap))))
     m = next((b for b in PQ_BYTES if dim % b == 0 and 4 * b <= dim), 1)
-    return f"IVF{nlist},PQ{m}np"
+    spec = f"IVF{nlist},PQ{m}np"
+    return spec if _trainable(spec, num_vectors, cfg) else "Flat"
+
+
+def _trainable(spec: str, num_vectors: int, cfg) -> bool:
+    """Whether ``spec`` can be trained on this store's sample; False when the store is too small,
+    an error when it is ``cfg.train_size`` that is."""
+    need = training_points_needed(spec)
+    if min(int(cfg.train_size), num_vectors) >= need:
+        return True
+    if num_vectors >= need:
+        raise ValueError(f"index {spec!r} needs at least {need} training vectors, but index.train_size is "
+                         f"{int(cfg.train_size)}; raise index.train_size")  # fmt: skip
+    return False
+
+
+def training_points_needed(spec: str) -> int:
+    """The fewest training vectors faiss accepts for ``spec``: k-means needs at least one per centroid,
+    the ``IVF<n>`` lists and the ``2 ** nbits`` codes of each PQ sub-quantiser (8 bits unless ``PQ<m>x<nbits>``)."""
+    needs = [int(n) for n in re.findall(r"IVF(\d+)", spec)]
+    needs += [2 ** int(bits or 8) for bits in re.findall(r"PQ\d+(?:x(\d+))?", spec)]
+    return max(needs, default=1)
 
 
 class VectorIndex:
@@ -76,7 +106,11 @@ class VectorIndex:
             except RuntimeError as error:
                 raise ValueError(f"index.factory {spec!r} names IVF but faiss finds no IVF index in it") from error
         if gpus:
-            index = faiss.index_cpu_to_all_gpus(index, ngpu=gpus)
+            options = faiss.GpuMultipleClonerOptions()
+            # PQ: float16 lookup tables; float32 ones of 64 8-bit sub-quantisers take 64 KiB, more shared
+            # memory than a GPU block has (48 KiB), and faiss refuses the index. Flat: float32 storage (exact)
+            options.useFloat16 = re.search(r"(^|,)PQ\d", spec) is not None
+            index = faiss.index_cpu_to_all_gpus(index, co=options, ngpu=gpus)
         self.index = index
         self._ids: list[np.ndarray] = []
         self._all: np.ndarray | None = None

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dinov2 import distributed
 from dinov2.curation import clustering, dedup, retrieve
-from dinov2.curation.embed import embed_images
+from dinov2.curation.embed import embed_images, source_change
 from dinov2.curation.faiss_index import build_index, num_gpus
 from dinov2.curation.store import EmbeddingStore, read_json, write_text_atomic
 from dinov2.eval.metrics import write_json_atomic
@@ -90,6 +90,7 @@ class Curation:
 
     def __init__(self, cfg: DictConfig, output_dir: str | Path) -> None:
         self.cfg, self.out = cfg, Path(output_dir)
+        self._stores_checked = False
 
     # Bookkeeping ----------------------------------------------------------------------------------
     def fingerprint(self, stage: str) -> str:
@@ -106,13 +107,37 @@ class Curation:
             return False
         done = read_json(path)
         if done["fingerprint"] == self.fingerprint(stage):
-            return True
+            return stage != "embed" or self._stores_current(done["report"])
         changed = _changed_keys(done["settings"], stage_settings(self.cfg, stage))
         why = f"settings changed: {', '.join(changed)}" if changed else "an earlier stage's settings changed"
         raise StageError(
             f"stage {stage!r} in {self.out} was finished with other settings ({why}); "
             f"pass --redo {stage} to redo it and the stages after it, or use another output directory"
         )
+
+    def _stores_current(self, made: dict[str, Any]) -> bool:
+        """Whether the finished embed stage (its report ``made``, one entry per store) made every store
+        the settings ask for (False: it runs again and makes the missing ones, e.g. after dedup.enabled
+        turned true) and their sources list the same images (else a StageError). Checked once per run;
+        a source is listed again only if its stamp moved. Every rank decides alike: the report is not
+        rewritten before all ranks are past this check, and a stamp that rank 0 refreshes meanwhile
+        describes the same list."""
+        if self._stores_checked:
+            return True
+        stores = self.store_dirs()
+        missing = sorted(set(stores) - set(made))
+        if missing:
+            logger.info("Stage embed: the settings now ask for stores not made yet (%s)", ", ".join(missing))
+            return False
+        for role, (source, directory, _) in stores.items():
+            change = source_change(str(source), EmbeddingStore(directory), refresh=distributed.is_main_process())
+            if change is not None:
+                raise StageError(
+                    f"the {role} source {source!r} changed after the embed stage in {self.out}: {change}; "
+                    "pass --redo embed to embed it again (and redo the later stages), or use another output directory"
+                )
+        self._stores_checked = True
+        return True
 
     def redo(self, stage: str) -> None:
         """Forget ``stage`` and every later stage (their outputs are removed)."""

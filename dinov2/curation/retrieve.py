@@ -68,12 +68,12 @@ def check_seed_sets(seed_sets) -> list[dict]:
         mode = entry.get("mode", "nn")
         if mode not in MODES:
             raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
-        per_seed = int(entry.get("per_seed", 4 if mode == "nn" else 10000))
-        if per_seed < 1:
-            raise ValueError(f"{where}: per_seed must be >= 1, got {per_seed}")
+        per_seed = entry.get("per_seed", 4 if mode == "nn" else 10000)
+        if isinstance(per_seed, bool) or not isinstance(per_seed, int) or per_seed < 1:
+            raise ValueError(f"{where}: per_seed must be an integer >= 1, got {per_seed!r}")
         name = str(entry.get("name") or f"seeds{number}")
-        if name in names or "/" in name:
-            raise ValueError(f"{where}: name {name!r} is repeated or contains '/'")
+        if name in names or "/" in name or name in (".", ".."):
+            raise ValueError(f"{where}: name {name!r} is repeated, contains '/' or is '.' or '..' (it names a folder)")
         names.add(name)
         checked.append({"name": name, "dataset": str(entry["dataset"]), "mode": mode, "per_seed": per_seed})
     return checked

@@ -8,6 +8,8 @@ A store is a directory::
     chunk_00000.paths.txt    the path of each row, one per line
     chunk_00000.failed.json  {path: reason} for the images of chunk 0 that could not be read
     ...
+    source_stamp.json        optional: sizes and times of the source's list files and folders
+                             (:func:`dinov2.curation.embed.source_stamp`), for the pipeline's rerun check
 
 Chunk ``c`` covers ``sources.txt`` lines ``[c * chunk_size, (c + 1) * chunk_size)``. Its files are
 written to temporary names and renamed, the ``.npy`` last, so a chunk exists exactly when its
@@ -33,6 +35,7 @@ from dinov2.eval.metrics import write_json_atomic
 
 MANIFEST = "manifest.json"
 SOURCES = "sources.txt"
+STAMP = "source_stamp.json"  # optional: what the pipeline checks to see that the source is unchanged
 STORE_VERSION = 1
 
 
@@ -72,6 +75,10 @@ class EmbeddingStore:
         if not (self.dir / MANIFEST).is_file():
             raise StoreError(f"{self.dir} is not an embedding store (no {MANIFEST}); run the embed stage first")
         self.manifest = read_json(self.dir / MANIFEST)
+        missing = [k for k in ("num_images", "chunk_size") if k not in self.manifest]
+        if missing or not (self.dir / SOURCES).is_file():
+            what = f"{MANIFEST} has no {' or '.join(missing)}" if missing else f"no {SOURCES}"
+            raise StoreError(f"{self.dir} is not a complete embedding store ({what}; see dinov2/curation/store.py)")
         self.chunk_size = int(self.manifest["chunk_size"])
         self.num_images = int(self.manifest["num_images"])
         self.num_chunks = max(1, -(-self.num_images // self.chunk_size))
@@ -191,8 +198,20 @@ class EmbeddingStore:
         """Number of vectors per chunk (validated once per store object)."""
         if self._rows is None:
             self.check_complete()
-            self._rows = [self.load_chunk(c, mmap=True).shape[0] for c in range(self.num_chunks)]
+            self._rows = [self._check_unit_norm(c, self.load_chunk(c, mmap=True)) for c in range(self.num_chunks)]
         return self._rows
+
+    def _check_unit_norm(self, index: int, vectors: np.ndarray, count: int = 8) -> int:
+        """The chunk's number of rows, after checking that its first ``count`` rows are unit vectors:
+        every stage takes inner products for cosine similarities (a store another tool wrote may not be)."""
+        norms = np.linalg.norm(np.asarray(vectors[:count], dtype=np.float64), axis=1)
+        bad = np.nonzero(~(np.abs(norms - 1.0) <= 0.01))[0]
+        if len(bad):
+            raise StoreError(
+                f"{chunk_name(index)} in {self.dir}: row {bad[0]} has norm {norms[bad[0]]:.4g}; a store holds "
+                "L2-normalised vectors (inner product = cosine similarity), so normalise them before writing"
+            )
+        return int(vectors.shape[0])
 
     @property
     def offsets(self) -> np.ndarray:

@@ -94,8 +94,9 @@ def test_nprobe_reaches_every_replica_of_an_index_on_several_gpus(monkeypatch):
     from dinov2.curation.faiss_index import VectorIndex
 
     copies = []
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", CloneOptions, raising=False)  # faiss-gpu only
 
-    def to_all_gpus(index, ngpu):
+    def to_all_gpus(index, co, ngpu):
         replicas = faiss.IndexReplicas(index.d)
         for _ in range(ngpu):
             copies.append(faiss.clone_index(index))  # kept alive here: the replicas do not own them
@@ -112,6 +113,29 @@ def test_nprobe_reaches_every_replica_of_an_index_on_several_gpus(monkeypatch):
     index.add(x, np.arange(800) + 1000)
     _, ids = index.search(x[:3], 1)
     assert ids.shape == (3, 1) and (ids >= 1000).all()
+
+
+class CloneOptions:
+    """faiss-gpu's GpuMultipleClonerOptions, as far as the curation indexes set it."""
+
+    useFloat16 = False
+
+
+@pytest.mark.parametrize(
+    "spec, half", [("Flat", False), ("IVF8,PQ4np", True), ("PQ4", True), ("OPQ4,IVF8,Flat", False)]
+)
+def test_a_pq_index_goes_to_the_gpus_with_float16_lookup_tables_and_a_flat_one_stays_float32(monkeypatch, spec, half):
+    """faiss-gpu refuses IVF-PQ with 64 8-bit sub-quantisers (the automatic PQ64) when its lookup
+    tables are float32: 64 KiB of shared memory, above a block's 48 KiB. Flat storage stays exact."""
+    import faiss
+
+    from dinov2.curation.faiss_index import VectorIndex
+
+    passed = []
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", CloneOptions, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index, co, ngpu: passed.append(co) or index)
+    VectorIndex(16, spec, gpus=1)
+    assert len(passed) == 1 and passed[0].useFloat16 is half
 
 
 def test_a_missing_pool_path_is_named_as_missing(tmp_path):

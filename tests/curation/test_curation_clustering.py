@@ -142,5 +142,11 @@ def test_seed_set_entries_are_checked_by_name():
         retrieve.check_seed_sets([{"dataset": "d", "per_sed": 3}])
     with pytest.raises(ValueError, match=r"retrieval.seeds\[1\]: mode must be one of"):
         retrieve.check_seed_sets([{"dataset": "d"}, {"dataset": "e", "mode": "knn"}])
+    with pytest.raises(ValueError, match=r"retrieval.seeds\[0\]: per_seed must be an integer >= 1, got 'four'"):
+        retrieve.check_seed_sets([{"dataset": "d", "per_seed": "four"}])
+    with pytest.raises(ValueError, match=r"per_seed must be an integer >= 1, got 2.5"):
+        retrieve.check_seed_sets([{"dataset": "d", "per_seed": 2.5}])  # not silently 2
+    with pytest.raises(ValueError, match=r"retrieval.seeds\[0\]: name '..' .*names a folder"):
+        retrieve.check_seed_sets([{"dataset": "d", "name": ".."}])  # embeddings/seeds/.. is embeddings/
     checked = retrieve.check_seed_sets([{"dataset": "d"}, {"dataset": "e", "mode": "cluster"}])
     assert [(c["mode"], c["per_seed"]) for c in checked] == [("nn", 4), ("cluster", 10000)]

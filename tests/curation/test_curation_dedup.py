@@ -202,3 +202,47 @@ def test_copies_of_a_large_evaluation_set_are_found_through_an_approximate_index
     expected = exact.max(axis=1) >= 0.9
     assert expected[:100].all() and counts == {"val": int(expected.sum())}
     np.testing.assert_array_equal(removed, expected)
+
+
+def test_an_index_factory_too_big_for_a_small_store_gives_way_to_the_automatic_choice(tmp_path):
+    """index.factory sized for the pool also reaches the evaluation sets' indexes; faiss cannot train
+    IVF<n> on fewer than n vectors nor an 8-bit PQ on fewer than 256."""
+    cfg = config("index.factory='IVF64,PQ4x4np'", "index.train_size=5000").index
+    assert factory_string(10_000, 16, cfg) == "IVF64,PQ4x4np"
+    assert factory_string(40, 16, cfg) == "Flat"  # fewer vectors than IVF lists
+    assert factory_string(200, 16, config("index.factory='PQ4'").index) == "Flat"  # fewer than 256 PQ codes
+    with pytest.raises(ValueError, match=r"'PQ4' needs at least 256 training vectors, but index.train_size is 100"):
+        factory_string(10_000, 16, config("index.factory='PQ4'", "index.train_size=100").index)
+    rng = np.random.default_rng(3)
+    evals = rng.normal(size=(40, 16))
+    pool = rng.normal(size=(200, 16))
+    pool[:5] = evals[:5] + 0.02 * rng.normal(size=(5, 16))  # five near-copies of evaluation images
+    evals, pool = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (evals, pool))
+    pool_store, _ = make_store_from(tmp_path / "pool", pool.astype(np.float32), chunk_size=64)
+    eval_store, _ = make_store_from(tmp_path / "eval", evals.astype(np.float32))
+    removed, counts = dedup.eval_contamination(pool_store, {"val": eval_store}, 0.9, cfg)
+    expected = (pool @ evals.T).max(axis=1) >= 0.9
+    assert expected[:5].all() and counts == {"val": int(expected.sum())}
+    np.testing.assert_array_equal(removed, expected)
+
+
+def test_uniform_images_are_unit_vectors_and_copies_of_each_other_only(tmp_path):
+    """Blank pictures are the commonest copies of a crawl; with their channel means removed a
+    thumbnail has nothing left, and a zero vector is similar to nothing (not even itself)."""
+    from PIL import Image
+
+    write_pool(tmp_path / "pool", 6)
+    for name, colour in [("white.png", (255, 255, 255)), ("black.png", (0, 0, 0)), ("red.png", (200, 10, 10))]:
+        Image.new("RGB", (48, 40), colour).save(tmp_path / "pool" / name)
+    Image.new("RGB", (48, 40), (255, 255, 255)).save(tmp_path / "pool" / "white_copy.jpg", quality=60)
+    cfg = config()
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg.embed.model, chunk_size=4)
+    vectors = store.read(np.arange(len(store)))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    names = [Path(p).name for p in store.paths()]
+    blank = np.array([not n.startswith("img_") for n in names])
+    sims = vectors @ vectors.T
+    assert (sims[np.ix_(blank, blank)] > 0.99).all() and (np.abs(sims[np.ix_(blank, ~blank)]) < 1e-3).all()
+    keep, report = dedup.self_deduplicate(store, cfg.index, k=8, threshold=0.8, rerank_margin=0.05)
+    assert sorted(n for n, k in zip(names, keep) if k) == ["black.png", *(f"img_{i:04d}.png" for i in range(6))]
+    assert report["removed"] == 3

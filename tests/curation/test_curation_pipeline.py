@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from test_curation_store_embed import MICRO_OPTS
 
 from dinov2.curation.__main__ import main
 from dinov2.curation.pipeline import StageError
+from dinov2.curation.store import EmbeddingStore
 from dinov2.data.datasets import FileList
 from dinov2.utils.config import ConfigError
 
@@ -106,3 +108,53 @@ def test_config_errors_name_the_key(tmp_path):
         main(["run", "--output-dir", str(tmp_path), "pool=x", "dedup.copy_detection={kin: thumbnail}"])
     with pytest.raises(Exception, match="pool"):
         main(["run", "--output-dir", str(tmp_path)])  # the pool is required
+
+
+THUMBS = ["embed.model.kind=thumbnail", "embed.model.thumbnail_size=8", "embed.num_workers=0", "dedup.k=4",
+          "dedup.threshold=0.8", "dedup.copy_detection={kind: thumbnail, thumbnail_size: 16}"]  # fmt: skip
+
+
+def test_a_source_changed_after_the_embed_stage_is_named_and_a_touched_one_is_not(tmp_path):
+    write_pool(tmp_path / "pool", 5)
+    listing = tmp_path / "seeds.txt"
+    listing.write_text("".join(f"{tmp_path / 'pool' / f'img_000{i}.png'}\n" for i in (0, 1)))
+    args = ["embed", "--output-dir", str(tmp_path / "out"), f"pool={tmp_path / 'pool'}", *THUMBS,
+            f"retrieval.seeds=[{{name: s, dataset: {listing}}}]"]  # fmt: skip
+    main(args)
+    chunk = tmp_path / "out" / "embeddings" / "pool" / "chunk_00000.npy"
+    stamp = chunk.stat().st_mtime_ns
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    (tmp_path / "pool" / "notes.txt").write_text("not an image")  # the folder's time moves, its image list not
+    main(args)
+    assert chunk.stat().st_mtime_ns == stamp
+    write_pool(tmp_path / "extra", 1, first_seed=90)
+    (tmp_path / "extra" / "img_0000.png").rename(tmp_path / "pool" / "new.png")
+    with pytest.raises(StageError, match=r"pool source .* changed .*5 images when embedded and lists 6 now "
+                                         r"\(1 new, 0 gone\).*--redo embed"):  # fmt: skip
+        main(args)
+    (tmp_path / "pool" / "new.png").unlink()
+    main(args)  # back as embedded: accepted again
+    time.sleep(0.05)
+    listing.write_text(listing.read_text() + f"{tmp_path / 'pool' / 'img_0002.png'}\n")
+    with pytest.raises(StageError, match=r"seeds/s source .* lists 3 now \(1 new, 0 gone\)"):
+        main(args)
+    main([*args, "--redo", "embed"])
+    assert len(EmbeddingStore(tmp_path / "out" / "embeddings" / "seeds" / "s")) == 3
+
+
+def test_turning_deduplication_on_after_the_embed_stage_embeds_only_the_new_stores(tmp_path):
+    write_pool(tmp_path / "pool", 6, {1: ("jpeg",)})
+    write_pool(tmp_path / "val", 1, first_seed=3)  # picture 3 of the pool
+    args = ["--output-dir", str(tmp_path / "out"), f"pool={tmp_path / 'pool'}", *THUMBS,
+            f"dedup.eval_datasets=[{tmp_path / 'val'}]"]  # fmt: skip
+    main(["embed", *args, "dedup.enabled=false"])
+    chunk = tmp_path / "out" / "embeddings" / "pool" / "chunk_00000.npy"
+    stamp = chunk.stat().st_mtime_ns
+    assert not (tmp_path / "out" / "embeddings" / "copy").exists()
+    main(["embed", *args])  # the copy and evaluation stores are made, the pool's is kept
+    main(["dedup", *args])
+    assert chunk.stat().st_mtime_ns == stamp
+    keep = np.load(tmp_path / "out" / "dedup" / "keep.npy")
+    names = [Path(p).name for p in EmbeddingStore(tmp_path / "out" / "embeddings" / "pool").paths()]
+    # the copy of picture 1 is first in pool order and stays; picture 3 copies the evaluation image
+    assert sorted(n for n, k in zip(names, keep) if not k) == ["img_0001.png", "img_0003.png"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,8 @@ def make_store(directory: Path, sizes: list[int], dim: int = 4, seed: int = 0) -
     store = EmbeddingStore.create(directory, sources, chunk_size, INFO)
     rows = []
     for c, n in enumerate(sizes):
-        vectors = rng.normal(size=(n, dim)).astype(np.float32)
+        vectors = rng.normal(size=(n, dim))
+        vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
         store.write_chunk(c, vectors, [f"/img/{c}_{r}.png" for r in range(n)], {})
         rows.append(vectors)
     return EmbeddingStore(directory), np.concatenate(rows)
@@ -70,6 +72,24 @@ def test_a_chunk_whose_rows_and_paths_differ_is_an_error_naming_it(tmp_path):
         StoreError, match=r"chunk_00001 .*does not match its path list: \(4, 4\) embeddings but 3 paths"
     ):
         len(EmbeddingStore(tmp_path / "s"))
+
+
+def test_a_store_of_vectors_that_are_not_unit_vectors_is_refused_naming_the_chunk(tmp_path):
+    make_store(tmp_path / "s", [3, 3])
+    EmbeddingStore(tmp_path / "s").write_chunk(1, 2 * np.eye(4, dtype=np.float32)[:3], ["/a", "/b", "/c"], {})
+    with pytest.raises(StoreError, match=r"chunk_00001 .*row 0 has norm 2; a store holds L2-normalised vectors"):
+        len(EmbeddingStore(tmp_path / "s"))
+    EmbeddingStore(tmp_path / "s").write_chunk(1, np.eye(4, dtype=np.float16)[:3], ["/a", "/b", "/c"], {})
+    assert len(EmbeddingStore(tmp_path / "s")) == 6
+
+
+def test_a_store_written_elsewhere_without_its_counts_or_sources_is_named_incomplete(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"num_images": 3}')
+    with pytest.raises(StoreError, match=r"not a complete embedding store \(manifest.json has no chunk_size"):
+        EmbeddingStore(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"num_images": 3, "chunk_size": 3}')
+    with pytest.raises(StoreError, match=r"not a complete embedding store \(no sources.txt"):
+        EmbeddingStore(tmp_path)
 
 
 def test_a_store_refuses_other_images_or_another_embedder(tmp_path):
@@ -192,3 +212,29 @@ def test_two_ranks_share_the_chunks_and_write_what_one_process_writes(tmp_path):
     np.testing.assert_array_equal(two.read(np.arange(7)), single.read(np.arange(7)))
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["num_images"] == 7 and manifest["embedder"]["kind"] == "thumbnail"
+
+
+def test_a_source_stamp_moves_when_an_image_is_added_or_removed_anywhere_in_a_folder_tree(tmp_path):
+    from dinov2.curation.embed import source_stamp, stamp_changed
+
+    write_pool(tmp_path / "pool" / "a" / "b", 2)
+    write_pool(tmp_path / "pool" / "c", 1, first_seed=5)
+    source = str(tmp_path / "pool")
+    stamp = source_stamp(source, list_images(source))
+    assert sorted(stamp["folders"]) == sorted(str(tmp_path / "pool" / d) for d in ("", "a", "a/b", "c"))
+    assert not stamp_changed(stamp)
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    deep_removal = (tmp_path / "pool" / "a" / "b" / "img_0001.png").unlink
+    new_folder = (tmp_path / "pool" / "a" / "new").mkdir  # a new folder moves its parent's time
+    for edit in (deep_removal, new_folder):
+        edit()
+        assert stamp_changed(stamp)
+        stamp = source_stamp(source, list_images(source))
+        assert not stamp_changed(stamp)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'pool' / 'c' / 'img_0000.png'}\n")
+    stamp = source_stamp(f"FileList:path={listing}", [])
+    assert list(stamp["files"]) == [str(listing)] and not stamp["folders"]
+    time.sleep(0.05)
+    listing.write_text(listing.read_text() * 2)
+    assert stamp_changed(stamp)
