@@ -12,7 +12,8 @@ to the lower class index, a class without votes is never predicted).
 
 writes ``OUT/results_eval_knn.json``. Under ``torchrun`` the ranks share feature extraction and
 the training features of the search (each device holds ``1/world`` of them; ``--gather-on-cpu`` keeps
-the whole set in CPU memory).
+the whole set in CPU memory). ``--n-per-class-list 1 2 -1 --n-tries 3`` adds the low-shot protocol:
+k-NN on ``n`` training images per class (``-1``: the whole set), averaged over ``n_tries`` draws.
 """
 
 from __future__ import annotations
@@ -163,6 +164,45 @@ def knn_classify(
     return {k: {"top1": 100.0 * int(c[0]) / n, "top5": 100.0 * int(c[1]) / n} for k, c in zip(ks, correct.cpu())}
 
 
+def class_balanced_subset(labels: torch.Tensor, n_per_class: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices (CPU) of ``n_per_class`` random rows of each class of ``labels`` (every row of a
+    class with fewer), drawn by a generator seeded with ``seed``, the classes taken in ascending order."""
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class must be positive, got {n_per_class}")
+    labels = labels.cpu().long()
+    generator = torch.Generator().manual_seed(int(seed))
+    order = labels.argsort(stable=True)
+    counts = torch.bincount(labels)
+    groups = [group for group in order.split(counts.tolist()) if len(group)]
+    chosen = [group[torch.randperm(len(group), generator=generator)[:n_per_class]] for group in groups]
+    return torch.cat(chosen).sort().values
+
+
+def few_shot_knn(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    n_per_class: int,
+    n_tries: int = 1,
+    nb_knn: Sequence[int] = (10, 20, 100, 200),
+    **knn_kwargs,
+) -> dict[int, dict[str, float]]:
+    """The low-shot k-NN protocol: :func:`knn_classify` (``knn_kwargs``) with the training features of
+    :func:`class_balanced_subset` for seeds ``0 .. n_tries - 1``; per ``k`` (those of ``nb_knn`` up to
+    ``n_per_class``, and ``n_per_class`` itself) the mean top-1 / top-5 over the tries."""
+    if n_tries < 1:
+        raise ValueError(f"n_tries must be positive, got {n_tries}")
+    ks = sorted({int(k) for k in nb_knn if k <= n_per_class} | {int(n_per_class)})
+    tries = []
+    for seed in range(n_tries):
+        rows = class_balanced_subset(train_labels, n_per_class, seed).to(train_labels.device)
+        subset_features = train_features[rows.to(train_features.device)]
+        tries.append(knn_classify(subset_features, train_labels[rows], test_features, test_labels, nb_knn=ks,
+                                  **knn_kwargs))  # fmt: skip
+    return {k: {m: sum(t[k][m] for t in tries) / n_tries for m in ("top1", "top5")} for k in ks}
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parents = [get_setup_args_parser(add_help=False)]
     parser = argparse.ArgumentParser(description="k-NN evaluation", parents=parents, add_help=add_help)
@@ -173,6 +213,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--crop-size", type=int, default=224, help="eval transform: center crop")
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="neighbour search")
     parser.add_argument("--chunk-size", type=int, default=256, help="queries per similarity block")
+    parser.add_argument("--n-per-class-list", type=int, nargs="+", default=[-1],
+                        help="low-shot: training images per class (-1: the whole training set)")  # fmt: skip
+    parser.add_argument("--n-tries", type=int, default=1, help="low-shot: random subsets per n, averaged")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -199,33 +242,53 @@ def results_table(results: dict[int, dict[str, float]]) -> str:
     return format_table([(k, r["top1"], r["top5"]) for k, r in results.items()], ("k", "top-1 %", "top-5 %"))
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before the model is built and the features extracted, a ``--nb_knn`` or
+    ``--temperature`` that is not positive, a ``--n-per-class-list`` entry that is neither positive
+    nor -1, or ``--n-tries`` below 1."""
+    if min(args.nb_knn) < 1 or args.temperature <= 0:
+        raise ValueError(f"--nb_knn and --temperature must be positive, got {args.nb_knn} and {args.temperature}")
+    bad = [n for n in args.n_per_class_list if n == 0 or n < -1]
+    if bad or args.n_tries < 1:
+        raise ValueError(
+            f"--n-per-class-list takes positive counts or -1 (the whole training set), got {args.n_per_class_list}; "
+            f"--n-tries must be >= 1, got {args.n_tries}"
+        )
+
+
 def main(args: argparse.Namespace) -> dict:
-    """Run the k-NN evaluation; returns (and on rank 0 writes) the results record."""
+    """Run the k-NN evaluation; returns (and on rank 0 writes) the results record. ``results`` and
+    ``best`` are those of the whole training set (when -1 is in ``--n-per-class-list``, the default);
+    ``few_shot`` holds ``{"<n>_per_class": {"k<k>": mean over the tries}}`` for the other entries."""
+    check_args(args)
     model, autocast_dtype, _ = setup_and_build_model(args)
     device = next(model.parameters()).device
     start = time.perf_counter()
     data = extract_train_and_val(args, model, autocast_dtype, device)
     extract_s = time.perf_counter() - start
     num_classes = int(max(data["train_labels"].max(), data["val_labels"].max())) + 1
-    results = knn_classify(
-        data["train_features"], data["train_labels"], data["val_features"], data["val_labels"],
-        nb_knn=args.nb_knn, temperature=args.temperature, num_classes=num_classes,
-        chunk_size=args.chunk_size, backend=args.backend, shard_train=True, device=device,
-    )  # fmt: skip
-    best_k = max(results, key=lambda k: results[k]["top1"])
-    record = run_record(
-        "knn",
-        args,
-        data,
-        {"features": extract_s, "total": time.perf_counter() - start},
-        results={f"k{k}": r for k, r in results.items()},
-        best={"k": best_k, **results[best_k]},
-        temperature=args.temperature,
-        num_classes=num_classes,
-    )
+    features = (data["train_features"], data["train_labels"], data["val_features"], data["val_labels"])
+    options = {"temperature": args.temperature, "num_classes": num_classes, "chunk_size": args.chunk_size,
+               "backend": args.backend, "shard_train": True, "device": device}  # fmt: skip
+    summary, few_shot = {}, {}
+    for n in dict.fromkeys(args.n_per_class_list):
+        if n < 0:
+            results = knn_classify(*features, nb_knn=args.nb_knn, **options)
+            best_k = max(results, key=lambda k: results[k]["top1"])
+            summary = {"results": {f"k{k}": r for k, r in results.items()}, "best": {"k": best_k, **results[best_k]}}
+        else:
+            few_shot[n] = few_shot_knn(*features, n_per_class=n, n_tries=args.n_tries, nb_knn=args.nb_knn, **options)
+    if few_shot:
+        summary["few_shot"] = {f"{n}_per_class": {f"k{k}": r for k, r in res.items()} for n, res in few_shot.items()}
+        summary["n_tries"] = args.n_tries
+    seconds = {"features": extract_s, "total": time.perf_counter() - start}
+    record = run_record("knn", args, data, seconds, **summary, temperature=args.temperature, num_classes=num_classes)
     if distributed.is_main_process():
         path = write_json_atomic(Path(args.output_dir) / RESULTS_FILE, record)
-        print(results_table(results))
+        if "results" in summary:
+            print(results_table(results))
+        for n, res in few_shot.items():
+            print(f"{n} per class (mean of {args.n_tries} tries):\n{results_table(res)}")
         logger.info("k-NN results written to %s", path)
     return record
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dinov2 import distributed
 from dinov2.eval.knn import extract_train_and_val
-from dinov2.eval.metrics import format_table, run_record, topk_accuracy, write_json_atomic
+from dinov2.eval.metrics import format_table, mean_per_class_accuracy, run_record, topk_accuracy, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
 from dinov2.utils.device import full_precision_matmuls
@@ -38,10 +38,22 @@ logger = logging.getLogger("dinov2")
 
 RESULTS_FILE = "results_eval_log_regression.json"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+METRIC_TYPES = ("top1", "mean_per_class")  # what chooses C on the held-out part
+
+
+def score(scores: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
+    """Top-1 or mean per-class accuracy (percent) of class ``scores`` (N, C)."""
+    if metric not in METRIC_TYPES:
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRIC_TYPES}")
+    if metric == "mean_per_class":
+        return mean_per_class_accuracy(scores, labels)
+    return topk_accuracy(scores, labels, (1,))[1]
 
 
 def default_c_values(count: int = 45, low_power: float = -6.0, high_power: float = 5.0) -> list[float]:
     """``count`` values ``10 ** p`` with ``p`` evenly spaced in ``[low_power, high_power]``."""
+    if count < 1:
+        raise ValueError(f"the C grid needs at least one value (--c-count), got {count}")
     if count == 1:
         return [10.0**high_power]
     return [10.0 ** (low_power + (high_power - low_power) * i / (count - 1)) for i in range(count)]
@@ -123,19 +135,25 @@ def sweep_c(
     num_classes: int,
     max_iter: int = 1000,
     dtype: torch.dtype = torch.float64,
+    collective_device: torch.device | str | None = None,
+    metric: str = "top1",
 ) -> list[float]:
-    """Held-out top-1 accuracy (%) for each ``C``. Each rank fits every ``world``-th value (ascending,
-    warm-started from its previous fit); the accuracies are summed over ranks."""
+    """Held-out accuracy (%, ``metric``: top-1 or mean per class) for each ``C``. Each rank fits every
+    ``world``-th value (ascending, warm-started from its previous fit); the accuracies are summed over
+    ranks on ``collective_device`` (default: the features'), the device of the process group's
+    backend: CUDA under NCCL, also when the features, and so the fits, are in CPU memory
+    (``--gather-on-cpu``)."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    accuracies = torch.zeros(len(c_values), dtype=torch.float64, device=train[0].device)
+    device = train[0].device if collective_device is None else torch.device(collective_device)
+    accuracies = torch.zeros(len(c_values), dtype=torch.float64, device=device)
     params = None
     for i in sorted(range(len(c_values)), key=lambda j: c_values[j])[rank::world]:
         start = time.perf_counter()
         params = fit_logistic_regression(*train, c_values[i], num_classes, max_iter, init=params, dtype=dtype)
-        accuracies[i] = topk_accuracy(predict_scores(holdout[0], params), holdout[1], (1,))[1]
-        logger.info("C=%.3g: held-out top-1 %.2f%% (%.1f s)", c_values[i], accuracies[i], time.perf_counter() - start)
-    distributed.all_reduce(accuracies)
-    return accuracies.tolist()
+        accuracy = score(predict_scores(holdout[0], params), holdout[1], metric)
+        accuracies[i] = accuracy
+        logger.info("C=%.3g: held-out %s %.2f%% (%.1f s)", c_values[i], metric, accuracy, time.perf_counter() - start)
+    return distributed.all_reduce(accuracies).tolist()
 
 
 def evaluate_log_regression(
@@ -148,29 +166,39 @@ def evaluate_log_regression(
     max_iter: int = 1000,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    collective_device: torch.device | str | None = None,
+    metric: str = "top1",
 ) -> dict:
-    """Choose ``C`` on a stratified held-out part of train, refit on all of train, test on val.
+    """Choose ``C`` on a stratified held-out part of train by ``metric`` (top-1 or mean per-class
+    accuracy), refit on all of train, test on val. The fits run on the training features' device;
+    ``collective_device`` is where the ranks sum the held-out accuracies (:func:`sweep_c`).
 
-    Returns ``{"best_c", "top1", "top5", "holdout_top1": {C: %}, ...}`` (percentages).
+    Returns ``{"best_c", "top1", "top5", "mean_per_class", "metric_type", "holdout_<metric>": {C: %}}``
+    (percentages).
     """
+    if metric not in METRIC_TYPES:  # before any fit
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRIC_TYPES}")
     c_values = list(default_c_values() if c_values is None else c_values)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     device = train_features.device
     train_labels, val_labels = train_labels.to(device), val_labels.to(device)
     if len(c_values) == 1:
-        best_c, holdout_top1 = c_values[0], {}
+        best_c, holdout = c_values[0], {}
     else:
         fit_idx, holdout_idx = (i.to(device) for i in stratified_split(train_labels, holdout_fraction, seed))
         accuracies = sweep_c(
             (train_features[fit_idx], train_labels[fit_idx]),
             (train_features[holdout_idx], train_labels[holdout_idx]),
-            c_values, num_classes, max_iter=max_iter, dtype=dtype,
+            c_values, num_classes, max_iter=max_iter, dtype=dtype, collective_device=collective_device, metric=metric,
         )  # fmt: skip
         best_c = c_values[max(range(len(c_values)), key=lambda i: (accuracies[i], -c_values[i]))]
-        holdout_top1 = dict(zip(c_values, accuracies))
+        holdout = dict(zip(c_values, accuracies))
     params = fit_logistic_regression(train_features, train_labels, best_c, num_classes, max_iter, dtype=dtype)
-    accuracy = topk_accuracy(predict_scores(val_features, params), val_labels, (1, 5))
-    return {"best_c": best_c, "top1": accuracy[1], "top5": accuracy[5], "holdout_top1": holdout_top1}
+    val_scores = predict_scores(val_features, params)
+    accuracy = topk_accuracy(val_scores, val_labels, (1, 5))
+    return {"best_c": best_c, "top1": accuracy[1], "top5": accuracy[5],
+            "mean_per_class": mean_per_class_accuracy(val_scores, val_labels), "metric_type": metric,
+            f"holdout_{metric}": holdout}  # fmt: skip
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -182,6 +210,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--holdout-fraction", type=float, default=0.1, help="part of train used to choose C")
     parser.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     parser.add_argument("--seed", type=int, default=0, help="held-out split seed")
+    parser.add_argument("--metric-type", choices=METRIC_TYPES, default="top1",
+                        help="held-out metric that chooses C (mean_per_class: fine-grained benchmarks)")  # fmt: skip
     parser.add_argument("--train-dtype", choices=tuple(DTYPES), default="float64", help="precision of the fits")
     parser.add_argument("--gather-on-cpu", action="store_true", help="keep gathered features in CPU memory")
     # 224 / 224, as the original's logistic regression (k-NN and the linear probe resize to 256)
@@ -193,23 +223,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     """Extract features, run the C sweep and the final fit; returns (and on rank 0 writes) the record."""
+    c_values = args.c_values or default_c_values(args.c_count, *args.c_powers)  # checked before any work
+    if min(c_values) <= 0:
+        raise ValueError(f"C values must be positive (--c-values), got {c_values}")
     model, autocast_dtype, _ = setup_and_build_model(args)
     device = next(model.parameters()).device
     start = time.perf_counter()
     data = extract_train_and_val(args, model, autocast_dtype, device)
     extract_s = time.perf_counter() - start
-    c_values = args.c_values or default_c_values(args.c_count, *args.c_powers)
     result = evaluate_log_regression(
         data["train_features"], data["train_labels"], data["val_features"], data["val_labels"],
         c_values=c_values, holdout_fraction=args.holdout_fraction, max_iter=args.max_iter, seed=args.seed,
-        dtype=DTYPES[args.train_dtype],
+        dtype=DTYPES[args.train_dtype], collective_device=device, metric=args.metric_type,
     )  # fmt: skip
     seconds = {"features": extract_s, "total": time.perf_counter() - start}
     record = run_record("log_regression", args, data, seconds, **result)
     if distributed.is_main_process():
         path = write_json_atomic(Path(args.output_dir) / RESULTS_FILE, record)
-        rows = [(f"{result['best_c']:.3g}", result["top1"], result["top5"])]
-        print(format_table(rows, ("best C", "top-1 %", "top-5 %")))
+        rows = [(f"{result['best_c']:.3g}", result["top1"], result["top5"], result["mean_per_class"])]
+        print(format_table(rows, ("best C", "top-1 %", "top-5 %", "mean per-class %")))
         logger.info("Logistic regression results written to %s", path)
     return record
 

@@ -66,17 +66,28 @@ def topk_accuracy(
     return {k: 100.0 * c / n for k, c in topk_correct(scores, labels, ks, require_positive).items()}
 
 
+def mean_per_class_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The top-1 accuracy (percent) of each class present in ``labels``, averaged over those classes
+    (the metric of fine-grained benchmarks such as Pets, Flowers or Aircraft); same tie convention."""
+    if labels.shape[0] == 0:
+        raise ValueError("cannot compute an accuracy over zero samples")
+    hits = topk_hits(scores, labels, (1,))[1]
+    labels = labels.to(hits.device).long()
+    total = torch.bincount(labels)
+    correct = torch.bincount(labels[hits], minlength=len(total))
+    present = total > 0
+    return 100.0 * float((correct[present].double() / total[present].double()).mean())
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
+    if isinstance(value, torch.Tensor) or callable(getattr(value, "tolist", None)):  # also numpy arrays, scalars
+        return _jsonable(value.tolist())
     if isinstance(value, Path):
         return str(value)
     return value

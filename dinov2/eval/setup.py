@@ -95,7 +95,8 @@ def build_eval_model(
 
 def setup_and_build_model(args: argparse.Namespace) -> tuple[nn.Module, torch.dtype | None, DictConfig]:
     """Entry-point setup: device, process group (torchrun), logging (console and ``OUTPUT/log.txt``),
-    TF32 on CUDA, the frozen model, autocast from ``compute_precision.autocast_dtype``.
+    the frozen model, TF32 on CUDA as ``compute_precision.tf32`` says, autocast from
+    ``compute_precision.autocast_dtype``.
 
     Returns ``(model, autocast_dtype, config)``.
     """
@@ -103,8 +104,8 @@ def setup_and_build_model(args: argparse.Namespace) -> tuple[nn.Module, torch.dt
     distributed.init_from_env(device)
     output_dir = getattr(args, "output_dir", "") or None
     setup_logging(output_dir, rank=distributed.get_rank())
-    device_utils.enable_tf32(device)
     model, cfg = build_eval_model(args.config_file, args.pretrained_weights, getattr(args, "opts", ()), device)
+    device_utils.enable_tf32(device, bool(cfg.compute_precision.tf32))
     autocast_dtype = device_utils.resolve_autocast_dtype(cfg.compute_precision.autocast_dtype, device)
     logger.info("Evaluating on %s (autocast %s, world size %d)", device, autocast_dtype, distributed.get_world_size())
     return model, autocast_dtype, cfg

@@ -188,9 +188,20 @@ def parse_launcher_args(
     return slurm_args, entry_argv, entry_args
 
 
+def check_local_gpus(ngpus: int) -> None:
+    """On a machine with CUDA, one task per GPU needs ``ngpus`` GPUs here: with fewer, tasks would
+    share a GPU and NCCL stops the job ("duplicate GPU"). Without CUDA the tasks run on the CPU."""
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available and ngpus > available:
+        raise SystemExit(f"--executor local with --ngpus {ngpus}, but this machine has {available} GPU(s): "
+                         f"pass --ngpus {available} or fewer (the default is 8)")  # fmt: skip
+
+
 def check_submission(entry: EntryPoint, slurm_args: argparse.Namespace, entry_args: argparse.Namespace) -> None:
     """Refuse what would only fail once the job starts: no output directory, a config that does not
-    load, a negative job shape, several nodes on the local executor."""
+    load, a negative job shape, several nodes or more GPUs than this machine has on the local executor."""
     if not entry_args.output_dir:
         swallowed = [opt for opt in entry_args.opts or () if opt.startswith("--")]
         hint = f"; {' '.join(swallowed)} came after a key=value override: options go first" if swallowed else ""
@@ -200,6 +211,8 @@ def check_submission(entry: EntryPoint, slurm_args: argparse.Namespace, entry_ar
         raise SystemExit(f"--nodes must be >= 1 and --ngpus >= 0, got {slurm_args.nodes} and {slurm_args.ngpus}")
     if slurm_args.executor == "local" and slurm_args.nodes != 1:
         raise SystemExit(f"--executor local runs on this machine only: use --nodes 1 (got {slurm_args.nodes})")
+    if slurm_args.executor == "local":
+        check_local_gpus(slurm_args.ngpus)
     try:
         entry.load_config(getattr(entry_args, entry.config_attr) or None, list(entry_args.opts or ()))
     except (ConfigError, FileNotFoundError, ValueError) as error:

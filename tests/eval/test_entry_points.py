@@ -37,6 +37,25 @@ def test_knn_main_writes_results(micro_arch, tmp_path, capsys):
     assert "top-1 %" in capsys.readouterr().out
 
 
+def test_knn_main_low_shot_records_each_n_per_class(micro_arch, tmp_path):
+    args = knn.get_args_parser().parse_args(
+        [*DATASETS, *COMMON, "--output-dir", str(tmp_path), "--nb_knn", "1", "20", "--n-per-class-list", "2", "-1",
+         "--n-tries", "2", "--no-progress", *micro_arch]
+    )  # fmt: skip
+    record = knn.main(args)
+    saved = json.loads((tmp_path / knn.RESULTS_FILE).read_text())
+    assert set(saved["results"]) == {"k1", "k20"} and saved["n_tries"] == 2
+    assert set(saved["few_shot"]) == {"2_per_class"} and set(saved["few_shot"]["2_per_class"]) == {"k1", "k2"}
+    for result in saved["few_shot"]["2_per_class"].values():
+        assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
+        hits = result["top1"] * 20 * 2 / 100  # the mean of 2 counts of the 20 queries
+        assert hits == pytest.approx(round(hits))
+    assert saved["few_shot"] == json.loads(json.dumps(record["few_shot"]))
+    for bad in (["--n-per-class-list", "0"], ["--n-tries", "0"]):
+        with pytest.raises(ValueError, match="n-per-class-list"):
+            knn.main(knn.get_args_parser().parse_args([*DATASETS, *COMMON, *bad, "--", *micro_arch]))
+
+
 def test_knn_main_with_trained_weights_equals_direct_computation(micro_arch, tmp_path):
     """The script's numbers are those of extract_features + knn_classify on the loaded weights."""
     from dinov2.data.transforms import make_classification_eval_transform
@@ -57,6 +76,26 @@ def test_knn_main_with_trained_weights_equals_direct_computation(micro_arch, tmp
     assert record["results"]["k3"] == expected[3]
 
 
+@pytest.mark.parametrize(
+    ("module", "bad", "message"),
+    [
+        (knn, ["--nb_knn", "0"], "--nb_knn"),
+        (knn, ["--temperature", "0"], "--temperature"),
+        (knn, ["--n-per-class-list", "-2"], "n-per-class-list"),
+        (log_regression, ["--c-count", "0"], "--c-count"),
+        (log_regression, ["--c-values", "1", "-0.5"], "--c-values"),
+    ],
+)
+def test_bad_protocol_arguments_fail_before_the_model_is_built(module, bad, message, monkeypatch, micro_arch):
+    def no_model(args):
+        raise AssertionError("the model was built (and features would be extracted) before the check")
+
+    monkeypatch.setattr(module, "setup_and_build_model", no_model)
+    args = module.get_args_parser().parse_args([*DATASETS, *COMMON, *bad, "--", *micro_arch])
+    with pytest.raises(ValueError, match=message):
+        module.main(args)
+
+
 def test_log_regression_main_writes_results(micro_arch, tmp_path):
     args = log_regression.get_args_parser().parse_args(
         [*DATASETS, *COMMON, "--output-dir", str(tmp_path), "--c-values", "0.01", "1", "--max-iter", "50",
@@ -67,6 +106,7 @@ def test_log_regression_main_writes_results(micro_arch, tmp_path):
     assert saved["task"] == "log_regression" and saved["best_c"] in (0.01, 1.0)
     assert set(saved["holdout_top1"]) == {"0.01", "1.0"}
     assert 0.0 <= saved["top1"] <= saved["top5"] <= 100.0
+    assert saved["metric_type"] == "top1" and 0.0 <= saved["mean_per_class"] <= 100.0
 
 
 @pytest.mark.slow

@@ -100,3 +100,26 @@ def test_format_table_aligns_columns_and_formats_floats():
     assert lines[2].split() == ["10", "81.23", "95.00"]
     assert lines[3].split() == ["200", "7.50", "60.00"]
     assert len({len(line) for line in lines}) == 1
+
+
+def test_write_json_atomic_converts_numpy_arrays_and_non_finite_numpy_scalars(tmp_path):
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"per_class": np.array([0.5, 1.0]), "loss": np.float32("nan"), "n": np.int64(3)})
+    text = path.read_text()
+    assert "NaN" not in text  # not valid JSON; non-finite numbers are written as strings
+    assert json.loads(text) == {"per_class": [0.5, 1.0], "loss": "nan", "n": 3}
+
+
+def test_mean_per_class_accuracy_averages_the_classes_present():
+    from dinov2.eval.metrics import mean_per_class_accuracy
+
+    # class 0: 3 of 4 right; class 2: 0 of 1 right; class 1 absent (predicted once, not averaged in)
+    scores = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]])
+    labels = torch.tensor([0, 0, 0, 0, 2])
+    assert mean_per_class_accuracy(scores, labels) == pytest.approx((75.0 + 0.0) / 2)
+    assert topk_accuracy(scores, labels, (1,))[1] == pytest.approx(60.0)  # top-1 weighs samples, not classes
+    tied = torch.zeros(4, 3)  # all-equal scores predict class 0 (the tie convention)
+    assert mean_per_class_accuracy(tied, torch.tensor([0, 1, 1, 2])) == pytest.approx(100.0 / 3)
+    with pytest.raises(ValueError, match="zero samples"):
+        mean_per_class_accuracy(scores[:0], labels[:0])

@@ -178,3 +178,15 @@ def test_dataset_errors_name_the_dataset_and_role():
         make_eval_dataset("", role="val dataset")
     with pytest.raises(ValueError, match="missing_dir"):
         make_eval_dataset("ImageFolder:root=/missing_dir")
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_setup_follows_the_configs_tf32_setting(tf32, micro_arch, tmp_path, monkeypatch):
+    """``compute_precision.tf32=false`` (fp32 feature extraction on CUDA) must not be overridden."""
+    from dinov2.utils import device as device_utils
+
+    calls = []
+    monkeypatch.setattr(device_utils, "enable_tf32", lambda device, enabled=True: calls.append(enabled))
+    overrides = [*micro_arch, f"compute_precision.tf32={str(tf32).lower()}"]
+    setup_and_build_model(get_args_parser().parse_args(["--output-dir", str(tmp_path), "--device", "cpu", *overrides]))
+    assert calls == [tf32]

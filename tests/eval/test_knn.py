@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dinov2.eval.knn import knn_classify
+from dinov2.eval.knn import class_balanced_subset, few_shot_knn, knn_classify
 
 
 def brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, num_classes):
@@ -152,3 +152,33 @@ def test_similarities_are_computed_without_tf32(monkeypatch):
         assert seen == [False, False, False] and torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_class_balanced_subset_takes_n_random_rows_of_every_class():
+    labels = torch.tensor([2, 0, 2, 1, 2, 0, 2, 2, 0, 1, 0, 4])  # class 3 absent, class 4 has one row
+    for seed in range(3):
+        rows = class_balanced_subset(labels, 2, seed)
+        assert rows.tolist() == sorted(set(rows.tolist()))  # sorted, no repeats
+        assert torch.bincount(labels[rows], minlength=5).tolist() == [2, 2, 2, 0, 1]
+    assert class_balanced_subset(labels, 2, 0).equal(class_balanced_subset(labels, 2, 0))
+    draws = {tuple(class_balanced_subset(labels, 2, seed).tolist()) for seed in range(10)}
+    assert len(draws) > 1  # the seed changes the draw
+    assert class_balanced_subset(labels, 100, 0).tolist() == list(range(len(labels)))
+    with pytest.raises(ValueError, match="n_per_class"):
+        class_balanced_subset(labels, 0)
+
+
+def test_few_shot_knn_is_the_mean_over_tries_of_knn_on_the_subsets():
+    train_x, train_y, test_x, test_y = random_problem(8, n_train=80, n_test=30, num_classes=5)
+    got = few_shot_knn(train_x, train_y, test_x, test_y, n_per_class=3, n_tries=2, nb_knn=(1, 2, 10),
+                       temperature=0.1, num_classes=5)  # fmt: skip
+    assert list(got) == [1, 2, 3]  # the k up to n_per_class, and n_per_class itself
+    for k in got:
+        tries = []
+        for seed in (0, 1):
+            rows = class_balanced_subset(train_y, 3, seed)
+            tries.append(brute_force_knn(train_x[rows], train_y[rows], test_x, test_y, k, 0.1, 5))
+        for metric in ("top1", "top5"):
+            assert got[k][metric] == pytest.approx(sum(t[metric] for t in tries) / 2)
+    with pytest.raises(ValueError, match="n_tries"):
+        few_shot_knn(train_x, train_y, test_x, test_y, n_per_class=3, n_tries=0)

@@ -131,3 +131,45 @@ def test_fits_run_without_tf32(monkeypatch):
         assert seen and not any(seen) and torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_sweep_sums_accuracies_on_the_collective_device(monkeypatch, one_thread):
+    """Under NCCL the process group only reduces CUDA tensors, while --gather-on-cpu fits on the CPU:
+    the held-out accuracies must be summed on the collective device, not on the features' device.
+    (``meta`` stands in for CUDA; the fake all-reduce plays the 2-rank sum.)"""
+    from dinov2.eval import log_regression
+
+    train_x, train_y, _, _ = overlapping_gaussians(4, n_train=120)
+    holdout = (train_x[:40], train_y[:40])
+    seen = []
+
+    def fake_all_reduce(tensor):
+        seen.append(tensor.device)
+        return torch.tensor([11.0, 22.0, 33.0], dtype=torch.float64)  # the sum over both ranks
+
+    monkeypatch.setattr(log_regression.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(log_regression.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(log_regression.distributed, "all_reduce", fake_all_reduce)
+    sums = log_regression.sweep_c(
+        (train_x, train_y), holdout, [1e-2, 1.0, 1e-4], 6, max_iter=20, collective_device="meta"
+    )
+    assert seen == [torch.device("meta")]
+    assert sums == [11.0, 22.0, 33.0]
+
+
+def test_c_can_be_chosen_on_mean_per_class_accuracy(one_thread):
+    """Imbalanced classes: the record holds the val mean per-class accuracy (checked against an
+    independent per-class count) and the held-out scores of the chosen metric."""
+    train_x, train_y, val_x, val_y = overlapping_gaussians(5, n_train=240, n_val=120)
+    keep = (train_y != 1) | (torch.arange(len(train_y)) % 6 == 0)  # class 1 is rare in train
+    train_x, train_y = train_x[keep], train_y[keep]
+    c_values = [1e-4, 1e-2, 1.0]
+    result = evaluate_log_regression(train_x, train_y, val_x, val_y, c_values=c_values, holdout_fraction=0.3,
+                                     max_iter=100, metric="mean_per_class")  # fmt: skip
+    assert result["metric_type"] == "mean_per_class" and list(result["holdout_mean_per_class"]) == c_values
+    assert result["best_c"] == max(c_values, key=lambda c: (result["holdout_mean_per_class"][c], -c))
+    predictions = predict_scores(val_x, fit_logistic_regression(train_x, train_y, result["best_c"], 6, 100)).argmax(1)
+    per_class = [(predictions[val_y == c] == c).float().mean().item() * 100 for c in val_y.unique().tolist()]
+    assert result["mean_per_class"] == pytest.approx(sum(per_class) / len(per_class))
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate_log_regression(train_x, train_y, val_x, val_y, c_values=c_values, metric="top5")

@@ -170,6 +170,23 @@ def test_mistakes_fail_before_submission(argv, message, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was submitted
 
 
+def test_local_executor_refuses_more_gpus_than_the_machine_has(monkeypatch, tmp_path):
+    """Tasks beyond the machine's GPUs would share one (LOCAL_RANK modulo the count) and NCCL would
+    stop the job; without CUDA (this machine) local tasks run on the CPU whatever --ngpus says."""
+    import torch
+
+    argv = ["--output-dir", str(tmp_path / "out"), "--executor", "local", "--slurm-output-dir", str(tmp_path / "s")]
+    slurm, _, entry_args = launcher.parse_launcher_args(run_train.ENTRY, [*argv, "--ngpus", "2"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    launcher.check_submission(run_train.ENTRY, slurm, entry_args)  # CPU tasks: no SystemExit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=re.escape("--ngpus 2, but this machine has 1 GPU(s)")):
+        launcher.check_submission(run_train.ENTRY, slurm, entry_args)
+    slurm.ngpus = 1
+    launcher.check_submission(run_train.ENTRY, slurm, entry_args)
+
+
 def test_a_valid_interpolation_passes_the_submission_check(tmp_path):
     argv = ["--output-dir", str(tmp_path / "%j"), "--config", "vitl14", "optim.min_lr=${optim.base_lr}"]
     slurm, _, entry_args = launcher.parse_launcher_args(run_train.ENTRY, argv)
