@@ -55,6 +55,7 @@ from dinov2.train.ssl_meta_arch import (
     N_GLOBAL_CROPS,
     build_head,
     center_teacher_scores,
+    check_loss_weights,
     dino_crop_losses,
     ema_update_,
     koleo_term,
@@ -95,6 +96,7 @@ def _check_config(cfg: Any, teacher_cfg: Any, origin: str) -> None:
     """``origin``: where ``teacher_cfg`` came from (named in the errors about the teacher)."""
     if cfg.train.centering not in CENTERINGS:
         raise ValueError(f"train.centering={cfg.train.centering!r}; valid: {', '.join(CENTERINGS)}")
+    check_loss_weights(cfg)
     if cfg.ibot.loss_weight > 0 and not cfg.ibot.separate_head:
         raise ValueError(
             "distillation needs ibot.separate_head: true (the student's iBOT head learns the teacher's patch targets)"

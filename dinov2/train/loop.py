@@ -180,11 +180,15 @@ class Trainer:
         )
         logger.info("checkpoint written: %s", self.last_checkpoint)
 
-    def resume(self) -> bool:
-        """Load the latest checkpoint of the output directory, if any (saved on any world size)."""
+    def resume(self, truncate_metrics: bool = True) -> bool:
+        """Load the latest checkpoint of the output directory, if any (saved on any world size).
+
+        Training from it rewrites what was logged after it, so ``truncate_metrics`` drops those records
+        (all of them on a fresh start); ``--eval-only``, which trains nothing, passes False."""
         path = find_latest_checkpoint(self.checkpoint_dir)
         if path is None:  # a fresh start: records of a run lost before its first checkpoint go
-            self.metrics.truncate_after(-1)
+            if truncate_metrics:
+                self.metrics.truncate_after(-1)
             return False
         state = load_checkpoint(path, self.model, self.optimizer)
         if self.scaler is not None and state.get("grad_scaler"):
@@ -198,7 +202,8 @@ class Trainer:
             logger.info("checkpoint saved on %s processes, now %d: RNG streams are reseeded from (seed, rank, "
                         "iteration); data and masks are unaffected", state.get("world_size"), distributed.get_world_size())  # fmt: skip
         self.last_checkpoint = path
-        self.metrics.truncate_after(self.iteration)
+        if truncate_metrics:
+            self.metrics.truncate_after(self.iteration)
         logger.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 

@@ -169,4 +169,6 @@ def scaled_lr(base_lr: float, global_batch_size: int, scaling_rule: str) -> floa
         return base_lr * math.sqrt(global_batch_size / 1024)
     if scaling_rule == "linear_wrt_256":
         return base_lr * global_batch_size / 256
-    raise ValueError(f"Unknown lr scaling rule {scaling_rule!r}; valid: {', '.join(SCALING_RULES)}")
+    raise ValueError(
+        f"optim.scaling_rule={scaling_rule!r} is not a known lr scaling rule; valid: {', '.join(SCALING_RULES)}"
+    )

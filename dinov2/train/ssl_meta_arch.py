@@ -27,6 +27,7 @@ from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.models.init import seeded_init_
+from dinov2.utils.config import select
 
 logger = logging.getLogger("dinov2")
 
@@ -99,6 +100,19 @@ def koleo_term(koleo_loss: KoLeoLoss, global_cls: torch.Tensor) -> torch.Tensor:
     return sum(koleo_loss(c) for c in global_cls.chunk(N_GLOBAL_CROPS))
 
 
+LOSS_WEIGHT_KEYS = ("dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight")
+
+
+def check_loss_weights(cfg: Any) -> None:
+    """Every loss weight is a number >= 0 (0 turns its term off), and at least one term is on."""
+    weights = {key: select(cfg, key) for key in LOSS_WEIGHT_KEYS}
+    for key, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ValueError(f"{key} must be a number >= 0 (0 turns the term off), got {value!r}")
+    if not any(value > 0 for value in weights.values()):
+        raise ValueError(f"every loss term is off ({', '.join(f'{k}=0' for k in weights)}): nothing to train")
+
+
 def weighted_total(cfg: Any, losses: dict[str, torch.Tensor]) -> torch.Tensor:
     """``w_dino * (dino_local + dino_global) + w_koleo * koleo + w_ibot * ibot``."""
     weights = {
@@ -128,6 +142,7 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         if cfg.train.centering not in CENTERINGS:
             raise ValueError(f"train.centering={cfg.train.centering!r}; valid: {', '.join(CENTERINGS)}")
+        check_loss_weights(cfg)
         self.cfg = cfg
         self.do_dino = cfg.dino.loss_weight > 0
         self.do_koleo = cfg.dino.koleo_loss_weight > 0

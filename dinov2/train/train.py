@@ -47,6 +47,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(cfg: Any, key: str) -> int:
+    """The value of ``key``, which must be a positive integer (a batch size, a number of steps)."""
+    value = select(cfg, key)
+    try:
+        valid = not isinstance(value, (bool, str)) and int(value) == value and value >= 1
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def setup_config(args: argparse.Namespace, cfg: Any = None) -> Any:
     """Default <- experiment config <- overrides (``cfg`` when already loaded); output dir and the
     derived lr filled in, for the current world size."""
@@ -55,7 +67,7 @@ def setup_config(args: argparse.Namespace, cfg: Any = None) -> Any:
     if args.output_dir:
         cfg.train.output_dir = str(args.output_dir)
     world = distributed.get_world_size()
-    batch = int(cfg.train.batch_size_per_gpu) * world * int(cfg.train.grad_accum_steps)
+    batch = _positive_int(cfg, "train.batch_size_per_gpu") * world * _positive_int(cfg, "train.grad_accum_steps")
     cfg.optim.lr = scaled_lr(float(cfg.optim.base_lr), batch, str(cfg.optim.scaling_rule))
     return cfg
 
@@ -83,6 +95,16 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
             (output_dir / name).rename(aside / name)
     logger.warning("--no-resume: the earlier run in %s was moved to %s", output_dir, aside)
     return aside
+
+
+def write_run_config(cfg: Any, output_dir: Path) -> None:
+    """``OUTPUT/config.yaml`` (rank 0): the resolved config (interpolations written as their values),
+    atomically, so that a killed run never leaves a torn file for the evaluations or for a distillation
+    that reads it. Written once the run's own checkpoint (if any) has loaded, so that a config whose
+    model no longer fits it leaves the file describing the checkpoints."""
+    if distributed.is_main_process():
+        resolved = OmegaConf.to_yaml(cfg, resolve=True).encode()
+        atomic_write(output_dir / "config.yaml", lambda handle: handle.write(resolved))
 
 
 def build_model(cfg: Any, device):
@@ -126,10 +148,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         if args.no_resume and not args.eval_only:
             set_aside_previous_run(output_dir)
-        # resolved (interpolations written as their values), and atomically: a killed run never
-        # leaves a torn config.yaml for its resume or for a distillation that reads it
-        resolved = OmegaConf.to_yaml(cfg, resolve=True).encode()
-        atomic_write(output_dir / "config.yaml", lambda handle: handle.write(resolved))
     distributed.barrier()  # no rank looks into the output directory before rank 0 has set it up
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg))
     logger.info("device %s, %d process(es); lr %.4g (base_lr %s, %s)", device, distributed.get_world_size(),
@@ -147,12 +165,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         load_init_source(model, init_source)
     seed_everything(int(cfg.train.seed), distributed.get_rank())  # then per-rank streams (stochastic depth)
     trainer = Trainer(cfg, model, device, output_dir)
-    if args.eval_only:
-        if not trainer.resume():
+    if args.eval_only:  # trains nothing: the run's metrics and its config.yaml are kept as they are
+        if not trainer.resume(truncate_metrics=False):
             logger.warning("--eval-only: no checkpoint in %s; evaluating the initial weights", trainer.checkpoint_dir)
+        if not (output_dir / "config.yaml").is_file():
+            write_run_config(cfg, output_dir)
         result = {"iteration": trainer.iteration, **trainer.evaluate(f"training_{trainer.iteration}")}
     else:
-        result = trainer.run(resume=not args.no_resume)
+        if not args.no_resume:  # first: a config whose model does not fit the checkpoint stops here
+            trainer.resume()
+        write_run_config(cfg, output_dir)
+        result = trainer.run(resume=False)
     if joined:  # not on an error path: see distributed.shutdown
         distributed.shutdown()
     return result

@@ -6,7 +6,7 @@ Order of precedence: ``configs/ssl_default_config.yaml`` <- an experiment config
 default config is also the schema: every key of an experiment config or override must exist in
 it, and a misspelt key fails with its dotted name and the nearest valid keys. Values are checked
 against the default's kind where that is unambiguous: a number for a numeric key, a list for a list,
-a section for a section (``optim.base_lr=abc`` fails naming ``optim.base_lr``). OmegaConf
+a section (not null) for a section (``optim.base_lr=abc`` fails naming ``optim.base_lr``). OmegaConf
 interpolations (``optim.min_lr=${optim.base_lr}``) resolve against the whole merged config; one that
 cannot resolve fails at load time, naming its key.
 """
@@ -144,12 +144,20 @@ def _describe(value: Any) -> str:
 def type_problems(cfg: Any, schema: Any) -> list[str]:
     """One line for each value of ``cfg`` whose kind contradicts the default in ``schema``: a string
     (or list, or section) for a numeric key, a scalar for a list or a section, a non-number in a
-    list of numbers. Keys the schema lacks, ``null`` defaults, strings and booleans (which several
-    keys take interchangeably, e.g. ``train.compile``), ``null``, ``???`` and interpolations pass."""
+    list of numbers, ``null`` for a section (an empty ``optim:`` in YAML would erase the section).
+    Keys the schema lacks, ``null`` defaults, strings and booleans (which several keys take
+    interchangeably, e.g. ``train.compile``), ``null`` values, ``???`` and interpolations pass."""
     problems = []
 
     def check(value: Any, ref: Any, path: str) -> None:
-        if ref is None or value is None:
+        if ref is None:
+            return
+        if value is None:  # a section header with nothing under it is null in YAML, and would erase the section
+            if isinstance(ref, DictConfig):
+                problems.append(
+                    f"  {path!r} is a section (keys: {', '.join(map(str, ref.keys()))}), got null (an empty "
+                    "section: give it keys or remove it)"
+                )
             return
         if isinstance(ref, DictConfig):
             if not isinstance(value, DictConfig):

@@ -59,6 +59,18 @@ def test_a_wrong_kind_in_a_config_file_names_the_file_and_key(tmp_path):
         load_config(str(path))
 
 
+def test_an_empty_section_is_refused_instead_of_erasing_the_section(tmp_path):
+    # "optim:" with every key under it commented out is null in YAML; merged, it would replace the whole
+    # optim section by None (and the run would fail later on 'NoneType' has no attribute 'base_lr').
+    path = tmp_path / "empty.yaml"
+    path.write_text("optim:\n#  base_lr: 0.001\ntrain:\n  batch_size_per_gpu: 8\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml(.|\n)*'optim' is a section(.|\n)*got null"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"'evaluation\.knn' is a section"):
+        load_config(None, ["evaluation.knn=null"])
+    assert load_config(None, ["train.stop_at_iteration=null", "optim.clip_grad=null"]).optim.clip_grad is None
+
+
 def test_values_several_keys_take_interchangeably_still_pass():
     cfg = load_config(None, ["train.compile=inductor", "train.activation_checkpointing=selective",
                              "compute_precision.fsdp_mixed_precision=true", "teacher.final_momentum_teacher=0.9995",

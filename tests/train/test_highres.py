@@ -207,8 +207,11 @@ def test_resuming_at_another_image_size_names_the_tensor_and_the_way_out(pretrai
     new config changes and points at a new --output-dir with train.init_from."""
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
+    config = (run / "config.yaml").read_bytes()
     with pytest.raises(CheckpointLoadError) as caught:
         main(["--output-dir", str(run), *HIGHRES])
+    # the run's config.yaml still describes its checkpoints (the evaluations and distillation read it)
+    assert (run / "config.yaml").read_bytes() == config
     message = str(caught.value)
     old, new = (SMALL // PATCH) ** 2 + 1, (LARGE // PATCH) ** 2 + 1  # tokens: the patch grid plus CLS
     assert re.search(rf"backbone\.pos_embed \(1, {old}, 32\) in the checkpoint vs \(1, {new}, 32\)", message)

@@ -83,3 +83,14 @@ def test_the_default_config_has_the_published_defaults():
         assert (list(got) if isinstance(value, list) else got) == value, key
     lr = setup_config(get_args_parser().parse_args(["--config", "vitg14"]))  # one process: batch 12
     assert lr.optim.lr == pytest.approx(2.0e-4 * (12 / 1024) ** 0.5)  # the sqrt rule of the original
+
+
+@pytest.mark.parametrize(
+    "override", ["train.batch_size_per_gpu=0", "train.batch_size_per_gpu=2.5", "train.grad_accum_steps=-1",
+                 "train.grad_accum_steps=0"],
+)  # fmt: skip
+def test_a_batch_or_accumulation_that_is_no_positive_integer_is_named(override):
+    # Before: 0 gave lr 0 silently, 2.5 trained with batches of 2 and an lr for 2, -1 failed with "math domain error".
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"{key} must be a positive integer"):
+        setup_config(get_args_parser().parse_args(["--config", "quickstart", override]))

@@ -170,8 +170,8 @@ def test_scaled_lr_rules():
     assert scaled_lr(0.004, 256, "sqrt_wrt_1024") == pytest.approx(0.002)
     assert scaled_lr(0.001, 512, "linear_wrt_256") == pytest.approx(0.002)
     assert scaled_lr(0.001, 64, "linear_wrt_256") == pytest.approx(0.00025)
-    with pytest.raises(ValueError, match="sqrt_wrt_1024.*linear_wrt_256"):
-        scaled_lr(0.001, 64, "quadratic")
+    with pytest.raises(ValueError, match="optim.scaling_rule='quadratic'.*sqrt_wrt_1024.*linear_wrt_256"):
+        scaled_lr(0.001, 64, "quadratic")  # the error names the key to fix
 
 
 # ---------------------------------------------------------------- epochs -> iterations, edges

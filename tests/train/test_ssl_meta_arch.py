@@ -175,6 +175,24 @@ def test_zero_weight_terms_are_not_computed():
     assert calls == [] and "ibot_head" not in model.student
 
 
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        (
+            {"dino": {"loss_weight": 0.0, "koleo_loss_weight": 0.0}, "ibot": {"loss_weight": 0.0}},
+            "every loss term is off",
+        ),
+        ({"ibot": {"loss_weight": -1.0}}, "ibot.loss_weight must be a number >= 0"),
+        ({"dino": {"koleo_loss_weight": float("nan")}}, "dino.koleo_loss_weight must be a number >= 0"),
+    ],
+)
+def test_loss_weights_that_train_nothing_or_are_negative_are_named(sections, message):
+    # Before: all-zero weights built a model whose total loss was the integer 0 (the loop then failed on
+    # 'int' object has no attribute 'detach'); a negative or NaN weight silently turned its term off.
+    with pytest.raises(ValueError, match=message):
+        SSLMetaArch(_cfg(**sections))
+
+
 def test_gradients_reach_only_their_heads_and_never_the_teacher():
     model = SSLMetaArch(_cfg()).train()
     out = model(_batch(), teacher_temp=0.04)

@@ -367,8 +367,16 @@ def test_unreadable_images_are_skipped_and_counted_in_the_log(tmp_path):
 
 def test_eval_only_exports_the_latest_checkpoint(tmp_path):
     run(tmp_path, "train.stop_at_iteration=2")
-    result = run(tmp_path, extra_args=("--eval-only",))
+    # --eval-only trains nothing: it must neither drop the records logged after the newest checkpoint
+    # (a run still training, or killed, has them) nor replace the config the checkpoints were made with.
+    later = json.dumps({"iteration": 3, "loss": 1.5})  # as if logged by the run after its checkpoint at 2
+    with open(tmp_path / "training_metrics.json", "a") as handle:
+        handle.write(later + "\n")
+    metrics, config = (tmp_path / "training_metrics.json").read_text(), (tmp_path / "config.yaml").read_bytes()
+    result = run(tmp_path, "train.log_period=7", extra_args=("--eval-only",))
     assert result["iteration"] == 2
+    assert (tmp_path / "training_metrics.json").read_text().startswith(metrics)
+    assert (tmp_path / "config.yaml").read_bytes() == config
     exported = torch.load(tmp_path / "eval" / "training_2" / "teacher_checkpoint.pth", weights_only=True)
     saved = load_training_checkpoint(find_latest_checkpoint(tmp_path / "checkpoints"))["model"]
     for key, value in exported["teacher"].items():
