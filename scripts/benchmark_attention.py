@@ -15,7 +15,7 @@ backend is not a failed row.
 
 Example (the CPU figures in docs/performance.md):
 
-    python scripts/benchmark_attention.py --archs vit_small --batch-sizes 8 --iters 10
+    python scripts/benchmark_attention.py --archs vit_small vit_base --batch-sizes 8 --warmup 2 --iters 7
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", type=Path, default=Path("benchmark_attention.json"))
     args = p.parse_args(argv)
+    if args.warmup < 0 or args.iters < 1:
+        p.error("--warmup must be >= 0 and --iters >= 1")
+    if min(args.batch_sizes) < 1 or args.n_local < 0:
+        p.error("--batch-sizes must be >= 1 and --n-local >= 0")
     name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     args.device = torch.device("cpu" if name == "auto" else name)
     cuda = args.device.type == "cuda"

@@ -9,10 +9,10 @@ With ``--compare-hf`` the Hugging Face model is loaded with the *same* weights (
 checked once by comparing outputs) and timed in alternation with ours, so that load from other
 processes hits both equally.
 
-Example (CPU, the figure quoted in docs/performance.md):
+Example (CPU, the first row quoted in docs/performance.md):
 
     python scripts/benchmark_backbone.py --archs vit_small --resolutions 224 --batch-sizes 32 \
-        --dtypes fp32 --modes forward --warmup 2 --iters 5 --compare-hf
+        --dtypes fp32 --backends sdpa --modes forward --compare-hf --warmup 3 --iters 15
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from dinov2.models.vision_transformer import ARCHS
 from dinov2.ops import xformers_available
-from dinov2.utils.benchmark import device_name
+from dinov2.utils.benchmark import device_name, git_commit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("math", "sdpa", "xformers", "auto")
@@ -60,7 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-hf", action=argparse.BooleanOptionalAction, help="default: on for CPU, off for CUDA")
     p.add_argument("--output", type=Path, help="JSON path (default: <output-dir>/benchmark_backbone.json)")
     p.add_argument("--output-dir", type=Path, default=Path("."))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup < 0 or args.iters < 1:
+        p.error("--warmup must be >= 0 and --iters >= 1")
+    for flag, values in (("--batch-sizes", args.batch_sizes), ("--resolutions", args.resolutions)):
+        if min(values) < 1:
+            p.error(f"{flag} must be >= 1, got {min(values)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -299,8 +306,9 @@ def environment(args: argparse.Namespace) -> dict:
         "transformers": transformers_version(),
         "python": platform.python_version(),
         "num_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([sys.executable, f"scripts/{Path(__file__).name}", *args.argv]),
         "peak_mem_note": "torch.cuda.max_memory_allocated per iteration" if cuda else CPU_MEM_NOTE,
     }
 

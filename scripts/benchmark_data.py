@@ -15,7 +15,7 @@ probabilities, into a modelled cost per image. Torch runs single-threaded (``--t
 
 Example (the figures quoted in docs/performance.md):
 
-    python scripts/benchmark_data.py --workers 0 1 2 --images 48
+    python scripts/benchmark_data.py --workers 0 1 2 --images 96
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from PIL import Image
 from dinov2.data.datasets.synthetic import Synthetic
 from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.data.samplers import InfiniteSampler
-from dinov2.utils.benchmark import cpu_name
+from dinov2.utils.benchmark import cpu_name, git_commit
 
 GLOBAL_SCALE, LOCAL_SCALE, LOCAL_NUMBER = (0.32, 1.0), (0.05, 0.32), 8
 GLOBAL_SIZE, LOCAL_SIZE, PATCH = 224, 96, 14
@@ -59,7 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="collate cast")
     p.add_argument("--skip-loaders", action="store_true", help="only the per-transform table")
     p.add_argument("--output", type=Path, default=Path("benchmark_data.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    positive = {"--batch-size": args.batch_size, "--images": args.images, "--jpeg-count": args.jpeg_count,
+                "--transform-reps": args.transform_reps, "--threads": args.threads,
+                "--synthetic-size": args.synthetic_size, "--jpeg-size": min(args.jpeg_size)}  # fmt: skip
+    for flag, value in positive.items():
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if min(args.workers) < 0:
+        p.error(f"--workers must be >= 0, got {min(args.workers)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def load_recipe():
@@ -212,8 +222,9 @@ def environment(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "main_process_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([sys.executable, f"scripts/{Path(__file__).name}", *args.argv]),
         "recipe": f"2x{GLOBAL_SIZE} scale {GLOBAL_SCALE} + {LOCAL_NUMBER}x{LOCAL_SIZE} scale {LOCAL_SCALE}, "
         f"masks on {GLOBAL_SIZE // PATCH}x{GLOBAL_SIZE // PATCH}, collate dtype {args.dtype}",
     }

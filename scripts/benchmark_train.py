@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args([a for a in argv if a not in overrides])
     if args.warmup < 0 or args.iters < 1:
         p.error("--warmup must be >= 0 and --iters >= 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--num-batches", args.num_batches),
+                        ("--peak-tflops", args.peak_tflops), ("--threads", args.threads)):  # fmt: skip
+        if value is not None and value <= 0:  # 0 would be ignored (batch, peak, threads) or cycle nothing forever
+            p.error(f"{flag} must be > 0, got {value}")
+    if args.num_workers and min(args.num_workers) < 0:
+        p.error(f"--num-workers must be >= 0, got {min(args.num_workers)}")
     args.opts, args.argv = overrides, argv
     return args
 
@@ -123,7 +129,7 @@ def load_benchmark_config(args: argparse.Namespace):
     """The config with the CLI's overrides. ``train.gpu_augmentation`` is accepted even before the
     default config declares it (the GPU augmentation path is optional)."""
     overrides = list(args.opts)
-    overrides += [f"train.batch_size_per_gpu={args.batch_size}"] if args.batch_size else []
+    overrides += [f"train.batch_size_per_gpu={args.batch_size}"] if args.batch_size is not None else []
     overrides += [f"compute_precision.autocast_dtype={args.dtype}"] if args.dtype else []
     overrides += [f"train.device={args.device}"] if args.device else []
     late = []
@@ -294,7 +300,7 @@ def step_flops(base, backend: str, ctx: dict) -> dict:
 
 def device_peak(device: torch.device, dtype: str, tf32: bool, override: float | None) -> tuple[float | None, str]:
     """``(peak TFLOP/s or None, where it comes from)``."""
-    if override:
+    if override is not None:
         return override, "--peak-tflops"
     if device.type != "cuda":
         return None, "none for CPU (pass --peak-tflops)"

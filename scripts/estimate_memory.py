@@ -41,7 +41,7 @@ from dinov2.distributed.parallelize import apply_activation_checkpointing, modul
 from dinov2.layers.block import SUBSET_DROP_PATH_THRESHOLD
 from dinov2.ops.residual import sample_keep_subset
 from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch
-from dinov2.utils.benchmark import cpu_name, write_report
+from dinov2.utils.benchmark import cpu_name, git_commit, write_report
 from dinov2.utils.config import load_config
 
 DEFAULT_CONFIGS = ("vits14_1gpu", "vitb14_1gpu", "vitl14", "vitg14")
@@ -411,7 +411,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extrapolate-above", type=float, default=500.0, help="M backbone params; larger ones are scaled")
     p.add_argument("--output", type=Path, default=Path("benchmark_memory.json"))
     p.add_argument("--skip-activations", action="store_true", help="parameter arithmetic only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.world_sizes) < 1 or args.batch_images < 0:
+        p.error(f"--world-sizes must be >= 1 (got {min(args.world_sizes)}) and --batch-images >= 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -427,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{cpu_name()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "git_commit": git_commit(),
         "units": "bytes",
         "notes": "estimates: state and gathers from parameter counts; activations = storages autograd keeps after one "
         "student forward + losses on CPU (bf16 autocast, sdpa, train mode); no CUDA context, allocator or temporaries",

@@ -82,3 +82,11 @@ def test_rows_already_timed_survive_a_run_stopped_midway(bench, tmp_path, monkey
     saved = json.loads(output.read_text())
     assert saved["complete"] is False and [r["backend"] for r in saved["rows"]] == ["math"]
     assert saved["rows"][0]["median_ms"] > 0
+
+
+@pytest.mark.parametrize("argv", [["--iters", "0"], ["--warmup", "-1"], ["--batch-sizes", "8", "0"]])
+def test_bad_arguments_fail_with_a_message_naming_them(bench, capsys, argv):
+    """--iters 0 used to make every row fail with a StatisticsError (median of no times) and exit 1."""
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args([*argv, "--device", "cpu"])
+    assert stopped.value.code == 2 and argv[0] in capsys.readouterr().err

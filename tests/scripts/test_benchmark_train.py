@@ -334,3 +334,19 @@ def test_flop_counting_that_runs_out_of_memory_leaves_the_timing(bench, tmp_path
     assert row["s_iter_median"] > 0 and row["img_s"] > 0 and "error" not in row
     assert row["executed_flops"] is None and row["achieved_tflops"] is None and row["mfu"] is None
     assert row["flops_error"].startswith("OutOfMemoryError")
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--num-batches", "0"], "--num-batches"),  # cycled nothing: the first step waited forever
+        (["--batch-size", "0"], "--batch-size"),  # was ignored: the config's batch was timed instead
+        (["--peak-tflops", "0"], "--peak-tflops"),  # was ignored: the table's peak was used
+        (["--peak-tflops", "-5"], "--peak-tflops"),  # a negative MFU
+        (["--num-workers", "2", "-1"], "--num-workers"),
+    ],
+)
+def test_bad_arguments_fail_with_a_message_naming_them(bench, capsys, argv, flag):
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(argv)
+    assert stopped.value.code == 2 and flag in capsys.readouterr().err
