@@ -8,6 +8,7 @@ world of size 1: reductions return their input unchanged and gathers return it a
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -62,16 +63,59 @@ def all_gather_cat(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _first_slurm_host() -> str:
-    from submitit import JobEnvironment  # imported lazily: only SLURM jobs need it
+NODELIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 
-    return JobEnvironment().hostnames[0]
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list in its compressed form: ``node[01-04,07],gpu5`` ->
+    ``node01`` (zero padding kept; each bracket of the first name replaced by its first value)."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    name = nodelist[:end].strip()
+    host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0].strip(), name)
+    if not name or depth < 0 or "[" in host or "]" in host or not host:
+        raise ValueError(f"cannot read the first host of the SLURM node list {nodelist!r}")
+    return host
+
+
+def _first_slurm_host() -> str:
+    """Where rank 0 of this ``srun`` step runs: the first node of the step (a step may use only some
+    of the job's nodes), else of the job."""
+    for key in NODELIST_VARIABLES:
+        if os.environ.get(key):
+            return first_host(os.environ[key])
+    raise RuntimeError(f"none of {', '.join(NODELIST_VARIABLES)} is set: set MASTER_ADDR to rank 0's host")
+
+
+def _slurm_tasks_on_this_node() -> int:
+    """How many tasks of this ``srun`` step run on this node: this node's entry (``SLURM_NODEID``) of
+    ``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE`` (compressed: ``8(x2),4`` is 8 tasks on
+    each of two nodes, then 4), else the job's ``SLURM_NTASKS_PER_NODE`` (set only when it asked for
+    one, and not the step's count when the step asks for fewer), else 1."""
+    compressed = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not compressed:
+        return int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    per_node: list[int] = []
+    try:
+        for group in compressed.split(","):
+            count, _, repeat = group.partition("(x")
+            per_node.extend([int(count)] * (int(repeat.rstrip(")")) if repeat else 1))
+    except ValueError:
+        raise ValueError(f"cannot read SLURM's tasks per node {compressed!r}") from None
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    if not 0 <= node < len(per_node):
+        raise ValueError(f"SLURM_NODEID={node} but SLURM's tasks per node {compressed!r} list {len(per_node)} nodes")
+    return per_node[node]
 
 
 def setup_env_from_slurm() -> bool:
     """Fill torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) from SLURM's (``SLURM_PROCID``, ``SLURM_NTASKS``,
-    ``SLURM_LOCALID``, the job's node list and id) when a task started by ``srun`` (or submitit)
+    ``SLURM_LOCALID``, the step's node list and the job id) when a task started by ``srun`` (or submitit)
     lacks them. Variables already set win. Returns True when SLURM's were used."""
     if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
         return False
@@ -79,7 +123,7 @@ def setup_env_from_slurm() -> bool:
         "RANK": os.environ["SLURM_PROCID"],
         "WORLD_SIZE": os.environ["SLURM_NTASKS"],
         "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
-        "LOCAL_WORLD_SIZE": os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0],
+        "LOCAL_WORLD_SIZE": str(_slurm_tasks_on_this_node()),
     }
     if int(env["WORLD_SIZE"]) > 1:
         env.setdefault("MASTER_ADDR", os.environ.get("MASTER_ADDR") or _first_slurm_host())

@@ -82,8 +82,15 @@ def full_precision_matmuls():
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed Python, NumPy and torch (all devices) with ``seed + rank``."""
-    value = int(seed) + int(rank)
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)
+    """Seed Python, NumPy and torch (all devices) from ``(seed, rank)``, reproducibly.
+
+    Each library gets its own seed, drawn from ``numpy.random.SeedSequence([seed, rank])``: NumPy's
+    legacy generator and torch's CPU generator are both MT19937 seeded the same way, so one shared
+    seed would give them the same stream (NumPy's augmentations drawing what torch's do)."""
+    seed, rank = int(seed), int(rank)
+    if seed < 0 or rank < 0:
+        raise ValueError(f"seed and rank must be >= 0, got seed={seed}, rank={rank}")
+    python_seed, numpy_seed, torch_seed = np.random.SeedSequence([seed, rank]).generate_state(3, dtype=np.uint64)
+    random.seed(int(python_seed))
+    np.random.seed(int(numpy_seed) % 2**32)
+    torch.manual_seed(int(torch_seed))

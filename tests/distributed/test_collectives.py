@@ -138,3 +138,38 @@ def test_auto_autocast_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     assert resolve_autocast_dtype("BF16", torch.device("cpu")) == torch.bfloat16  # explicit: as asked
     with pytest.raises(ValueError, match=r"compute_precision.autocast_dtype='half'"):
         resolve_autocast_dtype("half", cuda)
+
+
+def _draws() -> tuple[list[float], list[float], list[float]]:
+    import random
+
+    import numpy as np
+
+    return [random.random() for _ in range(4)], np.random.random_sample(4).tolist(), torch.rand(4).tolist()
+
+
+def _numpy_state_inside_torch_state() -> bool:
+    """Whether NumPy's 624 MT19937 words appear, in order, in torch's CPU generator state (which
+    stores each word as a 64-bit integer)."""
+    import numpy as np
+
+    keys = np.random.get_state()[1].astype(np.uint64).tobytes()
+    return keys in torch.get_rng_state().numpy().tobytes()
+
+
+def test_seed_everything_gives_each_library_its_own_reproducible_stream():
+    from dinov2.utils.device import seed_everything
+
+    seed_everything(7, rank=1)
+    assert not _numpy_state_inside_torch_state()  # one shared seed made both MT19937 states identical
+    first = _draws()
+    seed_everything(7, rank=1)
+    assert _draws() == first  # reproducible
+    seed_everything(7, rank=2)
+    assert _draws()[1:] != first[1:]  # another rank: other streams
+    seed_everything(8, rank=0)
+    other = _draws()
+    seed_everything(7, rank=1)
+    assert _draws() != other  # (seed, rank) pairs, not their sum
+    with pytest.raises(ValueError, match="seed and rank must be >= 0"):
+        seed_everything(-1)

@@ -10,7 +10,7 @@ import torch
 from dist_common import TINY
 
 from dinov2.data.seeding import PositionedSampler
-from dinov2.distributed import setup_env_from_slurm
+from dinov2.distributed import first_host, setup_env_from_slurm
 from dinov2.distributed.parallelize import apply_activation_checkpointing, apply_compile, check_sharding_plan
 from dinov2.models import vit_tiny
 from dinov2.train.loop import resolve_precision
@@ -133,6 +133,60 @@ def test_slurm_variables_become_torchrun_variables(monkeypatch):
     assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 10000)
     monkeypatch.setenv("RANK", "3")
     assert not setup_env_from_slurm()  # torchrun's variables (WORLD_SIZE now set) win
+
+
+@pytest.mark.parametrize(
+    ("tasks_per_node", "ntasks_per_node", "node_id", "expected"),
+    [("8(x2)", None, "1", "8"), ("8(x2),4", None, "2", "4"), ("3,5", None, "1", "5"), (None, None, "0", "1"),
+     ("1(x4)", "4", "0", "1"), (None, "4", "0", "4")],
+)  # fmt: skip
+def test_slurm_local_world_size_is_the_steps_tasks_on_this_node(
+    monkeypatch, tasks_per_node, ntasks_per_node, node_id, expected
+):
+    # SLURM_NTASKS_PER_NODE exists only when the job asked for --ntasks-per-node, and it is the job's
+    # request, not what the srun step runs; SLURM_TASKS_PER_NODE (compressed: "8(x2),4" = 8, 8, 4) is
+    # the step's, and gives this node's (SLURM_NODEID) count.
+    import os
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE"):  # fmt: skip
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    monkeypatch.setattr("dinov2.distributed._first_slurm_host", lambda: "node-001")
+    for key, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "20", "SLURM_NODEID": node_id}.items():
+        monkeypatch.setenv(key, value)
+    if tasks_per_node is not None:
+        monkeypatch.setenv("SLURM_TASKS_PER_NODE", tasks_per_node)
+    if ntasks_per_node is not None:
+        monkeypatch.setenv("SLURM_NTASKS_PER_NODE", ntasks_per_node)
+    assert setup_env_from_slurm()
+    assert os.environ["LOCAL_WORLD_SIZE"] == expected
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [("node[01-04,07]", "node01"), ("node[07,01-04],gpu5", "node07"), ("gpu5,node[1-2]", "gpu5"),
+     ("rack[2-3]-n[004-005]", "rack2-n004"), ("login", "login")],
+)  # fmt: skip
+def test_first_host_of_a_compressed_slurm_node_list(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_master_addr_is_the_first_node_of_the_srun_step(monkeypatch):
+    # A step may run on some of the job's nodes (srun -N2 in a 4-node job): its rank 0 is on the step's
+    # first node, not the job's.
+    import os
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[01-04]",
+           "SLURM_NODELIST": "node[01-04]", "SLURM_STEP_NODELIST": "node[03-04]"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert setup_env_from_slurm() and os.environ["MASTER_ADDR"] == "node03"
+    with pytest.raises(ValueError, match="node list 'node\\[01'"):
+        first_host("node[01")
 
 
 def test_varlen_with_checkpointing_off_cuda_fails_before_training():
