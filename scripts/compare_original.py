@@ -62,9 +62,6 @@ FULL_STEPS = [
     {"lr": 1e-3, "wd": 0.04, "last_layer_lr": 0.0, "mom": 0.9},
     {"lr": 1e-3, "wd": 0.04, "last_layer_lr": 1e-3, "mom": 0.9},
 ]
-# Tensors whose update differs by design (docs/method.md, Optimisation): the original decays the
-# tokens, we do not. They are reported apart from the rest.
-DOCUMENTED_UPDATE_DIFFERENCES = ("backbone.cls_token", "backbone.pos_embed", "backbone.mask_token")
 # Each case runs both codes from the same weights. At the recipe's start (LayerScale 1e-5) every
 # crop's CLS feature is nearly the same, so KoLeo's nearest-neighbour distances are ~1e-4 and its
 # gradient (~1/d) amplifies float32 rounding; the other two cases separate that from the objective.
@@ -473,8 +470,6 @@ def compare_updates(ours, theirs, lr: float) -> dict:
 
 def set_apart(name: str) -> str | None:
     """Why the update of ``name`` is expected to differ, or None."""
-    if name.split(".", 1)[1] in DOCUMENTED_UPDATE_DIFFERENCES:
-        return "decayed only there"
     if name.endswith("qkv.bias[k]"):  # q . b_k is the same for every key, so softmax cancels it
         return "zero gradient in exact arithmetic"
     return None
@@ -485,8 +480,7 @@ def compare_full_steps(args: argparse.Namespace, case: str, ref: dict) -> tuple[
     groups, EMA) against the original's: each student and teacher tensor's update since the start
     (weights after the step minus the initial weights), compared by :func:`compare_updates`.
 
-    Set apart: the tokens, which only the original decays, and the key third of each qkv bias. Its
-    gradient is zero in exact arithmetic, so both codes see rounding noise there, and AdamW's
+    Set apart: the key third of each qkv bias. Its gradient is zero in exact arithmetic, so both codes see rounding noise there, and AdamW's
     normalised step turns that noise into updates up to the lr in both."""
     import torch
 

@@ -44,7 +44,10 @@ class NonFiniteLossError(FloatingPointError):
 
 def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.AdamW:
     groups = build_optimizer_param_groups(
-        model.student, layerwise_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
+        model.student,
+        layerwise_decay=cfg.optim.layerwise_decay,
+        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+        decay_tokens=cfg.optim.decay_tokens,
     )
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
 

@@ -5,9 +5,10 @@ layer 0 being the patch embedding and tokens, block ``i`` layer ``i + 1``, every
 top layer), a ``wd_multiplier`` and an ``is_last_layer`` flag (the heads' prototype layer, whose lr
 follows its own schedule). :func:`fuse_params_groups` then merges parameters with equal settings.
 
-Deviation from the original DINOv2 code: there, only biases, norm parameters and LayerScale gammas
-are exempt from weight decay, while ``cls_token``, ``pos_embed``, ``mask_token`` and
-``register_tokens`` are decayed. Here the tokens get ``wd_multiplier = 0.0`` as well.
+Weight decay skips biases, norm parameters and LayerScale gammas, as in the original DINOv2 code,
+which decays the learnable tokens (``cls_token``, ``pos_embed``, ``mask_token``,
+``register_tokens``); ``decay_tokens=False`` (config ``optim.decay_tokens``) exempts them too, as
+timm-style ViT recipes do.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def get_vit_lr_decay_rate(name: str, lr_decay_rate: float, num_layers: int, chun
     return lr_decay_rate ** (num_layers + 1 - get_vit_layer_id(name, num_layers, chunked_blocks))
 
 
-def _is_no_weight_decay(name: str) -> bool:
-    """True for biases, norm parameters, LayerScale gammas and the learnable tokens."""
+def _is_no_weight_decay(name: str, decay_tokens: bool = True) -> bool:
+    """True for biases, norm parameters, LayerScale gammas, and (``decay_tokens=False``) the learnable tokens."""
     segments = _clean_segments(name)
     leaf = segments[-1]
-    if leaf == "bias" or leaf == "gamma" or leaf in TOKEN_NAMES:
+    if leaf == "bias" or leaf == "gamma" or (leaf in TOKEN_NAMES and not decay_tokens):
         return True
     return any("norm" in s for s in segments[:-1])
 
@@ -74,11 +75,12 @@ def _find_depth(model: nn.Module) -> tuple[int, bool]:
 
 
 def get_params_groups_with_decay(
-    model: nn.Module, lr_decay_rate: float = 1.0, patch_embed_lr_mult: float = 1.0
+    model: nn.Module, lr_decay_rate: float = 1.0, patch_embed_lr_mult: float = 1.0, decay_tokens: bool = True
 ) -> list[dict[str, Any]]:
     """One group per trainable parameter of ``model`` (a backbone, a head, or a ModuleDict holding
     a ``backbone``), with ``params``, ``name``, ``lr_multiplier``, ``wd_multiplier`` and
-    ``is_last_layer``. Parameters with ``requires_grad=False`` are skipped."""
+    ``is_last_layer``. Parameters with ``requires_grad=False`` are skipped. ``decay_tokens=False``
+    exempts the learnable tokens from weight decay (the original decays them)."""
     num_layers, chunked = _find_depth(model)
     groups = []
     for name, param in model.named_parameters():
@@ -93,7 +95,7 @@ def get_params_groups_with_decay(
                 "params": param,
                 "name": name,
                 "lr_multiplier": lr_mult,
-                "wd_multiplier": 0.0 if _is_no_weight_decay(name) else 1.0,
+                "wd_multiplier": 0.0 if _is_no_weight_decay(name, decay_tokens) else 1.0,
                 "is_last_layer": "last_layer" in _clean_segments(name),
             }
         )
@@ -116,7 +118,10 @@ def fuse_params_groups(groups: Iterable[Mapping[str, Any]], keys: tuple[str, ...
 
 
 def build_optimizer_param_groups(
-    modules: Mapping[str, nn.Module], layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
+    modules: Mapping[str, nn.Module],
+    layerwise_decay: float = 1.0,
+    patch_embed_lr_mult: float = 1.0,
+    decay_tokens: bool = True,
 ) -> list[dict[str, Any]]:
     """Fused param groups for ``torch.optim.AdamW`` over the student's modules (e.g. ``backbone``,
     ``dino_head``, ``ibot_head``): layer-wise decay for modules with blocks, 1.0 for heads.
@@ -127,7 +132,7 @@ def build_optimizer_param_groups(
     groups = []
     for key, module in modules.items():
         decay = layerwise_decay if _find_depth(module)[0] > 0 else 1.0
-        for group in get_params_groups_with_decay(module, decay, patch_embed_lr_mult):
+        for group in get_params_groups_with_decay(module, decay, patch_embed_lr_mult, decay_tokens):
             if id(group["params"]) in seen:
                 continue
             seen.add(id(group["params"]))

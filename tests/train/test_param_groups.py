@@ -59,16 +59,18 @@ def expected_layer(name, chunked):
     return DEPTH + 1
 
 
-def expected_no_wd(name):
+def expected_no_wd(name, decay_tokens=True):
+    """The original's rule (names ending in .bias or holding norm or gamma), plus the tokens when they are exempt."""
     leaf = name.split(".")[-1]
     is_norm = ".norm1." in name or ".norm2." in name or name.startswith("backbone.norm.")
-    return leaf in ("bias", "gamma") or leaf in TOKENS or is_norm
+    return leaf in ("bias", "gamma") or (leaf in TOKENS and not decay_tokens) or is_norm
 
 
+@pytest.mark.parametrize("decay_tokens", [True, False])
 @pytest.mark.parametrize("block_chunks", [0, 3])
-def test_per_parameter_groups(block_chunks):
+def test_per_parameter_groups(block_chunks, decay_tokens):
     student = make_student(block_chunks)
-    groups = get_params_groups_with_decay(student, lr_decay_rate=RATE, patch_embed_lr_mult=0.2)
+    groups = get_params_groups_with_decay(student, lr_decay_rate=RATE, patch_embed_lr_mult=0.2, decay_tokens=decay_tokens)
     by_name = {g["name"]: g for g in groups}
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     assert set(by_name) == set(trainable)
@@ -79,7 +81,7 @@ def test_per_parameter_groups(block_chunks):
         if ".patch_embed." in name:
             expected *= 0.2
         assert group["lr_multiplier"] == pytest.approx(expected), name
-        assert group["wd_multiplier"] == (0.0 if expected_no_wd(name) else 1.0), name
+        assert group["wd_multiplier"] == (0.0 if expected_no_wd(name, decay_tokens) else 1.0), name
         assert group["is_last_layer"] == (".last_layer." in name), name
 
 
@@ -94,9 +96,9 @@ def test_specific_multipliers(block_chunks):
         assert qkv["wd_multiplier"] == 1.0
         assert by_name[prefix.format(i=i) + "ls1.gamma"]["wd_multiplier"] == 0.0
         assert by_name[prefix.format(i=i) + "norm2.weight"]["wd_multiplier"] == 0.0
-    for token in TOKENS:
+    for token in TOKENS:  # decayed by default, as in the original
         assert by_name[f"backbone.{token}"]["lr_multiplier"] == pytest.approx(RATE ** (DEPTH + 1))
-        assert by_name[f"backbone.{token}"]["wd_multiplier"] == 0.0
+        assert by_name[f"backbone.{token}"]["wd_multiplier"] == 1.0
     assert by_name["backbone.patch_embed.proj.weight"]["wd_multiplier"] == 1.0
     assert by_name["backbone.patch_embed.proj.bias"]["wd_multiplier"] == 0.0
     assert by_name["backbone.norm.weight"]["lr_multiplier"] == 1.0
@@ -174,3 +176,21 @@ def test_build_optimizer_param_groups_for_adamw():
     optimizer.step()
     assert torch.equal(student["backbone"].mask_token, frozen)
     assert not torch.equal(student["dino_head"].last_layer.parametrizations.weight.original0, g)
+
+
+@pytest.mark.parametrize("decay_tokens", [True, False])
+def test_training_optimizer_follows_optim_decay_tokens(decay_tokens):
+    """The training loop's optimizer reads ``optim.decay_tokens``: with it the tokens are decayed (the
+    original's rule), without it they share the biases' zero weight-decay multiplier."""
+    from types import SimpleNamespace
+
+    from dinov2.train.loop import build_optimizer
+
+    student = make_student(0)
+    optim = SimpleNamespace(layerwise_decay=RATE, patch_embed_lr_mult=0.2, decay_tokens=decay_tokens,
+                            adamw_beta1=0.9, adamw_beta2=0.999)  # fmt: skip
+    optimizer = build_optimizer(SimpleNamespace(optim=optim), SimpleNamespace(student=student))
+    wd_of = {name: g["wd_multiplier"] for g in optimizer.param_groups for name in g["names"]}
+    for token in TOKENS:
+        assert wd_of[f"backbone.{token}"] == (1.0 if decay_tokens else 0.0)
+    assert wd_of["backbone.blocks.0.attn.qkv.bias"] == 0.0 and wd_of["backbone.blocks.0.attn.qkv.weight"] == 1.0
