@@ -13,8 +13,19 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def _local_cuda_index() -> int:
+    """This process's CUDA index: its local rank, or 0 where each process sees one GPU of its own
+    (``srun --gpus-per-task=1``, or CUDA_VISIBLE_DEVICES set per task). More local ranks than
+    visible GPUs otherwise is an error: two processes on one GPU stop NCCL with "duplicate GPU"."""
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return local_rank % torch.cuda.device_count()
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise RuntimeError(
+        f"local rank {local_rank} (LOCAL_RANK / SLURM_LOCALID) but this process sees only {count} CUDA devices: "
+        "start at most one process per GPU on each node (torchrun --nproc_per_node, srun --ntasks-per-node)"
+    )
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

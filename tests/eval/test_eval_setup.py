@@ -147,12 +147,29 @@ def test_cuda_devices_get_this_process_index_and_become_current(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    monkeypatch.setenv("LOCAL_RANK", "6")
+    monkeypatch.setenv("LOCAL_RANK", "2")
     assert resolve_device("cuda") == torch.device("cuda", 2) == resolve_device("auto")
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     assert resolve_device(torch.device("cuda")) == torch.device("cuda", 2)
     assert current == [torch.device("cuda", 2)] * 2 + [torch.device("cuda", 1), torch.device("cuda", 2)]
     assert resolve_device("cpu") == torch.device("cpu") and len(current) == 4
+
+
+def test_more_local_ranks_than_gpus_is_an_error_unless_each_process_sees_its_own(monkeypatch):
+    """Local rank 6 with 4 visible GPUs would share a GPU with rank 2 (NCCL stops with "duplicate GPU");
+    with one visible GPU per process (srun --gpus-per-task=1) every rank takes index 0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(RuntimeError, match="local rank 6 .* only 4 CUDA devices"):
+        resolve_device("auto")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
 
 
 @pytest.mark.gpu
