@@ -94,20 +94,33 @@ def _source_anchors(source: str) -> list[str]:
     return [os.path.abspath(os.path.expanduser(v)) for v in values if v and os.path.exists(os.path.expanduser(v))]
 
 
-def _stat(path: str, with_size: bool):
+# A time this close to the listing (or after it) does not show that the listing saw the folder's last
+# change: it may have come just after, or inside one tick of a coarse file-system clock (FAT: 2 s).
+RACY_NS = 2_000_000_000
+UNSURE = -1  # recorded for such a time: never a real one, so the next check lists the source again
+
+
+def _stat(path: str, with_size: bool, listed_ns: int | None = None):
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns] if with_size else st.st_mtime_ns
+    mtime = st.st_mtime_ns
+    if listed_ns is not None and mtime >= listed_ns - RACY_NS:
+        mtime = UNSURE
+    return [st.st_size, mtime] if with_size else mtime
 
 
-def source_stamp(source: str, paths: Sequence[str]) -> dict[str, dict]:
+def source_stamp(source: str, paths: Sequence[str], listed_ns: int | None = None) -> dict[str, Any]:
     """What a change of ``source``'s image list would change, found without listing it again: the
     size and modification time of each list file it names, and the modification time of each folder
     it names and of every folder between one of them and a listed image (adding, removing or
-    renaming an image changes its folder's time). Not seen: an image rewritten under its own name,
-    or images put in a folder that held none before under an unchanged parent."""
+    renaming an image changes its folder's time), and where the source's paths lead from the
+    current folder. Not seen: an image rewritten under its own name, or images put in a folder that
+    held none before under an unchanged parent. ``listed_ns`` is when the listing of ``paths``
+    began (``time.time_ns()``; default: now); a time from ``RACY_NS`` before it on is recorded as
+    unknown (``UNSURE``), since a change at that time may be missing from ``paths``."""
+    listed_ns = time.time_ns() if listed_ns is None else int(listed_ns)
     anchors = _source_anchors(source)
     roots = [a for a in anchors if os.path.isdir(a)]
     folders = set(roots)
@@ -115,36 +128,40 @@ def source_stamp(source: str, paths: Sequence[str]) -> dict[str, dict]:
         while parent not in folders and any(parent.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
             folders.add(parent)
             parent = os.path.dirname(parent)
-    files = {a: _stat(a, True) for a in anchors if not os.path.isdir(a)}
-    return {"files": files, "folders": {f: _stat(f, False) for f in sorted(folders)}}
+    files = {a: _stat(a, True, listed_ns) for a in anchors if not os.path.isdir(a)}
+    return {"anchors": anchors, "files": files, "folders": {f: _stat(f, False, listed_ns) for f in sorted(folders)}}
 
 
-def stamp_changed(stamp: dict[str, dict]) -> bool:
-    """True when a file or folder of a :func:`source_stamp` has another size or time than recorded."""
+def stamp_changed(stamp: dict[str, Any]) -> bool:
+    """True when a file or folder of a :func:`source_stamp` has another size or time than recorded
+    (or one recorded as unknown)."""
     files = any(_stat(p, True) != (None if v is None else list(v)) for p, v in stamp["files"].items())
     return files or any(_stat(p, False) != v for p, v in stamp["folders"].items())
 
 
-def write_source_stamp(store_dir: str | os.PathLike, source: str, paths: Sequence[str]) -> None:
+def write_source_stamp(store_dir: str | os.PathLike, source: str, paths: Sequence[str], listed_ns: int) -> None:
     from dinov2.eval.metrics import write_json_atomic
 
-    write_json_atomic(Path(store_dir) / STAMP, {"source": source, **source_stamp(source, paths)})
+    write_json_atomic(Path(store_dir) / STAMP, {"source": source, **source_stamp(source, paths, listed_ns)})
 
 
 def source_change(source: str, store: EmbeddingStore, refresh: bool = True) -> str | None:
     """None when ``source`` still lists the images ``store`` embedded (a store without a stamp is
-    taken as current); else what changed. Lists the source again only when its stamp moved, and
-    then (``refresh``) records the new stamp when the list turns out the same."""
+    taken as current); else what changed. Lists the source again only when its stamp moved (or its
+    paths lead elsewhere from the current folder), and then (``refresh``) records the new stamp when
+    the list turns out the same."""
     path = store.dir / STAMP
     if not path.is_file():
         return None
     stamp = read_json(path)
-    if stamp.get("source") == source and not stamp_changed(stamp):
+    same_anchors = stamp.get("anchors") == _source_anchors(source)
+    if stamp.get("source") == source and same_anchors and not stamp_changed(stamp):
         return None
+    listed_ns = time.time_ns()
     now, before = list_images(source), store.sources()
     if now == before:
         if refresh:
-            write_source_stamp(store.dir, source, now)
+            write_source_stamp(store.dir, source, now, listed_ns)
         return None
     added, gone = len(set(now) - set(before)), len(set(before) - set(now))
     return f"it listed {len(before)} images when embedded and lists {len(now)} now ({added} new, {gone} gone)"
@@ -308,11 +325,12 @@ def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, de
     error = None
     if distributed.is_main_process():
         try:
+            listed_ns = time.time_ns()  # before listing: a change from then on may be missing from the list
             paths = list_images(source)
             if for_file_list:
                 check_file_list_paths(paths, source)
             EmbeddingStore.create(store_dir, paths, chunk_size, info)
-            write_source_stamp(store_dir, source, paths)  # the list was just checked against the store's
+            write_source_stamp(store_dir, source, paths, listed_ns)  # the list was just checked against the store's
         except (ValueError, OSError) as caught:  # StoreError is a ValueError
             error = caught
     if distributed.get_world_size() > 1:

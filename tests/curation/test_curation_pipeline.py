@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from curation_images import write_pool
-from test_curation_store_embed import MICRO_OPTS
+from test_curation_store_embed import MICRO_OPTS, _age
 
 from dinov2.curation.__main__ import main
 from dinov2.curation.pipeline import StageError
@@ -40,6 +40,7 @@ def images(tmp_path):
     (tmp_path / "pool" / "broken.png").write_bytes(b"\x89PNG truncated")
     write_pool(tmp_path / "val", 2, first_seed=30)  # pictures 30 and 31 of the pool are evaluation images
     write_pool(tmp_path / "seeds", 3, first_seed=500)
+    _age(tmp_path)  # a settled pool: times recorded right after its writing are unsure, and a rerun lists it again
     return pool
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -214,11 +215,19 @@ def test_two_ranks_share_the_chunks_and_write_what_one_process_writes(tmp_path):
     assert manifest["num_images"] == 7 and manifest["embedder"]["kind"] == "thumbnail"
 
 
+def _age(tree: Path, seconds: float = 60.0) -> None:
+    """Date every file and folder of ``tree`` ``seconds`` back: well before any listing that follows."""
+    then = time.time_ns() - int(seconds * 1e9)
+    for path in [tree, *tree.rglob("*")]:
+        os.utime(path, ns=(then, then))
+
+
 def test_a_source_stamp_moves_when_an_image_is_added_or_removed_anywhere_in_a_folder_tree(tmp_path):
     from dinov2.curation.embed import source_stamp, stamp_changed
 
     write_pool(tmp_path / "pool" / "a" / "b", 2)
     write_pool(tmp_path / "pool" / "c", 1, first_seed=5)
+    _age(tmp_path / "pool")
     source = str(tmp_path / "pool")
     stamp = source_stamp(source, list_images(source))
     assert sorted(stamp["folders"]) == sorted(str(tmp_path / "pool" / d) for d in ("", "a", "a/b", "c"))
@@ -229,12 +238,54 @@ def test_a_source_stamp_moves_when_an_image_is_added_or_removed_anywhere_in_a_fo
     for edit in (deep_removal, new_folder):
         edit()
         assert stamp_changed(stamp)
+        _age(tmp_path / "pool")
         stamp = source_stamp(source, list_images(source))
         assert not stamp_changed(stamp)
     listing = tmp_path / "list.txt"
     listing.write_text(f"{tmp_path / 'pool' / 'c' / 'img_0000.png'}\n")
+    _age(listing)
     stamp = source_stamp(f"FileList:path={listing}", [])
     assert list(stamp["files"]) == [str(listing)] and not stamp["folders"]
     time.sleep(0.05)
     listing.write_text(listing.read_text() * 2)
     assert stamp_changed(stamp)
+
+
+THUMBNAIL = ["pool=x", "embed.model.kind=thumbnail", "embed.model.thumbnail_size=8"]
+
+
+def test_an_image_added_while_the_pool_is_listed_is_not_taken_as_embedded(tmp_path, monkeypatch):
+    from dinov2.curation.embed import source_change
+
+    write_pool(tmp_path / "pool", 3)
+    write_pool(tmp_path / "late", 1, first_seed=9)
+    _age(tmp_path / "pool")
+    real_list_images = embed_module.list_images
+
+    def listing_then_a_new_image(source):  # another process adds an image just after the listing
+        paths = real_list_images(source)
+        (tmp_path / "late" / "img_0000.png").rename(tmp_path / "pool" / "late.png")
+        return paths
+
+    monkeypatch.setattr(embed_module, "list_images", listing_then_a_new_image)
+    cfg = load_curation_config(None, THUMBNAIL).embed.model
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, progress=False)
+    monkeypatch.setattr(embed_module, "list_images", real_list_images)
+    assert store.num_images == 3  # what was listed; the stamp must not vouch for the folder as it is now
+    change = source_change(str(tmp_path / "pool"), store)
+    assert change is not None and "lists 4 now (1 new, 0 gone)" in change
+
+
+def test_a_relative_source_that_leads_elsewhere_from_another_folder_is_listed_again(tmp_path, monkeypatch):
+    from dinov2.curation.embed import source_change
+
+    write_pool(tmp_path / "a" / "pool", 2)
+    write_pool(tmp_path / "b" / "pool", 3, first_seed=4)
+    _age(tmp_path)
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = load_curation_config(None, THUMBNAIL).embed.model
+    store = embed_images("pool", tmp_path / "emb", cfg, progress=False)
+    assert source_change("pool", store) is None
+    monkeypatch.chdir(tmp_path / "b")  # the same name, the other pool: its stamp's folders are unchanged
+    change = source_change("pool", store)
+    assert change is not None and "lists 3 now (3 new, 2 gone)" in change
