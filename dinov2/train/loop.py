@@ -28,7 +28,7 @@ from dinov2.checkpoint import (
 from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
 from dinov2.distributed.parallelize import any_fp16, module_policy, use_mixed_precision
 from dinov2.train.data import build_gpu_augmentation, build_train_dataset, build_train_loader, gpu_augmentation_enabled
-from dinov2.train.param_groups import build_optimizer_param_groups
+from dinov2.train.param_groups import build_optimizer_param_groups, changed_param_settings, param_settings
 from dinov2.train.schedules import apply_optim_scheduler, build_schedulers
 from dinov2.utils.device import autocast, resolve_autocast_dtype, seed_everything
 from dinov2.utils.logging import MetricsWriter, format_duration
@@ -130,6 +130,18 @@ def resolve_stop_iteration(stop: Any, max_iter: int) -> int:
     return int(stop)
 
 
+def _warn_changed_groups(changed: list[str], path: Path) -> None:
+    """The checkpoint's lr / weight-decay multipliers are kept (the continuation stays exact), so
+    optimizer settings changed since it was saved do not apply: say so, naming what differs."""
+    if changed:
+        logger.warning(
+            "%s keeps the lr / weight-decay multipliers it was saved with; %d parameter(s) differ from this "
+            "config's (optim.decay_tokens, optim.layerwise_decay, optim.patch_embed_lr_mult), which do not "
+            "apply to a resumed run (to change them, start a new run with train.init_from): %s",
+            path, len(changed), "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else ""),
+        )  # fmt: skip
+
+
 class Trainer:
     """State of one run: model, optimiser, schedules, data stream, writers."""
 
@@ -193,7 +205,9 @@ class Trainer:
             if truncate_metrics:
                 self.metrics.truncate_after(-1)
             return False
-        state = load_checkpoint(path, self.model, self.optimizer)
+        configured = param_settings(self.optimizer)
+        state = load_checkpoint(path, self.model, self.optimizer)  # its param groups replace the config's
+        _warn_changed_groups(changed_param_settings(configured, self.optimizer), path)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.iteration, self.extra = int(state["iteration"]), dict(state.get("extra", {}))

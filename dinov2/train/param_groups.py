@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from dinov2.checkpoint.adapters import strip_wrapper_segments
@@ -139,3 +140,26 @@ def build_optimizer_param_groups(
             group["name"] = f"{key}.{group['name']}"
             groups.append(group)
     return fuse_params_groups(groups)
+
+
+def param_settings(optimizer: torch.optim.Optimizer) -> dict[int, tuple[str, tuple]]:
+    """``{id(param): (name, (lr_multiplier, wd_multiplier, is_last_layer))}`` over the groups of an
+    optimizer built from :func:`build_optimizer_param_groups` (names as listed there)."""
+    settings = {}
+    for group in optimizer.param_groups:
+        names = group.get("names") or ["?"] * len(group["params"])
+        values = tuple(group.get(key) for key in FUSE_KEYS)
+        for name, param in zip(names, group["params"]):
+            settings[id(param)] = (name, values)
+    return settings
+
+
+def changed_param_settings(config: Mapping[int, tuple[str, tuple]], loaded: torch.optim.Optimizer) -> list[str]:
+    """The parameters whose settings in ``loaded`` (an optimizer whose state a checkpoint replaced, its
+    groups included) differ from ``config`` (:func:`param_settings` before loading), one line each."""
+    lines = []
+    for param_id, (_, values) in param_settings(loaded).items():
+        name, wanted = config.get(param_id, ("?", values))
+        if values != wanted:
+            lines.append(f"{name} {dict(zip(FUSE_KEYS, values))} (config: {dict(zip(FUSE_KEYS, wanted))})")
+    return lines

@@ -70,7 +70,9 @@ def expected_no_wd(name, decay_tokens=True):
 @pytest.mark.parametrize("block_chunks", [0, 3])
 def test_per_parameter_groups(block_chunks, decay_tokens):
     student = make_student(block_chunks)
-    groups = get_params_groups_with_decay(student, lr_decay_rate=RATE, patch_embed_lr_mult=0.2, decay_tokens=decay_tokens)
+    groups = get_params_groups_with_decay(
+        student, lr_decay_rate=RATE, patch_embed_lr_mult=0.2, decay_tokens=decay_tokens
+    )
     by_name = {g["name"]: g for g in groups}
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     assert set(by_name) == set(trainable)
@@ -194,3 +196,21 @@ def test_training_optimizer_follows_optim_decay_tokens(decay_tokens):
     for token in TOKENS:
         assert wd_of[f"backbone.{token}"] == (1.0 if decay_tokens else 0.0)
     assert wd_of["backbone.blocks.0.attn.qkv.bias"] == 0.0 and wd_of["backbone.blocks.0.attn.qkv.weight"] == 1.0
+
+
+def test_changed_param_settings_names_the_parameters_a_checkpoint_overrides():
+    """Loading an optimizer's state replaces its groups' multipliers with the saved ones: the helper the
+    resume warns with lists exactly the parameters whose settings then differ from the config's."""
+    from dinov2.train.param_groups import changed_param_settings, param_settings
+
+    student = make_student(0)
+    options = {"layerwise_decay": RATE, "patch_embed_lr_mult": 0.2}  # the tokens in a group of their own
+    saved = torch.optim.AdamW(build_optimizer_param_groups(student, **options, decay_tokens=False))
+    resumed = torch.optim.AdamW(build_optimizer_param_groups(student, **options))
+    configured = param_settings(resumed)
+    assert changed_param_settings(configured, resumed) == []
+    resumed.load_state_dict(saved.state_dict())  # the tokens' group now carries the saved wd_multiplier 0
+    changed = changed_param_settings(configured, resumed)
+    tokens = ("cls_token", "pos_embed", "register_tokens", "mask_token")
+    assert sorted(line.split(" ")[0] for line in changed) == sorted(f"backbone.{t}" for t in tokens)
+    assert "'wd_multiplier': 0.0" in changed[0] and "(config: {'lr_multiplier'" in changed[0]

@@ -400,3 +400,16 @@ def test_mixed_precision_steps_are_finite_and_scaled(tmp_path, dtype):
         for k, v in state["model"].items()
         if k.startswith("student.") and v.is_floating_point()
     )
+
+
+def test_resuming_under_other_param_group_settings_warns_that_the_checkpoints_are_kept(tmp_path):
+    # The checkpoint's param groups (multipliers included) replace the config's on resume, so a changed
+    # optim.decay_tokens (or a run saved before its default became true) silently kept the old rule.
+    run(tmp_path, "train.stop_at_iteration=1", "optim.decay_tokens=false")
+    log_file = tmp_path / "log.txt"
+    start = len(log_file.read_text())
+    run(tmp_path, "train.stop_at_iteration=1")  # resumes at its stop: trains nothing
+    log = log_file.read_text()[start:]
+    warned = [line for line in log.splitlines() if "keeps the lr / weight-decay multipliers" in line]
+    assert len(warned) == 1 and "3 parameter(s) differ" in warned[0] and "optim.decay_tokens" in warned[0], log
+    assert "backbone.cls_token {'lr_multiplier'" in warned[0] and "'wd_multiplier': 0.0" in warned[0]
