@@ -45,11 +45,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from dinov2.ops import xformers_available
 from dinov2.ops.attention import BACKENDS, resolve_backend
 from dinov2.train.data import build_train_dataset, build_train_loader
-from dinov2.train.loop import Trainer, batch_to_device, peak_memory_mb
+from dinov2.train.loop import Trainer
 from dinov2.train.train import build_model, setup_config
 from dinov2.utils.benchmark import device_name, git_commit, release, write_report
 from dinov2.utils.config import load_config, load_default_config, select
-from dinov2.utils.device import enable_tf32, resolve_device, seed_everything
+from dinov2.utils.device import batch_to_device, enable_tf32, peak_memory_mb, resolve_device, seed_everything
 from dinov2.utils.logging import describe_error
 
 REPO = Path(__file__).resolve().parents[1]

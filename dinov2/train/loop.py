@@ -8,7 +8,6 @@ loop owns everything around the objective; the objective itself is :class:`SSLMe
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,20 +25,15 @@ from dinov2.checkpoint import (
     save_checkpoint,
 )
 from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
-from dinov2.distributed.parallelize import any_fp16, module_policy, use_mixed_precision
+from dinov2.train.checks import check_finite, resolve_stop_iteration, warn_changed_groups
 from dinov2.train.data import build_gpu_augmentation, build_train_dataset, build_train_loader, gpu_augmentation_enabled
 from dinov2.train.param_groups import build_optimizer_param_groups, changed_param_settings, param_settings
+from dinov2.train.precision import grad_scaler, resolve_precision
 from dinov2.train.schedules import apply_optim_scheduler, build_schedulers
-from dinov2.utils.device import autocast, resolve_autocast_dtype, seed_everything
+from dinov2.utils.device import autocast, batch_to_device, peak_memory_mb, seed_everything
 from dinov2.utils.logging import MetricsWriter, format_duration
 
 logger = logging.getLogger("dinov2")
-
-LOSS_TERMS = ("loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf: the run stops before the optimiser step."""
 
 
 def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.AdamW:
@@ -50,96 +44,6 @@ def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.AdamW:
         decay_tokens=cfg.optim.decay_tokens,
     )
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
-
-
-def batch_to_device(batch: dict, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def check_finite(
-    losses: dict[str, torch.Tensor], iteration: int, last_checkpoint: Path | None, what: str = "loss"
-) -> None:
-    """Raise :class:`NonFiniteLossError` naming every non-finite term of ``iteration`` (1-based, as logged);
-    ``what`` says which values these are (loss terms, or per-module gradient norms)."""
-    names = list(losses)
-    values = torch.stack([losses[n].detach().float() for n in names])
-    # Decided together: a term that is non-finite on any rank stops every rank here, with the same
-    # error, rather than one rank raising while the others wait in the gradient reduction.
-    ranks_bad = distributed.all_reduce((~torch.isfinite(values)).to(torch.int32))
-    if not bool(ranks_bad.any()):
-        return
-    world = distributed.get_world_size()
-    bad = ", ".join(
-        f"{n}={v:.4g}" + (f" (non-finite on {r} of {world} processes)" if world > 1 else "")
-        for n, v, r in zip(names, values.tolist(), ranks_bad.tolist(), strict=True)
-        if r > 0
-    )
-    kept = f"the last checkpoint {last_checkpoint} is untouched" if last_checkpoint else "no checkpoint was written"
-    raise NonFiniteLossError(f"non-finite {what} at iteration {iteration}: {bad}; stopping ({kept})")
-
-
-def resolve_precision(cfg: Any, device: torch.device, sharded: bool) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype or None, needs a gradient scaler)``. With FSDP2 mixed precision in use,
-    ``autocast_dtype: auto`` follows the student backbone's ``param_dtype`` so that the two agree."""
-    mixed = sharded and use_mixed_precision(cfg, device)
-    setting = str(cfg.compute_precision.autocast_dtype).lower()
-    if setting == "auto" and mixed:
-        dtype = module_policy(cfg, "student", "backbone", True)["param_dtype"]
-        dtype = None if dtype == torch.float32 else dtype
-    else:
-        dtype = resolve_autocast_dtype(setting, device)
-    fp16 = dtype == torch.float16 or any_fp16(cfg, mixed)
-    return dtype, fp16 and bool(cfg.compute_precision.grad_scaler)
-
-
-def _grad_scaler(device: torch.device, sharded: bool):
-    if sharded:  # found-inf is all-reduced, so every rank skips the same steps
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device=device.type)
-    return torch.amp.GradScaler(device.type)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def resolve_stop_iteration(stop: Any, max_iter: int) -> int:
-    """Where this job stops: ``train.stop_at_iteration``, or the schedule's end ``max_iter`` when it
-    is null. Training never goes past the schedules: a later stop is clamped to their end, with a
-    warning (raise ``optim.epochs`` to train longer; the schedules then stretch)."""
-    if stop is None:
-        return max_iter
-    try:
-        valid = not isinstance(stop, (bool, str)) and int(stop) == stop and stop >= 0
-    except (TypeError, ValueError, OverflowError):
-        valid = False
-    if not valid:
-        raise ValueError(f"train.stop_at_iteration must be null or a non-negative integer, got {stop!r}")
-    if int(stop) > max_iter:
-        logger.warning(
-            "train.stop_at_iteration=%d is past the end of the schedules (%d iterations = optim.epochs x "
-            "train.OFFICIAL_EPOCH_LENGTH): training stops at %d; raise optim.epochs to train longer",
-            int(stop), max_iter, max_iter,
-        )  # fmt: skip
-        return max_iter
-    return int(stop)
-
-
-def _warn_changed_groups(changed: list[str], path: Path) -> None:
-    """The checkpoint's lr / weight-decay multipliers are kept (the continuation stays exact), so
-    optimizer settings changed since it was saved do not apply: say so, naming what differs."""
-    if changed:
-        logger.warning(
-            "%s keeps the lr / weight-decay multipliers it was saved with; %d parameter(s) differ from this "
-            "config's (optim.decay_tokens, optim.layerwise_decay, optim.patch_embed_lr_mult), which do not "
-            "apply to a resumed run (to change them, start a new run with train.init_from): %s",
-            path, len(changed), "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else ""),
-        )  # fmt: skip
 
 
 class Trainer:
@@ -158,7 +62,7 @@ class Trainer:
             raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.accum}")
         self.sharded = distributed.is_sharded(model.student)
         self.autocast_dtype, use_scaler = resolve_precision(cfg, device, self.sharded)
-        self.scaler = _grad_scaler(device, self.sharded) if use_scaler else None
+        self.scaler = grad_scaler(device, self.sharded) if use_scaler else None
         self.iteration = 0
         self.samples_consumed = 0  # by all ranks together: where the data stream resumes
         self.extra: dict[str, Any] = {}  # persisted with checkpoints (e.g. the random-init k-NN result)
@@ -207,7 +111,7 @@ class Trainer:
             return False
         configured = param_settings(self.optimizer)
         state = load_checkpoint(path, self.model, self.optimizer)  # its param groups replace the config's
-        _warn_changed_groups(changed_param_settings(configured, self.optimizer), path)
+        warn_changed_groups(changed_param_settings(configured, self.optimizer), path)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.iteration, self.extra = int(state["iteration"]), dict(state.get("extra", {}))

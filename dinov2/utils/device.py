@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 
 import numpy as np
 import torch
@@ -105,3 +106,16 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(int(python_seed))
     np.random.seed(int(numpy_seed) % 2**32)
     torch.manual_seed(int(torch_seed))
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on ``device`` (non-blocking copies to CUDA); other values as they are."""
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

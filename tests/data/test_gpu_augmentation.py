@@ -460,7 +460,7 @@ def test_tiny_training_run_with_gpu_augmentation(tmp_path):
 
 def _render_on(device: torch.device, batch: dict, cfg) -> dict:
     """The collated batch moved to ``device`` (pinned and non-blocking on CUDA, as Trainer.step) and rendered."""
-    from dinov2.train.loop import batch_to_device
+    from dinov2.utils.device import batch_to_device
 
     if device.type == "cuda":
         batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}

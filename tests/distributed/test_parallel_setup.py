@@ -13,7 +13,7 @@ from dinov2.data.seeding import PositionedSampler
 from dinov2.distributed import first_host, setup_env_from_slurm
 from dinov2.distributed.parallelize import apply_activation_checkpointing, apply_compile, check_sharding_plan
 from dinov2.models import vit_tiny
-from dinov2.train.loop import resolve_precision
+from dinov2.train.precision import resolve_precision
 from dinov2.utils.config import load_config
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinov2.train.loop import resolve_stop_iteration
+from dinov2.train.checks import resolve_stop_iteration
 from dinov2.train.schedules import (
     CosineScheduler,
     apply_optim_scheduler,

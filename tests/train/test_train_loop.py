@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from dinov2.checkpoint import find_latest_checkpoint, load_backbone_state_dict
 from dinov2.checkpoint.sharded import load_full_tensors, load_trainer_state
 from dinov2.train import loop as loop_module
+from dinov2.train.checks import NonFiniteLossError
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import build_model, main
 from dinov2.utils.config import ConfigError
@@ -246,7 +247,7 @@ def test_a_non_finite_gradient_stops_before_the_step_and_keeps_the_checkpoint(tm
         out["loss"].register_hook(lambda grad: grad * float("inf"))
 
     path, digest = poison_after_a_checkpoint(tmp_path, monkeypatch, infinite_gradients)
-    with pytest.raises(loop_module.NonFiniteLossError, match=r"gradient norm at iteration 4: backbone=(inf|nan)"):
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm at iteration 4: backbone=(inf|nan)"):
         run(tmp_path, "train.checkpoint_period_iterations=1")
     assert find_latest_checkpoint(tmp_path / "checkpoints") == path
     assert tree_digest(path) == digest
@@ -310,7 +311,7 @@ def test_nan_stops_with_term_and_iteration_and_keeps_the_checkpoint(tmp_path, mo
         out["loss"] = out["loss"] + out["koleo_loss"]
 
     path, digest = poison_after_a_checkpoint(tmp_path, monkeypatch, nan_koleo)
-    with pytest.raises(loop_module.NonFiniteLossError, match=r"iteration 4.*koleo_loss=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"iteration 4.*koleo_loss=nan"):
         run(tmp_path)
     assert find_latest_checkpoint(tmp_path / "checkpoints") == path
     assert tree_digest(path) == digest

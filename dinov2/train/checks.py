@@ -1,0 +1,75 @@
+"""Checks that stop or warn a training run, each naming what it found: non-finite loss terms or
+gradient norms (decided by all ranks together), the stop iteration, and optimizer settings that a
+resumed checkpoint overrides."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinov2 import distributed
+
+logger = logging.getLogger("dinov2")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf: the run stops before the optimiser step."""
+
+
+def check_finite(
+    losses: dict[str, torch.Tensor], iteration: int, last_checkpoint: Path | None, what: str = "loss"
+) -> None:
+    """Raise :class:`NonFiniteLossError` naming every non-finite term of ``iteration`` (1-based, as logged);
+    ``what`` says which values these are (loss terms, or per-module gradient norms)."""
+    names = list(losses)
+    values = torch.stack([losses[n].detach().float() for n in names])
+    # Decided together: a term that is non-finite on any rank stops every rank here, with the same
+    # error, rather than one rank raising while the others wait in the gradient reduction.
+    ranks_bad = distributed.all_reduce((~torch.isfinite(values)).to(torch.int32))
+    if not bool(ranks_bad.any()):
+        return
+    world = distributed.get_world_size()
+    bad = ", ".join(
+        f"{n}={v:.4g}" + (f" (non-finite on {r} of {world} processes)" if world > 1 else "")
+        for n, v, r in zip(names, values.tolist(), ranks_bad.tolist(), strict=True)
+        if r > 0
+    )
+    kept = f"the last checkpoint {last_checkpoint} is untouched" if last_checkpoint else "no checkpoint was written"
+    raise NonFiniteLossError(f"non-finite {what} at iteration {iteration}: {bad}; stopping ({kept})")
+
+
+def resolve_stop_iteration(stop: Any, max_iter: int) -> int:
+    """Where this job stops: ``train.stop_at_iteration``, or the schedule's end ``max_iter`` when it
+    is null. Training never goes past the schedules: a later stop is clamped to their end, with a
+    warning (raise ``optim.epochs`` to train longer; the schedules then stretch)."""
+    if stop is None:
+        return max_iter
+    try:
+        valid = not isinstance(stop, (bool, str)) and int(stop) == stop and stop >= 0
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise ValueError(f"train.stop_at_iteration must be null or a non-negative integer, got {stop!r}")
+    if int(stop) > max_iter:
+        logger.warning(
+            "train.stop_at_iteration=%d is past the end of the schedules (%d iterations = optim.epochs x "
+            "train.OFFICIAL_EPOCH_LENGTH): training stops at %d; raise optim.epochs to train longer",
+            int(stop), max_iter, max_iter,
+        )  # fmt: skip
+        return max_iter
+    return int(stop)
+
+
+def warn_changed_groups(changed: list[str], path: Path) -> None:
+    """The checkpoint's lr / weight-decay multipliers are kept (the continuation stays exact), so
+    optimizer settings changed since it was saved do not apply: say so, naming what differs."""
+    if changed:
+        logger.warning(
+            "%s keeps the lr / weight-decay multipliers it was saved with; %d parameter(s) differ from this "
+            "config's (optim.decay_tokens, optim.layerwise_decay, optim.patch_embed_lr_mult), which do not "
+            "apply to a resumed run (to change them, start a new run with train.init_from): %s",
+            path, len(changed), "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else ""),
+        )  # fmt: skip
