@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from dinov2.data.transforms import GaussianBlur, make_normalize_transform
+from dinov2.utils.config import is_integer_at_least
 
 logger = logging.getLogger("dinov2")
 
@@ -19,13 +20,6 @@ def _is_fraction_range(scale) -> bool:
     except (TypeError, ValueError):
         return False
     return 0.0 < low <= high <= 1.0
-
-
-def _is_integer(value) -> bool:
-    try:
-        return not isinstance(value, bool) and float(value) == int(value)
-    except (TypeError, ValueError):
-        return False
 
 
 def check_crop_settings(
@@ -47,7 +41,7 @@ def check_crop_settings(
         ("global_crops_size", global_crops_size, 1),
         ("local_crops_size", local_crops_size, 1),
     ):
-        if not _is_integer(value) or int(value) < least:
+        if not is_integer_at_least(value, least):
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     for name, p in probabilities.items():
         if not 0.0 <= float(p) <= 1.0:

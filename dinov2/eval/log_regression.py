@@ -41,10 +41,14 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 METRIC_TYPES = ("top1", "mean_per_class")  # what chooses C on the held-out part
 
 
-def score(scores: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
-    """Top-1 or mean per-class accuracy (percent) of class ``scores`` (N, C)."""
+def check_metric(metric: str) -> None:
     if metric not in METRIC_TYPES:
         raise ValueError(f"unknown metric {metric!r}; choose from {METRIC_TYPES}")
+
+
+def score(scores: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> float:
+    """Top-1 or mean per-class accuracy (percent) of class ``scores`` (N, C)."""
+    check_metric(metric)
     if metric == "mean_per_class":
         return mean_per_class_accuracy(scores, labels)
     return topk_accuracy(scores, labels, (1,))[1]
@@ -176,8 +180,7 @@ def evaluate_log_regression(
     Returns ``{"best_c", "top1", "top5", "mean_per_class", "metric_type", "holdout_<metric>": {C: %}}``
     (percentages).
     """
-    if metric not in METRIC_TYPES:  # before any fit
-        raise ValueError(f"unknown metric {metric!r}; choose from {METRIC_TYPES}")
+    check_metric(metric)  # before any fit
     c_values = list(default_c_values() if c_values is None else c_values)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     device = train_features.device

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from dinov2 import distributed
+from dinov2.utils.config import is_integer_at_least
 
 logger = logging.getLogger("dinov2")
 
@@ -47,11 +48,7 @@ def resolve_stop_iteration(stop: Any, max_iter: int) -> int:
     warning (raise ``optim.epochs`` to train longer; the schedules then stretch)."""
     if stop is None:
         return max_iter
-    try:
-        valid = not isinstance(stop, (bool, str)) and int(stop) == stop and stop >= 0
-    except (TypeError, ValueError, OverflowError):
-        valid = False
-    if not valid:
+    if not is_integer_at_least(stop, 0):
         raise ValueError(f"train.stop_at_iteration must be null or a non-negative integer, got {stop!r}")
     if int(stop) > max_iter:
         logger.warning(

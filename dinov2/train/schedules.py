@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dinov2.utils.config import select
+from dinov2.utils.config import is_integer_at_least, select
 
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256")
 
@@ -90,11 +90,7 @@ def epochs_to_iterations(epochs: Any, epoch_len: int, key: str = "optim.epochs")
 def official_epoch_length(cfg: Any) -> int:
     """``train.OFFICIAL_EPOCH_LENGTH``, checked to be a positive integer."""
     value = select(cfg, "train.OFFICIAL_EPOCH_LENGTH")
-    try:
-        valid = not isinstance(value, (bool, str)) and int(value) == value and value >= 1
-    except (TypeError, ValueError, OverflowError):
-        valid = False
-    if not valid:
+    if not is_integer_at_least(value, 1):
         raise ValueError(
             f"train.OFFICIAL_EPOCH_LENGTH must be a positive integer (iterations per epoch), got {value!r}"
         )

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from dinov2 import distributed  # noqa: E402
 from dinov2.checkpoint.training import atomic_write  # noqa: E402
 from dinov2.train.schedules import scaled_lr  # noqa: E402
-from dinov2.utils.config import load_config, select  # noqa: E402
+from dinov2.utils.config import is_integer_at_least, load_config, select  # noqa: E402
 from dinov2.utils.device import enable_tf32, resolve_device, seed_everything  # noqa: E402
 from dinov2.utils.logging import setup_logging  # noqa: E402
 
@@ -50,11 +50,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def _positive_int(cfg: Any, key: str) -> int:
     """The value of ``key``, which must be a positive integer (a batch size, a number of steps)."""
     value = select(cfg, key)
-    try:
-        valid = not isinstance(value, (bool, str)) and int(value) == value and value >= 1
-    except (TypeError, ValueError, OverflowError):
-        valid = False
-    if not valid:
+    if not is_integer_at_least(value, 1):
         raise ValueError(f"{key} must be a positive integer, got {value!r}")
     return int(value)
 

@@ -133,6 +133,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def is_integer_at_least(value: Any, minimum: int) -> bool:
+    """Whether a setting's ``value`` is a whole number ``>= minimum``: an int, or a float or NumPy
+    number equal to one; never a bool or a string."""
+    try:
+        return not isinstance(value, (bool, str)) and int(value) == value and value >= minimum
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, DictConfig):
         return "a section"
