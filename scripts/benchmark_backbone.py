@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
 import resource
-import shlex
 import statistics
 import sys
 import time
@@ -34,7 +31,7 @@ import torch
 
 from dinov2.models.vision_transformer import ARCHS
 from dinov2.ops import xformers_available
-from dinov2.utils.benchmark import device_name, git_commit
+from dinov2.utils.benchmark import environment as run_environment
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("math", "sdpa", "xformers", "auto")
@@ -301,14 +298,8 @@ def print_row(row: dict, header: bool) -> None:
 def environment(args: argparse.Namespace) -> dict:
     cuda = args.device.type == "cuda"
     return {
-        "device": device_name(args.device),
-        "torch": torch.__version__,
+        **run_environment(args.device, __file__, args.argv),
         "transformers": transformers_version(),
-        "python": platform.python_version(),
-        "num_threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, f"scripts/{Path(__file__).name}", *args.argv]),
         "peak_mem_note": "torch.cuda.max_memory_allocated per iteration" if cuda else CPU_MEM_NOTE,
     }
 

@@ -21,12 +21,9 @@ Example (the figures quoted in docs/performance.md):
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -40,7 +37,8 @@ from PIL import Image
 from dinov2.data.datasets.synthetic import Synthetic
 from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.data.samplers import InfiniteSampler
-from dinov2.utils.benchmark import cpu_name, git_commit
+from dinov2.utils.benchmark import cpu_name
+from dinov2.utils.benchmark import environment as run_environment
 
 GLOBAL_SCALE, LOCAL_SCALE, LOCAL_NUMBER = (0.32, 1.0), (0.05, 0.32), 8
 GLOBAL_SIZE, LOCAL_SIZE, PATCH = 224, 96, 14
@@ -217,14 +215,11 @@ def print_table(rows: list[dict], columns: tuple[str, ...]) -> None:
 
 
 def environment(args: argparse.Namespace) -> dict:
+    report = run_environment(torch.device("cpu"), __file__, args.argv)
+    report["main_process_threads"] = report.pop("num_threads")
     return {
+        **report,
         "device": f"{cpu_name()} ({os.cpu_count()} logical cores visible)",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "main_process_threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, f"scripts/{Path(__file__).name}", *args.argv]),
         "recipe": f"2x{GLOBAL_SIZE} scale {GLOBAL_SCALE} + {LOCAL_NUMBER}x{LOCAL_SIZE} scale {LOCAL_SCALE}, "
         f"masks on {GLOBAL_SIZE // PATCH}x{GLOBAL_SIZE // PATCH}, collate dtype {args.dtype}",
     }

@@ -27,10 +27,7 @@ the device and through ``build_gpu_augmentation(cfg)`` (as ``Trainer.step`` does
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -47,7 +44,8 @@ from dinov2.ops.attention import BACKENDS, resolve_backend
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.loop import Trainer
 from dinov2.train.train import build_model, setup_config
-from dinov2.utils.benchmark import device_name, git_commit, release, write_report
+from dinov2.utils.benchmark import environment as run_environment
+from dinov2.utils.benchmark import release, write_report
 from dinov2.utils.config import load_config, load_default_config, select
 from dinov2.utils.device import batch_to_device, enable_tf32, peak_memory_mb, resolve_device, seed_everything
 from dinov2.utils.logging import describe_error
@@ -468,10 +466,7 @@ def print_row(row: dict, columns: tuple, header: bool) -> None:
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     report = {"mode": args.mode, "config": args.config, "overrides": list(args.opts)}
-    report |= {"device": device_name(device), "torch": torch.__version__}
-    report |= {"python": platform.python_version(), "num_threads": torch.get_num_threads(), "git_commit": git_commit()}
-    report["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    report["command"] = shlex.join([sys.executable, str(Path(__file__).relative_to(REPO)), *args.argv])
+    report |= run_environment(device, __file__, args.argv)
     report |= {"warmup": args.warmup, "iters": args.iters, "peak_mem_note": CUDA_MEM_NOTE if cuda else CPU_MEM_NOTE}
     return report
 

@@ -10,6 +10,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,19 @@ def git_commit() -> str | None:
     return None
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """Device, software versions, thread count, commit, date and command line of this run."""
+def command_line(script: str | None = None, argv: Sequence[str] | None = None) -> str:
+    """The command that ran: ``script`` (a path, shown relative to the repository) with ``argv``
+    when given (a script's ``main(argv)`` called from Python), else this process's ``sys.argv``."""
+    if argv is None:
+        return shlex.join([sys.executable, *sys.argv])
+    path = Path(script or sys.argv[0]).resolve()
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return shlex.join([sys.executable, str(shown), *argv])
+
+
+def environment(device: torch.device, script: str | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Device, software versions, thread count, commit, date and command line of this run
+    (:func:`command_line` of ``script`` and ``argv``)."""
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -51,7 +63,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "num_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": command_line(script, argv),
     }
 
 
