@@ -1,7 +1,8 @@
 """Released DINOv2 backbones: ``dinov2_vit{s,b,l,g}14`` and their ``_reg`` (4 registers) variants.
 
-``weights`` is ``Weights.LVD142M`` (the official download), a local path (``.pth`` or
-``.safetensors``) or a URL. Files are read with ``weights_only=True`` and loaded strictly
+``weights`` is ``Weights.LVD142M`` or ``"LVD142M"`` (the official download), a local path
+(``.pth`` or ``.safetensors``) or a URL; another name (``"IMAGENET1K"``, the classifiers' heads,
+or a typo) is a ``ValueError`` listing these. Files are read with ``weights_only=True`` and loaded strictly
 through :func:`dinov2.checkpoint.load_backbone_state_dict`, which also accepts training
 checkpoints (``teacher.backbone.`` keys, chunked blocks, ``module.`` prefixes).
 """
@@ -9,9 +10,12 @@ checkpoints (``teacher.backbone.`` keys, chunked blocks, ``module.`` prefixes).
 from __future__ import annotations
 
 import logging
+import os
 from enum import Enum
+from pathlib import Path
 
 from dinov2.checkpoint import load_backbone_state_dict, load_weights_file
+from dinov2.checkpoint.io import is_url
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer
 
 logger = logging.getLogger("dinov2")
@@ -30,16 +34,32 @@ def model_names(arch_name: str, patch_size: int, num_register_tokens: int = 0) -
     return base, base + (f"_reg{num_register_tokens}" if num_register_tokens else "")
 
 
-# Names of the released weight sets, accepted as enums or plain strings.
-OFFICIAL_WEIGHT_NAMES = {"LVD142M", "IMAGENET1K"}
+def _names_a_file(location: str) -> bool:
+    """A URL or a path (with a suffix or a directory part, or one that exists), not a bare word."""
+    path = Path(location).expanduser()
+    return is_url(location) or bool(path.suffix) or path.name != location or path.exists()
 
 
-def resolve_weights_location(weights, default_url: str) -> str:
-    """An official weight-set name (enum or string) maps to ``default_url``; anything else is a
-    path or URL."""
-    if isinstance(weights, Enum) or weights in OFFICIAL_WEIGHT_NAMES:
-        return default_url
-    return str(weights)
+def is_weight_set(weights, accepted: type[Enum]) -> bool:
+    """True when ``weights`` names one of the ``accepted`` released weight sets (a member or its
+    string, as the original's hub takes them), False for a path or URL. Another enum, another
+    weight set's name (``"IMAGENET1K"`` for a backbone) or a bare word that names no file raises
+    ``ValueError`` listing the accepted values."""
+    names = [member.value for member in accepted]
+    if isinstance(weights, accepted) or (isinstance(weights, str) and weights in names):
+        return True
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and _names_a_file(weights)):
+        return False
+    choices = ", ".join(f"{accepted.__name__}.{name} (or {name!r})" for name in names)
+    raise ValueError(
+        f"unsupported weights {weights!r}; accepted: {choices}, a local .pth / .safetensors path or an http(s) URL"
+    )
+
+
+def resolve_weights_location(weights, accepted: type[Enum], default_url: str) -> str:
+    """``default_url`` for a released weight set of ``accepted``, else ``weights`` as a path or URL
+    (:func:`is_weight_set` refuses anything else)."""
+    return default_url if is_weight_set(weights, accepted) else os.fspath(weights)
 
 
 def make_dinov2_model(
@@ -57,9 +77,13 @@ def make_dinov2_model(
     weights=Weights.LVD142M,
     **kwargs,
 ) -> DinoVisionTransformer:
-    """Build a backbone with the released models' settings and optionally load weights."""
+    """Build a backbone with the released models' settings and optionally load weights
+    (``weights``: ``Weights.LVD142M`` or ``"LVD142M"``, a path or a URL; checked before the build)."""
     if arch_name not in ARCHS:
         raise ValueError(f"Unknown arch_name {arch_name!r}; valid architectures: {', '.join(ARCHS)}")
+    base, full = model_names(arch_name, patch_size, num_register_tokens)
+    if pretrained:
+        location = resolve_weights_location(weights, Weights, f"{DINOV2_BASE_URL}/{base}/{full}_pretrain.pth")
     model = ARCHS[arch_name](
         img_size=img_size,
         patch_size=patch_size,
@@ -72,8 +96,6 @@ def make_dinov2_model(
         **kwargs,
     )
     if pretrained:
-        base, full = model_names(arch_name, patch_size, num_register_tokens)
-        location = resolve_weights_location(weights, f"{DINOV2_BASE_URL}/{base}/{full}_pretrain.pth")
         report = load_backbone_state_dict(model, load_weights_file(location), source=location)
         logger.info("loaded %s backbone weights from %s (%s)", full, location, report)
     return model
@@ -100,8 +122,8 @@ def _backbone(arch_name: str, registers: bool, doc: str):
     base, _ = model_names(arch_name, 14)
     entry.__name__ = entry.__qualname__ = base + ("_reg" if registers else "")
     entry.__doc__ = (
-        f"{doc}. ``pretrained=False`` gives random weights; ``weights`` is ``Weights.LVD142M`` "
-        "(official download), a path (.pth / .safetensors) or a URL; other kwargs go to the model."
+        f"{doc}. ``pretrained=False`` gives random weights; ``weights`` is ``Weights.LVD142M`` or "
+        "``'LVD142M'`` (official download), a path (.pth / .safetensors) or a URL; other kwargs go to the model."
     )
     return entry
 

@@ -9,6 +9,7 @@ linear-probing evaluation saves its best classifier in this format for any ``--n
 from __future__ import annotations
 
 import logging
+import os
 from enum import Enum
 
 import torch
@@ -16,13 +17,8 @@ from torch import nn
 
 from dinov2.checkpoint import check_state_dict, load_weights_file
 from dinov2.hub import backbones
-from dinov2.hub.backbones import (
-    DINOV2_BASE_URL,
-    OFFICIAL_WEIGHT_NAMES,
-    Weights,
-    model_names,
-    resolve_weights_location,
-)
+from dinov2.hub.backbones import DINOV2_BASE_URL, is_weight_set, model_names
+from dinov2.hub.backbones import Weights as BackboneWeights
 
 logger = logging.getLogger("dinov2")
 
@@ -31,9 +27,8 @@ class ClassifierWeights(Enum):
     IMAGENET1K = "IMAGENET1K"
 
 
-def _is_official(weights) -> bool:
-    """An official weight-set name (downloaded), not a path or URL."""
-    return isinstance(weights, Enum) or weights in OFFICIAL_WEIGHT_NAMES
+# The original's name for the heads' weight sets: ``dinov2.hub.classifiers.Weights.IMAGENET1K``.
+Weights = ClassifierWeights
 
 
 def linear_head_url(arch_name: str, patch_size: int, num_register_tokens: int, layers: int) -> str:
@@ -79,7 +74,7 @@ def make_dinov2_linear_classifier(
     layers: int = 4,
     pretrained: bool = True,
     weights=ClassifierWeights.IMAGENET1K,
-    backbone_weights=Weights.LVD142M,
+    backbone_weights=BackboneWeights.LVD142M,
     num_classes: int = 1000,
     **kwargs,
 ) -> LinearClassifierWrapper:
@@ -92,17 +87,21 @@ def make_dinov2_linear_classifier(
     variant; SwiGLU for ``vit_giant2``; :func:`~dinov2.hub.backbones.released_kwargs`), the same as
     the ``dinov2_*_lc`` entry points; ``kwargs`` override them and go to its constructor. With
     ``pretrained``, ``backbone_weights`` and ``weights`` (the head) are each an official weight-set
-    name (enum or string; downloaded), a local path or a URL; the defaults are the official
-    LVD-142M backbone and its ImageNet-1k head. A head trained on another backbone (such as
-    ``linear_head_best.pth`` of the linear probe) needs that backbone as ``backbone_weights``.
+    name (``BackboneWeights.LVD142M`` / ``"LVD142M"`` and ``Weights.IMAGENET1K`` / ``"IMAGENET1K"``
+    respectively; downloaded), a local path or a URL, checked before anything is built or
+    downloaded; the defaults are the official LVD-142M backbone and its ImageNet-1k head. A head
+    trained on another backbone (such as ``linear_head_best.pth`` of the linear probe) needs that
+    backbone as ``backbone_weights``.
     """
     _check_layers(layers)  # before any download
-    if pretrained and _is_official(weights) and layers not in RELEASED_HEAD_LAYERS:
+    official_head = pretrained and is_weight_set(weights, ClassifierWeights)
+    official_backbone = pretrained and is_weight_set(backbone_weights, BackboneWeights)
+    if official_head and layers not in RELEASED_HEAD_LAYERS:
         raise ValueError(
             f"the released linear heads use layers 1 or 4, got layers={layers}; pass weights=<your head file> "
             "for a head trained on another number of blocks"
         )
-    if pretrained and _is_official(backbone_weights) and not _is_official(weights):
+    if official_backbone and not official_head:
         logger.warning(
             "linear head %s goes on the official %s backbone (backbone_weights=%s); a head from the linear "
             "probe of another backbone needs backbone_weights=<that backbone's weights>", weights, arch_name,
@@ -118,7 +117,7 @@ def make_dinov2_linear_classifier(
     head = nn.Linear((1 + layers) * backbone.embed_dim, num_classes)
     if pretrained:
         default = linear_head_url(arch_name, backbone.patch_size, backbone.num_register_tokens, layers)
-        location = resolve_weights_location(weights, default)
+        location = default if official_head else os.fspath(weights)
         state = load_weights_file(location)
         check_state_dict(head, state, source=location)
         head.load_state_dict(state, strict=True)
@@ -135,8 +134,8 @@ def _lc(arch_name: str, registers: bool, doc: str):
     entry.__name__ = entry.__qualname__ = f"{base}{'_reg' if registers else ''}_lc"
     entry.__doc__ = (
         f"{doc} with a linear ImageNet-1k head. ``layers``: 1 or 4 (official heads; any n for a head "
-        "file of one's own); ``weights``: the head file "
-        "(enum, path or URL); ``backbone_weights``: the backbone file; ``pretrained=False``: random weights."
+        "file of one's own); ``weights``: the head, ``Weights.IMAGENET1K`` / ``'IMAGENET1K'`` (official), "
+        "a path or a URL; ``backbone_weights``: the backbone file; ``pretrained=False``: random weights."
     )
     return entry
 

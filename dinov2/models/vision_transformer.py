@@ -17,6 +17,7 @@ from torch import nn
 
 from dinov2.layers import Block, Mlp, PatchEmbed, SwiGLUFFN, SwiGLUFFNFused
 from dinov2.layers.layer_scale import LayerScale
+from dinov2.ops.attention import BACKENDS
 
 FFN_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": Mlp,
@@ -221,7 +222,10 @@ class DinoVisionTransformer(nn.Module):
                 yield item
 
     def set_attn_backend(self, backend: str) -> None:
-        """Switch every attention layer to ``backend`` (no parameter changes)."""
+        """Switch every attention layer to ``backend`` (no parameter changes); an unknown name is
+        refused here, not at the next forward."""
+        if backend not in BACKENDS:
+            raise ValueError(f"Unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
         for block in self.iter_blocks():
             block.attn.backend = backend
 
@@ -317,6 +321,8 @@ class DinoVisionTransformer(nn.Module):
         indices = sorted({i + total if i < 0 else i for i in given})
         if not indices or indices[0] < 0 or indices[-1] >= total:
             raise ValueError(f"block indices {given} out of range for a depth of {total}")
+        if len(indices) != len(given):  # one output per block: [1, 1] or [-1, depth - 1] would give fewer
+            raise ValueError(f"block indices {given} name a block more than once (depth {total})")
         return indices
 
     def _get_intermediate_layers(self, x: torch.Tensor, n: int | Sequence[int]) -> list[torch.Tensor]:
@@ -340,7 +346,7 @@ class DinoVisionTransformer(nn.Module):
         norm: bool = True,
     ):
         """Outputs of the last ``n`` blocks (``n`` an int) or of the blocks at indices ``n``
-        (a list; negative indices count from the end), in block order.
+        (a list, each block at most once; negative indices count from the end), in block order.
 
         Returns a tuple of patch-token tensors (B, N, D), or (B, D, h, w) with ``reshape``; with
         ``return_class_token`` a tuple of ``(patch_tokens, class_token)`` pairs. ``norm`` applies

@@ -133,6 +133,60 @@ def test_official_urls(monkeypatch):
     assert classifiers.linear_head_url("vit_giant2", 14, 0, 1).endswith("dinov2_vitg14/dinov2_vitg14_linear_head.pth")
 
 
+def _record_loads(monkeypatch, state, head_shape=(1000, 5 * 384)):
+    """Stand-in for downloads: records each location and returns ``state`` or a zero head."""
+    requested = []
+
+    def fake_load(location):
+        requested.append(str(location))
+        return {"weight": torch.zeros(head_shape), "bias": torch.zeros(head_shape[0])} if "head" in location else state
+
+    monkeypatch.setattr(backbones, "load_weights_file", fake_load)
+    monkeypatch.setattr(classifiers, "load_weights_file", fake_load)
+    return requested
+
+
+BASE_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/"
+TINY = {"depth": 1, "img_size": 28}  # a one-block ViT-S/14 on a 2 x 2 grid
+
+
+def test_backbone_weights_names_follow_the_original(monkeypatch, tmp_path):
+    """``Weights.LVD142M`` and ``"LVD142M"`` download the backbone; ``"IMAGENET1K"`` (the heads'
+    weight set), the heads' enum, a typo or ``None`` are refused before anything is loaded."""
+    requested = _record_loads(monkeypatch, backbones.dinov2_vits14(pretrained=False, **TINY).state_dict())
+    for ok in (backbones.Weights.LVD142M, "LVD142M"):
+        hubconf.dinov2_vits14(weights=ok, **TINY)
+    assert requested == [BASE_URL + "dinov2_vits14_pretrain.pth"] * 2
+    monkeypatch.chdir(tmp_path)  # bare words name no file here
+    for bad in ("IMAGENET1K", classifiers.ClassifierWeights.IMAGENET1K, "LVD142", "lvd142m", None):
+        with pytest.raises(ValueError, match=r"unsupported weights .*accepted: Weights\.LVD142M \(or 'LVD142M'\)"):
+            hubconf.dinov2_vits14(weights=bad, **TINY)
+    assert len(requested) == 2
+    hubconf.dinov2_vits14(weights="IMAGENET1K", pretrained=False, **TINY)  # nothing to load: not checked
+    torch.save(backbones.dinov2_vits14(pretrained=False, **TINY).state_dict(), tmp_path / "IMAGENET1K")
+    hubconf.dinov2_vits14(weights="IMAGENET1K", **TINY)  # a file of that name is a path
+    hubconf.dinov2_vits14(weights=Path("LVD142"), **TINY)  # a Path object always is
+    assert requested[-2:] == ["IMAGENET1K", "LVD142"]
+
+
+def test_classifier_weights_names_follow_the_original(monkeypatch):
+    """The heads take ``classifiers.Weights.IMAGENET1K`` (the original's name) or ``"IMAGENET1K"``;
+    the backbone's name for the head, or a head's name for the backbone, is refused up front."""
+    state = backbones.dinov2_vits14(pretrained=False, **TINY).state_dict()
+    requested = _record_loads(monkeypatch, state, head_shape=(1000, 2 * 384))
+    assert classifiers.Weights is classifiers.ClassifierWeights
+    for ok in (classifiers.Weights.IMAGENET1K, "IMAGENET1K"):
+        hubconf.dinov2_vits14_lc(layers=1, weights=ok, **TINY, num_classes=1000)
+    assert requested == [BASE_URL + "dinov2_vits14_pretrain.pth", BASE_URL + "dinov2_vits14_linear_head.pth"] * 2
+    head_error = r"unsupported weights .*accepted: ClassifierWeights\.IMAGENET1K \(or 'IMAGENET1K'\)"
+    for bad in ("LVD142M", backbones.Weights.LVD142M, "IMAGENET"):
+        with pytest.raises(ValueError, match=head_error):
+            hubconf.dinov2_vits14_lc(layers=1, weights=bad, **TINY)
+    with pytest.raises(ValueError, match=r"accepted: Weights\.LVD142M"):
+        hubconf.dinov2_vits14_lc(layers=1, backbone_weights="IMAGENET1K", **TINY)
+    assert len(requested) == 4
+
+
 @pytest.mark.parametrize("layers", [1, 4])
 def test_linear_classifier_matches_manual_computation(tmp_path, layers):
     backbone = _randomised(backbones.dinov2_vits14(pretrained=False))

@@ -39,3 +39,11 @@ def test_integer_like_n(model, n, expected):
 def test_non_integer_n_is_a_clear_error(model, n):
     with pytest.raises(TypeError, match="n must be an int or a sequence of block indices"):
         model.get_intermediate_layers(torch.randn(1, 3, 28, 28), n=n)
+
+
+@pytest.mark.parametrize("n", [[1, 1], [-1, 2], (0, -3)])
+def test_a_block_named_twice_is_a_clear_error(model, n):
+    """One output per named block, in block order: asking for a block twice would silently return
+    fewer outputs than indices given."""
+    with pytest.raises(ValueError, match="name a block more than once"):
+        model.get_intermediate_layers(torch.randn(1, 3, 28, 28), n=n)

@@ -175,6 +175,9 @@ def test_attention_backend_switch_keeps_outputs():
     model.set_attn_backend("sdpa")
     assert all(b.attn.backend == "sdpa" for b in model.iter_blocks())
     torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="Unknown attention backend 'flash'; valid backends: math, sdpa"):
+        model.set_attn_backend("flash")  # refused when set, not at the next forward
+    assert all(b.attn.backend == "sdpa" for b in model.iter_blocks())
 
 
 def test_build_model_from_cfg():
