@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    """``(v, v)`` for one integer (Python or NumPy), ``(h, w)`` for a pair; anything else is a TypeError."""
+    try:
+        if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+            return operator.index(value[0]), operator.index(value[1])
+        size = operator.index(value)
+    except TypeError:
+        raise TypeError(f"expected an integer size or an (h, w) pair of integers, got {value!r}") from None
+    return size, size
 
 
 class PatchEmbed(nn.Module):
