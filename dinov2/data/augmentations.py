@@ -22,6 +22,16 @@ def _is_fraction_range(scale) -> bool:
     return 0.0 < low <= high <= 1.0
 
 
+def is_probability(value) -> bool:
+    """Whether ``value`` is a number in [0, 1] (not None, a string, NaN or a bool)."""
+    if isinstance(value, (bool, str)):
+        return False
+    try:
+        return 0.0 <= float(value) <= 1.0
+    except (TypeError, ValueError):
+        return False
+
+
 def check_crop_settings(
     global_crops_scale,
     local_crops_scale,
@@ -44,8 +54,8 @@ def check_crop_settings(
         if not is_integer_at_least(value, least):
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     for name, p in probabilities.items():
-        if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        if not is_probability(p):
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
 
 
 class DataAugmentationDINO:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dinov2.data.augmentations import is_probability
 from dinov2.data.masking import MaskingGenerator
 
 
@@ -24,10 +25,13 @@ def check_mask_settings(mask_ratio_tuple: Sequence[float], mask_probability: flo
     """Raise a ValueError unless ``0 <= mask_probability <= 1`` and ``mask_ratio_tuple`` is a
     pair of ratios in ``[0, 1]``; ``where`` names the setting in the message."""
     prefix = f"{where}: " if where else ""
-    if not 0.0 <= float(mask_probability) <= 1.0:
-        raise ValueError(f"{prefix}mask_probability must be in [0, 1], got {mask_probability}")
-    ratios = tuple(mask_ratio_tuple)
-    if len(ratios) != 2 or not all(0.0 <= float(ratio) <= 1.0 for ratio in ratios):
+    if not is_probability(mask_probability):
+        raise ValueError(f"{prefix}mask_probability must be in [0, 1], got {mask_probability!r}")
+    try:
+        ratios = tuple(mask_ratio_tuple)
+    except TypeError:
+        ratios = (mask_ratio_tuple,)
+    if len(ratios) != 2 or not all(is_probability(ratio) for ratio in ratios):
         raise ValueError(f"{prefix}mask_ratio_tuple must be a (min, max) pair of ratios in [0, 1], got {ratios}")
 
 

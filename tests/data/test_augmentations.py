@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.transforms import (
@@ -166,6 +167,8 @@ def test_gaussian_blur_alone():
         (dict(local_crops_size=[16, 16]), "local_crops_size"),
         (dict(solarization_prob=1.5), "solarization_prob"),
         (dict(local_crops_blur_prob=-0.1), "local_crops_blur_prob"),
+        (dict(local_crops_blur_prob=None), "local_crops_blur_prob"),  # an unset key: named, not a TypeError
+        (dict(global_crops_2_blur_prob="high"), "global_crops_2_blur_prob"),
     ],
 )
 def test_bad_crop_settings_are_named_at_construction(setting, name):
@@ -211,3 +214,42 @@ def test_train_transform():
     first = make_classification_train_transform(crop_size=24)(_random_image())
     torch.manual_seed(0)
     assert torch.equal(first, make_classification_train_transform(crop_size=24)(_random_image()))
+
+
+def test_recipe_is_the_published_dinov2_one():
+    """Both training modes carry the released recipe's constants: crops (bicubic, ratio 3/4-4/3), flip 0.5,
+    ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, blur radius 0.1-2 with the trained-with
+    probabilities 0 / 0.9 / 0.5, solarisation (threshold 128, p 0.2) on global crop 2 only. The rate tests
+    sample with a tolerance of several percent; these catch any drift exactly."""
+    from dinov2.data.gpu_augmentation import MultiCropParams
+
+    aug = DataAugmentationDINO(**SCALES, local_crops_number=8)
+    kinds = {
+        (0.32, 1.0): (aug.geometric_augmentation_global, 224),
+        (0.05, 0.32): (aug.geometric_augmentation_local, 96),
+    }
+    for scale, (geometric, size) in kinds.items():
+        crop, flip = geometric.transforms
+        assert tuple(crop.size) == (size, size) and tuple(crop.scale) == scale and flip.p == 0.5
+        assert tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3)) and crop.interpolation == T.InterpolationMode.BICUBIC
+    jitter_apply, grayscale = aug.color_jittering.transforms
+    (jitter,) = jitter_apply.transforms
+    assert jitter_apply.p == 0.8 and grayscale.p == 0.2
+    factors = [tuple(getattr(jitter, k)) for k in ("brightness", "contrast", "saturation", "hue")]
+    assert factors == [pytest.approx(f) for f in ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))]
+    pipelines = (aug.global_transfo1, aug.global_transfo2, aug.local_transfo)
+    blurs = [[t for t in p.transforms if isinstance(t, GaussianBlur)] for p in pipelines]
+    assert [[b.p for b in found] for found in blurs] == [[0.0], [0.9], [0.5]]
+    assert all((found[0].radius_min, found[0].radius_max) == (0.1, 2.0) for found in blurs)
+    solarize = [[t for t in p.transforms if isinstance(t, T.RandomSolarize)] for p in pipelines]
+    assert [len(found) for found in solarize] == [0, 1, 0]
+    assert solarize[1][0].threshold == 128 and solarize[1][0].p == 0.2
+
+    params = MultiCropParams(**SCALES, local_crops_number=8)
+    rates = (params.flip_prob, params.jitter_prob, params.grayscale_prob, params.solarization_prob)
+    assert rates == (0.5, 0.8, 0.2, 0.2)
+    assert [b.p for b in params.blurs] == [0.0, 0.9, 0.5] and params.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert all((b.radius_min, b.radius_max) == (0.1, 2.0) for b in params.blurs)
+    gpu_factors = [tuple(getattr(params.jitter, k)) for k in ("brightness", "contrast", "saturation", "hue")]
+    assert gpu_factors == factors
+    assert (params.global_crops_size, params.local_crops_size, params.global_crops_scale) == (224, 96, (0.32, 1.0))

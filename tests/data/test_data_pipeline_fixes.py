@@ -133,6 +133,10 @@ def _samples(batch=2):
         ((0.1, 1.5), 0.5, "mask_ratio_tuple must be"),
         ((-0.1, 0.5), 0.5, "mask_ratio_tuple must be"),
         ((0.1,), 0.5, "mask_ratio_tuple must be"),
+        ((0.1, 0.5), None, "mask_probability must be in.*None"),  # an unset key, not a TypeError
+        ((0.1, 0.5), "half", "mask_probability must be in.*'half'"),
+        ((0.1, None), 0.5, "mask_ratio_tuple must be"),
+        (0.3, 0.5, "mask_ratio_tuple must be"),  # a single number, not a pair
     ],
 )
 def test_invalid_mask_settings_are_named(ratio, probability, message):

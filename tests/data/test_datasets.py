@@ -51,6 +51,10 @@ def test_image_folder_unlabeled_and_extensions(tmp_path):
     assert ds[0][1] == -1
     only_png = ImageFolder(str(tmp_path), extensions=(".png",))
     assert len(only_png) == 1 and only_png.get_image_path(0).endswith("b.PNG")
+    _write(tmp_path / "d.g")  # ".png" read letter by letter would mean the extensions ".", ".p", ".n", ".g"
+    for given, expected in ((".png", ["b.PNG"]), ("png", ["b.PNG"]), ("png, .jpeg", ["a.JpEg", "b.PNG"])):
+        ds = ImageFolder(str(tmp_path), extensions=given)  # a string: a comma-separated list, as in a dataset string
+        assert [p.rsplit("/", 1)[-1] for p in map(ds.get_image_path, range(len(ds)))] == expected
 
 
 def test_image_folder_mixed_top_level_files_are_unlabeled(tmp_path, caplog):
@@ -75,6 +79,31 @@ def test_image_folder_errors_name_the_path(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"empty.*\.jpg"):
         ImageFolder(str(tmp_path / "empty"))
+
+
+def test_an_unlistable_folder_is_named_not_silently_dropped(tmp_path, monkeypatch, caplog):
+    """os.walk alone skips a folder it cannot list without a word: the class would vanish and the others
+    be renumbered. ImageFolder warns; the ImageNet dumps, which persist the listing, stop."""
+    import os
+
+    for name in ("ants", "bees", "cats"):
+        _write(tmp_path / name / f"{name}_1.JPEG")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # running as root, chmod cannot deny access: refuse one folder here
+        if os.path.basename(os.fspath(path)) == "bees":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        assert ImageFolder(str(tmp_path)).classes == ["ants", "cats"]
+    assert "bees (Permission denied); its images are left out" in caplog.text
+    with pytest.raises(PermissionError, match=r"bees.*Permission denied"):
+        ImageNet22k(root=str(tmp_path), extra=str(tmp_path / "extra")).dump_extra()
+    assert not (tmp_path / "extra").exists()
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    assert ImageFolder(str(tmp_path)).classes == ["ants", "bees", "cats"]
 
 
 def _relative_names(ds, root):
@@ -306,6 +335,8 @@ def test_make_dataset_synthetic_types():
     assert image.size == (16, 16) and isinstance(target, int)
     with pytest.raises(ValueError, match="'num_images'.*'seven'"):
         make_dataset("Synthetic:num_images=seven")
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        make_dataset("Synthetic:seed=-1")  # was NumPy's "expected non-negative integer", naming no key
 
 
 def test_make_dataset_errors(tmp_path):

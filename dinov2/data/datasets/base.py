@@ -118,21 +118,41 @@ def _unvisited_subdirs(directory: str, subdirs: list[str], visited: set[tuple[in
     return kept
 
 
-def find_images(root: str | os.PathLike, extensions: Iterable[str] = IMG_EXTENSIONS) -> list[str]:
+def _unlistable(strict: bool):
+    """``os.walk``'s error hook for a folder it cannot list (os.walk alone skips it silently): raise an
+    OSError naming it with ``strict``, else log a warning."""
+
+    def hook(error: OSError) -> None:
+        if strict:
+            message = f"find_images: cannot list folder {error.filename} ({error.strerror}); fix its permissions"
+            raise OSError(error.errno, message) from error
+        logger.warning(
+            "find_images: cannot list folder %s (%s); its images are left out", error.filename, error.strerror
+        )
+
+    return hook
+
+
+def find_images(root: str | os.PathLike, extensions: Iterable[str] = IMG_EXTENSIONS, strict: bool = False) -> list[str]:
     """Relative POSIX paths of all image files under root (recursive, sorted, hidden entries skipped).
 
-    Extensions are matched case-insensitively. Symlinked folders are followed, but every real directory
-    (identified by device and inode) is listed once: a symlink to a folder already reached (an ancestor,
-    which would loop, or a second path to the same folder) is skipped with a warning. Where two paths lead
-    to one folder, the first claimed is kept: the walk goes depth-first in name order and claims all
-    sub-folders of a folder when it lists that folder.
+    Extensions are matched case-insensitively (a string is read as a comma-separated list). Symlinked
+    folders are followed, but every real directory (identified by device and inode) is listed once: a
+    symlink to a folder already reached (an ancestor, which would loop, or a second path to the same
+    folder) is skipped with a warning. Where two paths lead to one folder, the first claimed is kept:
+    the walk goes depth-first in name order and claims all sub-folders of a folder when it lists that
+    folder. A folder that cannot be listed (no permission) is skipped with a warning naming it, or, with
+    ``strict`` (the ImageNet metadata dumps, which persist the listing), raises an OSError naming it.
     """
+    if isinstance(extensions, str):  # ".jpg,.png" or ".jpg": iterating it would give single characters
+        extensions = extensions.split(",")
+    extensions = [ext.strip() for ext in extensions if ext.strip()]
     suffixes = tuple(ext.lower() if ext.startswith(".") else "." + ext.lower() for ext in extensions)
     root = os.fspath(root)
     root_key = _directory_key(root)
     visited = {root_key} if root_key is not None else set()
     found = []
-    for directory, subdirs, files in os.walk(root, followlinks=True):
+    for directory, subdirs, files in os.walk(root, onerror=_unlistable(strict), followlinks=True):
         subdirs[:] = _unvisited_subdirs(directory, subdirs, visited)
         rel_dir = os.path.relpath(directory, root)
         for name in files:

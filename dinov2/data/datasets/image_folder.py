@@ -69,7 +69,7 @@ class ImageFolder(_PathListDataset):
         if not paths:
             raise FileNotFoundError(
                 f"ImageFolder found no images under {root_path} (looked recursively for extensions "
-                f"{', '.join(extensions)}, case-insensitive)"
+                f"{extensions if isinstance(extensions, str) else ', '.join(extensions)}, case-insensitive)"
             )
         class_names = sorted({p.split("/", 1)[0] for p in paths if "/" in p})
         class_to_index = {name: i for i, name in enumerate(class_names)}

@@ -168,7 +168,7 @@ class ImageNet(FileImageDataset):
         regex, pattern = _FILE_PATTERNS[self.split]
         class_to_index = {c: i for i, c in enumerate(class_ids)}
         rows = []
-        for relative in find_images(split_dir, (".JPEG",)):
+        for relative in find_images(split_dir, (".JPEG",), strict=True):
             wnid = relative.split("/", 1)[0] if "/" in relative else ""
             match = regex.fullmatch(relative.rsplit("/", 1)[-1])
             if match is None or pattern.format(wnid=wnid, index=int(match["index"])) != relative:
@@ -253,7 +253,7 @@ class ImageNet22k(FileImageDataset):
 
     def dump_extra(self) -> None:
         """Scan ``root/<wnid>/`` folders and write the metadata files into ``extra``."""
-        relatives = [p for p in find_images(self.root) if "/" in p]
+        relatives = [p for p in find_images(self.root, strict=True) if "/" in p]
         if not relatives:
             raise FileNotFoundError(f"no images in class folders under {self.root}")
         class_ids = sorted({p.split("/", 1)[0] for p in relatives})

@@ -186,6 +186,8 @@ class Synthetic:
         length = default_len if num_images is None else int(num_images)
         if length < 0 or image_size < 8:
             raise ValueError(f"need num_images >= 0 and image_size >= 8, got {length} and {image_size}")
+        if int(seed) < 0:  # NumPy's SeedSequence, which seeds every image, takes no negative words
+            raise ValueError(f"Synthetic: seed must be a non-negative integer, got {seed}")
         self.split, self.seed, self.image_size = key, int(seed), int(image_size)
         self.transform, self.target_transform = transform, target_transform
         self._stream = stream
