@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -112,16 +113,48 @@ def _slurm_tasks_on_this_node() -> int:
     return per_node[node]
 
 
+STEP_ID_VARIABLES = ("SLURM_STEP_ID", "SLURM_STEPID")
+
+
+def _slurm_task_count() -> int:
+    """The tasks of this ``srun`` step: ``SLURM_STEP_NUM_TASKS``, else ``SLURM_NTASKS``."""
+    value = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"cannot read SLURM's task count {value!r}") from None
+
+
+def _warn_outside_srun(ntasks: str) -> None:
+    """A job of several tasks whose process was not started by ``srun`` (an sbatch script's own line)."""
+    if ntasks not in ("", "1"):
+        warnings.warn(
+            f"SLURM_NTASKS={ntasks} but this process was not started by srun (no SLURM_STEP_ID): running as "
+            "a single process. Start one process per task with srun (or torchrun) to use them all",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def setup_env_from_slurm() -> bool:
     """Fill torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``) from SLURM's (``SLURM_PROCID``, ``SLURM_NTASKS``,
-    ``SLURM_LOCALID``, the step's node list and the job id) when a task started by ``srun`` (or submitit)
-    lacks them. Variables already set win. Returns True when SLURM's were used."""
-    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+    ``MASTER_ADDR``, ``MASTER_PORT``) from SLURM's (``SLURM_PROCID``, the step's task count, ``SLURM_LOCALID``,
+    the step's node list and the job id) when a task started by ``srun`` (or submitit) lacks them.
+    Variables already set win. Returns True when SLURM's were used.
+
+    Only a task of an ``srun`` step counts: the batch script of ``sbatch`` (and ``salloc``'s shell) is
+    one process, though it sees the job's ``SLURM_NTASKS`` and ``SLURM_PROCID=0``. SLURM sets
+    ``SLURM_STEP_ID`` in srun's tasks only, so without it the process stays single (with a warning
+    when the job asked for several tasks: they would have to be started by ``srun``)."""
+    counted = "SLURM_STEP_NUM_TASKS" in os.environ or "SLURM_NTASKS" in os.environ
+    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or not counted:
+        return False
+    if not any(key in os.environ for key in STEP_ID_VARIABLES):
+        _warn_outside_srun(os.environ.get("SLURM_NTASKS", "").strip())
         return False
     env = {
         "RANK": os.environ["SLURM_PROCID"],
-        "WORLD_SIZE": os.environ["SLURM_NTASKS"],
+        "WORLD_SIZE": str(_slurm_task_count()),
         "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
         "LOCAL_WORLD_SIZE": str(_slurm_tasks_on_this_node()),
     }

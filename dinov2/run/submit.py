@@ -10,8 +10,8 @@ point's ``main`` with the same arguments a ``torchrun`` user would pass.
 ``%j`` in any entry-point argument (typically ``--output-dir runs/%j``) becomes the job id inside
 the job; submitit resolves ``%j`` in its own folder (``--slurm-output-dir``, by default
 ``OUTPUT_DIR/slurm``). On preemption or time-out submitit asks the callable for a checkpoint:
-:meth:`Launched.checkpoint` resubmits the same arguments (without ``--no-resume``) and the entry
-point resumes from the checkpoints it wrote in its output directory.
+:meth:`Launched.checkpoint` resubmits the same arguments (without ``--no-resume``, or the curation's
+``--redo STAGE``) and the entry point resumes from what it wrote in its output directory.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dinov2.utils.config import ConfigError
 
 EXECUTORS = ("slurm", "local")
 NO_RESUME = "--no-resume"
+START_OVER = ((NO_RESUME, "no_resume", False),)
 # MASTER_PORT range: above the commonly used service ports, below Linux's ephemeral range (32768-60999).
 PORT_BASE, PORT_SPAN = 20000, 10000
 # What submitit does before a job hits its time limit: SIGUSR2 this many seconds ahead.
@@ -51,6 +52,7 @@ def get_slurm_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     group.add_argument("--timeout", type=int, default=2800, help="time limit of one job, in minutes")
     group.add_argument("--comment", default=None, help="SLURM job comment")
     group.add_argument("--exclude", default=None, help="nodes not to run on, e.g. node[01-04],node17")
+    group.add_argument("--constraint", default=None, help="node features the job needs, e.g. volta32gb or 'a100|h100'")
     group.add_argument("--account", default=None, help="SLURM account")
     group.add_argument("--qos", default=None, help="SLURM quality of service")
     group.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the cluster's)")
@@ -72,6 +74,8 @@ class EntryPoint:
     ``config_attr`` names the parsed argument that holds the config (checked before submission by
     ``config_loader``, ``"module:function"`` taking the config and the overrides). ``intermixed``:
     the entry point's positionals may stand among its options (``parse_intermixed_args``).
+    ``start_over``: the options that make a run start over, ``(option, dest, takes_value)``; a requeued
+    job is resubmitted without them, so that it continues from what it had finished.
     """
 
     module: str
@@ -80,6 +84,7 @@ class EntryPoint:
     config_attr: str = "config_file"
     config_loader: str = "dinov2.utils.config:load_config"
     intermixed: bool = False
+    start_over: tuple[tuple[str, str, bool], ...] = START_OVER
 
     def get_args_parser(self, add_help: bool = True) -> argparse.ArgumentParser:
         return importlib.import_module(self.module).get_args_parser(add_help=add_help)
@@ -134,9 +139,21 @@ def resolve_job_id(argv: Sequence[str], job_id: str) -> list[str]:
     return [arg.replace("%j", str(job_id)) for arg in argv]
 
 
-def drop_no_resume(argv: Sequence[str]) -> list[str]:
-    """``argv`` without ``--no-resume``: a requeued job continues from its own checkpoints."""
-    return [arg for arg in argv if arg != NO_RESUME]
+def drop_start_over(argv: Sequence[str], options: Sequence[tuple[str, str, bool]] = START_OVER) -> list[str]:
+    """``argv`` without the options that start a run over (``--no-resume``; ``--redo STAGE`` or
+    ``--redo=STAGE`` for the curation): a requeued job continues from what it had finished."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        option = next((o for o in options if arg == o[0] or (o[2] and arg.startswith(o[0] + "="))), None)
+        if option is None:
+            kept.append(arg)
+        else:
+            skip_value = option[2] and arg == option[0]
+    return kept
 
 
 class Launched:
@@ -159,9 +176,11 @@ class Launched:
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption or time-out (rank 0 only): requeue the same command.
         The entry point resumes from the latest checkpoint of its output directory."""
-        argv = drop_no_resume(self.argv)
-        if len(argv) != len(self.argv):
-            print(f"requeue: {NO_RESUME} dropped so that the requeued job resumes from its checkpoint", flush=True)
+        argv = drop_start_over(self.argv, self.entry.start_over)
+        dropped = [o for o, _, _ in self.entry.start_over if any(a == o or a.startswith(o + "=") for a in self.argv)]
+        if dropped:
+            print(f"requeue: {' '.join(dropped)} dropped so that the requeued job resumes from what it had finished",
+                  flush=True)  # fmt: skip
         print(f"requeue: {self.entry.module}.main({argv})", flush=True)
         return submitit.helpers.DelayedSubmission(type(self)(self.entry, argv), *args, **kwargs)
 
@@ -185,6 +204,10 @@ def parse_launcher_args(
     entry_parser = entry.get_args_parser(add_help=False)
     entry_parser.set_defaults(output_dir=None)  # the launchers need an explicit --output-dir
     entry_args = entry.parse_args(entry_parser, entry_argv)
+    requeued = entry.parse_args(entry_parser, drop_start_over(entry_argv, entry.start_over))
+    for option, dest, _ in entry.start_over:
+        if getattr(requeued, dest, None):  # an abbreviation (--no-res): the requeued job would start over again
+            raise SystemExit(f"write {option} in full: a requeued job is resubmitted without it")
     return slurm_args, entry_argv, entry_args
 
 
@@ -256,6 +279,7 @@ def make_executor(slurm_args: argparse.Namespace, folder: str | Path, name: str)
         slurm_partition=slurm_args.partition or None,
         slurm_comment=slurm_args.comment or None,
         slurm_exclude=slurm_args.exclude or None,
+        slurm_constraint=slurm_args.constraint or None,
         slurm_account=slurm_args.account or None,
         slurm_qos=slurm_args.qos or None,
         slurm_signal_delay_s=SIGNAL_DELAY_S,

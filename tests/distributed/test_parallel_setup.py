@@ -16,6 +16,11 @@ from dinov2.models import vit_tiny
 from dinov2.train.precision import resolve_precision
 from dinov2.utils.config import load_config
 
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# srun's own (absent from sbatch's batch script): cleared, so that a test run inside a SLURM job sees none
+SLURM_STEP_VARIABLES = ("SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
+                        "SLURM_STEP_TASKS_PER_NODE")  # fmt: skip
+
 
 def _batches(sampler: PositionedSampler, n: int, batch: int) -> list[list[tuple[int, int]]]:
     items = list(itertools.islice(iter(sampler), n * batch))
@@ -111,12 +116,12 @@ def test_precision_follows_the_sharding_policy_where_it_applies():
 
 
 def test_slurm_variables_become_torchrun_variables(monkeypatch):
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in (*TORCHRUN_VARIABLES, *SLURM_STEP_VARIABLES):
         monkeypatch.setenv(key, "unset")  # recorded first, so that teardown also removes what the test adds
         monkeypatch.delenv(key)
     monkeypatch.setattr("dinov2.distributed._first_slurm_host", lambda: "node-017")
     env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)",
-           "SLURM_JOB_ID": "123456"}  # fmt: skip
+           "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0"}  # fmt: skip
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert setup_env_from_slurm()
@@ -135,6 +140,51 @@ def test_slurm_variables_become_torchrun_variables(monkeypatch):
     assert not setup_env_from_slurm()  # torchrun's variables (WORLD_SIZE now set) win
 
 
+def _batch_step_env(monkeypatch, ntasks: str) -> None:
+    """What an sbatch script sees (sbatch --ntasks=N; no srun): the job's task count, SLURM_PROCID=0,
+    SLURM_LOCALID=0, but none of srun's step variables."""
+    for key in (*TORCHRUN_VARIABLES, *SLURM_STEP_VARIABLES):
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    env = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS": ntasks,
+           "SLURM_TASKS_PER_NODE": f"{ntasks}", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "gpu07"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_the_batch_script_of_sbatch_is_one_process(monkeypatch):
+    # `python train.py` straight in an sbatch script with --ntasks=8: treated as 8 ranks, rank 0 would
+    # wait forever for 7 peers that nothing starts. Without srun's SLURM_STEP_ID it is one process.
+    import os
+    import warnings
+
+    from dinov2 import distributed
+
+    _batch_step_env(monkeypatch, "8")
+    with pytest.warns(RuntimeWarning, match=r"SLURM_NTASKS=8 but this process was not started by srun"):
+        assert not setup_env_from_slurm()
+    assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ and "MASTER_ADDR" not in os.environ
+    with pytest.warns(RuntimeWarning):
+        assert not distributed.init_from_env(torch.device("cpu"))  # no group, nothing waited for
+    assert not distributed.is_enabled()
+    _batch_step_env(monkeypatch, "1")  # the usual single-task job: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not setup_env_from_slurm()
+
+
+def test_an_srun_step_uses_its_own_task_count(monkeypatch):
+    # srun -n 4 inside an allocation of 8 tasks: the step has 4 ranks (SLURM_STEP_NUM_TASKS).
+    import os
+
+    _batch_step_env(monkeypatch, "8")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4")
+    assert setup_env_from_slurm()
+    assert (os.environ["WORLD_SIZE"], os.environ["LOCAL_WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("4", "4", "gpu07")
+
+
 @pytest.mark.parametrize(
     ("tasks_per_node", "ntasks_per_node", "node_id", "expected"),
     [("8(x2)", None, "1", "8"), ("8(x2),4", None, "2", "4"), ("3,5", None, "1", "5"), (None, None, "0", "1"),
@@ -148,12 +198,12 @@ def test_slurm_local_world_size_is_the_steps_tasks_on_this_node(
     # the step's, and gives this node's (SLURM_NODEID) count.
     import os
 
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE"):  # fmt: skip
+    for key in (*TORCHRUN_VARIABLES, *SLURM_STEP_VARIABLES, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
         monkeypatch.setenv(key, "unset")
         monkeypatch.delenv(key)
     monkeypatch.setattr("dinov2.distributed._first_slurm_host", lambda: "node-001")
-    for key, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "20", "SLURM_NODEID": node_id}.items():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "20", "SLURM_NODEID": node_id, "SLURM_STEP_ID": "0"}
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     if tasks_per_node is not None:
         monkeypatch.setenv("SLURM_TASKS_PER_NODE", tasks_per_node)
@@ -177,11 +227,11 @@ def test_master_addr_is_the_first_node_of_the_srun_step(monkeypatch):
     # first node, not the job's.
     import os
 
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in (*TORCHRUN_VARIABLES, *SLURM_STEP_VARIABLES):
         monkeypatch.setenv(key, "unset")
         monkeypatch.delenv(key)
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[01-04]",
-           "SLURM_NODELIST": "node[01-04]", "SLURM_STEP_NODELIST": "node[03-04]"}  # fmt: skip
+           "SLURM_NODELIST": "node[01-04]", "SLURM_STEP_NODELIST": "node[03-04]", "SLURM_STEPID": "1"}  # fmt: skip
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert setup_env_from_slurm() and os.environ["MASTER_ADDR"] == "node03"

@@ -20,6 +20,7 @@ import submitit
 
 from dinov2.checkpoint import find_latest_checkpoint
 from dinov2.run import submit as launcher
+from dinov2.run.curation import curate as run_curate
 from dinov2.run.eval import knn as run_knn
 from dinov2.run.eval import linear as run_linear
 from dinov2.run.eval import log_regression as run_log_regression
@@ -246,6 +247,31 @@ def test_launched_sets_the_environment_and_checkpoint_requeues_without_no_resume
     assert (copy.entry, copy.argv) == (delayed.function.entry, delayed.function.argv)
 
 
+@pytest.mark.parametrize(
+    "argv, requeued",
+    [
+        (["run", "--redo", "embed", "--config", "c", "--output-dir", "o", "pool=p"],
+         ["run", "--config", "c", "--output-dir", "o", "pool=p"]),
+        (["embed", "--output-dir", "o", "--redo=embed"], ["embed", "--output-dir", "o"]),  # the stage stays
+        (["dedup", "--output-dir", "o"], ["dedup", "--output-dir", "o"]),
+    ],
+)  # fmt: skip
+def test_a_requeued_curation_does_not_redo_what_it_had_finished(argv, requeued, capsys):
+    # --redo deletes the stage's outputs (embedding chunks included): resubmitted with it, every
+    # preemption would throw away the finished chunks and the job could never get past them.
+    launched = launcher.Launched(run_curate.ENTRY, argv)
+    assert launched.checkpoint().function.argv == requeued
+    assert ("--redo dropped" in capsys.readouterr().out) == (argv != requeued)
+
+
+def test_start_over_flags_must_be_spelt_in_full():
+    # The training parser accepts abbreviations: "--no-res" is --no-resume, which a requeue would keep.
+    with pytest.raises(SystemExit, match="write --no-resume in full"):
+        launcher.parse_launcher_args(run_train.ENTRY, ["--no-res", "--output-dir", "o"])
+    _, entry_argv, entry_args = launcher.parse_launcher_args(run_train.ENTRY, ["--no-resume", "--output-dir", "o"])
+    assert entry_args.no_resume and launcher.drop_start_over(entry_argv) == ["--output-dir", "o"]
+
+
 # ------------------------------------------------------------------- submission (stand-in sbatch and srun)
 def test_slurm_submission_writes_the_expected_sbatch_file(tmp_path, monkeypatch, capsys):
     """A real submit() to the SLURM executor, with ``sbatch``/``srun`` replaced by scripts on PATH."""
@@ -259,12 +285,12 @@ def test_slurm_submission_writes_the_expected_sbatch_file(tmp_path, monkeypatch,
     out = tmp_path / "runs" / "%j"
     job = run_train.main(["--nodes", "4", "--partition", "P", "--timeout", "60", "--comment", "my run", "--exclude",
                           "node1,node2", "--qos", "high", "--config", "vitl16_short", "--output-dir", str(out),
-                          "--mem-gb", "400", "optim.epochs=1"])  # fmt: skip
+                          "--mem-gb", "400", "--constraint", "h100", "optim.epochs=1"])  # fmt: skip
     assert job.job_id == "4242"
     folder = tmp_path / "runs" / "4242" / "slurm"
     sbatch = (folder / "4242_submission.sh").read_text()
     for flag in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--partition=P",
-                 "--time=60", "--comment='my run'", "--exclude=node1,node2", "--qos=high", "--mem=400GB",
+                 "--time=60", "--comment='my run'", "--exclude=node1,node2", "--qos=high", "--mem=400GB", "--constraint=h100",
                  "--signal=USR2@120", "--job-name=dinov2-train"]:  # fmt: skip
         assert f"#SBATCH {flag}\n" in sbatch, flag
     assert "#SBATCH --account" not in sbatch  # not given: left to the cluster

@@ -4,8 +4,8 @@
         run --config lvd_vitl14 --output-dir OUT pool=/data/uncurated.txt [key=value ...]
 
 Every task embeds its share of the chunks; rank 0 then deduplicates, clusters and retrieves. A
-preempted or timed-out job is requeued with the same command and skips what it had finished
-(stages and embedding chunks). SLURM options (:func:`dinov2.run.submit.get_slurm_args_parser`) are
+preempted or timed-out job is requeued with the same command, less ``--redo STAGE`` (which would
+delete the finished work again), and skips what it had finished (stages and embedding chunks). SLURM options (:func:`dinov2.run.submit.get_slurm_args_parser`) are
 taken out wherever they appear. See docs/curation.md.
 """
 
@@ -24,6 +24,7 @@ from dinov2.run.submit import EntryPoint, submit  # noqa: E402
 ENTRY = EntryPoint(
     "dinov2.curation.__main__", "dinov2-curate", main_takes_argv=True, config_attr="config",
     config_loader="dinov2.curation.pipeline:load_curation_config", intermixed=True,
+    start_over=(("--redo", "redo", True),),  # a requeued job must not delete what it had finished
 )  # fmt: skip
 
 
