@@ -51,6 +51,64 @@ def make_eval_dataset(dataset_str: str, transform=None, role: str = "dataset"):
     return dataset
 
 
+def check_labelled(dataset, dataset_str: str, role: str = "dataset", purpose: str = "evaluation") -> None:
+    """Refuse, before any feature is extracted, a dataset with unlabelled samples (target < 0), read
+    from its ``get_targets()`` where it has one (others are checked batch by batch during
+    extraction). Every rank reads the same targets and stops together."""
+    get_targets = getattr(dataset, "get_targets", None)
+    targets = np.asarray(get_targets()) if callable(get_targets) else None
+    if targets is None or targets.dtype.kind not in "iu":
+        return
+    missing = np.flatnonzero(targets < 0)
+    if missing.size:
+        raise ValueError(
+            f"the {role} {dataset_str!r} has {missing.size} unlabelled samples (target -1; the first at index "
+            f"{int(missing[0])}); {purpose} needs a label for every image"
+        )
+
+
+class ClassIndexMap:
+    """Target transform (picklable, for loader workers): a class index of one dataset -> the index of
+    the same class name in another; indices it does not list (-1: unlabelled) are kept. ``then``, the
+    dataset's previous target transform, is applied to the result."""
+
+    def __init__(self, mapping: dict[int, int], then=None) -> None:
+        self.mapping, self.then = dict(mapping), then
+
+    def __call__(self, target):
+        target = self.mapping.get(target, target) if target is not None else None
+        return target if self.then is None else self.then(target)
+
+
+def align_class_indices(train_dataset, val_dataset, role: str = "val dataset") -> dict[int, int]:
+    """Give ``val_dataset`` the class indices of ``train_dataset`` when both name their classes
+    (``classes``: two ``ImageFolder`` trees, whose indices are the positions of the folder names in
+    each tree) and the names differ: a val tree without one of train's class folders would otherwise
+    label its classes with shifted indices and be scored against the wrong classes. Val classes that
+    train lacks get the indices after train's (never predicted by k-NN; refused by the linear probe).
+    Returns the mapping (empty when nothing changes) and logs a warning naming the differences."""
+    train_names, val_names = getattr(train_dataset, "classes", None), getattr(val_dataset, "classes", None)
+    if not isinstance(train_names, list | tuple) or not isinstance(val_names, list | tuple):
+        return {}
+    train_names, val_names = [str(n) for n in train_names], [str(n) for n in val_names]
+    if train_names == val_names:
+        return {}
+    if not hasattr(val_dataset, "target_transform"):
+        raise ValueError(f"the {role} names other classes than the train dataset and cannot be relabelled")
+    index = {name: i for i, name in enumerate(train_names)}
+    extra = [name for name in val_names if name not in index]
+    index.update({name: len(train_names) + j for j, name in enumerate(extra)})
+    mapping = {i: index[name] for i, name in enumerate(val_names) if index[name] != i}
+    missing = [name for name in train_names if name not in set(val_names)]
+    logger.warning(
+        "The %s's classes differ from the train dataset's (absent from val: %s; absent from train: %s): its "
+        "labels are mapped to the train dataset's class indices by name", role, missing or "none", extra or "none",
+    )  # fmt: skip
+    if mapping:
+        val_dataset.target_transform = ClassIndexMap(mapping, then=val_dataset.target_transform)
+    return mapping
+
+
 def collate_images_and_labels(batch: Sequence[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack images; labels become an int64 tensor with ``None`` mapped to -1 (checked by the caller)."""
     images = torch.stack([image for image, _ in batch])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dinov2 import distributed
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.eval.features import extract_labelled_features, make_eval_dataset
+from dinov2.eval.features import align_class_indices, check_labelled, extract_labelled_features, make_eval_dataset
 from dinov2.eval.metrics import format_table, run_record, topk_correct, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
@@ -128,6 +128,8 @@ def knn_classify(
         raise ValueError(f"need positive nb_knn and temperature, got {tuple(nb_knn)} and {temperature}")
     if len(train_features) == 0 or len(test_features) == 0:
         raise ValueError("k-NN needs at least one training and one test feature")
+    if chunk_size < 1:  # a negative step would skip every query and report 0 %
+        raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
     device = train_features.device if device is None else torch.device(device)
     sharded = shard_train and distributed.get_world_size() > 1
     own = _query_slice(len(train_features), sharded)  # this rank's training rows (all of them unsharded)
@@ -225,8 +227,12 @@ def extract_train_and_val(args, model, autocast_dtype, device: torch.device) -> 
     ``num_skipped`` holds the number of unreadable (dropped) images of each split."""
     transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
     out = {"num_skipped": {}}
+    datasets = {}
     for name, dataset_str in (("train", args.train_dataset), ("val", args.val_dataset)):
-        dataset = make_eval_dataset(dataset_str, transform, role=f"{name} dataset")
+        datasets[name] = make_eval_dataset(dataset_str, transform, role=f"{name} dataset")
+        check_labelled(datasets[name], dataset_str, role=f"{name} dataset")  # before the features of either
+    align_class_indices(datasets["train"], datasets["val"])  # ImageFolder trees: the same index per class name
+    for name, dataset in datasets.items():
         result = extract_labelled_features(
             model, dataset, args.batch_size, args.num_workers, device=device, autocast_dtype=autocast_dtype,
             gather_on_cpu=args.gather_on_cpu, progress=args.progress,
@@ -243,11 +249,13 @@ def results_table(results: dict[int, dict[str, float]]) -> str:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse, before the model is built and the features extracted, a ``--nb_knn`` or
-    ``--temperature`` that is not positive, a ``--n-per-class-list`` entry that is neither positive
+    """Refuse, before the model is built and the features extracted, a ``--nb_knn``, ``--temperature``
+    or ``--chunk-size`` that is not positive, a ``--n-per-class-list`` entry that is neither positive
     nor -1, or ``--n-tries`` below 1."""
     if min(args.nb_knn) < 1 or args.temperature <= 0:
         raise ValueError(f"--nb_knn and --temperature must be positive, got {args.nb_knn} and {args.temperature}")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be a positive number of queries, got {args.chunk_size}")
     bad = [n for n in args.n_per_class_list if n == 0 or n < -1]
     if bad or args.n_tries < 1:
         raise ValueError(

@@ -36,7 +36,13 @@ from dinov2.data.loaders import make_data_loader
 from dinov2.data.seeding import PositionedSampler, SeededSamples
 from dinov2.data.transforms import make_classification_eval_transform, make_classification_train_transform
 from dinov2.eval import linear_heads as core
-from dinov2.eval.features import collate_with_skips, extract_labelled_features, make_eval_dataset
+from dinov2.eval.features import (
+    align_class_indices,
+    check_labelled,
+    collate_with_skips,
+    extract_labelled_features,
+    make_eval_dataset,
+)
 from dinov2.eval.metrics import format_table, write_json_atomic
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
@@ -122,11 +128,17 @@ def num_classes_of(dataset) -> int:
     return int(np.max(dataset.get_targets())) + 1
 
 
-def encode_val_set(args, backbone: nn.Module, n_max: int, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+def encode_val_set(
+    args, backbone: nn.Module, n_max: int, autocast_dtype, train_set=None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Packed (N, n_max + 1, D) features (CPU) and labels of the validation set, computed once, and
-    the number of unreadable validation images (left out of N)."""
+    the number of unreadable validation images (left out of N). Labels follow ``train_set``'s class
+    indices where both name their classes (:func:`~dinov2.eval.features.align_class_indices`)."""
     transform = make_classification_eval_transform(resize_size=args.resize_size, crop_size=args.crop_size)
     dataset = make_eval_dataset(args.val_dataset, transform, role="val dataset")
+    check_labelled(dataset, args.val_dataset, role="val dataset", purpose="linear probing")
+    if train_set is not None:
+        align_class_indices(train_set, dataset)
     result = extract_labelled_features(
         PackedFeatures(backbone, n_max), dataset, args.batch_size, args.num_workers,
         autocast_dtype=autocast_dtype, gather_on_cpu=True, progress=args.progress,
@@ -139,16 +151,7 @@ def check_train_labels(args, dataset) -> None:
     ``get_targets()`` where it has one. Every rank reads the same targets and stops together; the
     check of each training batch (``train_batches``) would only stop the rank whose batch holds such a
     sample, possibly late in the run, and leave the other ranks waiting in the gradient all-reduce."""
-    get_targets = getattr(dataset, "get_targets", None)
-    targets = np.asarray(get_targets()) if callable(get_targets) else None
-    if targets is None or targets.dtype.kind not in "iu":
-        return
-    missing = np.flatnonzero(targets < 0)
-    if missing.size:
-        raise ValueError(
-            f"the train dataset {args.train_dataset!r} has {missing.size} unlabelled samples (target -1; the "
-            f"first at index {int(missing[0])}); linear probing needs a label for every training image"
-        )
+    check_labelled(dataset, args.train_dataset, role="train dataset", purpose="linear probing")
 
 
 def check_val_classes(args, val_labels: torch.Tensor, num_classes: int) -> None:
@@ -253,7 +256,7 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
     heads, optimizer, base_lrs, lrs = _grid(args, backbone, num_classes)
     max_iter = args.epochs * args.epoch_length
     start_iter, history, earlier_skipped = _resume(args, heads, optimizer, max_iter)
-    *val, val_skipped = encode_val_set(args, backbone, n_max, autocast_dtype)
+    *val, val_skipped = encode_val_set(args, backbone, n_max, autocast_dtype, train_set)
     check_val_classes(args, val[1], num_classes)
     train_skipped = distributed.RunCount(earlier_skipped)  # unreadable images: counted, not dropped
     device = next(backbone.parameters()).device
@@ -285,8 +288,19 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
     return record
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before the model is built, a run without training steps (``--epochs`` or
+    ``--epoch-length`` below 1 would only score the classifiers' random initialisation) or a learning
+    rate that is not positive."""
+    if args.epochs < 1 or args.epoch_length < 1:
+        raise ValueError(f"--epochs and --epoch-length must be >= 1, got {args.epochs} and {args.epoch_length}")
+    if min(args.learning_rates) <= 0:
+        raise ValueError(f"--learning-rates must be positive, got {args.learning_rates}")
+
+
 def main(args: argparse.Namespace) -> dict:
     """Build the frozen backbone from the arguments and run the linear probe."""
+    check_args(args)
     torch.manual_seed(args.seed)  # a reproducible random-initialisation baseline when no weights are given
     model, autocast_dtype, _ = setup_and_build_model(args)
     return run_linear_probe(args, model, autocast_dtype)

@@ -19,7 +19,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.eval.features import extract_features, make_eval_dataset, sample_with_skips
+from dinov2.eval.features import (
+    align_class_indices,
+    check_labelled,
+    extract_features,
+    make_eval_dataset,
+    sample_with_skips,
+)
 from dinov2.eval.knn import knn_classify
 from dinov2.utils.config import select
 
@@ -78,6 +84,8 @@ class OnlineKNN:
             raise ValueError("OnlineKNN needs both a train_dataset (memory bank) and a val_dataset (queries)")
         if not nb_knn or min(nb_knn) < 1:
             raise ValueError(f"nb_knn must be positive integers, got {nb_knn!r}")
+        if not float(temperature) > 0:  # checked here, not at the first evaluation, possibly hours into training
+            raise ValueError(f"the online k-NN temperature must be positive, got {temperature!r}")
         self.train_dataset_str, self.val_dataset_str = str(train_dataset), str(val_dataset)
         self.nb_knn = tuple(int(k) for k in nb_knn)
         self.temperature = float(temperature)
@@ -108,6 +116,9 @@ class OnlineKNN:
             transform = make_classification_eval_transform(resize_size=self.resize_size, crop_size=self.crop_size)
             train = make_eval_dataset(self.train_dataset_str, transform, role="online k-NN train_dataset")
             val = make_eval_dataset(self.val_dataset_str, transform, role="online k-NN val_dataset")
+            check_labelled(train, self.train_dataset_str, role="online k-NN train_dataset", purpose="online k-NN")
+            check_labelled(val, self.val_dataset_str, role="online k-NN val_dataset", purpose="online k-NN")
+            align_class_indices(train, val, role="online k-NN val_dataset")
             if self.cache_bytes > 0 and self.num_workers == 0:
                 train = CachedDataset(train, self.cache_bytes // 2)  # half the budget each
                 val = CachedDataset(val, self.cache_bytes // 2)

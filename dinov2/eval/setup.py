@@ -3,10 +3,11 @@
 ``build_eval_model`` turns a config (a training config or one of ``configs/eval/*.yaml``, which
 name the released architectures) and a weights file into a frozen backbone in eval mode:
 
-* ``{"teacher": {...}}`` training checkpoints, official ``dinov2_*_pretrain.pth`` backbones and
-  ``.safetensors`` exports all load through :func:`dinov2.checkpoint.load_backbone_state_dict`,
-  which raises :class:`~dinov2.checkpoint.StateDictMismatchError` (naming the keys) when the
-  weights do not fit the architecture;
+* sharded training checkpoint directories (their teacher backbone), ``{"teacher": {...}}`` files,
+  official ``dinov2_*_pretrain.pth`` backbones and ``.safetensors`` exports all load through
+  :func:`dinov2.checkpoint.load_backbone_state_dict`, which raises
+  :class:`~dinov2.checkpoint.StateDictMismatchError` (naming the keys) when the weights do not fit
+  the architecture;
 * no weights (``None`` or ``""``) keeps the random initialisation, with a warning: the baseline.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -51,7 +53,7 @@ def get_args_parser(
     parser.add_argument(
         "--pretrained-weights",
         default="",
-        help="teacher checkpoint, official backbone .pth or .safetensors (path or URL); empty: random init",
+        help="training checkpoint dir, teacher checkpoint, backbone .pth or .safetensors (path or URL); empty: random init",
     )
     parser.add_argument("--output-dir", default=".", help="where results (JSON) and logs are written")
     parser.add_argument("--train-dataset", default="ImageNet:split=TRAIN", help="dataset string, see make_dataset")
@@ -73,6 +75,26 @@ def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
     return device_utils.resolve_autocast_dtype("auto", torch.device(device))
 
 
+def read_pretrained_weights(location: str | os.PathLike) -> dict:
+    """The tensors of ``--pretrained-weights``: a weights file (path or URL, :func:`load_weights_file`),
+    or a sharded training checkpoint directory (``OUT/checkpoints/step_N``, or ``OUT`` or
+    ``OUT/checkpoints`` for the run's latest), whose teacher backbone is read whole (weights only)."""
+    from dinov2.checkpoint.io import is_url
+
+    path = Path(location).expanduser()
+    if is_url(str(location)) or not path.is_dir():
+        return load_weights_file(location)
+    from dinov2.checkpoint.consolidate import resolve_checkpoint
+    from dinov2.checkpoint.sharded import load_full_tensors
+
+    checkpoint = resolve_checkpoint(path)
+    logger.info("Reading the teacher backbone of training checkpoint %s", checkpoint)
+    try:
+        return load_full_tensors(checkpoint, "model.teacher.backbone.")
+    except KeyError as error:
+        raise ValueError(f"training checkpoint {checkpoint} holds no teacher backbone: {error}") from error
+
+
 def build_eval_model(
     config_file: str | None,
     pretrained_weights: str | None,
@@ -83,7 +105,7 @@ def build_eval_model(
     cfg = load_config(config_file or None, list(opts))
     model, _ = build_model(cfg.student, only_teacher=True, img_size=cfg.crops.global_crops_size)
     if pretrained_weights:
-        checkpoint = load_weights_file(pretrained_weights)
+        checkpoint = read_pretrained_weights(pretrained_weights)
         report = load_backbone_state_dict(model, checkpoint, source=str(pretrained_weights))
         logger.info("Loaded %s backbone weights from %s (%s)", cfg.student.arch, pretrained_weights, report)
     else:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinov2.eval import knn, log_regression
+from dinov2.eval import knn, linear, log_regression
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = [
@@ -82,6 +82,10 @@ def test_knn_main_with_trained_weights_equals_direct_computation(micro_arch, tmp
         (knn, ["--nb_knn", "0"], "--nb_knn"),
         (knn, ["--temperature", "0"], "--temperature"),
         (knn, ["--n-per-class-list", "-2"], "n-per-class-list"),
+        (knn, ["--chunk-size", "-4"], "--chunk-size"),
+        (linear, ["--epochs", "0"], "--epochs"),  # used to write the scores of the untrained classifiers
+        (linear, ["--epoch-length", "0"], "--epoch-length"),
+        (linear, ["--learning-rates", "0.1", "-1"], "--learning-rates"),
         (log_regression, ["--c-count", "0"], "--c-count"),
         (log_regression, ["--c-values", "1", "-0.5"], "--c-values"),
     ],

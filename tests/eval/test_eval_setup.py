@@ -53,6 +53,23 @@ def test_teacher_checkpoint_and_safetensors_load_exactly(micro_arch, tmp_path):
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
+def test_sharded_training_checkpoint_directory_loads_its_teacher(micro_arch, tmp_path):
+    """``--pretrained-weights OUT/checkpoints/step_N`` (or the run directory, for its latest
+    checkpoint) reads the teacher backbone of the sharded training checkpoint; it used to stop with
+    "weights file not found" for the existing directory."""
+    from torch import nn
+
+    from dinov2.checkpoint.sharded import save_checkpoint
+
+    teacher = source_model(micro_arch)
+    run = nn.ModuleDict({"teacher": nn.ModuleDict({"backbone": teacher})})
+    step = save_checkpoint(tmp_path / "run" / "checkpoints", 3, run, torch.optim.SGD(run.parameters(), lr=0.1), {}, {})
+    x = torch.randn(2, 3, 32, 32)
+    for location in (step, tmp_path / "run"):
+        model, _ = build_eval_model(None, str(location), micro_arch)
+        torch.testing.assert_close(model(x), teacher(x), rtol=0, atol=0)
+
+
 def test_chunked_training_config_loads_flat_weights(micro_arch, tmp_path):
     source = source_model(micro_arch)
     torch.save(source.state_dict(), tmp_path / "backbone.pth")

@@ -155,6 +155,74 @@ def test_cached_dataset_keeps_reporting_substitutes():
         torch.testing.assert_close(got.features, expected_features(6)[[0, 3, 4, 5]])
 
 
+def _class_trees(root: Path, splits: dict[str, str]) -> dict[str, str]:
+    """ImageFolder trees ``root/<split>/<class letter>/<i>.png`` (two flat images per class); returns
+    the dataset strings."""
+    from PIL import Image
+
+    for split, classes in splits.items():
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (ord(name), 40 * i, 9)).save(root / split / name / f"{i}.png")
+    return {split: f"ImageFolder:root={root / split}" for split in splits}
+
+
+@pytest.mark.parametrize("entry", ["knn", "linear", "online"])
+def test_val_tree_with_other_class_folders_gets_the_train_class_indices(tmp_path, entry, caplog):
+    """Two ImageFolder trees index their classes by their own sorted folder names: a val tree
+    without train's "a" folder used to label "b" as 0 (train's "a") and score every query against
+    the wrong class. Expected labels: the index of the image's folder among train's folder names,
+    val-only "z" after them."""
+    import argparse
+
+    from dinov2.eval import knn, linear
+
+    data = _class_trees(tmp_path, {"train": "abc", "val": "bcz"})
+    expected = [{"a": 0, "b": 1, "c": 2, "z": 3}[name] for name in "bcz" for _ in range(2)]
+    args = argparse.Namespace(train_dataset=data["train"], val_dataset=data["val"], resize_size=8, crop_size=8,
+                              batch_size=4, num_workers=0, gather_on_cpu=False, progress=False)  # fmt: skip
+    with caplog.at_level("WARNING", logger="dinov2"):
+        if entry == "knn":
+            labels = knn.extract_train_and_val(args, MeanColour(), None, torch.device("cpu"))["val_labels"]
+        elif entry == "linear":
+            from dinov2.data.datasets import make_dataset
+
+            backbone = IndexFeatures()
+            backbone.get_intermediate_layers = lambda x, **_: [(x.flatten(2).transpose(1, 2), x.mean(dim=(2, 3)))]
+            _, labels, _ = linear.encode_val_set(args, backbone, 1, None, make_dataset(data["train"]))
+        else:
+            train, val = OnlineKNN(data["train"], data["val"], resize_size=8, crop_size=8).datasets()
+            labels = [val[i][1] for i in range(len(val))]
+    assert list(map(int, labels)) == expected
+    assert any("absent from val: ['a']" in r.getMessage() and "['z']" in r.getMessage() for r in caplog.records)
+
+
+def test_unlabelled_val_set_stops_before_any_feature_is_extracted(tmp_path):
+    """A val ImageFolder without class folders (every target -1) used to be found only when its
+    first batch was gathered, after the whole train set had been encoded (hours on ImageNet-22k),
+    and the error did not say which dataset. Now it stops before the first forward, naming it."""
+    import argparse
+
+    from PIL import Image
+
+    from dinov2.eval import knn
+
+    data = _class_trees(tmp_path, {"train": "ab"})
+    (tmp_path / "flat").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(tmp_path / "flat" / f"{i}.png")
+    args = argparse.Namespace(train_dataset=data["train"], val_dataset=f"ImageFolder:root={tmp_path / 'flat'}",
+                              resize_size=8, crop_size=8, batch_size=4, num_workers=0, gather_on_cpu=False,
+                              progress=False)  # fmt: skip
+    model = IndexFeatures()
+    with pytest.raises(ValueError, match=r"val dataset .*flat.* has 3 unlabelled samples .*index 0"):
+        knn.extract_train_and_val(args, model, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"online k-NN val_dataset .*flat.* has 3 unlabelled samples"):
+        OnlineKNN(args.train_dataset, args.val_dataset, resize_size=8, crop_size=8)(model, torch.device("cpu"))
+    assert model.modes_seen == []
+
+
 def _knn_problem():
     gen = torch.Generator().manual_seed(7)
     return torch.randn(40, 6, generator=gen), torch.randint(0, 5, (40,), generator=gen), \

@@ -113,6 +113,9 @@ def test_bad_arguments_are_rejected():
         knn_classify(train_x, train_y, test_x, test_y, nb_knn=(0,))
     with pytest.raises(ValueError, match="at least one"):
         knn_classify(train_x[:0], train_y[:0], test_x, test_y)
+    for chunk_size in (0, -4):  # -4 used to skip every query and report 0 %
+        with pytest.raises(ValueError, match="chunk_size"):
+            knn_classify(train_x, train_y, test_x, test_y, chunk_size=chunk_size)
 
 
 def test_small_temperature_does_not_overflow_the_votes():

@@ -53,6 +53,9 @@ def test_bad_dataset_fails_on_first_call_with_its_name():
         online(micro_vit(), torch.device("cpu"))
     with pytest.raises(ValueError, match="needs both"):
         OnlineKNN("", VAL)
+    for temperature in (0.0, -0.07):  # used to pass until the first evaluation, deep into training
+        with pytest.raises(ValueError, match="temperature must be positive"):
+            OnlineKNN(VAL, VAL, temperature=temperature)
 
 
 def test_transformed_images_are_cached_within_the_budget():
