@@ -221,6 +221,14 @@ def _prune(directory: Path, keep_last: int, just_written: Path) -> None:
         logger.info("removed %d old checkpoint(s): %s", len(removed), ", ".join(removed))
 
 
+def _save_synced(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path``, flushed and fsynced by the process that wrote it."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     iteration: int,
@@ -245,14 +253,15 @@ def save_checkpoint(
         tmp.mkdir()
     distributed.barrier()
     try:
+        # Each rank makes its own files durable before the barrier (DCP fsyncs its shards and metadata,
+        # ``sync_files``): on a shared file system rank 0's fsync of a file another node wrote flushes
+        # nothing of that node's writes. Rank 0 then only syncs the directory and renames it.
         dcp.save(_model_and_optimizer_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp)))
-        torch.save(rng_state, tmp / rng_file(rank))
+        _save_synced(rng_state, tmp / rng_file(rank))
         if rank == 0:
-            torch.save({**trainer_state, "world_size": distributed.get_world_size()}, tmp / TRAINER_STATE)
+            _save_synced({**trainer_state, "world_size": distributed.get_world_size()}, tmp / TRAINER_STATE)
         distributed.barrier()
         if rank == 0:
-            for entry in tmp.iterdir():
-                _fsync_path(entry)
             _fsync_path(tmp)
             _swap_in_directory(tmp, final)
             _prune(directory, keep_last, final)

@@ -250,8 +250,8 @@ class Trainer:
         """Export the teacher (OUTPUT/eval/training_{it}/) and run the online k-NN, if configured.
 
         Training's random streams are put back afterwards: the k-NN's loaders draw from them, and a
-        run resumed from a checkpoint of this iteration (whose RNG state was saved before this)
-        must go on exactly as this one does."""
+        run resumed from a checkpoint of this iteration (saved after this, with the streams as they
+        were before it) must go on exactly as this one does."""
         rng_state = capture_rng_state()
         try:
             return self._evaluate(label)
@@ -299,11 +299,13 @@ class Trainer:
                 per_iter = (time.perf_counter() - start_time) / (self.iteration - start_iteration)
                 self.log(losses, scheduled, window, per_iter)
                 window = _new_window()
-            if _due(self.iteration, ckpt_period) or self.iteration == self.stop_iter:
-                self.save_checkpoint()
+            # Evaluation first: a checkpoint of this iteration then means that its export (and k-NN) is
+            # done, so a job stopped in between redoes them on resume instead of never writing them.
             if _due(self.iteration, eval_period) or self.iteration == self.max_iter:
                 self.extra["knn_last"] = self.evaluate(f"training_{self.iteration}")
                 self.model.train()
+            if _due(self.iteration, ckpt_period) or self.iteration == self.stop_iter:
+                self.save_checkpoint()
         self.metrics.close()
         return self.summary()
 

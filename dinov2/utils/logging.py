@@ -61,20 +61,33 @@ class MetricsWriter:
     def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "training_metrics.json"
+        self._tb_dir = Path(output_dir) / "tensorboard"
         self._tb = None
-        if enabled and tensorboard:
+        self._tb_enabled = enabled and tensorboard  # the writer is opened at the first record
+        self._purge_step: int | None = None
+
+    def _tensorboard(self):
+        """The SummaryWriter (None without the tensorboard package), opened on first use so that a
+        resume's :meth:`truncate_after` can still hand it ``purge_step``."""
+        if self._tb is None and self._tb_enabled:
+            self._tb_enabled = False  # one attempt
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+                return None
+            self._tb = SummaryWriter(log_dir=str(self._tb_dir), purge_step=self._purge_step)
+        return self._tb
 
     def truncate_after(self, iteration: int) -> None:
         """Drop records logged after ``iteration`` (a resumed run rewrites them), and any line that
         is not a whole record (the last one, torn when a run was killed while appending it). The
-        file is replaced atomically: an interruption here leaves the old file, never a partial one."""
-        if not self.enabled or not self.path.is_file():
+        file is replaced atomically: an interruption here leaves the old file, never a partial one.
+        TensorBoard drops its events after ``iteration`` too (``purge_step``), once this run logs."""
+        if not self.enabled:
+            return
+        if self._tb is None:
+            self._purge_step = int(iteration) + 1
+        if not self.path.is_file():
             return
         kept, torn = [], 0
         for line in self.path.read_text().splitlines():
@@ -103,11 +116,12 @@ class MetricsWriter:
         record = {"iteration": int(iteration), **metrics}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, int | float) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, iteration)
-            self._tb.flush()
+                    tb.add_scalar(key, value, iteration)
+            tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

@@ -1,5 +1,6 @@
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,35 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temp_files(tmp_path, monk
     # While it was being written, the temporary directory was hidden and not taken for a checkpoint.
     assert seen["names"] == [".step_0000006.tmp", previous.name] and seen["latest"] == previous
     assert _names(tmp_path) == [previous.name]
+
+
+def test_each_rank_fsyncs_the_files_it_wrote_and_rank_0_opens_no_other_file(tmp_path, monkeypatch):
+    # On a shared file system an fsync by rank 0 of a file that another node wrote flushes nothing of
+    # it: every process syncs its own files before the barrier, and rank 0 only syncs the directory.
+    import os
+
+    from dinov2.checkpoint import sharded
+
+    synced, reopened = [], []
+    real_fsync, real_fsync_path = os.fsync, sharded._fsync_path
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def recording_fsync_path(path):
+        reopened.append((Path(path).name, Path(path).is_file()))  # what it was when it was synced
+        real_fsync_path(path)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(sharded, "_fsync_path", recording_fsync_path)
+    model, optimizer = _model_and_optimizer(0)
+    path = _save(tmp_path, 4, model, optimizer)
+    files = [p.name for p in path.iterdir() if p.is_file() and p.name != ".metadata"]
+    assert set(files) >= {"rng_rank0.pth", "trainer_state.pth", "__0_0.distcp"}
+    assert set(files) <= set(synced), (files, synced)  # fsynced while being written
+    assert ".metadata.tmp" in synced  # DCP's metadata, synced by DCP before its rename
+    assert reopened and not [name for name, is_file in reopened if is_file], reopened  # directories only
 
 
 def test_retention_keeps_exactly_the_newest_and_never_the_new_one(tmp_path):

@@ -33,3 +33,56 @@ def test_truncate_keeps_records_up_to_the_iteration_and_is_a_no_op_when_disabled
     assert [r["iteration"] for r in records(writer.path)] == [10, 20]
     MetricsWriter(tmp_path, enabled=False).truncate_after(0)
     assert [r["iteration"] for r in records(writer.path)] == [10, 20]
+
+
+class _RecordingSummaryWriter:
+    """Stands in for torch's SummaryWriter (tensorboard is optional): records how it was opened."""
+
+    opened: list[dict] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.scalars = kwargs, []
+        _RecordingSummaryWriter.opened.append(self.__dict__)
+
+    def add_scalar(self, key, value, step):
+        self.scalars.append((key, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _fake_tensorboard(monkeypatch):
+    import sys
+    import types
+
+    _RecordingSummaryWriter.opened = []
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = _RecordingSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    return _RecordingSummaryWriter.opened
+
+
+def test_a_resume_purges_the_tensorboard_events_after_its_checkpoint(tmp_path, monkeypatch):
+    # Resumed at iteration 2 (the checkpoint), the run logs 3, 4, ... again: TensorBoard must drop the
+    # events the interrupted run logged from step 3 on, or its curves show both runs overlapping.
+    opened = _fake_tensorboard(monkeypatch)
+    first = MetricsWriter(tmp_path)
+    for it in (1, 2, 3, 4):
+        first.write(it, {"loss": float(it)})
+    resumed = MetricsWriter(tmp_path)
+    resumed.truncate_after(2)
+    resumed.write(3, {"loss": 30.0})
+    assert [w["kwargs"].get("purge_step") for w in opened] == [None, 3]
+    assert opened[1]["kwargs"]["log_dir"] == str(tmp_path / "tensorboard")
+    assert opened[1]["scalars"] == [("loss", 30.0, 3)]
+    # a fresh start (nothing to resume) drops whatever a run lost before its first checkpoint logged
+    fresh = MetricsWriter(tmp_path)
+    fresh.truncate_after(-1)
+    fresh.write(1, {"loss": 1.0})
+    assert opened[2]["kwargs"]["purge_step"] == 0
+    # no writer at all on other ranks
+    MetricsWriter(tmp_path, enabled=False).write(1, {"loss": 1.0})
+    assert len(opened) == 3

@@ -414,3 +414,23 @@ def test_resuming_under_other_param_group_settings_warns_that_the_checkpoints_ar
     warned = [line for line in log.splitlines() if "keeps the lr / weight-decay multipliers" in line]
     assert len(warned) == 1 and "3 parameter(s) differ" in warned[0] and "optim.decay_tokens" in warned[0], log
     assert "backbone.cls_token {'lr_multiplier'" in warned[0] and "'wd_multiplier': 0.0" in warned[0]
+
+
+def test_a_job_stopped_during_the_final_export_redoes_it_on_resume(tmp_path, monkeypatch):
+    # The last iteration's export (and online k-NN) is what a run is for. A job stopped while writing it
+    # (a time limit, a kill) must leave no checkpoint saying that iteration is done: the requeued job
+    # would find nothing left to train and never write the export.
+    short = ("train.OFFICIAL_EPOCH_LENGTH=2", "train.checkpoint_period_iterations=1")
+    real_export = loop_module.export_teacher
+
+    def stopped(directory, iteration, teacher, write=True):
+        raise KeyboardInterrupt("job stopped during the export")
+
+    monkeypatch.setattr(loop_module, "export_teacher", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *short)
+    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "step_0000001"
+    monkeypatch.setattr(loop_module, "export_teacher", real_export)
+    assert run(tmp_path, *short)["iteration"] == 2
+    assert (tmp_path / "eval" / "training_2" / "teacher_backbone.safetensors").is_file()
+    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "step_0000002"
