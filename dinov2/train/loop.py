@@ -274,6 +274,8 @@ class Trainer:
         if resume:
             self.resume()
         dataset = build_train_dataset(self.cfg)
+        if self.online_knn is not None:  # a bad k-NN dataset fails now, not at the first eval period
+            self.online_knn.datasets()
         self._log_plan(len(dataset))
         loader = build_train_loader(self.cfg, dataset, samples_consumed=self.samples_consumed)
         if self.online_knn is not None and self.iteration == 0 and self.cfg.evaluation.knn.at_start:

@@ -434,3 +434,12 @@ def test_a_job_stopped_during_the_final_export_redoes_it_on_resume(tmp_path, mon
     assert run(tmp_path, *short)["iteration"] == 2
     assert (tmp_path / "eval" / "training_2" / "teacher_backbone.safetensors").is_file()
     assert find_latest_checkpoint(tmp_path / "checkpoints").name == "step_0000002"
+
+
+def test_a_bad_online_knn_dataset_stops_the_run_before_it_trains(tmp_path):
+    # With at_start=false the k-NN's datasets were first built at the first eval period, hours into a run.
+    bad = "evaluation.knn.val_dataset=Synthetic:split=VAL:num_images=8:image_sise=32"
+    with pytest.raises(ValueError, match="image_sise"):
+        run(tmp_path, *ONLINE_KNN, bad, "evaluation.eval_period_iterations=3")
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    assert not (tmp_path / "training_metrics.json").exists() or records(tmp_path) == []
