@@ -111,6 +111,8 @@ def load_teacher_config(cfg: Any, source: TeacherSource) -> tuple[Any, str]:
         # so that a run saved by an older version of the code still reads.
         run_config = source.run_dir / RUN_CONFIG
         return default_config_with(OmegaConf.load(run_config)), str(run_config)
+    if source.kind == "file":
+        read_teacher_state(source)  # a backbone-only file: refused for what it is, not for its lack of config
     raise FileNotFoundError(
         f"cannot tell the teacher's architecture: no {RUN_CONFIG} of a training run next to {source.path}; "
         "set distillation.teacher_config=<the teacher's training config name or path> (e.g. vitg14)"

@@ -9,11 +9,19 @@ state, the schedules, the iteration counter and the data stream start fresh, as 
 - a DCP training checkpoint ``step_NNNNNNN/``, a ``checkpoints/`` directory or a run's output
   directory (its newest checkpoint): every module is read whole (:func:`load_full_tensors`, no
   process group needed) and loaded into the plain or FSDP2-sharded model;
-- a weights file (a consolidated ``.pth`` / ``.safetensors``, an exported
+- a file holding a whole meta-architecture's state dict (``student.*`` and ``teacher.*`` keys,
+  ``dino_loss.center``, ``ibot_patch_loss.center``; flat or under ``model`` / ``state_dict``, as the
+  original code's training checkpoints hold it): loaded as a training checkpoint is, each branch
+  from its own tensors, and the loss centres;
+- any other weights file (a consolidated ``.pth`` / ``.safetensors``, an exported
   ``teacher_checkpoint.pth``, released weights; a path or a URL): student = teacher = that backbone,
   and the same for the heads the file holds (an export holds the teacher's DINO and iBOT heads;
   backbone-only files none); the other heads and the loss centres keep their fresh initialisation
   (logged).
+
+The centres are carried over whatever ``train.centering`` is: only softmax-centering reads them,
+and a Sinkhorn-Knopp run never updates them (they stay at the zeros a fresh run starts from), so
+loading them changes something only when both runs centre with softmax-centering (logged).
 
 A ``pos_embed`` stored for another image size is resampled to the model's grid by the adapters
 (:mod:`dinov2.checkpoint.adapters`). A run that already has checkpoints in its own output
@@ -23,6 +31,7 @@ directory resumes from them and ignores ``train.init_from``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +47,7 @@ from dinov2.checkpoint import (
     load_module_state_dict,
     load_weights_file,
 )
+from dinov2.checkpoint.adapters import branch_state_dict, strip_wrapper_segments
 from dinov2.checkpoint.consolidate import resolve_checkpoint
 from dinov2.checkpoint.io import is_url
 from dinov2.checkpoint.sharded import load_full_tensors
@@ -92,6 +102,8 @@ def resolve_init_source(cfg: Any, checkpoint_dir: str | Path, resume: bool) -> I
     if not path.exists():
         raise FileNotFoundError(f"{KEY}={value!r}: no such file or directory")
     if path.is_file():
+        if not resume:
+            _refuse_file_set_aside(value, path, checkpoint_dir.parent)
         return InitSource(str(path), "backbone")
     try:
         return InitSource(str(resolve_checkpoint(path)), "checkpoint")
@@ -119,6 +131,19 @@ def _refuse_own_checkpoints(cfg: Any, checkpoint_dir: Path) -> None:
             )
 
 
+def _refuse_file_set_aside(value: str, path: Path, output_dir: Path) -> None:
+    """``--no-resume`` moves the earlier run's outputs (``eval/`` exports among them) into
+    ``replaced_*/`` before the weights are loaded: a file among them would be gone by then."""
+    from dinov2.train.train import RUN_OUTPUTS
+
+    for name in RUN_OUTPUTS:
+        if path.resolve().is_relative_to((output_dir / name).resolve()):
+            raise ValueError(
+                f"{KEY}={value!r} is inside this run's {name}/, which --no-resume moves aside before the weights "
+                "are loaded: copy the file elsewhere first, or use a new --output-dir"
+            )
+
+
 @torch.no_grad()
 def load_init_source(model: nn.Module, source: InitSource) -> None:
     """Load ``source`` into the (materialised, initialised, possibly sharded) meta-architecture."""
@@ -139,33 +164,101 @@ def _read(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 def _load_training_checkpoint(model: nn.Module, path: Path) -> None:
     """Each module of both branches and the loss centres, read whole one module at a time."""
+    _load_branches_and_centres(model, lambda prefix: _read(path, f"model.{prefix}"), str(path))
+
+
+def _load_branches_and_centres(model: nn.Module, read: Callable[[str], dict], source: str) -> None:
+    """``read(prefix)``: the tensors under ``prefix`` (``student.backbone.``, ..., ``dino_loss.``),
+    keys without it; an empty dict (a whole-model file without that head or centre) keeps the
+    module's fresh initialisation, which is logged."""
+    fresh = []
     for branch in BRANCHES:
         for name, module in getattr(model, branch).items():
-            prefix = f"model.{branch}.{name}."
-            state = _read(path, prefix)
+            prefix = f"{branch}.{name}."
+            state = read(prefix)
+            if not state and name != "backbone":
+                fresh.append(prefix[:-1])
+                continue
             if name == "backbone":
-                report = load_backbone_state_dict(module, state, source=f"{path} ({prefix[6:-1]})")
+                report = load_backbone_state_dict(module, state, source=f"{source} ({prefix[:-1]})")
                 if report.pos_embed_grid is not None:
                     old, new = report.pos_embed_grid
                     logger.info("%s: %s.backbone pos_embed %dx%d -> %dx%d", KEY, branch, old, old, new, new)
             else:
-                load_module_state_dict(module, state, source=f"{path} ({prefix[6:-1]})")
+                load_module_state_dict(module, state, source=f"{source} ({prefix[:-1]})")
             del state
+    loaded = []
     for name in LOSSES_WITH_CENTRES:
-        load_module_state_dict(getattr(model, name), _read(path, f"model.{name}."), source=f"{path} ({name})")
+        state = read(f"{name}.")
+        if not state:
+            fresh.append(f"{name}.center")
+            continue
+        load_module_state_dict(getattr(model, name), state, source=f"{source} ({name})")
+        loaded.append(name)
     logger.info(
         "%s=%s: student and teacher (backbones and heads) and loss centres loaded; optimizer, schedules, "
-        "iteration counter and data stream start fresh",
+        "iteration counter and data stream start fresh%s",
         KEY,
-        path,
+        source,
+        f" (not in the file, fresh: {', '.join(fresh)})" if fresh else "",
     )
+    _log_centres(model, loaded)
+
+
+def _log_centres(model: nn.Module, loaded: list[str]) -> None:
+    """Say what the loaded centres do in this run: only softmax-centering reads them."""
+    centering = getattr(getattr(getattr(model, "cfg", None), "train", None), "centering", None)
+    if not loaded or centering is None:
+        return
+    if centering != "centering":
+        logger.info("%s: the loss centres are loaded but unused: this run centres with %s", KEY, centering)
+    elif all(not getattr(model, name).center.any() for name in loaded):
+        logger.info(
+            "%s: the loaded loss centres are zero (the source run did not use softmax-centering): this run's "
+            "softmax-centering starts from zero, as a fresh run would",
+            KEY,
+        )
+
+
+def _whole_model_state(raw: Mapping) -> dict[str, torch.Tensor] | None:
+    """The tensors of a file holding a whole meta-architecture's state dict (``student.*`` and
+    ``teacher.*`` keys; flat or under ``model`` / ``state_dict``), wrapper segments stripped; None
+    for any other file (an export ``{"teacher": ...}``, a backbone)."""
+    if not isinstance(raw, Mapping):
+        return None  # the backbone path names what the file holds instead
+    state = raw
+    for container in ("model", "state_dict"):
+        if isinstance(raw.get(container), Mapping):
+            state = raw[container]
+            break
+    tensors = {strip_wrapper_segments(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if all(any(k.startswith(f"{branch}.") for k in tensors) for branch in BRANCHES):
+        return tensors
+    return None
+
+
+def _load_whole_model_file(model: nn.Module, state: dict[str, torch.Tensor], location: str) -> None:
+    """Each branch from its own tensors (heads with old weight-norm names accepted), and the centres."""
+    branches = {branch: branch_state_dict(state, branch) for branch in BRANCHES}
+
+    def read(prefix: str) -> dict[str, torch.Tensor]:
+        branch, _, rest = prefix.partition(".")
+        tensors = branches[branch] if branch in branches else state
+        key = rest if branch in branches else prefix
+        return {k[len(key) :]: v for k, v in tensors.items() if k.startswith(key)}
+
+    _load_branches_and_centres(model, read, location)
 
 
 def _load_backbone_file(model: nn.Module, location: str) -> None:
-    """student = teacher = the file's backbone (its teacher when it holds both), and the same for each
-    head the file holds (an exported ``teacher_checkpoint.pth`` holds the teacher's DINO and iBOT
+    """A whole meta-architecture's state dict: as a training checkpoint. Any other file: student =
+    teacher = the file's backbone, and the same for each head the file holds (an exported ``teacher_checkpoint.pth`` holds the teacher's DINO and iBOT
     heads); the other heads and the loss centres stay fresh."""
     raw = load_weights_file(location)
+    whole = _whole_model_state(raw)
+    if whole is not None:
+        _load_whole_model_file(model, whole, location)
+        return
     state, report = adapt_backbone_state_dict(raw, model.student.backbone)
     for branch in BRANCHES:
         load_module_state_dict(getattr(model, branch).backbone, state, source=location)

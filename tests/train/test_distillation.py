@@ -239,6 +239,11 @@ def test_clear_errors_for_unusable_teachers(teacher_run, tmp_path):
     backbone_only = teacher_run / "eval" / "training_1" / "teacher_backbone.safetensors"
     with pytest.raises(ValueError, match="without the DINO/iBOT heads"):
         distill_model(backbone_only)
+    # outside any run (a consolidated file, released weights): the same refusal, not a request for
+    # distillation.teacher_config (which, once given, would only lead to this refusal)
+    shutil.copy(backbone_only, tmp_path / "consolidated.safetensors")
+    with pytest.raises(ValueError, match="without the DINO/iBOT heads"):
+        distill_model(tmp_path / "consolidated.safetensors")
     with pytest.raises(ValueError, match=r"dino\.head_n_prototypes=32.*has 64 prototypes"):
         distill_model(teacher_run, "dino.head_n_prototypes=32")
     with pytest.raises(ValueError, match="teacher_checkpoint is not set"):

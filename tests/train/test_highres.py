@@ -261,6 +261,59 @@ def test_init_from_a_backbone_only_file_keeps_fresh_heads(pretrained, tmp_path):
             assert not torch.equal(value, fresh[key]), key  # loaded from the file
 
 
+def original_training_file(checkpoint: Path, path: Path, centres: bool = True) -> dict[str, torch.Tensor]:
+    """A training checkpoint in the original code's layout: ``{"model": SSLMetaArch state dict, "optimizer":
+    ..., "iteration": N}``, its heads with the old weight-norm names; returns the tensors written."""
+    saved = load_full_tensors(checkpoint, "model.")
+    old_names = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+    model = {}
+    for key, value in saved.items():
+        if key.endswith("center") and not centres:
+            continue
+        for new, old in old_names.items():
+            key = key.replace(new, old)
+        model[key] = value
+    torch.save({"model": model, "optimizer": {"state": {}, "param_groups": []}, "iteration": 6}, path)
+    return saved
+
+
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_init_from_the_originals_training_file_keeps_both_branches_and_centres(pretrained, tmp_path, centering):
+    """The original's whole-model checkpoint (student.*, teacher.*, dino_loss.center, ibot_patch_loss.center):
+    before, its teacher went into both branches and its centres were dropped."""
+    file = tmp_path / "model_0000005.rank_0.pth"
+    saved = original_training_file(find_latest_checkpoint(pretrained / "checkpoints"), file)
+    fc1 = "backbone.blocks.0.mlp.fc1.weight"
+    assert not torch.equal(saved[f"student.{fc1}"], saved[f"teacher.{fc1}"])  # the test tells the branches apart
+    assert saved["dino_loss.center"].abs().sum() > 0 and saved["ibot_patch_loss.center"].abs().sum() > 0
+    cfg = highres_cfg(file, f"train.centering={centering}")
+    model = build_model(cfg, torch.device("cpu"))
+    with dinov2_log() as log:
+        load_init_source(model, resolve_init_source(cfg, tmp_path / "checkpoints", resume=True))
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    for key, value in state.items():
+        expected = independent_resample(saved[key], 6) if key.endswith("pos_embed") else saved[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=key)
+    assert any("and loss centres loaded" in m for m in log)
+    assert any("centres are loaded but unused" in m for m in log) == (centering == "sinkhorn_knopp")
+
+
+def test_init_from_an_original_training_checkpoint_without_centres_keeps_them_fresh(pretrained, tmp_path):
+    file = tmp_path / "no_centres.pth"
+    saved = original_training_file(find_latest_checkpoint(pretrained / "checkpoints"), file, centres=False)
+    cfg = highres_cfg(file)
+    model = build_model(cfg, torch.device("cpu"))
+    with dinov2_log() as log:
+        load_init_source(model, resolve_init_source(cfg, tmp_path / "checkpoints", resume=True))
+    assert any("fresh: dino_loss.center, ibot_patch_loss.center" in m for m in log)
+    for key, value in model.state_dict().items():
+        if key.endswith("center"):
+            assert not value.any(), key  # a fresh run's zeros
+        elif key.startswith("student.dino_head"):
+            torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
+
 # ------------------------------------------------------------------------------ errors and configs
 def test_missing_or_wrong_init_from_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="train.init_from is required"):
@@ -271,6 +324,19 @@ def test_missing_or_wrong_init_from_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"train.init_from='.*empty': no training checkpoint"):
         resolve_init_source(highres_cfg(tmp_path / "empty"), tmp_path / "checkpoints", resume=True)
     assert resolve_init_source(highres_cfg("null"), tmp_path / "checkpoints", resume=True) is None
+
+
+def test_no_resume_refuses_a_weights_file_it_would_move_aside(tmp_path):
+    """--no-resume moves OUT/eval/ into OUT/replaced_*/ before loading: before, the run set the earlier
+    run aside and then stopped on a missing weights file."""
+    export = tmp_path / "out" / "eval" / "training_6" / "teacher_checkpoint.pth"
+    export.parent.mkdir(parents=True)
+    torch.save({"teacher": {}}, export)
+    cfg = highres_cfg(export)
+    with pytest.raises(ValueError, match=r"inside this run's eval/, which --no-resume moves aside"):
+        resolve_init_source(cfg, tmp_path / "out" / "checkpoints", resume=False)
+    assert resolve_init_source(cfg, tmp_path / "out" / "checkpoints", resume=True).kind == "backbone"
+    assert resolve_init_source(cfg, tmp_path / "other" / "checkpoints", resume=False).kind == "backbone"
 
 
 def test_a_config_can_require_a_key():
