@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import resource
 import statistics
 import sys
@@ -32,6 +31,8 @@ import torch
 from dinov2.models.vision_transformer import ARCHS
 from dinov2.ops import xformers_available
 from dinov2.utils.benchmark import environment as run_environment
+from dinov2.utils.benchmark import release, write_report
+from dinov2.utils.logging import describe_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("math", "sdpa", "xformers", "auto")
@@ -268,7 +269,9 @@ def configs(arch: str, args: argparse.Namespace):
                         }
 
 
-def bench_arch(arch: str, args: argparse.Namespace) -> list[dict]:
+def bench_arch(arch: str, args: argparse.Namespace, progress=None) -> list[dict]:
+    """Every row of ``arch``. A row that fails (out of memory, a kernel that does not run on the
+    device) records its ``error`` and the next row still runs; ``progress(rows)`` after each row."""
     models = {"ours": build_ours(arch, args)}
     check = {}
     if args.compare_hf:
@@ -277,8 +280,17 @@ def bench_arch(arch: str, args: argparse.Namespace) -> list[dict]:
         check["max_abs_cls_diff_vs_hf"] = max_cls_difference(models["ours"], models["hf"], args)
     rows = []
     for cfg in configs(arch, args):
-        rows.append(bench_row(models, cfg, args) | check)
-        print_row(rows[-1], header=len(rows) == 1)
+        try:
+            rows.append(bench_row(models, cfg, args) | check)
+        except Exception as error:  # one failing row must not cost the others (or their JSON)
+            rows.append(cfg | {"error": describe_error(error)})
+            print(f"row {cfg} failed: {rows[-1]['error']}", flush=True)
+        else:
+            print_row(rows[-1], header=sum("error" not in r for r in rows) == 1)
+        if progress is not None:
+            progress(rows)
+    del models
+    release(args.device)
     return rows
 
 
@@ -312,15 +324,27 @@ def transformers_version() -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; the JSON is rewritten after every row (``complete: false`` until the end, so
+    a run stopped at a time limit keeps its rows); ``failed_rows`` counts rows with an ``error``."""
     args = resolve_defaults(parse_args(argv))
     report = environment(args)
     print(f"{report['device']} | torch {report['torch']} | threads {report['num_threads']}")
-    report["rows"] = [row for arch in args.archs for row in bench_arch(arch, args)]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    done: list[dict] = []
+
+    def progress(rows: list[dict]) -> None:
+        write_report(args.output, {**report, "rows": [*done, *rows], "complete": False}, quiet=True)
+
+    for arch in args.archs:
+        try:
+            done += bench_arch(arch, args, progress)
+        except Exception as error:  # building the model (or its HF copy) failed: the next arch still runs
+            done.append({"arch": arch, "error": describe_error(error)})
+            print(f"arch {arch} failed: {done[-1]['error']}", flush=True)
+    report |= {"rows": done, "complete": True, "failed_rows": sum("error" in row for row in done)}
+    write_report(args.output, report)
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failed_rows"] else 0)

@@ -83,7 +83,11 @@ MFU_NOTE = (
     "take without stochastic depth); null when no peak is known"
 )
 CPU_MEM_NOTE = "CPU: peak_mem_mib is the process peak RSS (ru_maxrss): monotone over rows, FLOP counting included"
-CUDA_MEM_NOTE = "CUDA: torch.cuda.max_memory_allocated over warm-up + timed steps, reset before each row"
+CUDA_MEM_NOTE = (
+    "CUDA: peak_mem_mib = torch.cuda.max_memory_allocated, peak_reserved_mib = torch.cuda.max_memory_reserved (what "
+    "the caching allocator took from the card: the figure that must fit on a smaller GPU), over warm-up + timed "
+    "steps, reset once each row's model is built (its weights count)"
+)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -310,6 +314,16 @@ def device_peak(device: torch.device, dtype: str, tf32: bool, override: float | 
     return None, f"unknown device {name!r} (pass --peak-tflops)"
 
 
+def memory_fields(device: torch.device) -> dict:
+    """``peak_mem_mib`` (CUDA: peak allocated; CPU: peak RSS) and, on CUDA, ``peak_reserved_mib``: the
+    caching allocator's peak hold on the card, allocated plus cached blocks and fragmentation, which is
+    what has to fit when a figure measured on a 141 GB H200 is read for an 80 GB H100."""
+    fields = {"peak_mem_mib": peak_memory_mb(device)}
+    if device.type == "cuda":
+        fields["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return fields
+
+
 def bench_step_row(base, combo: tuple[str, str, str], ctx: dict) -> dict:
     backend, compile_, checkpointing = combo
     cfg = row_config(base, backend, compile_, checkpointing)
@@ -328,7 +342,7 @@ def bench_step_row(base, combo: tuple[str, str, str], ctx: dict) -> dict:
     row = {"backend": backend, "attn_backend_resolved": resolve_backend(backend, device), "compile": compile_}
     row |= {"activation_checkpointing": checkpointing, "dtype": dtype, "batch_size": images}
     row |= {"s_iter_median": median, "s_iter_best": best, "img_s": images / median, "img_s_best": images / best}
-    row |= {"peak_mem_mib": peak_memory_mb(device), "loss_last": loss, "times_s": times, **flops}
+    row |= {**memory_fields(device), "loss_last": loss, "times_s": times, **flops}
     for suffix, key in (("", "executed_flops"), ("_nominal", "nominal_flops")):
         achieved = flops[key] / median / 1e12 if flops[key] is not None else None
         row[f"achieved_tflops{suffix}"] = achieved
@@ -345,16 +359,19 @@ def failed_step_row(combo: tuple[str, str, str], error: BaseException, device: t
     row = {"backend": backend, "compile": compile_, "activation_checkpointing": checkpointing}
     row["error"] = describe_error(error)
     if device.type == "cuda":
-        row["peak_mem_mib"] = peak_memory_mb(device)  # how far it got
+        row |= memory_fields(device)  # how far it got
     release(device)
     return row
 
 
 def bench_step(base, args: argparse.Namespace, device: torch.device, progress=None) -> tuple[list[dict], dict]:
-    backends = args.backends or [str(base.student.attn_backend)]
+    backends, skipped = args.backends or [str(base.student.attn_backend)], {}
     if "xformers" in backends and not (device.type == "cuda" and xformers_available()):
-        print("note: skipping the xformers backend (needs CUDA and an importable xformers)")
+        skipped["xformers"] = "needs CUDA and an importable xformers"
+        print(f"note: skipping the xformers backend ({skipped['xformers']})")
         backends = [b for b in backends if b != "xformers"]
+    if not backends:  # zero rows and exit status 0 would read as a run that measured nothing wrong
+        raise SystemExit(f"benchmark_train: no backend left to time: xformers {skipped['xformers']}")
     compiles = args.compile or [str(base.train.compile).lower()]
     checkpointing = args.checkpointing or [str(base.train.activation_checkpointing or "off")]
     batches, source = make_batches(base, args.num_batches, args.batch_source)
@@ -372,7 +389,8 @@ def bench_step(base, args: argparse.Namespace, device: torch.device, progress=No
             if progress is not None:
                 progress(rows)
     gpu_augmentation = bool(select(base, "train.gpu_augmentation", False))  # applied inside Trainer.step
-    return rows, {"batch_source": source, "distinct_batches": len(batches), "gpu_augmentation": gpu_augmentation}
+    extra = {"batch_source": source, "distinct_batches": len(batches), "gpu_augmentation": gpu_augmentation}
+    return rows, extra | {"skipped_backends": skipped}
 
 
 # ---------------------------------------------------------------------------------------------- data mode

@@ -32,8 +32,9 @@ assigns to the other three roots after its first step, so that all four share th
 
 Timing: CUDA synchronised around each step, median and best of ``--iters`` after ``--warmup`` steps;
 ``img_s`` counts images (not crops) per step; ``peak_mem_mib`` is ``torch.cuda.max_memory_allocated``
-over warm-up and timed steps, reset once the model is built (on CPU the peak resident memory) -- all
-as in benchmark_train.py. The JSON (``rows`` with one row) is written atomically.
+and ``peak_reserved_mib`` ``torch.cuda.max_memory_reserved`` over warm-up and timed steps, reset once
+the model is built (on CPU the peak resident memory, and no reserved figure) -- all as in
+benchmark_train.py. The JSON (``rows`` with one row) is written atomically.
 
 ``--cpu-rehearsal`` runs the same code on CPU with a tiny model, for this machine: xFormers has no
 CPU kernels, so its three ops get plain-torch stand-ins, ``Tensor.cuda`` returns the tensor, and FSDP
@@ -374,6 +375,7 @@ def run(args: argparse.Namespace) -> dict:
            "batch_size": images,
            "s_iter_median": median, "s_iter_best": best, "img_s": images / median, "img_s_best": images / best,
            "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mib(),
+           "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20 if cuda else None,
            "loss_last": loss, "times_s": times, "mfu": None, "mfu_nominal": None}  # fmt: skip
     versions = {"torch": torch.__version__}
     try:

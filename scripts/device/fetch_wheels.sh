@@ -11,10 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 dest=.whl
 mkdir -p "$dest"
-# xformers 0.0.35 needs torch >= 2.10. PyPI has one build of it, for torch 2.10 with CUDA 12.8: its
-# extension needs libcudart.so.12, which a CUDA 13 image lacks, so the CUDA 12.8 runtime comes too
+# xformers 0.0.35 (the newest on PyPI) needs torch >= 2.10. PyPI has one build of it, made with torch
+# 2.10 and CUDA 12.8 (cpp_lib.json; kernels for sm 7.5, 8.0 and 9.0a). It need not match torch 2.11
+# exactly: its _C.so is built on torch's stable ABI and imports only C shims (aoti_torch_*, torch_*)
+# and no libtorch C++ symbol (nm -D --undefined-only), so one build serves torch 2.10 and later. It
+# does need libcudart.so.12, which a CUDA 13 image lacks, so the CUDA 12.8 runtime comes too
 # (gpu_checks.py puts its lib folder on LD_LIBRARY_PATH). With it, the extension loads under torch
 # 2.11+cu130 (checked here on CPU, 2026-12-01); whether its kernels run there is what the GPU tests check.
+# If _C.so does not load, `import xformers.ops` still succeeds (xFormers only warns), so env_check.py's
+# probe, which runs its attention kernel, is what tells.
 # omegaconf 2.4 needs only PyYAML; submitit is for the launcher tests; faiss-cpu for the k-NN and
 # curation tests of the whole suite (a faiss GPU build is hundreds of MB, over the 64 MiB a call carries).
 # fvcore and iopath are dependencies of ours and of the original's code, published as sources only

@@ -282,9 +282,10 @@ def benchmark_row(stem: str, row: dict) -> str | None:
     if "s_iter_median" in row:
         mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
         nominal = f"{100 * row['mfu_nominal']:.1f}%" if row.get("mfu_nominal") is not None else "n/a"
+        reserved = f" (reserved {row['peak_reserved_mib'] / 1024:.1f})" if row.get("peak_reserved_mib") else ""
         return (f"{stem}: {row['backend']} compile={row['compile']} ckpt={row['activation_checkpointing']} "
                 f"batch={row['batch_size']} {row['img_s']:.1f} img/s  MFU {mfu} (nominal {nominal})  "
-                f"peak {row['peak_mem_mib'] / 1024:.1f} GiB")  # fmt: skip
+                f"peak {row['peak_mem_mib'] / 1024:.1f} GiB{reserved}")  # fmt: skip
     if "num_workers" in row:
         return f"{stem}: workers={row['num_workers']} {row['img_s']:.1f} img/s gpu_aug={row['gpu_augmentation']}"
     if "median_ms" in row:

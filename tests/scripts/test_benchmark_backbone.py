@@ -47,3 +47,33 @@ def test_bad_arguments_fail_with_a_message_naming_them(bench, capsys, argv, flag
     with pytest.raises(SystemExit) as stopped:
         bench.parse_args(argv)
     assert stopped.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_failing_row_is_recorded_and_the_others_still_run(bench, tmp_path, monkeypatch):
+    """Out of memory (or an xFormers kernel that does not run on the GPU) in one row used to end the
+    run before the JSON, written only at the end, held anything: now the row carries the error, the
+    next row is timed, and the report (rewritten after every row) counts the failed row."""
+    real = bench.bench_row
+    seen = []
+
+    def out_of_memory_forward(models, cfg, args):
+        if cfg["mode"] == "forward":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(models, cfg, args)
+
+    def progress_spy(path, report, quiet=False):
+        seen.append((report["complete"], [r["mode"] for r in report["rows"]]))
+        write(path, report, quiet)
+
+    write = bench.write_report
+    monkeypatch.setattr(bench, "bench_row", out_of_memory_forward)
+    monkeypatch.setattr(bench, "write_report", progress_spy)
+    output = tmp_path / "backbone.json"
+    argv = [*TINY, "--modes", "forward", "forward_backward", "--warmup", "0", "--iters", "1", "--no-compare-hf"]
+    report = bench.main([*argv, "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["complete"] and saved["failed_rows"] == 1 == report["failed_rows"]
+    failed, timed = saved["rows"]
+    assert failed["mode"] == "forward" and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert timed["mode"] == "forward_backward" and "error" not in timed and timed["ours_img_s"] > 0
+    assert seen[:2] == [(False, ["forward"]), (False, ["forward", "forward_backward"])]  # kept as each row lands

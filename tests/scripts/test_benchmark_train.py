@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from dinov2.utils.config import load_config
 
@@ -350,3 +352,60 @@ def test_bad_arguments_fail_with_a_message_naming_them(bench, capsys, argv, flag
     with pytest.raises(SystemExit) as stopped:
         bench.parse_args(argv)
     assert stopped.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_cuda_row_resets_peaks_after_the_build_and_reports_mfu_against_the_device_peak(bench, monkeypatch):
+    """bench_step_row's CUDA path, simulated on CPU (torch.cuda's functions replaced): the peak counters
+    are reset after the row's model is built and read after the timed steps, the row reports both the
+    allocated and the reserved peak (what must fit on a smaller card), and MFU is the counted FLOPs over
+    the median step time over the H200's 989 TFLOP/s dense bf16 peak, executed and nominal alike."""
+    calls = []
+    gib = 2**30
+
+    class BuiltTrainer:
+        autocast_dtype = torch.bfloat16
+
+        def samples_per_step(self):
+            return 64
+
+    def build(cfg, device, output_dir):
+        calls.append("build")
+        return BuiltTrainer()
+
+    times = iter([[9.0, 9.0], [0.30, 0.20, 0.25]])  # warm-up (compile, first-touch), then the timed steps
+
+    def steps(trainer, data, count):
+        calls.append(f"{count} steps")
+        return next(times), 1.5
+
+    flops = {"executed_flops": 7.0e13, "nominal_flops": 9.8e13, "flops_counted_with_backend": "sdpa"}
+    monkeypatch.setattr(bench, "step_flops", lambda base, backend, ctx: dict(flops))
+    monkeypatch.setattr(bench, "row_config", lambda base, *args, **kwargs: base)
+    monkeypatch.setattr(bench, "build_trainer", build)
+    monkeypatch.setattr(bench, "run_steps", steps)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: calls.append("read") or 30 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 34 * gib)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    base = OmegaConf.create({"compute_precision": {"tf32": True}})
+    args = argparse.Namespace(warmup=2, iters=3, peak_tflops=None)
+    ctx = {"args": args, "device": torch.device("cuda", 0), "batches": [], "tmp": "", "flops": {}}
+    row = bench.bench_step_row(base, ("sdpa", "false", "off"), ctx)
+    assert calls == ["build", "reset", "2 steps", "3 steps", "read"]
+    assert row["times_s"] == [0.30, 0.20, 0.25] and row["s_iter_median"] == 0.25 and row["s_iter_best"] == 0.20
+    assert row["img_s"] == pytest.approx(64 / 0.25) and row["dtype"] == "bf16"
+    assert row["peak_mem_mib"] == 30 * 1024 and row["peak_reserved_mib"] == 34 * 1024
+    assert row["peak_tflops"] == 989.0
+    assert row["achieved_tflops"] == pytest.approx(280.0)  # 7e13 FLOP / 0.25 s
+    assert row["mfu"] == pytest.approx(280.0 / 989.0)
+    assert row["mfu_nominal"] == pytest.approx(392.0 / 989.0)  # 9.8e13 / 0.25 s, no stochastic-depth savings
+
+
+def test_a_run_left_without_any_backend_fails_clearly(bench, tmp_path):
+    """``--backends xformers`` where xFormers cannot run (here: CPU) used to time nothing and exit 0 with
+    an empty table; a plan step asking only for xFormers would have looked like a clean run."""
+    with pytest.raises(SystemExit, match="no backend left to time: xformers needs CUDA"):
+        bench.main(
+            [*FAST, "--num-batches", "1", "--backends", "xformers", *SHAPE, "--output", str(tmp_path / "x.json")]
+        )

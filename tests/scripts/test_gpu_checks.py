@@ -237,3 +237,51 @@ def test_a_failed_wheel_install_is_recorded_and_the_steps_still_run(checks, tmp_
     assert "installing the wheels failed" in capsys.readouterr().out
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         assert "install_error" in json.loads(tar.extractfile("results/summary.json").read())
+
+
+def test_the_summary_shows_every_kind_of_row(checks, tmp_path, capsys):
+    """The table printed last (all that the device call's output tail may show): a CUDA training row
+    with its MFU and both memory peaks, a row without FLOPs, a failed row, a data row, an attention row
+    and the original's row; files that are not benchmark reports are passed over."""
+    train = {"backend": "xformers", "compile": "false", "activation_checkpointing": "off", "batch_size": 64,
+             "s_iter_median": 0.2, "img_s": 320.0, "mfu": 0.3712, "mfu_nominal": 0.4967,
+             "peak_mem_mib": 30 * 1024, "peak_reserved_mib": 34 * 1024}  # fmt: skip
+    no_flops = train | {"backend": "sdpa", "mfu": None, "mfu_nominal": None, "peak_reserved_mib": None}
+    failed = {
+        "backend": "varlen",
+        "compile": "false",
+        "activation_checkpointing": "off",
+        "error": "OutOfMemoryError: x",
+    }
+    original = train | {"backend": "original", "compile": "off", "mfu": None, "mfu_nominal": None}
+    reports = {
+        "train_vitl16": [train, no_flops, failed],
+        "data_gpu_aug_vitl16": [{"num_workers": 8, "img_s": 1234.5, "gpu_augmentation": True}],
+        "attention_vitl16": [{"backend": "sdpa", "mode": "forward_backward", "median_ms": 12.345, "peak_mem_mib": None}],
+        "original_vitl16": [original],
+    }  # fmt: skip
+    for stem, rows in reports.items():
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "env.json").write_text(json.dumps({"device": "NVIDIA H200"}))
+    (tmp_path / "broken.json").write_text("{")
+    summary = {
+        "steps": [
+            {"step": "env", "status": "ok", "seconds": 12.0},
+            {"step": "suite", "status": "skipped", "reason": "40 s left, needs 120"},
+        ]
+    }
+    checks.print_summary(summary, tmp_path)
+    out = capsys.readouterr().out.splitlines()
+    rows = out[out.index("=== benchmark rows") + 1 :]
+    assert rows == [
+        "attention_vitl16: sdpa forward_backward 12.35 ms peak 0 MiB",
+        "data_gpu_aug_vitl16: workers=8 1234.5 img/s gpu_aug=True",
+        "original_vitl16: original compile=off ckpt=off batch=64 320.0 img/s  MFU n/a (nominal n/a)  "
+        "peak 30.0 GiB (reserved 34.0)",
+        "train_vitl16: xformers compile=false ckpt=off batch=64 320.0 img/s  MFU 37.1% (nominal 49.7%)  "
+        "peak 30.0 GiB (reserved 34.0)",
+        "train_vitl16: sdpa compile=false ckpt=off batch=64 320.0 img/s  MFU n/a (nominal n/a)  peak 30.0 GiB",
+        "train_vitl16: varlen ERROR OutOfMemoryError: x",
+    ]
+    assert any("env" in line and "ok" in line and "12 s" in line for line in out)
+    assert any("suite" in line and "skipped" in line and "needs 120" in line for line in out)
