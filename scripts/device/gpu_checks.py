@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Issue 8's GPU checks as one prepared run for a lent GPU machine: tests, then benchmarks, in order
+"""Issue 8's GPU checks as one prepared run for a lent GPU machine: benchmarks and tests, in order
 of importance, each under its own time limit, all under one budget, every result kept as it lands.
 
 A lent machine gives a session minutes, not hours (15 in all, a minute or two of it to start), and
@@ -20,8 +20,8 @@ A wheel install that fails is recorded (``install_error`` in ``summary.json``) a
 The GPU tests run as two steps, the xFormers-marked ones apart: an xFormers built for another torch
 or CUDA may crash the process in its kernels, and must not take the other GPU tests' results with it.
 
-Plans: ``core`` (environment and ceilings, GPU tests, xFormers tests, attention, ViT-L/16 step per
-backend, data path with and without GPU augmentation), ``more`` (the original implementation's ViT-L/16 step,
+Plans: ``core`` (environment and ceilings, ViT-L/16 step per backend, GPU tests, xFormers tests,
+attention, data path with and without GPU augmentation), ``more`` (the original implementation's ViT-L/16 step,
 compile, ViT-L/14, ViT-g/14, the whole suite), ``smoke`` (a CPU rehearsal of the driver with the
 quickstart config and of scripts/device/benchmark_original.py, for this machine).
 
@@ -90,7 +90,8 @@ JPEGS = (
     "sys.path.insert(0, 'scripts'); from benchmark_data import write_jpegs; "
     "root, parts, per = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]); "
     "dirs = [root / f'part{{k:02d}}' for k in range(parts)]; [d.mkdir(parents=True, exist_ok=True) for d in dirs]; "
-    "list(P(parts).map(write_jpegs, dirs, [per] * parts, [(500, 375)] * parts, range(parts))); "
+    "pool = P(parts); list(pool.map(write_jpegs, dirs, [per] * parts, [(500, 375)] * parts, range(parts))); "
+    "pool.shutdown(); "
     "print(sum(1 for _ in root.rglob('*.jpg')), 'JPEGs in', root)\" {jpegs}"
 )
 VITL16 = "--config vitl16_short --batch-size 64"
@@ -117,10 +118,11 @@ SUITE = f"{PYTEST} -q -n 8 --junitxml {{res}}/suite.xml tests"
 PLANS: dict[str, tuple[Step, ...]] = {
     "core": (
         Step("env", 90, ENV),
+        # The headline figure first: with the budget spent, later steps are the ones skipped.
+        train("train_vitl16", 240, f"{VITL16} --backends sdpa varlen xformers --warmup 3 --iters 10"),
         Step("gpu_tests", 180, GPU_TESTS, min_s=60),
         Step("xformers_tests", 120, XFORMERS_TESTS, min_s=40),
         Step("attention_vitl16", 90, ATTENTION),
-        train("train_vitl16", 240, f"{VITL16} --backends sdpa varlen xformers --warmup 3 --iters 10"),
         Step("jpegs", 60, f"{JPEGS} 16 256"),
         train(
             "data_gpu_aug_vitl16",
@@ -180,6 +182,10 @@ def install_wheels(wheels: Path, python: str) -> tuple[str | None, list[str]]:
     cmd = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade", "--target", str(SITE), *map(str, found)]  # fmt: skip
     subprocess.run(cmd, check=True)
+    # NVIDIA's CUDA 12 runtime wheel ships nvidia/__init__.py: first on PYTHONPATH, that regular package
+    # would hide the image's own nvidia.* packages (torch's CUDA 13 libraries). Without it, ours is a
+    # namespace portion and the image's still import; the libraries reach the steps by LD_LIBRARY_PATH.
+    (SITE / "nvidia" / "__init__.py").unlink(missing_ok=True)
     print(f"installed {len(found)} wheels into {SITE}: {', '.join(w.name.split('-')[0] for w in found)}")
     return installed()
 

@@ -285,3 +285,36 @@ def test_the_summary_shows_every_kind_of_row(checks, tmp_path, capsys):
     ]
     assert any("env" in line and "ok" in line and "12 s" in line for line in out)
     assert any("suite" in line and "skipped" in line and "needs 120" in line for line in out)
+
+
+def test_carried_nvidia_wheel_does_not_hide_the_images_nvidia_packages(checks, tmp_path, monkeypatch):
+    # A wheel shaped like nvidia-cuda-runtime-cu12 (nvidia/__init__.py + nvidia/cuda_runtime/lib/*.so)
+    # and an "image" site with its own nvidia.cu13 package, as torch's CUDA 13 wheels install it.
+    import zipfile
+
+    wheel = tmp_path / "wheels" / "nvidia_fake_cu12-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    dist = "nvidia_fake_cu12-1.0.dist-info"
+    files = {
+        "nvidia/__init__.py": "",
+        "nvidia/cuda_runtime/__init__.py": "",
+        "nvidia/cuda_runtime/lib/libcudart.so.12": "",
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: nvidia-fake-cu12\nVersion: 1.0\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{dist}/RECORD"])
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    image = tmp_path / "image_site" / "nvidia" / "cu13"
+    image.mkdir(parents=True)
+    (image / "__init__.py").write_text("MARK = 'image'\n")
+    site = tmp_path / "site"
+    monkeypatch.setattr(checks, "SITE", site)
+    path, libs = checks.install_wheels(wheel.parent, sys.executable)
+    assert path == str(site) and libs == [str(site / "nvidia" / "cuda_runtime" / "lib")]
+    probe = "import nvidia.cu13, nvidia.cuda_runtime; print(nvidia.cu13.MARK)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, str(tmp_path / "image_site")])}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "image"
