@@ -55,6 +55,11 @@ def load_weights_file(location: str | os.PathLike, map_location: str | torch.dev
     """
     location = str(location)
     path = cached_download(location) if is_url(location) else Path(location).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"weights file expected, got the directory {path}: a training run's weights are its exports "
+            "(OUT/eval/training_N/teacher_checkpoint.pth) or a file written by python -m dinov2.checkpoint.consolidate"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     source = f"{path} (downloaded from {location})" if is_url(location) else str(path)

@@ -67,3 +67,11 @@ def test_refused_pickle_error_names_the_file(tmp_path):
     torch.save({"w": torch.zeros(1), "x": _Payload()}, path)
     with pytest.raises(pickle.UnpicklingError, match=re.escape(str(path))):
         load_weights_file(path)
+
+
+def test_a_directory_given_as_weights_is_named_as_a_directory(tmp_path):
+    # A run's output folder passed where a weights file belongs said "weights file not found", for a
+    # path that plainly exists.
+    with pytest.raises(IsADirectoryError, match="directory") as info:
+        load_weights_file(tmp_path)
+    assert str(tmp_path) in str(info.value) and "not found" not in str(info.value)
