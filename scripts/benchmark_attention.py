@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; the report written to ``--output`` (``failed_rows``: rows with an ``error``)."""
     args = parse_args(argv)
     backends, skipped = usable_backends(args)
-    report = {"environment": environment(args.device), "skipped_backends": skipped}
+    command = list(sys.argv[1:] if argv is None else argv)
+    report = {"environment": environment(args.device, __file__, command), "skipped_backends": skipped}
 
     def progress(rows: list[dict]) -> None:  # the rows so far survive a run killed at a time limit
         write_report(args.output, {**report, "rows": rows, "complete": False}, quiet=True)

@@ -90,3 +90,13 @@ def test_bad_arguments_fail_with_a_message_naming_them(bench, capsys, argv):
     with pytest.raises(SystemExit) as stopped:
         bench.parse_args([*argv, "--device", "cpu"])
     assert stopped.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_the_report_records_the_command_of_main_argv(bench, tmp_path, monkeypatch):
+    # main(argv) called from Python (as here) must record argv, not the pytest process's sys.argv.
+    monkeypatch.setattr("sys.argv", ["pytest", "-q", "unrelated"])
+    output = tmp_path / "attention.json"
+    argv = [*TINY, "--backends", "sdpa", "--output", str(output)]
+    bench.main(argv)
+    command = json.loads(output.read_text())["environment"]["command"]
+    assert command.endswith("scripts/benchmark_attention.py " + " ".join(argv)) and "unrelated" not in command
