@@ -54,7 +54,8 @@ def load_weights_file(location: str | os.PathLike, map_location: str | torch.dev
     :class:`~dinov2.checkpoint.CheckpointLoadError` for a truncated or corrupt file).
     """
     location = str(location)
-    path = cached_download(location) if is_url(location) else Path(location).expanduser()
+    # os.path.expanduser keeps an unknown ~user (Path.expanduser raises RuntimeError): the error below names it
+    path = cached_download(location) if is_url(location) else Path(os.path.expanduser(location))
     if path.is_dir():
         raise IsADirectoryError(
             f"weights file expected, got the directory {path}: a training run's weights are its exports "

@@ -80,13 +80,19 @@ class ClassIndexMap:
         return target if self.then is None else self.then(target)
 
 
+def _few(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} classes)" if len(names) > shown else "")
+
+
 def align_class_indices(train_dataset, val_dataset, role: str = "val dataset") -> dict[int, int]:
     """Give ``val_dataset`` the class indices of ``train_dataset`` when both name their classes
     (``classes``: two ``ImageFolder`` trees, whose indices are the positions of the folder names in
     each tree) and the names differ: a val tree without one of train's class folders would otherwise
     label its classes with shifted indices and be scored against the wrong classes. Val classes that
     train lacks get the indices after train's (never predicted by k-NN; refused by the linear probe).
-    Returns the mapping (empty when nothing changes) and logs a warning naming the differences."""
+    Returns the mapping (empty when nothing changes) and logs a warning naming the differences.
+    Val classes none of whose names train has (``0 1 2`` against ``n014...``) are a ``ValueError``:
+    every query would be scored as a miss."""
     train_names, val_names = getattr(train_dataset, "classes", None), getattr(val_dataset, "classes", None)
     if not isinstance(train_names, list | tuple) or not isinstance(val_names, list | tuple):
         return {}
@@ -97,6 +103,11 @@ def align_class_indices(train_dataset, val_dataset, role: str = "val dataset") -
         raise ValueError(f"the {role} names other classes than the train dataset and cannot be relabelled")
     index = {name: i for i, name in enumerate(train_names)}
     extra = [name for name in val_names if name not in index]
+    if len(extra) == len(val_names):
+        raise ValueError(
+            f"the {role}'s classes share no name with the train dataset's (val: {_few(val_names)}; train: "
+            f"{_few(train_names)}), so no val image could be classified correctly: name its class folders as train's"
+        )
     index.update({name: len(train_names) + j for j, name in enumerate(extra)})
     mapping = {i: index[name] for i, name in enumerate(val_names) if index[name] != i}
     missing = [name for name in train_names if name not in set(val_names)]

@@ -81,7 +81,7 @@ def read_pretrained_weights(location: str | os.PathLike) -> dict:
     ``OUT/checkpoints`` for the run's latest), whose teacher backbone is read whole (weights only)."""
     from dinov2.checkpoint.io import is_url
 
-    path = Path(location).expanduser()
+    path = Path(os.path.expanduser(location))  # an unknown ~user stays as given (Path.expanduser raises)
     if is_url(str(location)) or not path.is_dir():
         return load_weights_file(location)
     from dinov2.checkpoint.consolidate import resolve_checkpoint

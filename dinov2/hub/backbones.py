@@ -35,18 +35,20 @@ def model_names(arch_name: str, patch_size: int, num_register_tokens: int = 0) -
 
 
 def _names_a_file(location: str) -> bool:
-    """A URL or a path (with a suffix or a directory part, or one that exists), not a bare word."""
-    path = Path(location).expanduser()
-    return is_url(location) or bool(path.suffix) or path.name != location or path.exists()
+    """A URL or a path (with a suffix or a directory part, or one that exists), not a bare word.
+    ``os.path.expanduser`` leaves ``~unknown_user`` as it is (``Path.expanduser`` raises)."""
+    path = Path(location)
+    return is_url(location) or bool(path.suffix) or path.name != location or Path(os.path.expanduser(location)).exists()
 
 
 def is_weight_set(weights, accepted: type[Enum]) -> bool:
     """True when ``weights`` names one of the ``accepted`` released weight sets (a member or its
-    string, as the original's hub takes them), False for a path or URL. Another enum, another
-    weight set's name (``"IMAGENET1K"`` for a backbone) or a bare word that names no file raises
-    ``ValueError`` listing the accepted values."""
+    string, as the original's hub takes them), False for a path or URL. An enum member of another
+    class counts by its value (the original package's ``Weights``, or this one's before an
+    ``importlib.reload``). Another weight set's name (``"IMAGENET1K"`` for a backbone, as a string
+    or an enum) or a bare word that names no file raises ``ValueError`` listing the accepted values."""
     names = [member.value for member in accepted]
-    if isinstance(weights, accepted) or (isinstance(weights, str) and weights in names):
+    if (isinstance(weights, Enum) and weights.value in names) or (isinstance(weights, str) and weights in names):
         return True
     if isinstance(weights, os.PathLike) or (isinstance(weights, str) and _names_a_file(weights)):
         return False

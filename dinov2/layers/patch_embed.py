@@ -10,7 +10,10 @@ from torch import nn
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    """``(v, v)`` for one integer (Python or NumPy), ``(h, w)`` for a pair; anything else is a TypeError."""
+    """``(v, v)`` for one integer (Python or NumPy), ``(h, w)`` for a pair (a sequence, or a 1-D NumPy
+    array or tensor, which are no ``Sequence``); anything else is a TypeError."""
+    if getattr(value, "ndim", None) == 1 and callable(getattr(value, "tolist", None)):
+        value = value.tolist()
     try:
         if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
             return operator.index(value[0]), operator.index(value[1])

@@ -75,3 +75,9 @@ def test_a_directory_given_as_weights_is_named_as_a_directory(tmp_path):
     with pytest.raises(IsADirectoryError, match="directory") as info:
         load_weights_file(tmp_path)
     assert str(tmp_path) in str(info.value) and "not found" not in str(info.value)
+
+
+def test_an_unknown_home_directory_is_a_missing_file():
+    # Path.expanduser raised "RuntimeError: Could not determine home directory" for ~unknown_user.
+    with pytest.raises(FileNotFoundError, match=re.escape("weights file not found: ~no_such_user_x1/w.pth")):
+        load_weights_file("~no_such_user_x1/w.pth")

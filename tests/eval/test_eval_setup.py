@@ -70,6 +70,15 @@ def test_sharded_training_checkpoint_directory_loads_its_teacher(micro_arch, tmp
         torch.testing.assert_close(model(x), teacher(x), rtol=0, atol=0)
 
 
+def test_unknown_home_directory_in_pretrained_weights_is_a_missing_file():
+    """``Path.expanduser`` raised ``RuntimeError: Could not determine home directory`` for
+    ``~unknown_user/...`` before the file was even looked for."""
+    from dinov2.eval.setup import read_pretrained_weights
+
+    with pytest.raises(FileNotFoundError, match="weights file not found: ~no_such_user_x1/w.pth"):
+        read_pretrained_weights("~no_such_user_x1/w.pth")
+
+
 def test_chunked_training_config_loads_flat_weights(micro_arch, tmp_path):
     source = source_model(micro_arch)
     torch.save(source.state_dict(), tmp_path / "backbone.pth")

@@ -198,6 +198,20 @@ def test_val_tree_with_other_class_folders_gets_the_train_class_indices(tmp_path
     assert any("absent from val: ['a']" in r.getMessage() and "['z']" in r.getMessage() for r in caplog.records)
 
 
+def test_val_tree_sharing_no_class_name_with_train_is_refused(tmp_path):
+    """Val folders ``0 1`` against train's ``a b``: every val class used to be mapped after train's
+    (indices 2 and 3, with a warning), so k-NN and logistic regression reported 0 % for a val tree
+    that merely names its classes differently. It is refused, naming both sides, before extraction."""
+    from dinov2.data.datasets import make_dataset
+    from dinov2.eval.features import align_class_indices
+
+    data = _class_trees(tmp_path, {"train": "ab", "val": "01"})
+    train, val = make_dataset(data["train"]), make_dataset(data["val"])
+    with pytest.raises(ValueError, match=r"share no name with the train dataset's \(val: 0, 1; train: a, b\)"):
+        align_class_indices(train, val)
+    assert val.target_transform is None and [val[i][1] for i in range(len(val))] == [0, 0, 1, 1]
+
+
 def test_unlabelled_val_set_stops_before_any_feature_is_extracted(tmp_path):
     """A val ImageFolder without class folders (every target -1) used to be found only when its
     first batch was gathered, after the whole train set had been encoded (hours on ImageNet-22k),

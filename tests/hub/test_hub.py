@@ -169,6 +169,27 @@ def test_backbone_weights_names_follow_the_original(monkeypatch, tmp_path):
     assert requested[-2:] == ["IMAGENET1K", "LVD142"]
 
 
+def test_weight_sets_from_another_enum_class_and_unknown_home_dirs(monkeypatch, tmp_path):
+    """A member of another ``Weights`` class (the original package's, or this module's before an
+    ``importlib.reload``) counts by its value, as the original's hub compares them; one with
+    another weight set's value is still refused. A ``~unknown_user`` path is a path (it used to
+    raise ``RuntimeError: Could not determine home directory`` from the check)."""
+    from enum import Enum
+
+    requested = _record_loads(monkeypatch, backbones.dinov2_vits14(pretrained=False, **TINY).state_dict())
+    original = Enum("Weights", {"LVD142M": "LVD142M"})  # a stand-in for the original's enum
+    assert original.LVD142M is not backbones.Weights.LVD142M
+    hubconf.dinov2_vits14(weights=original.LVD142M, **TINY)
+    assert requested == [BASE_URL + "dinov2_vits14_pretrain.pth"]
+    with pytest.raises(ValueError, match="unsupported weights <Heads.IMAGENET1K"):
+        hubconf.dinov2_vits14(weights=Enum("Heads", {"IMAGENET1K": "IMAGENET1K"}).IMAGENET1K, **TINY)
+    monkeypatch.chdir(tmp_path)
+    for location in ("~no_such_user_x1/w.pth", "~no_such_user_x1/w"):
+        assert backbones.is_weight_set(location, backbones.Weights) is False
+    with pytest.raises(ValueError, match="unsupported weights '~no_such_user_x1'"):  # a bare word, no file
+        backbones.is_weight_set("~no_such_user_x1", backbones.Weights)
+
+
 def test_classifier_weights_names_follow_the_original(monkeypatch):
     """The heads take ``classifiers.Weights.IMAGENET1K`` (the original's name) or ``"IMAGENET1K"``;
     the backbone's name for the head, or a head's name for the backbone, is refused up front."""

@@ -29,3 +29,13 @@ def test_a_pair_from_a_config_list_is_accepted():
 
     layer = PatchEmbed(img_size=OmegaConf.create({"s": [16, 32]}).s, patch_size=8, embed_dim=8)
     assert layer.patches_resolution == (2, 4)
+
+
+@pytest.mark.parametrize("pair", [np.array([16, 32]), torch.tensor([16, 32])])
+def test_a_pair_in_an_array_or_tensor_is_accepted(pair):
+    # int(value[0]), int(value[1]) took these before the TypeError check refused what is no Sequence.
+    layer = PatchEmbed(img_size=pair, patch_size=8, embed_dim=8)
+    assert layer.img_size == (16, 32) and layer.patches_resolution == (2, 4)
+    assert all(type(size) is int for size in layer.img_size)
+    with pytest.raises(TypeError, match="integer size"):
+        PatchEmbed(img_size=np.array([16.0, 32.0]), patch_size=8, embed_dim=8)
