@@ -11,8 +11,11 @@ state, the schedules, the iteration counter and the data stream start fresh, as 
   process group needed) and loaded into the plain or FSDP2-sharded model;
 - a file holding a whole meta-architecture's state dict (``student.*`` and ``teacher.*`` keys,
   ``dino_loss.center``, ``ibot_patch_loss.center``; flat or under ``model`` / ``state_dict``, as the
-  original code's training checkpoints hold it): loaded as a training checkpoint is, each branch
-  from its own tensors, and the loss centres;
+  original code's training checkpoint of a one-GPU run holds it): loaded as a training checkpoint
+  is, each branch from its own tensors, and the loss centres. The original's checkpoints of a run
+  on several GPUs (``model_N.rank_R.pth``, FSDP ``LOCAL_STATE_DICT``) hold each rank's flattened
+  shards as ``ShardedTensor`` objects, not whole tensors: they are refused, naming the run's export
+  (``eval/training_N/teacher_checkpoint.pth``) to start from instead;
 - any other weights file (a consolidated ``.pth`` / ``.safetensors``, an exported
   ``teacher_checkpoint.pth``, released weights; a path or a URL): student = teacher = that backbone,
   and the same for the heads the file holds (an export holds the teacher's DINO and iBOT heads;
@@ -31,6 +34,8 @@ directory resumes from them and ignores ``train.init_from``.
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +141,11 @@ def _refuse_file_set_aside(value: str, path: Path, output_dir: Path) -> None:
     ``replaced_*/`` before the weights are loaded: a file among them would be gone by then."""
     from dinov2.train.train import RUN_OUTPUTS
 
+    # Through the path as written (a symlink among the outputs moves with them) or where it points.
+    given, target = Path(os.path.abspath(path)), path.resolve()
     for name in RUN_OUTPUTS:
-        if path.resolve().is_relative_to((output_dir / name).resolve()):
+        moved = output_dir / name
+        if given.is_relative_to(os.path.abspath(moved)) or target.is_relative_to(moved.resolve()):
             raise ValueError(
                 f"{KEY}={value!r} is inside this run's {name}/, which --no-resume moves aside before the weights "
                 "are loaded: copy the file elsewhere first, or use a new --output-dir"
@@ -250,11 +258,26 @@ def _load_whole_model_file(model: nn.Module, state: dict[str, torch.Tensor], loc
     _load_branches_and_centres(model, read, location)
 
 
+def _read_weights_file(location: str) -> Any:
+    """:func:`load_weights_file`, with the original's per-rank FSDP checkpoints named for what they are."""
+    try:
+        return load_weights_file(location)
+    except pickle.UnpicklingError as exc:
+        if "ShardedTensor" not in str(exc):
+            raise
+        raise ValueError(
+            f"{KEY}={location!r} holds FSDP ShardedTensors: a training checkpoint of the original implementation "
+            "saved on several GPUs (model_N.rank_R.pth, FSDP LOCAL_STATE_DICT) stores each rank's flattened shards, "
+            "not whole tensors, and cannot be loaded here (do not load it with weights_only=False either). Start "
+            "from that run's export eval/training_N/teacher_checkpoint.pth (teacher backbone and heads) instead"
+        ) from exc
+
+
 def _load_backbone_file(model: nn.Module, location: str) -> None:
     """A whole meta-architecture's state dict: as a training checkpoint. Any other file: student =
     teacher = the file's backbone, and the same for each head the file holds (an exported ``teacher_checkpoint.pth`` holds the teacher's DINO and iBOT
     heads); the other heads and the loss centres stay fresh."""
-    raw = load_weights_file(location)
+    raw = _read_weights_file(location)
     whole = _whole_model_state(raw)
     if whole is not None:
         _load_whole_model_file(model, whole, location)

@@ -314,6 +314,28 @@ def test_init_from_an_original_training_checkpoint_without_centres_keeps_them_fr
             torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
 
 
+class _PickledAsShardedTensor:
+    """Pickles as the original's multi-GPU training files hold each FSDP flat parameter (LOCAL_STATE_DICT):
+    a ShardedTensor (a real one takes a process group of several ranks to make)."""
+
+    def __reduce__(self):
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        return (ShardedTensor, ())
+
+
+def test_init_from_the_originals_multi_gpu_training_file_names_what_to_use_instead(tmp_path):
+    # model_N.rank_R.pth of a run on several GPUs: per-rank flat shards, never whole tensors. Before, the
+    # refusal was torch's weights_only message, which suggests weights_only=False (and it would still not load).
+    file = tmp_path / "model_0012499.rank_0.pth"
+    model = {"student.backbone._flat_param": _PickledAsShardedTensor(), "dino_loss.center": torch.zeros(1, 64)}
+    torch.save({"model": model, "iteration": 12499}, file)
+    cfg = highres_cfg(file)
+    source = resolve_init_source(cfg, tmp_path / "checkpoints", resume=True)
+    with pytest.raises(ValueError, match=r"ShardedTensors.*flattened shards.*eval/training_N/teacher_checkpoint\.pth"):
+        load_init_source(build_model(cfg, torch.device("cpu")), source)
+
+
 # ------------------------------------------------------------------------------ errors and configs
 def test_missing_or_wrong_init_from_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="train.init_from is required"):
@@ -337,6 +359,19 @@ def test_no_resume_refuses_a_weights_file_it_would_move_aside(tmp_path):
         resolve_init_source(cfg, tmp_path / "out" / "checkpoints", resume=False)
     assert resolve_init_source(cfg, tmp_path / "out" / "checkpoints", resume=True).kind == "backbone"
     assert resolve_init_source(cfg, tmp_path / "other" / "checkpoints", resume=False).kind == "backbone"
+
+
+def test_no_resume_refuses_a_symlink_among_the_outputs_it_would_move_aside(tmp_path):
+    """A link OUT/eval/best.pth -> a file elsewhere: the link moves into OUT/replaced_*/ with eval/, so the
+    path given is gone by the time the weights load, wherever it pointed (before, only the target was checked)."""
+    real = tmp_path / "weights" / "teacher_checkpoint.pth"
+    real.parent.mkdir()
+    torch.save({"teacher": {}}, real)
+    link = tmp_path / "out" / "eval" / "best.pth"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(real)
+    with pytest.raises(ValueError, match=r"inside this run's eval/"):
+        resolve_init_source(highres_cfg(link), tmp_path / "out" / "checkpoints", resume=False)
 
 
 def test_a_config_can_require_a_key():
