@@ -301,15 +301,30 @@ class Trainer:
                 per_iter = (time.perf_counter() - start_time) / (self.iteration - start_iteration)
                 self.log(losses, scheduled, window, per_iter)
                 window = _new_window()
-            # Evaluation first: a checkpoint of this iteration then means that its export (and k-NN) is
-            # done, so a job stopped in between redoes them on resume instead of never writing them.
+            checkpoint_due = _due(self.iteration, ckpt_period) or self.iteration == self.stop_iter
             if _due(self.iteration, eval_period) or self.iteration == self.max_iter:
-                self.extra["knn_last"] = self.evaluate(f"training_{self.iteration}")
-                self.model.train()
-            if _due(self.iteration, ckpt_period) or self.iteration == self.stop_iter:
+                self._evaluate_then_checkpoint(checkpoint_due)
+            elif checkpoint_due:
                 self.save_checkpoint()
         self.metrics.close()
         return self.summary()
+
+    def _evaluate_then_checkpoint(self, checkpoint_due: bool) -> None:
+        """Evaluation first: a checkpoint of this iteration then means that its export (and k-NN) is
+        done, so a job stopped in between redoes them on resume instead of never writing them. An
+        evaluation that fails still saves the checkpoint due here before the error stops the run, so
+        the training since the last one is kept and a rerun does not stop at the same place again."""
+        try:
+            self.extra["knn_last"] = self.evaluate(f"training_{self.iteration}")
+        except Exception:
+            if checkpoint_due:
+                logger.error("the evaluation at iteration %d failed; saving its checkpoint before stopping "
+                             "(--eval-only redoes the evaluation)", self.iteration)  # fmt: skip
+                self.save_checkpoint()
+            raise
+        self.model.train()
+        if checkpoint_due:
+            self.save_checkpoint()
 
     def summary(self) -> dict[str, Any]:
         skipped = self.skipped_images.total(self.device)

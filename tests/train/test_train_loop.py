@@ -443,3 +443,28 @@ def test_a_bad_online_knn_dataset_stops_the_run_before_it_trains(tmp_path):
         run(tmp_path, *ONLINE_KNN, bad, "evaluation.eval_period_iterations=3")
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
     assert not (tmp_path / "training_metrics.json").exists() or records(tmp_path) == []
+
+
+def test_a_failing_evaluation_keeps_the_checkpoint_due_there(tmp_path, monkeypatch):
+    # An evaluation that errors (not a job stopped from outside) must not throw away the training since
+    # the last checkpoint: otherwise every rerun would retrain that period and fail at the same place.
+    short = (
+        "train.OFFICIAL_EPOCH_LENGTH=4",
+        "train.checkpoint_period_iterations=2",
+        "evaluation.eval_period_iterations=2",
+    )
+    real_export = loop_module.export_teacher
+
+    def failing(directory, iteration, teacher, write=True):
+        if iteration == 4:
+            raise OSError("disk full while writing the export")
+        return real_export(directory, iteration, teacher, write)
+
+    monkeypatch.setattr(loop_module, "export_teacher", failing)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, *short)
+    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "step_0000004"
+    assert (tmp_path / "eval" / "training_2").is_dir() and not (tmp_path / "eval" / "training_4").exists()
+    monkeypatch.setattr(loop_module, "export_teacher", real_export)
+    run(tmp_path, *short, extra_args=("--eval-only",))
+    assert (tmp_path / "eval" / "training_4" / "teacher_backbone.safetensors").is_file()
