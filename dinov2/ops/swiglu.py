@@ -29,6 +29,10 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, value = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, e.g. a gradient penalty): aten's silu_backward has no
+            # derivative, so spell the gradient out in differentiable ops (float32 for low precision).
+            return _silu_mul_grads_differentiable(grad_out, gate, value)
         # PyTorch's own SiLU backward (d silu / dg in float32 inside the kernel, rounded once), on the
         # product's gradient: the same values as autograd through F.silu(gate) * value, bit for bit.
         # Spelled out in bf16 (sigmoid * (1 + g * (1 - sigmoid))) each step would round, and the sum
@@ -37,8 +41,20 @@ class _SiluMul(torch.autograd.Function):
         return grad_gate, grad_out * F.silu(gate)
 
 
+def _silu_mul_grads_differentiable(grad_out, gate, value) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_out * value * silu'(gate), grad_out * silu(gate))`` with autograd-differentiable ops, where
+    ``silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))``; computed in at least float32."""
+    dtype = torch.promote_types(gate.dtype, torch.float32)
+    g = gate.to(dtype)
+    sig = torch.sigmoid(g)
+    grad = grad_out.to(dtype)
+    grad_gate = grad * value.to(dtype) * sig * (1 + g * (1 - sig))
+    return grad_gate.to(gate.dtype), (grad * g * sig).to(value.dtype)
+
+
 def silu_mul(gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * value``, saving only ``gate`` and ``value`` for backward."""
+    """``silu(gate) * value``, saving only ``gate`` and ``value`` for backward. Differentiable twice:
+    under ``create_graph=True`` the backward uses plain differentiable ops (not the single SiLU kernel)."""
     return _SiluMul.apply(gate, value)
 
 

@@ -102,14 +102,44 @@ def total_iterations(cfg: Any) -> int:
     return epochs_to_iterations(select(cfg, "optim.epochs"), official_epoch_length(cfg), "optim.epochs")
 
 
+# Schedule endpoints and the range each must lie in (a temperature of 0 gives NaN targets, a momentum
+# above 1 an EMA that diverges, a negative lr or weight decay the opposite update).
+SCHEDULE_VALUE_RANGES = {
+    "optim.lr": "non-negative",
+    "optim.min_lr": "non-negative",
+    "optim.weight_decay": "non-negative",
+    "optim.weight_decay_end": "non-negative",
+    "teacher.momentum_teacher": "in [0, 1]",
+    "teacher.final_momentum_teacher": "in [0, 1]",
+    "teacher.warmup_teacher_temp": "positive",
+    "teacher.teacher_temp": "positive",
+}
+
+
+def check_schedule_values(cfg: Any) -> None:
+    """Every schedule endpoint is a finite number in its range (:data:`SCHEDULE_VALUE_RANGES`), else a
+    ``ValueError`` naming the key."""
+    tests = {"non-negative": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1, "positive": lambda v: v > 0}
+    for key, wanted in SCHEDULE_VALUE_RANGES.items():
+        value = select(cfg, key)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, (bool, str)) or not math.isfinite(number) or not tests[wanted](number):
+            raise ValueError(f"{key} must be a finite number, {wanted}, got {value!r}")
+
+
 def build_schedulers(cfg: Any) -> Schedulers:
     """Build (lr, wd, momentum, teacher_temp, last_layer_lr) schedules from a training config.
 
     ``cfg.optim.lr`` is used as is: it should already be scaled to the batch size (see
     :func:`scaled_lr`). The last-layer lr equals the lr schedule, zeroed for the first
     ``cfg.optim.freeze_last_layer_epochs`` epochs. Epoch counts become iterations with
-    :func:`epochs_to_iterations`; a warm-up longer than the run is refused, naming both keys.
+    :func:`epochs_to_iterations`; a warm-up longer than the run is refused, naming both keys, and so
+    is a schedule endpoint out of range (:func:`check_schedule_values`).
     """
+    check_schedule_values(cfg)
     epoch_len = official_epoch_length(cfg)
     total = total_iterations(cfg)
 

@@ -63,8 +63,19 @@ def resolve_config_path(name: str | Path, kinds: Sequence[str] = CONFIG_KINDS) -
                 return candidate
     elif str(path.parent) in kinds and (CONFIGS_DIR / path.parent / f"{stem}.yaml").is_file():
         return CONFIGS_DIR / path.parent / f"{stem}.yaml"
-    known = ", ".join(f"{kind}/{n}" for kind in kinds for n in available_configs(kind))
-    raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a shipped config; shipped: {known}")
+    if path.is_dir():  # and no shipped config of that name
+        inside = " (a run's is its config.yaml)" if (path / "config.yaml").is_file() else ""
+        raise FileNotFoundError(f"config {str(name)!r} is a directory: pass a config file{inside}")
+    shipped = [f"{kind}/{n}" for kind in kinds for n in available_configs(kind)]
+    wanted = stem if path.parent == Path(".") else f"{path.parent.name}/{stem}"
+    by_name: dict[str, str] = {}  # a bare name is looked up kind by kind: the first kind's file wins
+    for entry in shipped:
+        by_name.setdefault(entry.split("/", 1)[1] if path.parent == Path(".") else entry, entry)
+    close = [by_name[c] for c in difflib.get_close_matches(wanted, list(by_name), n=3, cutoff=0.6)]
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise FileNotFoundError(
+        f"config {str(name)!r} is neither a file nor a shipped config{hint}; shipped: {', '.join(shipped)}"
+    )
 
 
 def _unreadable(node: Any, key: Any) -> bool:

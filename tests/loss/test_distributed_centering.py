@@ -117,12 +117,13 @@ def test_center_updates_equal_single_process_on_full_batch(run):
 
 
 def koleo_row_terms(features: torch.Tensor, eps: float = 1e-8) -> list[float]:
-    """Per-row -log(d_i + eps) on the whole batch: brute-force nearest other row, float64, d floored at eps."""
+    """Per-row -log(d_i + eps) on the whole batch: brute-force nearest other row, float64, with the
+    original's distance ||x_i - x_j + eps|| (eps sqrt(D) for a duplicate)."""
     x = torch.nn.functional.normalize(features.double(), dim=-1)
     terms = []
     for i in range(x.shape[0]):
-        d = min((x[i] - x[j]).norm().item() for j in range(x.shape[0]) if j != i)
-        terms.append(-math.log(max(d, eps) + eps))
+        j = min((j for j in range(x.shape[0]) if j != i), key=lambda j: (x[i] - x[j]).norm().item())
+        terms.append(-math.log((x[i] - x[j] + eps).norm().item() + eps))
     return terms
 
 

@@ -157,12 +157,13 @@ def sinkhorn_ref(logits, temp, n_iterations):
 
 
 def koleo_ref(features, eps=1e-8):
-    """Brute-force nearest other row on L2-normalised float64 rows; distance floored at eps (duplicates)."""
+    """Brute-force nearest other row on L2-normalised float64 rows; the distance is the original's
+    ``torch.nn.PairwiseDistance(eps=eps)``, ``||x_i - x_j + eps||`` (``eps sqrt(D)`` for a duplicate)."""
     rows = [[v / math.sqrt(sum(u * u for u in r)) for v in r] for r in features.double().tolist()]
     total = 0.0
     for i, ri in enumerate(rows):
-        dists = [math.dist(ri, rj) for j, rj in enumerate(rows) if j != i]
-        total -= math.log(max(min(dists), eps) + eps)
+        j = min((j for j in range(len(rows)) if j != i), key=lambda j: math.dist(ri, rows[j]))
+        total -= math.log(math.sqrt(sum((a - b + eps) ** 2 for a, b in zip(ri, rows[j]))) + eps)
     return total / len(rows)
 
 
@@ -173,7 +174,7 @@ def koleo_autograd_ref(features, eps=1e-8):
     for i in range(x.shape[0]):
         others = [j for j in range(x.shape[0]) if j != i]
         j = min(others, key=lambda j: (x[i] - x[j]).norm().item())
-        terms.append(-torch.log((x[i] - x[j]).norm() + eps))
+        terms.append(-torch.log((x[i] - x[j] + eps).norm() + eps))
     return torch.stack(terms).mean()
 
 
@@ -202,13 +203,30 @@ def test_koleo_duplicates_stay_finite(dtype):
     assert loss.item() == pytest.approx(koleo_ref(features.detach().float()), rel=1e-4)
     loss.backward()
     assert torch.isfinite(features.grad).all()
-    # rows whose neighbour is an exact copy sit on the floor: -log(2 eps) each
-    assert loss.item() > 3 * -math.log(2e-8) / 8
+    # rows whose neighbour is an exact copy have the original's d = eps sqrt(D): -log(eps (sqrt(8) + 1)) each
+    assert loss.item() > 3 * -math.log(1e-8 * (math.sqrt(8) + 1)) / 8
+    # ... and no gradient through that distance (the original's is ~1/eps): gradients stay O(1)
+    assert features.grad.abs().max() < 10
 
 
 def test_koleo_single_row_is_finite():
     features = torch.randn(1, 4, requires_grad=True)
     loss = KoLeoLoss()(features)
-    assert loss.item() == pytest.approx(-math.log(2e-8), rel=1e-6)
+    assert loss.item() == pytest.approx(-math.log(1e-8 * (math.sqrt(4) + 1)), rel=1e-6)
     loss.backward()
     assert torch.isfinite(features.grad).all()
+
+
+def test_koleo_nearly_coincident_features_use_the_originals_distance():
+    """At the recipe's start (LayerScale 1e-5) the CLS features nearly coincide; there the eps inside
+    the original's ``||x_i - x_j + eps||`` changes the gradient measurably (it used to use ``||x_i - x_j||``,
+    and to compute in float32 whatever the input)."""
+    features = torch.randn(1, 64, dtype=torch.float64) + 1e-3 * torch.randn(6, 64, dtype=torch.float64)
+    ours = features.clone().requires_grad_()
+    loss = KoLeoLoss()(ours)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(koleo_ref(features), rel=1e-12)
+    loss.backward()
+    ref = features.clone().requires_grad_()
+    koleo_autograd_ref(ref).backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-9, atol=1e-9 * ref.grad.abs().max().item())

@@ -38,6 +38,23 @@ def test_silu_mul_gradcheck():
     assert torch.autograd.gradcheck(silu_mul, (gate, value))
 
 
+def test_silu_mul_second_derivatives_match_the_written_out_formula():
+    """Double backward (create_graph=True, e.g. a gradient penalty) gives the true second derivatives
+    (it used to fail inside aten's silu_backward, which has no derivative)."""
+    gate = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(silu_mul, (gate, value))
+
+    def penalty(fn):
+        out = fn(gate, value)
+        grads = torch.autograd.grad(out.pow(2).sum(), (gate, value), create_graph=True)
+        return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), (gate, value))
+
+    written_out = penalty(lambda g, v: g * torch.sigmoid(g) * v)
+    for got, want in zip(penalty(silu_mul), written_out):
+        torch.testing.assert_close(got, want)
+
+
 def _saved_bytes(fn, *inputs) -> int:
     saved = []
 

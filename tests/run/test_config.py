@@ -108,3 +108,27 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):
         load_config(str(broken))
     with pytest.raises(ConfigError, match=r"listing\.yaml must hold a mapping"):
         load_config(str(listing))
+
+
+@pytest.mark.parametrize(
+    "name, suggested",
+    [
+        ("quickstrat", "train/quickstart"),
+        ("distill/vits41", "distill/vits14"),
+        ("vitl16_shrt.yaml", "train/vitl16_short"),
+    ],
+)
+def test_a_misspelt_config_name_suggests_the_shipped_one_it_would_load(name, suggested):
+    # A bare name resolves kind by kind (train first), so the suggestion is the train config, not distill's.
+    with pytest.raises(FileNotFoundError, match=rf"{name!r}.*did you mean '{suggested}'"):
+        load_config(name)
+
+
+def test_a_directory_given_as_config_is_named_as_one(tmp_path, monkeypatch):
+    (tmp_path / "config.yaml").write_text("optim:\n  epochs: 1\n")
+    with pytest.raises(FileNotFoundError, match=r"is a directory: pass a config file \(a run's is its config\.yaml\)"):
+        load_config(str(tmp_path))
+    assert load_config(str(tmp_path / "config.yaml")).optim.epochs == 1
+    (tmp_path / "quickstart").mkdir()  # a folder named like a shipped config does not hide it
+    monkeypatch.chdir(tmp_path)
+    assert load_config("quickstart").student.arch == "vit_tiny"

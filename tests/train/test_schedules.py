@@ -281,3 +281,22 @@ def test_the_loop_runs_as_long_as_the_schedules(tmp_path):
     assert summary["iteration"] == 6
     log = (tmp_path / "past" / "log.txt").read_text()
     assert "train.stop_at_iteration=8 is past the end of the schedules (6 iterations" in log
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("teacher", "teacher_temp", 0.0),  # softmax((u - c) / 0): NaN teacher targets
+        ("teacher", "warmup_teacher_temp", -0.04),
+        ("teacher", "momentum_teacher", 1.5),  # an EMA that diverges
+        ("teacher", "final_momentum_teacher", -0.1),
+        ("optim", "weight_decay_end", -0.4),
+        ("optim", "min_lr", float("nan")),
+        ("optim", "lr", "abc"),
+    ],
+)
+def test_a_schedule_endpoint_out_of_range_names_its_key(section, key, value):
+    cfg = make_cfg()
+    cfg[section][key] = value
+    with pytest.raises(ValueError, match=rf"{section}\.{key} must be a finite number"):
+        build_schedulers(cfg)
