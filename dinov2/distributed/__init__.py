@@ -160,11 +160,19 @@ def setup_env_from_slurm() -> bool:
     }
     if int(env["WORLD_SIZE"]) > 1:
         env.setdefault("MASTER_ADDR", os.environ.get("MASTER_ADDR") or _first_slurm_host())
-        job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
-        env.setdefault("MASTER_PORT", os.environ.get("MASTER_PORT") or str(20000 + job_id % 10000))
+        env.setdefault("MASTER_PORT", os.environ.get("MASTER_PORT") or str(_slurm_master_port()))
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return True
+
+
+def _slurm_master_port() -> int:
+    """20000 + (job id + 7919 x step id) mod 10000: the same for every task of a step, and different
+    for steps of one job that run at once on the same first node (7919 is prime to 10000, so steps 0
+    to 9999 never share a port; step 0 keeps the job's own 20000 + job id mod 10000)."""
+    job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
+    step = next((os.environ[key] for key in STEP_ID_VARIABLES if os.environ.get(key, "").isdigit()), "0")
+    return 20000 + (job_id + 7919 * int(step)) % 10000
 
 
 def init_from_env(device: torch.device | None = None) -> bool:

@@ -255,3 +255,20 @@ def test_varlen_with_checkpointing_off_cuda_fails_before_training():
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
     assert parallelize(model, cfg, torch.device("cpu"))["student.attn_backend"] == "sdpa"
+
+
+def test_srun_steps_running_at_once_get_different_master_ports(monkeypatch):
+    # Two `srun ... &` steps of one job whose first node is the same would both bind 20000 + job id.
+    import os
+
+    ports = []
+    for step in ("0", "1", "2"):
+        _batch_step_env(monkeypatch, "8")
+        for key in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("SLURM_JOB_ID", "123456")
+        monkeypatch.setenv("SLURM_STEP_ID", step)
+        assert setup_env_from_slurm()
+        ports.append(int(os.environ["MASTER_PORT"]))
+    assert ports[0] == 20000 + 123456 % 10000  # step 0 keeps the job's port
+    assert len(set(ports)) == 3 and all(20000 <= port < 30000 for port in ports)
