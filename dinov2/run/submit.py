@@ -76,6 +76,8 @@ class EntryPoint:
     the entry point's positionals may stand among its options (``parse_intermixed_args``).
     ``start_over``: the options that make a run start over, ``(option, dest, takes_value)``; a requeued
     job is resubmitted without them, so that it continues from what it had finished.
+    ``sets_aside``: starting over moves the earlier run's outputs away first (training), so a
+    requeued job can only resume its own checkpoints.
     """
 
     module: str
@@ -85,6 +87,7 @@ class EntryPoint:
     config_loader: str = "dinov2.utils.config:load_config"
     intermixed: bool = False
     start_over: tuple[tuple[str, str, bool], ...] = START_OVER
+    sets_aside: bool = False
 
     def get_args_parser(self, add_help: bool = True) -> argparse.ArgumentParser:
         return importlib.import_module(self.module).get_args_parser(add_help=add_help)
@@ -241,7 +244,8 @@ def check_submission(entry: EntryPoint, slurm_args: argparse.Namespace, entry_ar
     except (ConfigError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"config: {error}") from None
     output_dir = Path(entry_args.output_dir)
-    if getattr(entry_args, "no_resume", False) and "%j" not in str(output_dir) and output_dir.is_dir():
+    starts_over = getattr(entry_args, "no_resume", False) and not entry.sets_aside
+    if starts_over and "%j" not in str(output_dir) and output_dir.is_dir():
         if any(output_dir.iterdir()):
             print(f"warning: {output_dir} is not empty; a requeued job resumes from the newest checkpoint there, "
                   "which may be an older run's if this one has not written any yet", file=sys.stderr)  # fmt: skip

@@ -361,3 +361,18 @@ def test_preempted_training_is_requeued_and_resumes(tmp_path, local_jobs):
     assert metrics_iterations(output_dir) == list(range(1, stop + 1))  # no iteration trained twice or lost
     requeued = submitit.helpers.DelayedSubmission.load(job.paths.submitted_pickle).function
     assert "--no-resume" not in requeued.argv and str(output_dir) in requeued.argv
+
+
+def test_no_resume_into_a_used_folder_warns_only_where_a_requeue_could_resume_an_older_run(tmp_path, capsys):
+    # Training moves the earlier run aside before it starts over, so its requeue can only find its own
+    # checkpoints; the linear probe does not, so a requeue (which drops --no-resume) may resume the old one.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "leftover.txt").write_text("an earlier run")
+    argv = ["--output-dir", str(out), "--no-resume", "--executor", "local", "--ngpus", "0"]
+    slurm, _, entry_args = launcher.parse_launcher_args(run_train.ENTRY, argv)
+    launcher.check_submission(run_train.ENTRY, slurm, entry_args)
+    assert "not empty" not in capsys.readouterr().err
+    slurm, _, entry_args = launcher.parse_launcher_args(run_linear.ENTRY, argv)
+    launcher.check_submission(run_linear.ENTRY, slurm, entry_args)
+    assert "is not empty" in capsys.readouterr().err

@@ -21,7 +21,7 @@ if __name__ == "__main__" and not __package__:
 
 from dinov2.run.submit import EntryPoint, submit  # noqa: E402
 
-ENTRY = EntryPoint("dinov2.train.train", "dinov2-train", main_takes_argv=True, config_attr="config")
+ENTRY = EntryPoint("dinov2.train.train", "dinov2-train", main_takes_argv=True, config_attr="config", sets_aside=True)
 
 
 def main(argv: Sequence[str] | None = None):
