@@ -52,7 +52,7 @@ def is_weight_set(weights, accepted: type[Enum]) -> bool:
         return True
     if isinstance(weights, os.PathLike) or (isinstance(weights, str) and _names_a_file(weights)):
         return False
-    choices = ", ".join(f"{accepted.__name__}.{name} (or {name!r})" for name in names)
+    choices = ", ".join(f"{accepted.__module__}.{accepted.__name__}.{name} (or {name!r})" for name in names)
     raise ValueError(
         f"unsupported weights {weights!r}; accepted: {choices}, a local .pth / .safetensors path or an http(s) URL"
     )

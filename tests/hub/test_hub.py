@@ -159,7 +159,10 @@ def test_backbone_weights_names_follow_the_original(monkeypatch, tmp_path):
     assert requested == [BASE_URL + "dinov2_vits14_pretrain.pth"] * 2
     monkeypatch.chdir(tmp_path)  # bare words name no file here
     for bad in ("IMAGENET1K", classifiers.ClassifierWeights.IMAGENET1K, "LVD142", "lvd142m", None):
-        with pytest.raises(ValueError, match=r"unsupported weights .*accepted: Weights\.LVD142M \(or 'LVD142M'\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"unsupported weights .*accepted: dinov2\.hub\.backbones\.Weights\.LVD142M \(or 'LVD142M'\)",
+        ):
             hubconf.dinov2_vits14(weights=bad, **TINY)
     assert len(requested) == 2
     hubconf.dinov2_vits14(weights="IMAGENET1K", pretrained=False, **TINY)  # nothing to load: not checked
@@ -199,11 +202,13 @@ def test_classifier_weights_names_follow_the_original(monkeypatch):
     for ok in (classifiers.Weights.IMAGENET1K, "IMAGENET1K"):
         hubconf.dinov2_vits14_lc(layers=1, weights=ok, **TINY, num_classes=1000)
     assert requested == [BASE_URL + "dinov2_vits14_pretrain.pth", BASE_URL + "dinov2_vits14_linear_head.pth"] * 2
-    head_error = r"unsupported weights .*accepted: ClassifierWeights\.IMAGENET1K \(or 'IMAGENET1K'\)"
+    head_error = (
+        r"unsupported weights .*accepted: dinov2\.hub\.classifiers\.ClassifierWeights\.IMAGENET1K \(or 'IMAGENET1K'\)"
+    )
     for bad in ("LVD142M", backbones.Weights.LVD142M, "IMAGENET"):
         with pytest.raises(ValueError, match=head_error):
             hubconf.dinov2_vits14_lc(layers=1, weights=bad, **TINY)
-    with pytest.raises(ValueError, match=r"accepted: Weights\.LVD142M"):
+    with pytest.raises(ValueError, match=r"accepted: dinov2\.hub\.backbones\.Weights\.LVD142M"):
         hubconf.dinov2_vits14_lc(layers=1, backbone_weights="IMAGENET1K", **TINY)
     assert len(requested) == 4
 
