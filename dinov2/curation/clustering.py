@@ -159,19 +159,33 @@ class Hierarchy:
             )
 
 
-def hierarchical_kmeans(store, keep, cfg, gpus: int = 0) -> Hierarchy:
-    """Cluster the store's vectors where ``keep`` is true into ``cfg.levels`` (see the module docstring)."""
-    levels = [int(k) for k in cfg.levels]
+def check_levels(levels) -> list[int]:
+    """``clustering.levels`` as integers: at least one level, each positive, none larger than the one below."""
+    if isinstance(levels, int | str) or any(isinstance(k, bool) or not isinstance(k, int) for k in levels):
+        raise ValueError(f"clustering.levels must be a list of integers (level 1 first), got {levels!r}")
+    levels = [int(k) for k in levels]
     if not levels or min(levels) < 1 or any(b > a for a, b in zip(levels, levels[1:])):
         raise ValueError(f"clustering.levels must be positive and non-increasing (level 1 first), got {levels}")
+    return levels
+
+
+def hierarchical_kmeans(store, keep, cfg, gpus: int = 0) -> Hierarchy:
+    """Cluster the store's vectors where ``keep`` is true into ``cfg.levels`` (see the module docstring)."""
+    levels = check_levels(cfg.levels)
     seed = int(cfg.seed)
     sample = store.read(store.sample_ids(int(cfg.max_train_points), seed, keep))
     if len(sample) < levels[0]:
         available = len(store) if keep is None else int(np.count_nonzero(keep))
+        if available == 0:
+            raise ValueError(
+                f"nothing to cluster: deduplication kept none of the {len(store)} embedded images; are "
+                "dedup.threshold and dedup.eval_threshold right for this embedder? (docs/curation.md, Deduplicate)"
+            )
+        fix = "use fewer level-1 clusters" if available < levels[0] else "raise clustering.max_train_points"
         raise ValueError(
             f"clustering.levels[0] = {levels[0]} clusters, but level 1 is trained on {len(sample)} vectors "
             f"({available} left after deduplication, clustering.max_train_points = {int(cfg.max_train_points)}); "
-            "use fewer level-1 clusters"
+            f"{fix}"
         )
     centroids = [kmeans_level(sample, levels[0], cfg, seed, gpus)]
     point_labels = np.full(len(store), -1, dtype=np.int64)
@@ -217,7 +231,7 @@ def allocate(sizes: np.ndarray, target: int) -> np.ndarray:
 def balanced_sample(h: Hierarchy, target: int, seed: int = 0, strategy: str = "random") -> np.ndarray:
     """Sorted ids of ``target`` vectors (or all when fewer) drawn balanced across the hierarchy."""
     if strategy not in SAMPLING_STRATEGIES:
-        raise ValueError(f"sampling strategy must be one of {SAMPLING_STRATEGIES}, got {strategy!r}")
+        raise ValueError(f"retrieval.sampling must be one of {SAMPLING_STRATEGIES}, got {strategy!r}")
     counts = allocate(h.sizes(h.depth), target)
     for level in range(h.depth - 1, 0, -1):  # share each cluster's count among its children
         sizes = h.sizes(level)

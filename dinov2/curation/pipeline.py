@@ -60,7 +60,56 @@ def load_curation_config(config: str | None, overrides=()) -> DictConfig:
         if extra:
             raise ValueError(f"unknown key dedup.copy_detection.{extra[0]}; valid keys: {', '.join(cfg.embed.model)}")
         cfg.dedup.copy_detection = OmegaConf.merge(cfg.embed.model, cfg.dedup.copy_detection)
+    check_curation_config(cfg)
     return cfg
+
+
+def check_curation_config(cfg: DictConfig) -> None:
+    """Check every choice and range of the settings before any stage runs (a bad value found by a
+    later stage would come after the pool's embedding, the longest part); errors name the key."""
+    from dinov2.curation.embed import EMBEDDER_KINDS, POOLINGS
+
+    models = ["embed.model"] + (["dedup.copy_detection"] if cfg.dedup.copy_detection is not None else [])
+    unused = tuple(f"{m}." for m in models if OmegaConf.select(cfg, f"{m}.kind") == "thumbnail")  # needs no weights
+    missing = [k for k in sorted(OmegaConf.missing_keys(cfg)) if not k.startswith(unused)]
+    if missing:
+        raise ValueError(f"no value for {', '.join(missing)} (the config leaves '???'); give it as key=value")
+
+    def one_of(key: str, allowed) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {tuple(allowed)}, got {value!r}")
+
+    def at_least(key: str, low: float, nullable: bool = False, kind=int) -> None:
+        value = OmegaConf.select(cfg, key)
+        if nullable and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{key} must be {what} >= {low}{' or null' if nullable else ''}, got {value!r}")
+
+    for model in models:
+        one_of(f"{model}.kind", EMBEDDER_KINDS)
+        if OmegaConf.select(cfg, f"{model}.kind") == "backbone":
+            one_of(f"{model}.pooling", POOLINGS)
+    one_of("embed.dtype", ("float16", "float32"))
+    one_of("index.gpu", ("auto", True, False))
+    one_of("clustering.init", tuple(clustering.INIT_METHODS))
+    one_of("retrieval.sampling", clustering.SAMPLING_STRATEGIES)
+    for key in ("embed.batch_size", "embed.chunk_size", "dedup.k", "index.nprobe", "index.train_size",
+                "clustering.niter", "clustering.nredo", "clustering.max_train_points"):  # fmt: skip
+        at_least(key, 1)
+    for key in ("embed.num_workers", "index.exact_max_size"):
+        at_least(key, 0)
+    at_least("dedup.rerank_margin", 0, kind=int | float)
+    at_least("clustering.resampling_steps", 0)
+    at_least("clustering.resample_size", 1 if cfg.clustering.resampling_steps else 0)
+    at_least("retrieval.balanced_size", 1, nullable=True)
+    for key in ("dedup.threshold", "dedup.eval_threshold"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -1 <= value <= 1:
+            raise ValueError(f"{key} is a cosine similarity and must lie in [-1, 1], got {value!r}")
+    clustering.check_levels(cfg.clustering.levels)
 
 
 def _plain(node: Any) -> Any:

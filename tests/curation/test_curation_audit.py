@@ -50,7 +50,7 @@ def test_resampling_with_too_few_vectors_stops_instead_of_failing():
     cfg = config("clustering.resampling_steps=2", "clustering.resample_size=1").clustering
     centroids = clustering.kmeans_level(x, 8, cfg, seed=0, gpus=0)
     assert centroids.shape == (8, 8)
-    with pytest.raises(ValueError, match="resample_size must be >= 1"):
+    with pytest.raises(ValueError, match="clustering.resample_size must be an integer >= 1"):
         clustering.kmeans_level(x, 8, config("clustering.resampling_steps=1", "clustering.resample_size=0").clustering,
                                 seed=0, gpus=0)  # fmt: skip
 

@@ -150,3 +150,18 @@ def test_seed_set_entries_are_checked_by_name():
         retrieve.check_seed_sets([{"dataset": "d", "name": ".."}])  # embeddings/seeds/.. is embeddings/
     checked = retrieve.check_seed_sets([{"dataset": "d"}, {"dataset": "e", "mode": "cluster"}])
     assert [(c["mode"], c["per_seed"]) for c in checked] == [("nn", 4), ("cluster", 10000)]
+
+
+def test_too_few_vectors_for_level_one_say_what_to_change(tmp_path):
+    rng = np.random.default_rng(2)
+    x, _, _ = mixture(rng, 2, [10, 10])
+    store, _ = make_store_from(tmp_path / "s", x, chunk_size=32)
+    cfg = config("clustering.levels=[8]", "clustering.max_train_points=5").clustering
+    with pytest.raises(ValueError, match="trained on 5 vectors.*raise clustering.max_train_points"):
+        clustering.hierarchical_kmeans(store, np.ones(len(x), dtype=bool), cfg)
+    keep = np.zeros(len(x), dtype=bool)
+    keep[:3] = True
+    with pytest.raises(ValueError, match="3 left after deduplication.*use fewer level-1 clusters"):
+        clustering.hierarchical_kmeans(store, keep, cfg)
+    with pytest.raises(ValueError, match="deduplication kept none of the 20 embedded images.*dedup.threshold"):
+        clustering.hierarchical_kmeans(store, np.zeros(len(x), dtype=bool), cfg)

@@ -111,6 +111,36 @@ def test_config_errors_name_the_key(tmp_path):
         main(["run", "--output-dir", str(tmp_path)])  # the pool is required
 
 
+BAD_VALUES = [  # (override, what the error says); each used to pass the config and fail late, or silently do nothing
+    ("retrieval.sampling=far", "retrieval.sampling must be one of"),
+    ("clustering.levels=[4,8]", "clustering.levels must be positive and non-increasing"),
+    ("clustering.init=bogus", "clustering.init must be one of"),
+    ("clustering.resampling_steps=2", None),  # valid: the default resample_size is 10
+    ("embed.model.kind=foo", "embed.model.kind must be one of"),
+    ("dedup.copy_detection={kind: backbone, pooling: max}", "dedup.copy_detection.pooling must be one of"),
+    ("index.gpu=maybe", "index.gpu must be one of"),  # was taken for true
+    ("dedup.k=0", "dedup.k must be an integer >= 1"),  # searched only each image itself: nothing removed
+    ("dedup.eval_threshold=1.5", r"dedup.eval_threshold is a cosine similarity and must lie in \[-1, 1\]"),
+    ("retrieval.balanced_size=-3", "retrieval.balanced_size must be an integer >= 1 or null"),
+    ("index.nprobe=0", "index.nprobe must be an integer >= 1"),
+    ("clustering.niter=2.5", "clustering.niter must be an integer >= 1"),
+    ("--config=quickstart", "no value for embed.model.pretrained_weights"),  # was found by the embed stage
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES)
+def test_bad_values_stop_the_run_before_anything_is_embedded(tmp_path, override, message):
+    out = tmp_path / "out"
+    args = ["run", "--output-dir", str(out), f"pool={tmp_path / 'missing'}", override]
+    if message is None:  # the config is fine; the missing pool is what stops it, in the embed stage
+        with pytest.raises(FileNotFoundError, match="missing"):
+            main(args)
+        return
+    with pytest.raises(ValueError, match=message):
+        main(args)
+    assert not out.exists()
+
+
 THUMBS = ["embed.model.kind=thumbnail", "embed.model.thumbnail_size=8", "embed.num_workers=0", "dedup.k=4",
           "dedup.threshold=0.8", "dedup.copy_detection={kind: thumbnail, thumbnail_size: 16}"]  # fmt: skip
 
