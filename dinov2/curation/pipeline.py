@@ -35,7 +35,7 @@ from dinov2 import distributed
 from dinov2.curation import clustering, dedup, retrieve
 from dinov2.curation.embed import embed_images, source_change
 from dinov2.curation.faiss_index import build_index, num_gpus
-from dinov2.curation.store import EmbeddingStore, read_json, write_text_atomic
+from dinov2.curation.store import MANIFEST, EmbeddingStore, read_json, write_text_atomic
 from dinov2.eval.metrics import write_json_atomic
 from dinov2.utils.config import CURATION_DEFAULT_CONFIG, load_config
 
@@ -116,12 +116,17 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
 
 
-def stage_settings(cfg: DictConfig, stage: str) -> dict[str, Any]:
-    """The config values a stage's result depends on (what its fingerprint covers)."""
+def stage_settings(cfg: DictConfig, stage: str, legacy: bool = False) -> dict[str, Any]:
+    """The config values a stage's result depends on (what its fingerprint covers). The embed stage's
+    leave out the seed and evaluation sets: their stores are checked one by one (a new set is embedded
+    alone, the pool's store kept), and the dedup and retrieve stages' settings name them. ``legacy``:
+    as runs finished before 2026-12-02 recorded them (with those sets), so that they still resume."""
     embed = {k: v for k, v in _plain(cfg.embed).items() if k not in _RESULT_NEUTRAL}
     if stage == "embed":
-        sources = {"pool": cfg.pool, "eval_datasets": _plain(cfg.dedup.eval_datasets)}
-        sources["seeds"] = [s["dataset"] for s in _plain(cfg.retrieval.seeds)]
+        sources = {"pool": cfg.pool}
+        if legacy:
+            sources["eval_datasets"] = _plain(cfg.dedup.eval_datasets)
+            sources["seeds"] = [s["dataset"] for s in _plain(cfg.retrieval.seeds)]
         return {**sources, "embed": embed, "copy_detection": _plain(cfg.dedup.copy_detection)}
     if stage == "dedup":
         return {"dedup": _plain(cfg.dedup), "index": _index_settings(cfg)}
@@ -142,9 +147,9 @@ class Curation:
         self._stores_checked = False
 
     # Bookkeeping ----------------------------------------------------------------------------------
-    def fingerprint(self, stage: str) -> str:
+    def fingerprint(self, stage: str, legacy: bool = False) -> str:
         position = STAGES.index(stage)
-        chain = [stage_settings(self.cfg, s) for s in STAGES[: position + 1]]
+        chain = [stage_settings(self.cfg, s, legacy) for s in STAGES[: position + 1]]
         return hashlib.sha256(json.dumps(chain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def done_file(self, stage: str) -> Path:
@@ -155,7 +160,7 @@ class Curation:
         if not path.is_file():
             return False
         done = read_json(path)
-        if done["fingerprint"] == self.fingerprint(stage):
+        if done["fingerprint"] in (self.fingerprint(stage), self.fingerprint(stage, legacy=True)):
             return stage != "embed" or self._stores_current(done["report"])
         changed = _changed_keys(done["settings"], stage_settings(self.cfg, stage))
         why = f"settings changed: {', '.join(changed)}" if changed else "an earlier stage's settings changed"
@@ -167,24 +172,23 @@ class Curation:
     def _stores_current(self, made: dict[str, Any]) -> bool:
         """Whether the finished embed stage (its report ``made``, one entry per store) made every store
         the settings ask for (False: it runs again and makes the missing ones, e.g. after dedup.enabled
-        turned true) and their sources list the same images (else a StageError). Checked once per run;
+        turned true, a set added, or a set's store deleted to embed it again) and their sources list the same images (else a StageError). Checked once per run;
         a source is listed again only if its stamp moved. Every rank decides alike: the report is not
         rewritten before all ranks are past this check, and a stamp that rank 0 refreshes meanwhile
         describes the same list."""
         if self._stores_checked:
             return True
         stores = self.store_dirs()
-        missing = sorted(set(stores) - set(made))
+        missing = sorted(role for role, (_, directory, _) in stores.items()
+                         if role not in made or not (directory / MANIFEST).is_file())  # fmt: skip
         if missing:
             logger.info("Stage embed: the settings now ask for stores not made yet (%s)", ", ".join(missing))
             return False
         for role, (source, directory, _) in stores.items():
             change = source_change(str(source), EmbeddingStore(directory), refresh=distributed.is_main_process())
             if change is not None:
-                raise StageError(
-                    f"the {role} source {source!r} changed after the embed stage in {self.out}: {change}; "
-                    "pass --redo embed to embed it again (and redo the later stages), or use another output directory"
-                )
+                raise StageError(f"the {role} source {source!r} changed after the embed stage in {self.out}: "
+                                 f"{change}; {_how_to_reembed(role, directory)}")  # fmt: skip
         self._stores_checked = True
         return True
 
@@ -213,7 +217,10 @@ class Curation:
         for before in STAGES[: STAGES.index(stage)]:
             if not self.is_done(before):
                 raise StageError(f"stage {stage!r} needs stage {before!r} first (run it, or 'run' for all stages)")
-        if self.is_done(stage):
+        done = self.is_done(stage)
+        if stage == "embed":  # every rank decides before rank 0 creates a store the others would look at
+            distributed.barrier()
+        if done:
             logger.info("Stage %s already done in %s: skipping", stage, self.out / stage)
             return False
         start = time.perf_counter()
@@ -350,6 +357,15 @@ def _to_pool_ids(pool: EmbeddingStore, other: EmbeddingStore, other_keep: np.nda
 
     removed = {entry for entry, kept in zip(entries(other.paths()), other_keep) if not kept}
     return np.array([entry not in removed for entry in entries(pool.paths())], dtype=bool)
+
+
+def _how_to_reembed(role: str, directory: Path) -> str:
+    """What to do about a store whose source changed: only the pool's needs the whole stage again."""
+    if role in ("pool", "copy"):
+        return "pass --redo embed to embed it again (and redo the later stages), or use another output directory"
+    later = "dedup" if role.startswith("eval/") else "retrieve"
+    return (f"delete {directory} and pass --redo {later}: that set alone is embedded again, the pool's "
+            "embeddings are kept (or pass --redo embed to embed everything again)")  # fmt: skip
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

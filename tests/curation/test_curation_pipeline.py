@@ -167,10 +167,15 @@ def test_a_source_changed_after_the_embed_stage_is_named_and_a_touched_one_is_no
     main(args)  # back as embedded: accepted again
     time.sleep(0.05)
     listing.write_text(listing.read_text() + f"{tmp_path / 'pool' / 'img_0002.png'}\n")
-    with pytest.raises(StageError, match=r"seeds/s source .* lists 3 now \(1 new, 0 gone\)"):
+    with pytest.raises(StageError, match=r"seeds/s source .* lists 3 now \(1 new, 0 gone\)") as info:
         main(args)
-    main([*args, "--redo", "embed"])
+    assert "seeds/s and pass --redo retrieve" in str(info.value) and "pool's embeddings are kept" in str(info.value)
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "embeddings" / "seeds" / "s")  # as the message says: that set alone
+    main([*args, "--redo", "retrieve"])
     assert len(EmbeddingStore(tmp_path / "out" / "embeddings" / "seeds" / "s")) == 3
+    assert chunk.stat().st_mtime_ns == stamp  # the pool was not embedded again
 
 
 def test_turning_deduplication_on_after_the_embed_stage_embeds_only_the_new_stores(tmp_path):
@@ -189,3 +194,40 @@ def test_turning_deduplication_on_after_the_embed_stage_embeds_only_the_new_stor
     names = [Path(p).name for p in EmbeddingStore(tmp_path / "out" / "embeddings" / "pool").paths()]
     # the copy of picture 1 is first in pool order and stays; picture 3 copies the evaluation image
     assert sorted(n for n, k in zip(names, keep) if not k) == ["img_0001.png", "img_0003.png"]
+
+
+def test_a_seed_set_added_after_the_embed_stage_embeds_that_set_alone(tmp_path):
+    # The seed sets used to be part of the embed stage's fingerprint: adding one stopped the rerun, and
+    # the way out (--redo embed) embedded the whole pool again, days at web scale.
+    write_pool(tmp_path / "pool", 5)
+    write_pool(tmp_path / "seeds", 2, first_seed=40)
+    args = ["embed", "--output-dir", str(tmp_path / "out"), f"pool={tmp_path / 'pool'}", *THUMBS]
+    main(args)
+    chunk = tmp_path / "out" / "embeddings" / "pool" / "chunk_00000.npy"
+    stamp = chunk.stat().st_mtime_ns
+    main([*args, f"retrieval.seeds=[{{name: s, dataset: {tmp_path / 'seeds'}}}]"])
+    assert chunk.stat().st_mtime_ns == stamp
+    assert len(EmbeddingStore(tmp_path / "out" / "embeddings" / "seeds" / "s")) == 2
+    done = json.loads((tmp_path / "out" / "embed" / "done.json").read_text())
+    assert set(done["report"]) - {"seconds"} == {"pool", "copy", "seeds/s"}
+
+
+def test_an_embed_stage_recorded_with_the_sets_in_its_fingerprint_still_resumes(tmp_path):
+    # Runs finished before the seed and evaluation sets left the embed fingerprint recorded them in it.
+    import hashlib
+
+    write_pool(tmp_path / "pool", 4)
+    write_pool(tmp_path / "val", 1, first_seed=70)
+    args = ["embed", "--output-dir", str(tmp_path / "out"), f"pool={tmp_path / 'pool'}", *THUMBS,
+            f"dedup.eval_datasets=[{tmp_path / 'val'}]"]  # fmt: skip
+    main(args)
+    path = tmp_path / "out" / "embed" / "done.json"
+    done = json.loads(path.read_text())
+    old_settings = {**done["settings"], "eval_datasets": [str(tmp_path / "val")], "seeds": []}
+    old = hashlib.sha256(json.dumps([old_settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert old != done["fingerprint"]
+    path.write_text(json.dumps({**done, "settings": old_settings, "fingerprint": old}))
+    chunk = tmp_path / "out" / "embeddings" / "pool" / "chunk_00000.npy"
+    stamp = chunk.stat().st_mtime_ns
+    main(args)  # skipped as done, not "finished with other settings"
+    assert chunk.stat().st_mtime_ns == stamp and json.loads(path.read_text())["fingerprint"] == old
