@@ -270,10 +270,12 @@ def load_config(
     kinds: Sequence[str] = CONFIG_KINDS,
 ) -> DictConfig:
     """The default config <- ``config`` (name or path; None for the default alone) <- ``overrides``,
-    each layer checked against the default config's keys. ``???`` in a layer marks a key required
-    (see :func:`required_keys`). ``default`` and ``kinds`` select another family of configs
-    (the curation pipeline: ``CURATION_DEFAULT_CONFIG`` and ``("curation",)``)."""
-    cfg = load_default_config(default)
+    each layer checked against the default config's keys and kinds (not against what an earlier
+    layer made of them: a section the default leaves ``null``, free-form, such as curation's
+    ``dedup.copy_detection``, may be given other keys or ``null`` by an override). ``???`` in a layer
+    marks a key required (see :func:`required_keys`). ``default`` and ``kinds`` select another family
+    of configs (the curation pipeline: ``CURATION_DEFAULT_CONFIG`` and ``("curation",)``)."""
+    cfg = base = load_default_config(default)
     layers = []
     if config:
         path = resolve_config_path(config, kinds)
@@ -281,8 +283,8 @@ def load_config(
     if overrides:
         layers.append((parse_overrides(overrides), "command-line overrides"))
     for layer, source in layers:
-        check_against_schema(layer, cfg, source)
-        check_types(layer, cfg, source)
+        check_against_schema(layer, base, source)
+        check_types(layer, base, source)
         cfg = OmegaConf.merge(cfg, layer)
         for key in required_keys(layer):  # merging ``???`` keeps the old value; a config means "required"
             OmegaConf.update(cfg, key, "???", merge=False)

@@ -231,3 +231,18 @@ def test_an_embed_stage_recorded_with_the_sets_in_its_fingerprint_still_resumes(
     stamp = chunk.stat().st_mtime_ns
     main(args)  # skipped as done, not "finished with other settings"
     assert chunk.stat().st_mtime_ns == stamp and json.loads(path.read_text())["fingerprint"] == old
+
+
+def test_an_override_may_replace_a_free_form_section_a_config_file_set():
+    # dedup.copy_detection is null (free-form) in the default; quickstart sets it to a thumbnail section.
+    # Overrides were checked against quickstart's section, so another embedder's keys or null were refused.
+    from dinov2.curation.pipeline import load_curation_config
+
+    given = ["pool=/data/pool", "embed.model.pretrained_weights=w.pth"]
+    swap = "dedup.copy_detection={kind: backbone, config_file: vits14_pretrain}"
+    backbone = load_curation_config("quickstart", [*given, swap])
+    assert backbone.dedup.copy_detection.kind == "backbone"
+    assert backbone.dedup.copy_detection.config_file == "vits14_pretrain"
+    assert load_curation_config("quickstart", [*given, "dedup.copy_detection=null"]).dedup.copy_detection is None
+    with pytest.raises(ValueError, match="dedup.copy_detection.thumbnial_size"):
+        load_curation_config("quickstart", [*given, "dedup.copy_detection.thumbnial_size=8"])
