@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -166,13 +167,23 @@ def setup_env_from_slurm() -> bool:
     return True
 
 
+# MASTER_PORT range: above the commonly used service ports, below Linux's ephemeral range (32768-60999).
+PORT_BASE, PORT_SPAN = 20000, 10000
+
+
+def master_port(job_id: str, step: int = 0) -> int:
+    """A port in ``[PORT_BASE, PORT_BASE + PORT_SPAN)`` that every task of a job (step) derives alike:
+    ``(job id + 7919 x step) mod PORT_SPAN`` (a CRC of the id for array ids such as ``123_4``).
+    Consecutive jobs get different ports, and so do steps of one job that run at once on the same
+    first node (7919 is prime to 10000: steps 0 to 9999 never share one); step 0 is the job's own."""
+    value = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return PORT_BASE + (value + 7919 * step) % PORT_SPAN
+
+
 def _slurm_master_port() -> int:
-    """20000 + (job id + 7919 x step id) mod 10000: the same for every task of a step, and different
-    for steps of one job that run at once on the same first node (7919 is prime to 10000, so steps 0
-    to 9999 never share a port; step 0 keeps the job's own 20000 + job id mod 10000)."""
-    job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
+    """:func:`master_port` of this srun step (``SLURM_JOB_ID``, ``SLURM_STEP_ID``)."""
     step = next((os.environ[key] for key in STEP_ID_VARIABLES if os.environ.get(key, "").isdigit()), "0")
-    return 20000 + (job_id + 7919 * int(step)) % 10000
+    return master_port(os.environ.get("SLURM_JOB_ID", "0"), int(step))
 
 
 def init_from_env(device: torch.device | None = None) -> bool:

@@ -20,7 +20,6 @@ import argparse
 import importlib
 import os
 import sys
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,12 @@ from typing import Any
 import submitit
 from submitit.core.utils import JobPaths
 
+from dinov2.distributed import PORT_BASE, PORT_SPAN, master_port  # noqa: F401 (PORT_*: the range, for callers)
 from dinov2.utils.config import ConfigError
 
 EXECUTORS = ("slurm", "local")
 NO_RESUME = "--no-resume"
 START_OVER = ((NO_RESUME, "no_resume", False),)
-# MASTER_PORT range: above the commonly used service ports, below Linux's ephemeral range (32768-60999).
-PORT_BASE, PORT_SPAN = 20000, 10000
 # What submitit does before a job hits its time limit: SIGUSR2 this many seconds ahead.
 SIGNAL_DELAY_S = 120
 
@@ -107,13 +105,6 @@ class EntryPoint:
 
 
 # ---------------------------------------------------------------------------------- inside the job
-def master_port(job_id: str) -> int:
-    """A port in ``[PORT_BASE, PORT_BASE + PORT_SPAN)`` that every task of a job derives alike:
-    the job id modulo the span (consecutive jobs get different ports), a CRC of it for array ids."""
-    value = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
-    return PORT_BASE + value % PORT_SPAN
-
-
 def setup_distributed_env(job_env: Any) -> dict[str, str]:
     """Describe the process group of a submitit job in the torch.distributed environment variables
     (what torchrun would set), overwriting any inherited from the submitting shell. Returns them.
