@@ -17,7 +17,7 @@ from torch import nn
 
 from dinov2.layers import Block, Mlp, PatchEmbed, SwiGLUFFN, SwiGLUFFNFused
 from dinov2.layers.layer_scale import LayerScale
-from dinov2.ops.attention import BACKENDS
+from dinov2.ops.attention import check_backend
 
 FFN_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": Mlp,
@@ -224,8 +224,7 @@ class DinoVisionTransformer(nn.Module):
     def set_attn_backend(self, backend: str) -> None:
         """Switch every attention layer to ``backend`` (no parameter changes); an unknown name is
         refused here, not at the next forward."""
-        if backend not in BACKENDS:
-            raise ValueError(f"Unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+        check_backend(backend)
         for block in self.iter_blocks():
             block.attn.backend = backend
 

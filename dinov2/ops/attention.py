@@ -78,10 +78,15 @@ def _auto_choice(device_type: str, nested: bool) -> str:
     return choice
 
 
-def resolve_backend(backend: str, device: torch.device, nested: bool = False) -> str:
-    """Map a requested backend (possibly ``auto``) to the one that will run on ``device``."""
+def check_backend(backend: str) -> None:
+    """Raise a ValueError naming ``backend`` and the valid ones unless it is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str, device: torch.device, nested: bool = False) -> str:
+    """Map a requested backend (possibly ``auto``) to the one that will run on ``device``."""
+    check_backend(backend)
     if backend == "auto":
         return _auto_choice(device.type, nested)
     return backend
