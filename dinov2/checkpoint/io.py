@@ -44,6 +44,12 @@ def cached_download(url: str) -> Path:
     return cached
 
 
+def expand_user(location: str | os.PathLike) -> Path:
+    """``location`` with ``~`` expanded; an unknown ``~user`` stays as written (``Path.expanduser``
+    raises RuntimeError there), so that the error about the missing file names it."""
+    return Path(os.path.expanduser(os.fspath(location)))
+
+
 def load_weights_file(location: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint or state dict from a local path or an http(s) URL.
 
@@ -54,8 +60,7 @@ def load_weights_file(location: str | os.PathLike, map_location: str | torch.dev
     :class:`~dinov2.checkpoint.CheckpointLoadError` for a truncated or corrupt file).
     """
     location = str(location)
-    # os.path.expanduser keeps an unknown ~user (Path.expanduser raises RuntimeError): the error below names it
-    path = cached_download(location) if is_url(location) else Path(os.path.expanduser(location))
+    path = cached_download(location) if is_url(location) else expand_user(location)
     if path.is_dir():
         raise IsADirectoryError(
             f"weights file expected, got the directory {path}: a training run's weights are its exports "

@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -79,9 +78,9 @@ def read_pretrained_weights(location: str | os.PathLike) -> dict:
     """The tensors of ``--pretrained-weights``: a weights file (path or URL, :func:`load_weights_file`),
     or a sharded training checkpoint directory (``OUT/checkpoints/step_N``, or ``OUT`` or
     ``OUT/checkpoints`` for the run's latest), whose teacher backbone is read whole (weights only)."""
-    from dinov2.checkpoint.io import is_url
+    from dinov2.checkpoint.io import expand_user, is_url
 
-    path = Path(os.path.expanduser(location))  # an unknown ~user stays as given (Path.expanduser raises)
+    path = expand_user(location)
     if is_url(str(location)) or not path.is_dir():
         return load_weights_file(location)
     from dinov2.checkpoint.consolidate import resolve_checkpoint

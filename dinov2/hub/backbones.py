@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 
 from dinov2.checkpoint import load_backbone_state_dict, load_weights_file
-from dinov2.checkpoint.io import is_url
+from dinov2.checkpoint.io import expand_user, is_url
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer
 
 logger = logging.getLogger("dinov2")
@@ -35,10 +35,9 @@ def model_names(arch_name: str, patch_size: int, num_register_tokens: int = 0) -
 
 
 def _names_a_file(location: str) -> bool:
-    """A URL or a path (with a suffix or a directory part, or one that exists), not a bare word.
-    ``os.path.expanduser`` leaves ``~unknown_user`` as it is (``Path.expanduser`` raises)."""
+    """A URL or a path (with a suffix or a directory part, or one that exists), not a bare word."""
     path = Path(location)
-    return is_url(location) or bool(path.suffix) or path.name != location or Path(os.path.expanduser(location)).exists()
+    return is_url(location) or bool(path.suffix) or path.name != location or expand_user(location).exists()
 
 
 def is_weight_set(weights, accepted: type[Enum]) -> bool:
