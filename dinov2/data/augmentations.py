@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from dinov2.data.transforms import GaussianBlur, make_normalize_transform
+from dinov2.data.transforms import GaussianBlur, ToRGB, make_normalize_transform
 from dinov2.utils.config import is_integer_at_least
 
 logger = logging.getLogger("dinov2")
@@ -151,7 +151,9 @@ class DataAugmentationDINO:
         )
 
     def __call__(self, image: Image.Image) -> dict[str, list[torch.Tensor] | tuple]:
-        """Crops of one PIL image: ``global_crops`` (2), ``global_crops_teacher`` (same), ``local_crops``."""
+        """Crops of one PIL image: ``global_crops`` (2), ``global_crops_teacher`` (same), ``local_crops``.
+        An image in another mode than RGB is converted first (:class:`~dinov2.data.transforms.ToRGB`)."""
+        image = ToRGB()(image)
         global_crop_1 = self.global_transfo1(self.geometric_augmentation_global(image))
         global_crop_2 = self.global_transfo2(self.geometric_augmentation_global(image))
         global_crops = [global_crop_1, global_crop_2]

@@ -24,7 +24,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
 from dinov2.data.augmentations import check_crop_settings
-from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, GaussianBlur
+from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, GaussianBlur, ToRGB
 
 # One row of floats per crop; the crop box is in the coordinates of the image the row travels with.
 PARAM_NAMES = (
@@ -100,8 +100,7 @@ class MultiCropParams:
         return 2 + self.local_crops_number
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = ToRGB()(image)  # as the CPU path: alpha composited on white, 16-bit grey scaled
         rows = [
             self.draw_crop(image, self.global_crops_scale, self.blurs[0]),
             self.draw_crop(image, self.global_crops_scale, self.blurs[1], self.solarization_prob),

@@ -1,4 +1,5 @@
-"""Image transforms: ImageNet normalisation, random Gaussian blur and classification train/eval pipelines."""
+"""Image transforms: ImageNet normalisation, RGB conversion, random Gaussian blur and classification train/eval
+pipelines."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from dinov2.data.datasets.base import to_rgb
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
@@ -19,6 +22,18 @@ def make_normalize_transform(
 ) -> T.Normalize:
     """``(x - mean) / std`` per channel, for float tensors in [0, 1]."""
     return T.Normalize(mean=mean, std=std)
+
+
+class ToRGB:
+    """A PIL image of any mode -> 8-bit RGB, converted as the datasets' ``load_image`` converts (transparency
+    composited on white, 16-bit grey scaled to 8 bits; ``dinov2.data.datasets.to_rgb``); anything else is
+    returned unchanged. Lets the pipelines take an image opened by hand (RGBA PNG, grayscale JPEG)."""
+
+    def __call__(self, img):
+        return to_rgb(img) if isinstance(img, Image.Image) else img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 class GaussianBlur:
@@ -63,9 +78,11 @@ def make_classification_eval_transform(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> T.Compose:
-    """Resize the shorter side to ``resize_size`` (antialiased), center-crop ``crop_size``, to tensor, normalise."""
+    """RGB (:class:`ToRGB`), resize the shorter side to ``resize_size`` (antialiased), center-crop ``crop_size``,
+    to tensor, normalise."""
     return T.Compose(
         [
+            ToRGB(),
             T.Resize(resize_size, interpolation=interpolation, antialias=True),
             T.CenterCrop(crop_size),
             T.ToTensor(),
@@ -81,8 +98,9 @@ def make_classification_train_transform(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> T.Compose:
-    """Random-resized crop to ``crop_size``, horizontal flip with ``hflip_prob``, to tensor, normalise."""
-    steps = [T.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True)]
+    """RGB (:class:`ToRGB`), random-resized crop to ``crop_size``, horizontal flip with ``hflip_prob``, to tensor,
+    normalise."""
+    steps = [ToRGB(), T.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True)]
     if hflip_prob > 0.0:
         steps.append(T.RandomHorizontalFlip(hflip_prob))
     steps += [T.ToTensor(), make_normalize_transform(mean, std)]

@@ -253,3 +253,39 @@ def test_recipe_is_the_published_dinov2_one():
     gpu_factors = [tuple(getattr(params.jitter, k)) for k in ("brightness", "contrast", "saturation", "hue")]
     assert gpu_factors == factors
     assert (params.global_crops_size, params.local_crops_size, params.global_crops_scale) == (224, 96, (0.32, 1.0))
+
+
+def _non_rgb_twins() -> list[tuple[Image.Image, Image.Image]]:
+    """(image in another mode, the RGB image it stands for), the RGB side built by hand: a fully
+    transparent image shows the white it is composited on, 16-bit grey 65535 is white, 0 black."""
+    clear_red = Image.new("RGBA", (20, 14), (255, 0, 0, 0))
+    clear_grey = Image.new("LA", (20, 14), (30, 0))
+    sixteen = Image.fromarray(np.tile(np.array([0, 65535], dtype=np.uint16), (14, 10)))
+    halves = np.tile(np.array([0, 255], dtype=np.uint8), (14, 10))
+    return [
+        (Image.new("L", (20, 14), 100), Image.new("RGB", (20, 14), (100, 100, 100))),
+        (clear_red, Image.new("RGB", (20, 14), (255, 255, 255))),
+        (clear_grey, Image.new("RGB", (20, 14), (255, 255, 255))),
+        (sixteen, Image.fromarray(np.stack([halves] * 3, axis=-1))),
+    ]
+
+
+def test_non_rgb_images_are_converted_as_the_datasets_convert_them():
+    # A PIL image a user opened (RGBA, LA, L, 16-bit) used to crash both CPU pipelines at the
+    # normalisation with a channel-count error; it is now converted like load_image converts it.
+    aug = _small()
+    eval_transform = make_classification_eval_transform(resize_size=16, crop_size=16)
+    for image, rgb in _non_rgb_twins():
+        torch.manual_seed(3)
+        crops = aug(image)
+        torch.manual_seed(3)
+        expected = aug(rgb)
+        for got, want in zip(
+            crops["global_crops"] + crops["local_crops"], expected["global_crops"] + expected["local_crops"]
+        ):
+            assert got.shape == want.shape and torch.equal(got, want), image.mode
+        assert torch.equal(eval_transform(image), eval_transform(rgb)), image.mode
+        torch.manual_seed(4)
+        train_crop = make_classification_train_transform(crop_size=8)(image)
+        torch.manual_seed(4)
+        assert torch.equal(train_crop, make_classification_train_transform(crop_size=8)(rgb)), image.mode

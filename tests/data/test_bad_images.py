@@ -136,6 +136,25 @@ def test_exif_orientation_applied(tmp_path):
     assert load_image(path).size == (4, 10)
 
 
+@pytest.mark.parametrize(("orientation", "turns"), [(6, -1), (8, 1), (3, 2)])  # np.rot90 turns counter-clockwise
+def test_exif_orientation_decides_what_the_crops_see(tmp_path, orientation, turns):
+    # Decision (docs/data.md): crops are taken from the image as it is displayed, upright; torchvision's
+    # plain loader ignores the tag. Both augmentation paths read the image load_image returns.
+    from dinov2.data.gpu_augmentation import MultiCropParams
+
+    stored = np.zeros((4, 10, 3), dtype=np.uint8)
+    stored[:, 0] = (255, 0, 0)  # the left column of the stored pixels is red
+    stored[0, :] = (0, 0, 255)  # the top row blue
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (tmp_path / "c").mkdir()
+    _save(Image.fromarray(stored), tmp_path / "c" / "photo.png", exif=exif)
+    dataset = ImageFolder(str(tmp_path), transform=MultiCropParams((0.3, 1.0), (0.1, 0.3), 0, 8, 4))
+    upright = np.rot90(stored, turns)
+    assert np.array_equal(np.asarray(load_image(dataset.get_image_path(0))), upright)
+    assert np.array_equal(dataset[0][0]["image"].permute(1, 2, 0).numpy(), upright)
+
+
 def test_mostly_bad_dataset_stops_with_clear_error(tmp_path):
     lines = []
     for i in range(40):
@@ -209,3 +228,16 @@ def test_a_broken_class_folder_is_skipped_not_fatal(tmp_path):
     assert set(values) <= readable
     assert ds.num_skipped >= 60 and set(ds.bad_paths) == {str(tmp_path / f"img{i:03d}.png") for i in range(150, 210)}
     assert ds.num_skipped <= 4 * 60 + 10  # a few failures per broken sample, not a walk through the block
+
+
+def test_decompression_bombs_are_skipped_and_counted_and_warned_ones_load(tmp_path, monkeypatch):
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS (DecompressionBombError) and only warns above 1 x.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (5, 5), (1, 0, 0)).save(tmp_path / "a_small.png")
+    Image.new("RGB", (15, 15), (2, 0, 0)).save(tmp_path / "b_bomb.png")  # 225 > 200 pixels
+    Image.new("RGB", (12, 12), (3, 0, 0)).save(tmp_path / "c_large.png")  # 144: a warning, still loaded
+    dataset = ImageFolder(str(tmp_path))
+    with pytest.warns(Image.DecompressionBombWarning):
+        reds = [dataset[i][0].getpixel((0, 0))[0] for i in range(3)]
+    assert reds == [1, 3, 3] and dataset.num_skipped == 1
+    assert "DecompressionBombError" in dataset.skipped_report()["bad_paths"][str(tmp_path / "b_bomb.png")]

@@ -188,3 +188,33 @@ def test_a_negative_train_seed_is_named_when_the_loader_is_built():
         build_train_loader(_train_cfg(seed=-3), dataset)  # not an obscure NumPy error at the first batch
     with pytest.raises(ValueError, match="seed >= 0"):
         PositionedSampler(4, 2, seed=-3)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("a.png 0\nb.png 1\n".encode("utf-16"), r"list\.txt:1: .*UTF-16.*save it as UTF-8"),  # Notepad's "Unicode"
+        (b"a.png 0\ncaf\xe9.png 1\n", r"list\.txt:2: not valid UTF-8 \(byte 0xe9 at column 4\)"),  # Latin-1
+    ],
+    ids=["utf16", "latin1"],
+)
+def test_a_list_file_that_is_not_utf8_is_named_with_its_line(tmp_path, content, message):
+    # It used to fail with a bare UnicodeDecodeError naming neither the file nor the line.
+    _write(tmp_path / "a.png")
+    (tmp_path / "list.txt").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        FileList(str(tmp_path / "list.txt"))
+
+
+def test_a_labels_file_that_is_not_utf8_is_named(imagenet_root, tmp_path):
+    (imagenet_root / "labels.txt").write_bytes(b"n00000001,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"labels\.txt:1: not valid UTF-8"):
+        ImageNet(split="TRAIN", root=str(imagenet_root), extra=str(tmp_path / "extra")).dump_extra()
+
+
+def test_list_file_line_endings_are_kept(tmp_path):
+    _write(tmp_path / "a.png", value=10)
+    _write(tmp_path / "b.png", value=20)
+    (tmp_path / "list.txt").write_bytes(b"a.png 0\r\nb.png 1\rb.png 1\n")  # Windows and old-Mac line ends
+    dataset = FileList(str(tmp_path / "list.txt"))
+    assert [dataset.get_image_path(i) for i in range(3)] == [str(tmp_path / n) for n in ("a.png", "b.png", "b.png")]

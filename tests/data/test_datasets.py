@@ -147,6 +147,27 @@ def test_image_folder_two_paths_to_one_folder_keep_the_first_name(tmp_path):
     assert _relative_names(ds, root) == ["birds/x.png"] and ds.classes == ["birds"]
 
 
+def test_image_folder_names_first_level_folders_that_are_not_classes(tmp_path, caplog):
+    # An empty class folder, one holding only files of other kinds, or a link to a folder that is gone (an
+    # unmounted drive) used to drop out of the classes silently, renumbering the classes after it.
+    _write(tmp_path / "ant" / "a.png")
+    (tmp_path / "bee").mkdir()
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "c.heic").write_bytes(b"not listed")
+    _write(tmp_path / "dog" / "d.png")
+    (tmp_path / "eel").symlink_to(tmp_path / "unmounted" / "eel")
+    (tmp_path / ".cache").mkdir()
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        ds = ImageFolder(str(tmp_path))
+    assert ds.classes == ["ant", "dog"] and ds.get_targets().tolist() == [0, 1]
+    warning = [r.getMessage() for r in caplog.records if "not classes" in r.getMessage()]
+    assert len(warning) == 1 and "bee, cat, eel" in warning[0] and ".cache" not in warning[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        ImageFolder(str(tmp_path / "ant"))  # no sub-folders, or no classes at all: nothing to renumber
+    assert caplog.text == ""
+
+
 # FileList -----------------------------------------------------------------------------------------
 
 
@@ -290,6 +311,15 @@ def test_imagenet22k_dump_and_reload(tmp_path):
     assert reloaded.get_targets().tolist() == [0, 1, 1, 2, 2, 2]
     assert reloaded.get_image_path(2) == str(root / "n0002" / "n0002_1.JPEG")
     assert reloaded.get_class_id(5) == "n0003" and reloaded[5][1] == 2
+
+
+def test_imagenet22k_dump_names_wnid_folders_without_images(tmp_path, caplog):
+    _write(tmp_path / "n0001" / "n0001_0.JPEG")
+    (tmp_path / "n0002").mkdir()  # an interrupted extraction: its images would have been class 1
+    _write(tmp_path / "n0003" / "n0003_0.JPEG")
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        ImageNet22k(root=str(tmp_path), extra=str(tmp_path / ".extra")).dump_extra()
+    assert "ImageNet22k" in caplog.text and "not classes (n0002)" in caplog.text
 
 
 # make_dataset -------------------------------------------------------------------------------------

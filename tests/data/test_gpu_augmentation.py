@@ -507,3 +507,13 @@ def test_rendering_on_cuda_matches_the_cpu_rendering():
 def test_the_cross_device_check_runs_here_cpu_against_cpu():
     """The CUDA test's body, CPU against CPU: its batch and comparisons are sound where there is no GPU."""
     _rendering_agrees_across_devices(torch.device("cpu"))
+
+
+def test_params_transform_converts_modes_as_the_datasets_do():
+    # It used to Image.convert("RGB"): alpha dropped (the hidden colour under transparent pixels
+    # came back) and 16-bit grey clipped to white; the CPU path converts as load_image does.
+    transform = MultiCropParams(**{**KW, "local_crops_number": 1})
+    clear_red = Image.new("RGBA", (12, 10), (255, 0, 0, 0))
+    assert torch.equal(transform(clear_red)["image"], torch.full((3, 10, 12), 255, dtype=torch.uint8))
+    mid_grey = Image.fromarray(np.full((10, 12), 32896, dtype=np.uint16))  # 32896 * 255 / 65535 = 128
+    assert torch.equal(transform(mid_grey)["image"], torch.full((3, 10, 12), 128, dtype=torch.uint8))

@@ -92,6 +92,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageDecodeError(f"{type(error).__name__}: {error}") from error
 
 
+def read_utf8_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped; ``\\n``, ``\\r\\n`` and ``\\r`` end
+    lines, as in text mode). A file in another encoding raises a ValueError naming the file and line."""
+    data = Path(path).read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"{path}:1: the file is UTF-16 encoded (a Windows 'Unicode' text file); save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _directory_key(path: str) -> tuple[int, int] | None:
     """``(st_dev, st_ino)`` of the directory ``path`` resolves to (symlinks followed); None if unreadable."""
     try:
@@ -159,6 +177,35 @@ def find_images(root: str | os.PathLike, extensions: Iterable[str] = IMG_EXTENSI
             if not name.startswith(".") and name.lower().endswith(suffixes):
                 found.append(Path(rel_dir, name).as_posix() if rel_dir != "." else name)
     return sorted(found)
+
+
+def warn_folders_without_images(root: Path, class_names: list[str], loose_images: set[str], what: str) -> None:
+    """Name the first-level (non-hidden) folders that are not classes because no image was listed in them:
+    an empty or unreadable folder, one with files of other kinds only, a link to a folder that is gone.
+    Classes are numbered without them, so the folders after them get other indices than they would."""
+    classes = set(class_names)
+    try:
+        with os.scandir(root) as listing:
+            names = sorted(
+                e.name
+                for e in listing
+                if not e.name.startswith(".")
+                and e.name not in classes
+                and e.name not in loose_images
+                and (e.is_dir() or (e.is_symlink() and not os.path.exists(e.path)))
+            )
+    except OSError:  # only a warning: a root that cannot be listed again has already been reported
+        return
+    if names:
+        logger.warning(
+            "%s %s: %d first-level folders hold no listed images and are not classes (%s); the %d "
+            "classes are numbered without them",
+            what,
+            root,
+            len(names),
+            ", ".join(names[:10]) + (", ..." if len(names) > 10 else ""),
+            len(class_names),
+        )
 
 
 def encode_paths(paths: Sequence[str]) -> np.ndarray:

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import IMG_EXTENSIONS, FileImageDataset, decode_path, encode_paths, find_images
+from .base import (
+    IMG_EXTENSIONS,
+    FileImageDataset,
+    decode_path,
+    encode_paths,
+    find_images,
+    read_utf8_lines,
+    warn_folders_without_images,
+)
 
 logger = logging.getLogger("dinov2")
 
@@ -83,6 +91,8 @@ class ImageFolder(_PathListDataset):
                 num_top_level,
                 len(class_names),
             )
+        if class_names:
+            warn_folders_without_images(root_path, class_names, {p for p in paths if "/" not in p}, "ImageFolder")
         super().__init__(root_path, paths, np.array(targets), transform, target_transform)
         self.classes = class_names
         self.class_to_idx = class_to_index
@@ -118,14 +128,13 @@ def _parse_line(line: str, where: str) -> tuple[str, int | None]:
 def read_file_list(list_path: Path) -> tuple[list[str], list[int] | None]:
     """Parse a list file into paths and labels (None when the file has no labels)."""
     paths, labels = [], []
-    with open(list_path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not part of a path
-        for number, raw in enumerate(handle, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            path, label = _parse_line(line, f"{list_path}:{number}")
-            paths.append(path)
-            labels.append(label)
+    for number, raw in enumerate(read_utf8_lines(list_path), start=1):  # a byte-order mark is not part of a path
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, label = _parse_line(line, f"{list_path}:{number}")
+        paths.append(path)
+        labels.append(label)
     if not paths:
         raise ValueError(f"FileList {list_path} lists no images (only blank lines or comments)")
     num_labeled = sum(label is not None for label in labels)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import FileImageDataset, decode_path, find_images
+from .base import FileImageDataset, decode_path, find_images, read_utf8_lines, warn_folders_without_images
 
 logger = logging.getLogger("dinov2")
 
@@ -45,7 +45,7 @@ def read_labels(root: Path) -> tuple[list[str], list[str]]:
     if not labels_path.is_file():
         raise FileNotFoundError(f"ImageNet labels file not found: {labels_path} (lines '<wnid>,<class name>')")
     pairs = {}
-    for number, raw in enumerate(labels_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, raw in enumerate(read_utf8_lines(labels_path), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -257,6 +257,7 @@ class ImageNet22k(FileImageDataset):
         if not relatives:
             raise FileNotFoundError(f"no images in class folders under {self.root}")
         class_ids = sorted({p.split("/", 1)[0] for p in relatives})
+        warn_folders_without_images(Path(self.root), class_ids, set(), "ImageNet22k")
         class_to_index = {c: i for i, c in enumerate(class_ids)}
         encoded = [os.fsencode(p) for p in relatives]
         dtype = np.dtype([("class_index", "<i4"), ("path", f"S{max(len(e) for e in encoded)}")])
