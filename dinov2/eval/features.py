@@ -84,33 +84,59 @@ def _few(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names)} classes)" if len(names) > shown else "")
 
 
+def class_names_of(dataset) -> list[str | None] | None:
+    """The name of each class index of ``dataset``: its ``classes`` (``ImageFolder``: the folder
+    names), else, for datasets with ``get_class_id(index)`` and ``get_targets()`` (``ImageNet``,
+    ``ImageNet22k``: the wnids), the class id of the first sample of each class (``None`` for an
+    index without samples). ``None`` when the dataset names no classes (``FileList``)."""
+    names = getattr(dataset, "classes", None)
+    if isinstance(names, list | tuple):
+        return [str(name) for name in names]
+    get_class_id, get_targets = getattr(dataset, "get_class_id", None), getattr(dataset, "get_targets", None)
+    if not callable(get_class_id) or not callable(get_targets):
+        return None
+    targets = np.asarray(get_targets())
+    labelled = np.flatnonzero(targets >= 0) if targets.dtype.kind in "iu" else np.zeros(0, dtype=np.int64)
+    if not labelled.size:
+        return None
+    classes, first = np.unique(targets[labelled], return_index=True)
+    count = getattr(dataset, "num_classes", 0)  # also classes without samples: val-only names go after them
+    names = [None] * max(int(classes[-1]) + 1, count if isinstance(count, int) else 0)
+    for cls, row in zip(classes.tolist(), labelled[first].tolist()):
+        names[cls] = str(get_class_id(row))
+    return names
+
+
 def align_class_indices(train_dataset, val_dataset, role: str = "val dataset") -> dict[int, int]:
     """Give ``val_dataset`` the class indices of ``train_dataset`` when both name their classes
-    (``classes``: two ``ImageFolder`` trees, whose indices are the positions of the folder names in
-    each tree) and the names differ: a val tree without one of train's class folders would otherwise
-    label its classes with shifted indices and be scored against the wrong classes. Val classes that
-    train lacks get the indices after train's (never predicted by k-NN; refused by the linear probe).
-    Returns the mapping (empty when nothing changes) and logs a warning naming the differences.
-    Val classes none of whose names train has (``0 1 2`` against ``n014...``) are a ``ValueError``:
-    every query would be scored as a miss."""
-    train_names, val_names = getattr(train_dataset, "classes", None), getattr(val_dataset, "classes", None)
-    if not isinstance(train_names, list | tuple) or not isinstance(val_names, list | tuple):
+    (:func:`class_names_of`: ``ImageFolder`` trees, whose indices are the positions of the folder
+    names in each tree, and ``ImageNet`` splits, named by wnid) and the names differ: a val tree
+    without one of train's class folders would otherwise label its classes with shifted indices and
+    be scored against the wrong classes. Val classes that train lacks get the indices after train's
+    (never predicted by k-NN; refused by the linear probe). Returns the mapping (empty when nothing
+    changes) and logs a warning naming the differences. Val classes none of whose names train has
+    (``0 1 2`` against ``n014...``), or a val set that needs relabelling but has no
+    ``target_transform``, are a ``ValueError``: every query would be scored as a miss, or against
+    the wrong class."""
+    train_names, val_names = class_names_of(train_dataset), class_names_of(val_dataset)
+    if train_names is None or val_names is None or train_names == val_names:
         return {}
-    train_names, val_names = [str(n) for n in train_names], [str(n) for n in val_names]
-    if train_names == val_names:
-        return {}
-    if not hasattr(val_dataset, "target_transform"):
-        raise ValueError(f"the {role} names other classes than the train dataset and cannot be relabelled")
-    index = {name: i for i, name in enumerate(train_names)}
-    extra = [name for name in val_names if name not in index]
-    if len(extra) == len(val_names):
+    index = {name: i for i, name in enumerate(train_names) if name is not None}
+    named = [name for name in val_names if name is not None]  # indices without a name have no sample
+    extra = [name for name in named if name not in index]
+    if len(extra) == len(named):
         raise ValueError(
-            f"the {role}'s classes share no name with the train dataset's (val: {_few(val_names)}; train: "
-            f"{_few(train_names)}), so no val image could be classified correctly: name its class folders as train's"
+            f"the {role}'s classes share no name with the train dataset's (val: {_few(named)}; train: "
+            f"{_few(list(index))}), so no val image could be classified correctly: name its class folders as train's"
         )
     index.update({name: len(train_names) + j for j, name in enumerate(extra)})
-    mapping = {i: index[name] for i, name in enumerate(val_names) if index[name] != i}
-    missing = [name for name in train_names if name not in set(val_names)]
+    mapping = {i: index[name] for i, name in enumerate(val_names) if name is not None and index[name] != i}
+    in_val = set(named)
+    missing = [name for name in train_names if name is not None and name not in in_val]
+    if not mapping and not missing:
+        return {}
+    if mapping and not hasattr(val_dataset, "target_transform"):
+        raise ValueError(f"the {role} names other classes than the train dataset and cannot be relabelled")
     logger.warning(
         "The %s's classes differ from the train dataset's (absent from val: %s; absent from train: %s): its "
         "labels are mapped to the train dataset's class indices by name", role, missing or "none", extra or "none",

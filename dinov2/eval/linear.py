@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dinov2 import distributed
-from dinov2.checkpoint import atomic_torch_save
+from dinov2.checkpoint import atomic_torch_save, atomic_write
 from dinov2.data.loaders import make_data_loader
 from dinov2.data.seeding import PositionedSampler, SeededSamples
 from dinov2.data.transforms import make_classification_eval_transform, make_classification_train_transform
@@ -239,7 +239,8 @@ def _write_outputs(args, record: dict, heads: nn.ModuleDict) -> None:
     atomic_torch_save(heads[best].hub_state_dict(), output / BEST_HEAD_FILE)
     write_json_atomic(output / RESULTS_FILE, record)
     table = results_table(record["classifiers"], args.val_metric_type)
-    (output / TABLE_FILE).write_text(f"best ({args.val_metric_type}): {best}\n{table}\n")
+    text = f"best ({args.val_metric_type}): {best}\n{table}\n"
+    atomic_write(output / TABLE_FILE, lambda handle: handle.write(text.encode("utf-8")))
     print(table)
     logger.info("Linear results written to %s; best head (hub _lc format) %s", output / RESULTS_FILE,
                 output / BEST_HEAD_FILE)  # fmt: skip

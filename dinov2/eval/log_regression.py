@@ -29,7 +29,14 @@ import torch.nn.functional as F
 
 from dinov2 import distributed
 from dinov2.eval.knn import extract_train_and_val
-from dinov2.eval.metrics import format_table, mean_per_class_accuracy, run_record, topk_accuracy, write_json_atomic
+from dinov2.eval.metrics import (
+    format_table,
+    mean_per_class_accuracy,
+    run_record,
+    topk_accuracy,
+    topk_hits,
+    write_json_atomic,
+)
 from dinov2.eval.setup import get_args_parser as get_setup_args_parser
 from dinov2.eval.setup import setup_and_build_model
 from dinov2.utils.device import full_precision_matmuls
@@ -160,6 +167,28 @@ def sweep_c(
     return distributed.all_reduce(accuracies).tolist()
 
 
+def val_accuracies(scores: torch.Tensor, known_labels: torch.Tensor, labels: torch.Tensor) -> dict:
+    """``top1``, ``top5`` and ``mean_per_class`` (%) of class ``scores`` (N, C) over the classifier's
+    ``C`` classes. ``known_labels`` are the column of each sample's class, -1 where the classifier
+    lacks that class (never a hit); ``labels`` the original classes, for the per-class mean (over
+    the classes present in ``labels``). ``top5`` is ``None`` when ``C <= 5``: every class is then
+    among the top 5, so it would measure nothing."""
+    known = known_labels >= 0
+    hits = {k: torch.zeros(len(labels), dtype=torch.bool, device=scores.device) for k in (1, 5)}
+    if known.any():
+        for k, found in topk_hits(scores[known], known_labels[known], (1, 5)).items():
+            hits[k][known] = found
+    labels = labels.to(scores.device).long()
+    per_class = torch.bincount(labels[hits[1]], minlength=int(labels.max()) + 1).double()
+    total = torch.bincount(labels, minlength=len(per_class)).double()
+    present = total > 0
+    return {
+        "top1": 100.0 * float(hits[1].double().mean()),
+        "top5": 100.0 * float(hits[5].double().mean()) if scores.shape[1] > 5 else None,
+        "mean_per_class": 100.0 * float((per_class[present] / total[present]).mean()),
+    }
+
+
 def evaluate_log_regression(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -177,30 +206,34 @@ def evaluate_log_regression(
     accuracy), refit on all of train, test on val. The fits run on the training features' device;
     ``collective_device`` is where the ranks sum the held-out accuracies (:func:`sweep_c`).
 
-    Returns ``{"best_c", "top1", "top5", "mean_per_class", "metric_type", "holdout_<metric>": {C: %}}``
-    (percentages).
+    The classifier has one output per class present in ``train_labels`` (as scikit-learn's): a val
+    sample of a class train lacks is always a miss, also at top-5 (:func:`val_accuracies`).
+
+    Returns ``{"best_c", "top1", "top5", "mean_per_class", "num_classes", "metric_type",
+    "holdout_<metric>": {C: %}}`` (percentages; ``top5`` is ``None`` with 5 classes or fewer).
     """
     check_metric(metric)  # before any fit
     c_values = list(default_c_values() if c_values is None else c_values)
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     device = train_features.device
-    train_labels, val_labels = train_labels.to(device), val_labels.to(device)
+    train_labels, val_labels = train_labels.to(device).long(), val_labels.to(device).long()
+    known = torch.unique(train_labels)  # sorted: column j of the classifier is class known[j]
+    num_classes = len(known)
+    column = torch.full((int(max(train_labels.max(), val_labels.max())) + 1,), -1, dtype=torch.long, device=device)
+    column[known] = torch.arange(num_classes, device=device)
+    train_y = column[train_labels]
     if len(c_values) == 1:
         best_c, holdout = c_values[0], {}
     else:
-        fit_idx, holdout_idx = (i.to(device) for i in stratified_split(train_labels, holdout_fraction, seed))
+        fit_idx, holdout_idx = (i.to(device) for i in stratified_split(train_y, holdout_fraction, seed))
         accuracies = sweep_c(
-            (train_features[fit_idx], train_labels[fit_idx]),
-            (train_features[holdout_idx], train_labels[holdout_idx]),
+            (train_features[fit_idx], train_y[fit_idx]), (train_features[holdout_idx], train_y[holdout_idx]),
             c_values, num_classes, max_iter=max_iter, dtype=dtype, collective_device=collective_device, metric=metric,
         )  # fmt: skip
         best_c = c_values[max(range(len(c_values)), key=lambda i: (accuracies[i], -c_values[i]))]
         holdout = dict(zip(c_values, accuracies))
-    params = fit_logistic_regression(train_features, train_labels, best_c, num_classes, max_iter, dtype=dtype)
-    val_scores = predict_scores(val_features, params)
-    accuracy = topk_accuracy(val_scores, val_labels, (1, 5))
-    return {"best_c": best_c, "top1": accuracy[1], "top5": accuracy[5],
-            "mean_per_class": mean_per_class_accuracy(val_scores, val_labels), "metric_type": metric,
+    params = fit_logistic_regression(train_features, train_y, best_c, num_classes, max_iter, dtype=dtype)
+    accuracy = val_accuracies(predict_scores(val_features, params), column[val_labels], val_labels)
+    return {"best_c": best_c, **accuracy, "num_classes": num_classes, "metric_type": metric,
             f"holdout_{metric}": holdout}  # fmt: skip
 
 
@@ -243,7 +276,8 @@ def main(args: argparse.Namespace) -> dict:
     record = run_record("log_regression", args, data, seconds, **result)
     if distributed.is_main_process():
         path = write_json_atomic(Path(args.output_dir) / RESULTS_FILE, record)
-        rows = [(f"{result['best_c']:.3g}", result["top1"], result["top5"], result["mean_per_class"])]
+        top5 = "n/a" if result["top5"] is None else result["top5"]  # 5 classes or fewer
+        rows = [(f"{result['best_c']:.3g}", result["top1"], top5, result["mean_per_class"])]
         print(format_table(rows, ("best C", "top-1 %", "top-5 %", "mean per-class %")))
         logger.info("Logistic regression results written to %s", path)
     return record

@@ -164,7 +164,7 @@ def _class_trees(root: Path, splits: dict[str, str]) -> dict[str, str]:
         for name in classes:
             (root / split / name).mkdir(parents=True)
             for i in range(2):
-                Image.new("RGB", (8, 8), (ord(name), 40 * i, 9)).save(root / split / name / f"{i}.png")
+                Image.new("RGB", (8, 8), (sum(map(ord, name)) % 256, 40 * i, 9)).save(root / split / name / f"{i}.png")
     return {split: f"ImageFolder:root={root / split}" for split in splits}
 
 
@@ -210,6 +210,55 @@ def test_val_tree_sharing_no_class_name_with_train_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"share no name with the train dataset's \(val: 0, 1; train: a, b\)"):
         align_class_indices(train, val)
     assert val.target_transform is None and [val[i][1] for i in range(len(val))] == [0, 0, 1, 1]
+
+
+def _imagenet_train(root: Path, wnids: str) -> str:
+    """An ImageNet-1k train split ``root/train/<wnid>/<wnid>_<i>.JPEG`` (two images per wnid, all
+    of them in ``labels.txt``) with its metadata dumped; returns its dataset string."""
+    from PIL import Image
+
+    from dinov2.data.datasets import ImageNet
+
+    root.mkdir(parents=True)
+    (root / "labels.txt").write_text("".join(f"{w},class {w}\n" for w in wnids.split()))
+    for w in wnids.split():
+        (root / "train" / w).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (int(w[1:]), 40 * i, 9)).save(root / "train" / w / f"{w}_{i}.JPEG")
+    ImageNet(split="TRAIN", root=str(root), extra=str(root / "extra")).dump_extra()
+    return f"ImageNet:split=TRAIN:root={root}:extra={root / 'extra'}"
+
+
+def test_imagenet_train_and_imagefolder_val_are_matched_by_class_name(tmp_path):
+    """An ImageNet train split (wnids n1 n2 n3 of labels.txt, indices 0 1 2) with an ImageFolder val
+    tree of wnid folders lacking n1: the val tree numbers n2 n3 as 0 1, and because the ImageNet class
+    exposed no ``classes`` the labels were kept by position (scored against n1 and n2). Expected: the
+    train index of each folder's wnid; with swapped roles the val set gets train's indices too."""
+    from dinov2.data.datasets import make_dataset
+    from dinov2.eval.features import align_class_indices
+
+    imagenet = make_dataset(_imagenet_train(tmp_path / "in1k", "n1 n2 n3"))
+    folders = _class_trees(tmp_path / "folders", {"val": ["n2", "n3"], "train": ["n3", "n4"]})
+    val = make_dataset(folders["val"])
+    assert align_class_indices(imagenet, val) == {0: 1, 1: 2}
+    assert [val[i][1] for i in range(len(val))] == [1, 1, 2, 2]
+    train, val = make_dataset(folders["train"]), imagenet  # n3 n4 against n1 n2 n3
+    assert align_class_indices(train, val) == {0: 2, 1: 3, 2: 0}  # n1, n2 (absent from train) after n4
+    assert [val[i][1] for i in range(len(val))] == [2, 2, 3, 3, 0, 0]
+
+
+def test_imagenet_train_and_val_folders_without_a_shared_name_are_refused(tmp_path):
+    from dinov2.data.datasets import make_dataset
+    from dinov2.eval.features import align_class_indices
+
+    imagenet = make_dataset(_imagenet_train(tmp_path / "in1k", "n1 n2"))
+    val = make_dataset(_class_trees(tmp_path / "folders", {"val": "01"})["val"])
+    with pytest.raises(ValueError, match=r"share no name with the train dataset's \(val: 0, 1; train: n1, n2\)"):
+        align_class_indices(imagenet, val)
+    fixed = type("FixedLabels", (), {"classes": ["n2"]})()  # needs relabelling, has no target_transform
+    with pytest.raises(ValueError, match="names other classes than the train dataset and cannot be relabelled"):
+        align_class_indices(imagenet, fixed)
+    assert align_class_indices(imagenet, type("Same", (), {"classes": ["n1"]})()) == {}  # n1 keeps index 0
 
 
 def test_unlabelled_val_set_stops_before_any_feature_is_extracted(tmp_path):

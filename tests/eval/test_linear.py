@@ -323,3 +323,27 @@ def test_unlabelled_training_image_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=rf"train dataset .*1 unlabelled.*index {stray}\b"):
         linear.main(args)
     assert steps == [] and encoded == []
+
+
+def test_a_failed_table_write_keeps_the_previous_table(tmp_path, monkeypatch):
+    """``results_eval_linear.txt`` was written in place (``Path.write_text``): a write that fails
+    part-way (here a table that cannot be encoded) left it truncated. It is written like the JSON
+    and the head: to a temporary file renamed over it, so the previous table survives."""
+    import argparse
+
+    heads, base_lrs = core.build_heads(4, 3, [0.1], n_last_blocks=(1,), avgpool=(False,))
+    name = next(iter(heads))
+    record = {"best_classifier": {"name": name},
+              "classifiers": {name: {"top1": 50.0, "top5": 100.0, "mean_per_class": 50.0}}}  # fmt: skip
+    args = argparse.Namespace(output_dir=str(tmp_path), val_metric_type="top1")
+    table = tmp_path / linear.TABLE_FILE
+    table.write_text("previous table\n")
+    monkeypatch.setattr(linear, "results_table", lambda *a, **k: "bad \ud800 cell")
+    with pytest.raises(UnicodeEncodeError):
+        linear._write_outputs(args, record, heads)
+    assert table.read_text() == "previous table\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([linear.TABLE_FILE, linear.RESULTS_FILE,
+                                                                 linear.BEST_HEAD_FILE])  # fmt: skip
+    monkeypatch.undo()
+    linear._write_outputs(args, record, heads)
+    assert table.read_text().startswith(f"best (top1): {name}\n") and "50.00" in table.read_text()

@@ -173,3 +173,47 @@ def test_c_can_be_chosen_on_mean_per_class_accuracy(one_thread):
     assert result["mean_per_class"] == pytest.approx(sum(per_class) / len(per_class))
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate_log_regression(train_x, train_y, val_x, val_y, c_values=c_values, metric="top5")
+
+
+def _sklearn_topk(train_x, train_y, val_x, val_y, c, k):
+    """Independent top-1 / top-k (%) and per-class top-1: scikit-learn's classifier, whose outputs are
+    the classes of ``train_y`` only; a val class it lacks is a miss."""
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency; one BLAS thread is far faster here
+
+    model = sklearn_linear.LogisticRegression(C=c, solver="lbfgs", max_iter=2000, tol=1e-8)
+    with threadpool_limits(1):
+        model.fit(train_x.double().numpy(), train_y.numpy())
+    ranked = model.classes_[(-model.predict_proba(val_x.double().numpy())).argsort(axis=1)]
+    truth = val_y.numpy()[:, None]
+    top1, topk = (ranked[:, :1] == truth).any(1), (ranked[:, :k] == truth).any(1)
+    per_class = [top1[val_y.numpy() == c].mean() for c in sorted(set(val_y.tolist()))]
+    return 100 * top1.mean(), 100 * topk.mean(), 100 * sum(per_class) / len(per_class)
+
+
+def test_top5_uses_only_the_classes_the_classifier_was_trained_on(one_thread):
+    """Train has classes 0 1 2, val also class 3 (a val-only class, as the class-name alignment gives
+    it). The classifier used to get an output for class 3 too, so with 4 outputs every class was in
+    the top 5 and every val image counted as a top-5 hit, class 3's included (100 %). Now the
+    classifier knows 0 1 2 only; top-5 with 5 classes or fewer is not reported (None), top-1 and
+    the per-class mean (class 3 scoring 0) agree with scikit-learn's."""
+    train_x, train_y, val_x, val_y = overlapping_gaussians(6, n_train=150, n_val=120, num_classes=4)
+    keep = train_y != 3
+    train_x, train_y = train_x[keep], train_y[keep]
+    assert (val_y == 3).sum() > 10
+    result = evaluate_log_regression(train_x, train_y, val_x, val_y, c_values=[1.0])
+    top1, _, per_class = _sklearn_topk(train_x, train_y, val_x, val_y, 1.0, 5)
+    assert result["top5"] is None and result["num_classes"] == 3
+    assert abs(result["top1"] - top1) <= 1.0 and abs(result["mean_per_class"] - per_class) <= 1.0
+
+
+def test_top5_with_a_class_gap_and_a_val_only_class_matches_sklearn(one_thread):
+    """Train labels with a gap (class 2 missing: ImageNet-style indices of a subset), val with every
+    class: top-1 / top-5 / per-class mean over the 6 known classes, as scikit-learn computes them."""
+    train_x, train_y, val_x, val_y = overlapping_gaussians(7, n_train=210, n_val=140, num_classes=7)
+    keep = train_y != 2
+    train_x, train_y = train_x[keep], train_y[keep]
+    result = evaluate_log_regression(train_x, train_y, val_x, val_y, c_values=[0.1])
+    expected = _sklearn_topk(train_x, train_y, val_x, val_y, 0.1, 5)
+    assert result["num_classes"] == 6
+    for got, want in zip((result["top1"], result["top5"], result["mean_per_class"]), expected):
+        assert abs(got - want) <= 1.0
