@@ -41,6 +41,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [o for o in args.opts if "=" not in o]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like key=value)")
+    if args.redo and args.stage != "run" and STAGES.index(args.redo) < STAGES.index(args.stage):
+        parser.error(f"--redo {args.redo} deletes stage {args.redo!r}, which {args.stage!r} needs and does not run; "
+                     f"use 'run --redo {args.redo}', or '{args.redo} --redo {args.redo}' first")  # fmt: skip
     return args
 
 

@@ -100,6 +100,23 @@ def first_of_each_group(labels: np.ndarray) -> np.ndarray:
     return keep
 
 
+def repeated_entries(store) -> np.ndarray:
+    """Mask of the vector ids whose path an earlier id has (a file listed twice in the pool is one
+    image: its later entries go, with or without deduplication). Paths are compared through 8-byte
+    hashes, one per vector, and the rare equal hashes through the paths themselves."""
+    hashes = np.fromiter((hash(p) for c in range(store.num_chunks) for p in store.chunk_paths(c)),
+                         dtype=np.int64, count=len(store))  # fmt: skip
+    order = np.argsort(hashes, kind="stable")
+    equal = np.nonzero(hashes[order][1:] == hashes[order][:-1])[0]
+    repeated = np.zeros(len(hashes), dtype=bool)
+    candidates = np.unique(np.concatenate([order[equal], order[equal + 1]]))
+    seen: set[str] = set()
+    for i, path in zip(candidates, store.paths(candidates)):  # in id order: the first entry stays
+        repeated[i] = path in seen
+        seen.add(path)
+    return repeated
+
+
 def self_deduplicate(store, index_cfg, k: int, threshold: float, rerank_margin: float, seed: int = 0):
     """``(keep mask, report)`` for the near-duplicates inside ``store``."""
     index = build_index(store, index_cfg, seed=seed)

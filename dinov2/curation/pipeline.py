@@ -170,17 +170,22 @@ class Curation:
         )
 
     def _stores_current(self, made: dict[str, Any]) -> bool:
-        """Whether the finished embed stage (its report ``made``, one entry per store) made every store
-        the settings ask for (False: it runs again and makes the missing ones, e.g. after dedup.enabled
-        turned true, a set added, or a set's store deleted to embed it again) and their sources list the same images (else a StageError). Checked once per run;
-        a source is listed again only if its stamp moved. Every rank decides alike: the report is not
-        rewritten before all ranks are past this check, and a stamp that rank 0 refreshes meanwhile
-        describes the same list."""
+        """Whether the finished embed stage (its report ``made``) made every store the settings ask for
+        (False: it runs again for the missing ones: dedup.enabled turned true, a set added, a store
+        deleted, unless a finished later stage read it) from sources that list the same images (else a
+        StageError; a source is listed again only if its stamp moved). Checked once per run, alike on
+        every rank (rank 0 rewrites no report before all are past it; a stamp it refreshes is the same list)."""
         if self._stores_checked:
             return True
         stores = self.store_dirs()
         missing = sorted(role for role, (_, directory, _) in stores.items()
                          if role not in made or not (directory / MANIFEST).is_file())  # fmt: skip
+        for role in missing:  # a store deleted to embed it again: the finished stage that read it is stale
+            reader = "retrieve" if role.startswith("seeds/") else "dedup"
+            if self.done_file(reader).is_file() and read_json(self.done_file(reader))["fingerprint"] in (
+                    self.fingerprint(reader), self.fingerprint(reader, legacy=True)):  # fmt: skip
+                raise StageError(f"the {role} store in {self.out} is missing, but stage {reader!r}, which read it, "
+                                 f"is finished: pass --redo {reader} to embed it again and redo {reader} onwards")  # fmt: skip
         if missing:
             logger.info("Stage embed: the settings now ask for stores not made yet (%s)", ", ".join(missing))
             return False
@@ -259,12 +264,18 @@ class Curation:
             failed = store.failed()
             report[role] = {"source": source, "images": store.num_images, "embedded": len(store),
                             "unreadable": len(failed), "unreadable_images": failed}  # fmt: skip
+        for role, made in report.items():  # an empty store would retrieve nothing, or fail a later stage
+            if made["embedded"] == 0:
+                path, reason = min(made["unreadable_images"].items(), default=("?", "no reason recorded"))
+                raise StageError(f"the {role} source {made['source']!r}: none of its {made['images']} images could be "
+                                 f"read ({Path(path).name}: {reason}); fix them, delete {self.store(role).dir} "
+                                 "and rerun")  # fmt: skip
         return report
 
     def _dedup(self) -> dict[str, Any]:
         cfg, pool = self.cfg, self.store("pool")
-        keep = np.ones(len(pool), dtype=bool)
-        report: dict[str, Any] = {"before": len(pool)}
+        keep = ~dedup.repeated_entries(pool)
+        report: dict[str, Any] = {"before": len(pool), "repeated_paths": int(len(keep) - np.count_nonzero(keep))}
         if cfg.dedup.enabled:
             copies = self.store("copy") if "copy" in self.store_dirs() else pool
             d = cfg.dedup
@@ -273,7 +284,7 @@ class Curation:
             removed, report["eval"] = dedup.eval_contamination(
                 copies, evals, d.eval_threshold, cfg.index, copy_keep, d.rerank_margin
             )
-            keep = _to_pool_ids(pool, copies, copy_keep & ~removed)
+            keep &= _to_pool_ids(pool, copies, copy_keep & ~removed)
         np.save(self.out / "dedup" / "keep.npy", keep)
         report["after"] = int(np.count_nonzero(keep))
         return report
@@ -328,7 +339,7 @@ class Curation:
             sizes.update(listed=pool["images"], embedded=pool["embedded"], unreadable=pool["unreadable"])
         if "dedup" in stages:
             d = stages["dedup"]
-            sizes["after_dedup"] = d["after"]
+            sizes["after_dedup"], sizes["repeated_paths"] = d["after"], d.get("repeated_paths", 0)
             sizes["removed_as_copies"] = d.get("self", {}).get("removed", 0)
             sizes["removed_as_eval_copies"] = d.get("eval", {})
         if "retrieve" in stages:

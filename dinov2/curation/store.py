@@ -61,8 +61,19 @@ def _read_lines(path: Path) -> list[str]:
         return handle.read().splitlines()
 
 
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")  # a name in another encoding is listed with lone surrogates, which do not encode
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_paths(paths: Sequence[str]) -> None:
-    bad = next((p for p in paths if "\n" in p or "\r" in p), None)
+    bad = next((p for p in paths if "\n" in p or "\r" in p or not (p.isascii() or _is_utf8(p))), None)
+    if bad is not None and not _is_utf8(bad):
+        raise StoreError(f"image path {bad!r} is not valid UTF-8 (a file name in another encoding); stores and "
+                         "the curated FileList keep UTF-8 paths: rename it, or list the source without it")  # fmt: skip
     if bad is not None:
         raise StoreError(f"image path {bad!r} contains a line break; stores keep one path per line")
 

@@ -156,3 +156,60 @@ def test_more_level_one_clusters_than_vectors_names_the_setting(tmp_path):
     keep = np.arange(50) < 30
     with pytest.raises(ValueError, match=r"clustering.levels\[0\] = 40 clusters.*30 vectors \(30 left after"):
         clustering.hierarchical_kmeans(store, keep, config("clustering.levels=[40]").clustering)
+
+
+def _thumbnail_run(tmp_path, name: str, *extra: str) -> list[str]:
+    return ["run", "--output-dir", str(tmp_path / name), "embed.model.kind=thumbnail", "embed.model.thumbnail_size=8",
+            "embed.num_workers=0", "embed.chunk_size=4", "dedup.threshold=0.8", "dedup.k=4", "clustering.levels=[2]",
+            *extra]  # fmt: skip
+
+
+def test_a_file_listed_twice_is_curated_once_even_without_deduplication(tmp_path):
+    """The same path twice in a pool list is one image: with dedup.enabled false too, the later
+    entries leave at the dedup stage, and curated.txt names each file once."""
+    paths = sorted(write_pool(tmp_path / "pool", 6))
+    listing = [paths[0], paths[3], paths[1], paths[3], paths[2], paths[0], paths[4], paths[5], paths[3]]
+    (tmp_path / "pool.txt").write_text("".join(p + "\n" for p in listing))
+    expected = [p not in listing[:n] for n, p in enumerate(listing)]  # first listing of each file
+    for enabled in ("false", "true"):
+        out = f"out_{enabled}"
+        report = main(_thumbnail_run(tmp_path, out, f"pool={tmp_path / 'pool.txt'}", f"dedup.enabled={enabled}",
+                                     "retrieval.balanced_size=100"))  # fmt: skip
+        assert np.load(tmp_path / out / "dedup" / "keep.npy").tolist() == expected
+        curated = (tmp_path / out / "curated.txt").read_text().splitlines()
+        assert sorted(curated) == sorted(set(listing)) and report["sizes"]["curated"] == 6
+        assert report["stages"]["dedup"]["repeated_paths"] == report["sizes"]["repeated_paths"] == 3
+
+
+@pytest.mark.parametrize("role", ["seeds/mine", "eval/0", "pool"])
+def test_a_source_of_which_no_image_can_be_read_stops_the_embed_stage_naming_it(tmp_path, role):
+    """A seed set whose every image fails to load retrieved nothing and left an empty or smaller
+    curated list without a word; an evaluation set or pool like that failed later, in the dedup stage."""
+    from dinov2.curation.pipeline import StageError
+
+    write_pool(tmp_path / "good", 6)
+    (tmp_path / "bad").mkdir()
+    for i in range(3):
+        (tmp_path / "bad" / f"b{i}.png").write_bytes(b"not a png")
+    source = {r: tmp_path / ("bad" if r == role else "good") for r in ("seeds/mine", "eval/0", "pool")}
+    argv = _thumbnail_run(tmp_path, "out", f"pool={source['pool']}", f"dedup.eval_datasets=[{source['eval/0']}]",
+                          f"retrieval.seeds=[{{name: mine, dataset: {source['seeds/mine']}}}]")  # fmt: skip
+    with pytest.raises(StageError, match=rf"the {role} source '{tmp_path / 'bad'}': none of its 3 images could be "
+                                         r"read \(b0.png: .*\); .*delete .*embeddings"):  # fmt: skip
+        main(argv)
+    assert not (tmp_path / "out" / "embed" / "done.json").exists()
+
+
+def test_redoing_a_stage_before_the_one_stage_asked_for_is_refused_before_deleting_it(tmp_path, capsys):
+    """`cluster --redo dedup` deleted the finished dedup stage (hours at web scale) and then failed:
+    'cluster' needs 'dedup', which a single-stage command does not run."""
+    write_pool(tmp_path / "pool", 5)
+    args = _thumbnail_run(tmp_path, "out", f"pool={tmp_path / 'pool'}")[1:]
+    main(["embed", *args])
+    main(["dedup", *args])
+    with pytest.raises(SystemExit):
+        main(["cluster", *args, "--redo", "dedup"])
+    assert "--redo dedup deletes stage 'dedup', which 'cluster' needs" in capsys.readouterr().err
+    assert (tmp_path / "out" / "dedup" / "done.json").is_file()
+    main(["dedup", *args, "--redo", "dedup"])  # redoing the stage run, or a later one, is fine
+    main(["dedup", *args, "--redo", "retrieve"])

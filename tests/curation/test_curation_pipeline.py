@@ -246,3 +246,27 @@ def test_an_override_may_replace_a_free_form_section_a_config_file_set():
     assert load_curation_config("quickstart", [*given, "dedup.copy_detection=null"]).dedup.copy_detection is None
     with pytest.raises(ValueError, match="dedup.copy_detection.thumbnial_size"):
         load_curation_config("quickstart", [*given, "dedup.copy_detection.thumbnial_size=8"])
+
+
+def test_a_store_deleted_to_embed_it_again_without_redo_does_not_leave_a_stale_stage(tmp_path):
+    """A seed set's store deleted (its images changed) and the pipeline rerun without --redo retrieve
+    embedded the new set and then skipped the finished retrieve stage: curated.txt stayed the old
+    set's retrievals, silently. The rerun now stops and names the stage to redo."""
+    import shutil
+
+    write_pool(tmp_path / "pool", 8)
+    listing = tmp_path / "seeds.txt"
+    listing.write_text(f"{tmp_path / 'pool' / 'img_0000.png'}\n")
+    args = ["run", "--output-dir", str(tmp_path / "out"), f"pool={tmp_path / 'pool'}", *THUMBS,
+            "clustering.levels=[2]", f"retrieval.seeds=[{{name: s, dataset: {listing}, per_seed: 1}}]"]  # fmt: skip
+    main(args)
+    assert (tmp_path / "out" / "curated.txt").read_text() == f"{tmp_path / 'pool' / 'img_0000.png'}\n"
+    listing.write_text(f"{tmp_path / 'pool' / 'img_0005.png'}\n")
+    shutil.rmtree(tmp_path / "out" / "embeddings" / "seeds" / "s")
+    with pytest.raises(StageError, match=r"seeds/s store .* stage 'retrieve', which read it, .*--redo retrieve"):
+        main(args)
+    main([*args, "--redo", "retrieve"])
+    assert (tmp_path / "out" / "curated.txt").read_text() == f"{tmp_path / 'pool' / 'img_0005.png'}\n"
+    shutil.rmtree(tmp_path / "out" / "embeddings" / "pool")
+    with pytest.raises(StageError, match=r"pool store .* stage 'dedup', which read it, .*--redo dedup"):
+        main(args)

@@ -120,6 +120,29 @@ def test_backbone_embeddings_are_the_models_normalised_cls_features(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(store.read(np.arange(7)), axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(3000, 3), (2, 900), (40, 30)])
+def test_a_banner_image_is_cut_to_its_centre_before_the_evaluation_resize(size, monkeypatch):
+    """The evaluation transform resizes the shorter side to resize_size and keeps the centre crop: a
+    1 x 20,000 web banner became a 256 x 5.1M-pixel image (GBs in a decoding worker, which then dies,
+    and again on every rerun). Only the centre, at most 8:1, is resized now, to the same result up to
+    a sub-pixel shift."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from dinov2.curation.embed import BackboneEmbedder
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+    resized, forward = [], transforms.Resize.forward
+    monkeypatch.setattr(transforms.Resize, "forward", lambda self, img: resized.append(img.size) or forward(self, img))
+    embedder = BackboneEmbedder(micro_model_cfg(), device="cpu")
+    got = embedder.transform(image)
+    assert max(resized[0]) <= 8 * min(resized[0]) and min(resized[0]) == min(size)
+    expected = make_classification_eval_transform(32, 32)(image)  # the whole image through the eval transform
+    assert got.shape == expected.shape == (3, 32, 32)
+    assert torch.allclose(got, expected, atol=0.1) and (got - expected).abs().mean() < 0.01
+
+
 def test_unreadable_images_are_skipped_and_listed(tmp_path):
     write_pool(tmp_path / "pool", 5)
     (tmp_path / "pool" / "img_0002.png").write_bytes(b"not a png")
@@ -181,6 +204,22 @@ def test_a_pool_path_that_a_file_list_would_misread_fails_before_embedding(tmp_p
     with pytest.raises(ValueError, match=r"cannot be listed in the curated FileList"):
         embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, for_file_list=True)
     assert not (tmp_path / "emb").exists()
+
+
+def test_an_image_name_that_is_not_utf8_is_named_instead_of_failing_to_encode(tmp_path):
+    """A web pool with a Latin-1 file name (bytes that are no UTF-8; Python lists it with a lone
+    surrogate) failed with a bare UnicodeEncodeError while writing sources.txt, naming no file. The
+    stores and the curated FileList are UTF-8, so the name is refused, naming it."""
+    write_pool(tmp_path / "pool", 2)
+    os.rename(tmp_path / "pool" / "img_0001.png", os.fsencode(tmp_path / "pool") + b"/caf\xe9.png")
+    cfg = load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail"]).embed.model
+    with pytest.raises(StoreError, match=r"image path '.*caf\\udce9.png' is not valid UTF-8.*rename it"):
+        embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, num_workers=0)
+    assert not (tmp_path / "emb" / "manifest.json").exists()
+    (tmp_path / "pool" / "ok_\u00e9t\u00e9.png").write_bytes((tmp_path / "pool" / "img_0000.png").read_bytes())
+    os.remove(os.fsencode(tmp_path / "pool") + b"/caf\xe9.png")
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, num_workers=0)  # UTF-8 accents are fine
+    assert sorted(Path(p).name for p in store.paths()) == ["img_0000.png", "ok_\u00e9t\u00e9.png"]
 
 
 def _embed_rank(rank, port, pool, out, cfg_yaml):
