@@ -32,6 +32,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dinov2 import distributed
+from dinov2.checkpoint.training import atomic_write
 from dinov2.curation import clustering, dedup, retrieve
 from dinov2.curation.embed import embed_images, source_change
 from dinov2.curation.faiss_index import build_index, num_gpus
@@ -285,7 +286,7 @@ class Curation:
                 copies, evals, d.eval_threshold, cfg.index, copy_keep, d.rerank_margin
             )
             keep &= _to_pool_ids(pool, copies, copy_keep & ~removed)
-        np.save(self.out / "dedup" / "keep.npy", keep)
+        atomic_write(self.out / "dedup" / "keep.npy", lambda f: np.save(f, keep))
         report["after"] = int(np.count_nonzero(keep))
         return report
 
@@ -324,7 +325,7 @@ class Curation:
                 "nothing to retrieve: give retrieval.seeds, or retrieval.balanced_size for balanced sampling"
             )
         selected = np.unique(np.concatenate(parts))
-        np.save(self.out / "retrieve" / "selected.npy", selected)
+        atomic_write(self.out / "retrieve" / "selected.npy", lambda f: np.save(f, selected))
         paths = pool.paths(selected)
         write_text_atomic(self.out / CURATED_LIST, "".join(p + "\n" for p in paths))
         report["curated"] = len(selected)

@@ -270,3 +270,25 @@ def test_a_store_deleted_to_embed_it_again_without_redo_does_not_leave_a_stale_s
     shutil.rmtree(tmp_path / "out" / "embeddings" / "pool")
     with pytest.raises(StageError, match=r"pool store .* stage 'dedup', which read it, .*--redo dedup"):
         main(args)
+
+
+def test_the_dedup_array_is_never_left_half_written(tmp_path, images, monkeypatch):
+    """A write that stops midway (a node crash) must not leave a truncated keep.npy for the next stage to load
+    (selected.npy is written the same way)."""
+    out = tmp_path / "out"
+    main(["embed", "--output-dir", str(out), *opts(tmp_path)])
+    real_save = np.save
+
+    def save_half_then_fail(file, arr, *args, **kwargs):
+        real_save(file, arr, *args, **kwargs)
+        if hasattr(file, "truncate"):  # a file object: cut what was written, as a crash would
+            file.truncate(10)
+        else:
+            with open(file, "r+b") as handle:
+                handle.truncate(10)
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(np, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="disk gone"):
+        main(["dedup", "--output-dir", str(out), *opts(tmp_path)])
+    assert not (out / "dedup" / "keep.npy").exists()
