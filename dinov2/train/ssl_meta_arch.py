@@ -113,6 +113,26 @@ def check_loss_weights(cfg: Any) -> None:
         raise ValueError(f"every loss term is off ({', '.join(f'{k}=0' for k in weights)}): nothing to train")
 
 
+def check_ibot_masking(cfg: Any) -> None:
+    """With iBOT on, the collate must mask at least one global crop per batch: it masks
+    ``int(2 * train.batch_size_per_gpu * ibot.mask_sample_probability)`` of them, up to
+    ``max(ibot.mask_ratio_min_max)`` of their patches. Otherwise the iBOT term is 0 at every step
+    (the original asserts a positive probability and ratio)."""
+    probability, ratios = cfg.ibot.mask_sample_probability, list(cfg.ibot.mask_ratio_min_max)
+    n_crops = N_GLOBAL_CROPS * int(cfg.train.batch_size_per_gpu)
+    off = "; to train without iBOT set ibot.loss_weight=0"
+    if not probability > 0:
+        raise ValueError(f"ibot.loss_weight > 0 but ibot.mask_sample_probability={probability}: no crop is masked{off}")
+    if not max(ratios) > 0:
+        raise ValueError(f"ibot.loss_weight > 0 but ibot.mask_ratio_min_max={ratios}: no patch is masked{off}")
+    if int(n_crops * probability) == 0:
+        raise ValueError(
+            f"ibot.loss_weight > 0 but ibot.mask_sample_probability={probability} masks 0 of the {n_crops} global "
+            f"crops of a batch (train.batch_size_per_gpu={cfg.train.batch_size_per_gpu}; the count is rounded "
+            f"down): the iBOT term would be 0 at every step. Raise the probability or the batch{off}"
+        )
+
+
 def weighted_total(cfg: Any, losses: dict[str, torch.Tensor]) -> torch.Tensor:
     """``w_dino * (dino_local + dino_global) + w_koleo * koleo + w_ibot * ibot``."""
     weights = {
@@ -150,6 +170,8 @@ class SSLMetaArch(nn.Module):
         self.ibot_separate_head = bool(cfg.ibot.separate_head)
         if self.do_ibot and not self.ibot_separate_head and not self.do_dino:
             raise ValueError("ibot.separate_head=false shares the DINO head, which needs dino.loss_weight > 0")
+        if self.do_ibot:
+            check_ibot_masking(cfg)
 
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
         self.embed_dim = embed_dim

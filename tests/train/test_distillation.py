@@ -16,6 +16,7 @@ from dinov2.checkpoint import find_latest_checkpoint
 from dinov2.checkpoint.sharded import load_full_tensors, read_tensor_metadata
 from dinov2.layers.block import Block
 from dinov2.train.distill_meta_arch import DistillMetaArch, TeacherChangedError
+from dinov2.train.init_from import load_init_source, resolve_init_source
 from dinov2.train.loop import Trainer
 from dinov2.train.schedules import apply_optim_scheduler
 from dinov2.train.train import build_model, main
@@ -351,3 +352,29 @@ def test_teacher_from_a_whole_meta_architecture_state_dict(teacher_run, tmp_path
     for key, value in model.frozen_teacher.state_dict().items():
         assert torch.equal(value, whole[f"teacher.{key}"]), key  # the teacher's, not the student's
     assert not torch.equal(whole["teacher.dino_head.mlp.0.weight"], whole["student.dino_head.mlp.0.weight"])
+
+
+def test_a_distilled_student_continues_at_a_larger_size_from_its_weights(teacher_run, tmp_path):
+    """The released ViT-S/B/L have 518 px grids (docs/recipes.md): a distillation run started with
+    train.init_from from another distillation run's weights at a larger crop size takes its student
+    and spare EMA, position embeddings resampled (2 x 2 -> 3 x 3 patches); the frozen teacher is
+    the teacher's."""
+    _, first = distill_model(teacher_run)
+    with torch.no_grad():
+        for p in [*first.student.parameters(), *first.teacher.parameters()]:
+            p.copy_(torch.randn_like(p))  # student and EMA differ, and differ from any fresh init
+    saved = {k: v for k, v in first.state_dict().items() if not k.startswith("frozen_teacher.")}
+    torch.save({"model": saved}, tmp_path / "distilled.pth")
+    cfg, model = distill_model(
+        teacher_run, "crops.global_crops_size=42", f"train.init_from={tmp_path / 'distilled.pth'}"
+    )
+    load_init_source(model, resolve_init_source(cfg, tmp_path / "new" / "checkpoints", resume=True))
+    for branch in ("student", "teacher"):
+        state = getattr(model, branch).state_dict()
+        assert state["backbone.pos_embed"].shape[1] == 1 + 3 * 3, branch
+        for key, value in state.items():
+            if key != "backbone.pos_embed":
+                assert torch.equal(value, saved[f"{branch}.{key}"]), (branch, key)
+    teacher = load_full_tensors(find_latest_checkpoint(teacher_run / "checkpoints"), "model.teacher.")
+    for key, value in model.frozen_teacher.state_dict().items():
+        assert torch.equal(value, teacher[key]), key

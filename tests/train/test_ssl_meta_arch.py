@@ -261,3 +261,28 @@ def test_pretrained_weights_start_student_and_teacher(tmp_path):
 def test_bad_centering_name():
     with pytest.raises(ValueError, match="train.centering='softmax'; valid: centering, sinkhorn_knopp"):
         SSLMetaArch(_cfg(train={"centering": "softmax"}))
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"ibot": {"mask_sample_probability": 0.0}}, r"ibot\.mask_sample_probability=0\.0"),
+        ({"ibot": {"mask_ratio_min_max": [0.0, 0.0]}}, r"ibot\.mask_ratio_min_max=\[0\.0, 0\.0\]"),
+        # 2 global crops x 4 images x 0.1 = 0.8 crops: the collate masks int(0.8) = 0 of them
+        ({"ibot": {"mask_sample_probability": 0.1}, "train": {"batch_size_per_gpu": 4}}, r"0 of the 8 global crops"),
+    ],
+)
+def test_ibot_without_any_masked_crop_is_refused(sections, message):
+    # Before: the model trained with an iBOT term that was 0 at every step (its head never got a
+    # gradient), reported as ibot_loss 0; the original refuses a mask probability or ratio of 0.
+    with pytest.raises(ValueError, match=message) as error:
+        SSLMetaArch(_cfg(**sections))
+    assert "ibot.loss_weight=0" in str(error.value)  # the way to turn iBOT off
+    sections["ibot"]["loss_weight"] = 0.0  # iBOT off: nothing to mask for
+    assert "ibot_head" not in SSLMetaArch(_cfg(**sections)).student
+
+
+def test_ibot_with_one_masked_crop_per_batch_builds():
+    # 2 x 2 images x 0.25 = 1 masked crop per batch: enough for the term
+    model = SSLMetaArch(_cfg(ibot={"mask_sample_probability": 0.25}, train={"batch_size_per_gpu": 2}))
+    assert model.do_ibot
