@@ -17,8 +17,10 @@ the job; submitit resolves ``%j`` in its own folder (``--slurm-output-dir``, by 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +38,10 @@ NO_RESUME = "--no-resume"
 START_OVER = ((NO_RESUME, "no_resume", False),)
 # What submitit does before a job hits its time limit: SIGUSR2 this many seconds ahead.
 SIGNAL_DELAY_S = 120
+# A task that exits with an error makes SLURM end the others: left running, they would wait in their next
+# collective for the failed peer until the process-group timeout (10 minutes for NCCL) and then fail with
+# a timeout instead of the reason. A requeue (task 0 exits after `scontrol requeue`) ends them anyway.
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 
 def get_slurm_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -160,6 +166,10 @@ class Launched:
 
     def __call__(self) -> Any:
         job_env = submitit.JobEnvironment()
+        if getattr(job_env, "cluster", None) == "local":
+            # submitit ignores SIGTERM in a task (SLURM sends it before the kill that follows a requeue); the
+            # local controller forwards `kill JOB_ID` as SIGTERM, which must then end the task as usual
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # Resolved once: a requeued job (same id on SLURM) and its checkpoint() see the same directory.
         self.argv = resolve_job_id(self.argv, job_env.job_id)
         variables = setup_distributed_env(job_env)
@@ -183,6 +193,29 @@ class Launched:
 
 
 # --------------------------------------------------------------------------- in the submitting process
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option of ``parser`` and of its sub-commands' parsers."""
+    found = []
+    for action in parser._actions:
+        found.extend(action.option_strings)
+        for sub in (action.choices or {}).values() if isinstance(action.choices, dict) else ():
+            found.extend(_option_strings(sub))
+    return found
+
+
+def check_misspelt_job_options(entry_argv: Sequence[str], entry_parser: argparse.ArgumentParser) -> None:
+    """A job option misspelt (``--ngpu``, ``--node``) is left to the entry point, whose parser only says
+    it does not know it; name the job option it resembles instead."""
+    known, job_options = _option_strings(entry_parser), _option_strings(get_slurm_args_parser())
+    for arg in entry_argv:
+        option = arg.split("=", 1)[0]
+        if not option.startswith("--") or any(k.startswith(option) for k in known):  # the entry's (or a prefix)
+            continue
+        close = difflib.get_close_matches(option, job_options, n=1, cutoff=0.75)
+        if close:
+            raise SystemExit(f"unknown option {option}: did you mean {close[0]}? (a job option; see --help)")
+
+
 def parse_launcher_args(
     entry: EntryPoint, argv: Sequence[str] | None = None
 ) -> tuple[argparse.Namespace, list[str], argparse.Namespace]:
@@ -197,6 +230,7 @@ def parse_launcher_args(
     slurm_args, entry_argv = slurm_parser.parse_known_args(argv)
     entry_parser = entry.get_args_parser(add_help=False)
     entry_parser.set_defaults(output_dir=None)  # the launchers need an explicit --output-dir
+    check_misspelt_job_options(entry_argv, entry_parser)
     entry_args = entry.parse_args(entry_parser, entry_argv)
     requeued = entry.parse_args(entry_parser, drop_start_over(entry_argv, entry.start_over))
     for option, dest, _ in entry.start_over:
@@ -278,6 +312,7 @@ def make_executor(slurm_args: argparse.Namespace, folder: str | Path, name: str)
         slurm_account=slurm_args.account or None,
         slurm_qos=slurm_args.qos or None,
         slurm_signal_delay_s=SIGNAL_DELAY_S,
+        slurm_srun_args=list(SRUN_ARGS),
     )  # None values are left out by submitit
     return executor
 

@@ -6,7 +6,8 @@ Order of precedence: ``configs/ssl_default_config.yaml`` <- an experiment config
 default config is also the schema: every key of an experiment config or override must exist in
 it, and a misspelt key fails with its dotted name and the nearest valid keys. Values are checked
 against the default's kind where that is unambiguous: a number for a numeric key, a list for a list,
-a section (not null) for a section (``optim.base_lr=abc`` fails naming ``optim.base_lr``). OmegaConf
+a section (not null) for a section (``optim.base_lr=abc`` fails naming ``optim.base_lr``), and no
+misspelt or quoted boolean for a true/false key (``train.gpu_augmentation=flase`` would read as true). OmegaConf
 interpolations (``optim.min_lr=${optim.base_lr}``) resolve against the whole merged config; one that
 cannot resolve fails at load time, naming its key.
 """
@@ -153,6 +154,15 @@ def is_integer_at_least(value: Any, minimum: int) -> bool:
         return False
 
 
+# What a bool key given as a string most likely meant: a quoted YAML boolean, or a misspelt true/false.
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "none")
+
+
+def _looks_boolean(value: str) -> bool:
+    word = value.strip().lower()
+    return word in BOOLEAN_WORDS or bool(difflib.get_close_matches(word, ["true", "false"], n=1, cutoff=0.6))
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, DictConfig):
         return "a section"
@@ -164,9 +174,11 @@ def _describe(value: Any) -> str:
 def type_problems(cfg: Any, schema: Any) -> list[str]:
     """One line for each value of ``cfg`` whose kind contradicts the default in ``schema``: a string
     (or list, or section) for a numeric key, a scalar for a list or a section, a non-number in a
-    list of numbers, ``null`` for a section (an empty ``optim:`` in YAML would erase the section).
-    Keys the schema lacks, ``null`` defaults, strings and booleans (which several keys take
-    interchangeably, e.g. ``train.compile``), ``null`` values, ``???`` and interpolations pass."""
+    list of numbers, ``null`` for a section (an empty ``optim:`` in YAML would erase the section), a
+    string for a true/false key that reads as a boolean word (``"false"``, ``no``) or a misspelt one
+    (``flase``: any string is true to the code). Keys the schema lacks, ``null`` defaults, other strings
+    and booleans (which several keys take interchangeably, e.g. ``train.compile``), ``null`` values,
+    ``???`` and interpolations pass."""
     problems = []
 
     def check(value: Any, ref: Any, path: str) -> None:
@@ -197,6 +209,9 @@ def type_problems(cfg: Any, schema: Any) -> list[str]:
                     problems.append(f"  {path!r} expects a list of numbers, got {_describe(value)}")
         elif _is_number(ref) and not isinstance(value, int | float):  # booleans pass: clip_grad=false means 0
             problems.append(f"  {path!r} expects a number (default {ref!r}), got {_describe(value)}")
+        elif isinstance(ref, bool) and isinstance(value, str) and _looks_boolean(value):  # any string reads as true
+            problems.append(f"  {path!r} expects true or false (default {str(ref).lower()}), got the string "
+                            f"{value!r}: write true or false, unquoted")  # fmt: skip
 
     for key in cfg:
         if key in schema.keys() and not _unreadable(cfg, key) and not _unreadable(schema, key):
@@ -242,7 +257,10 @@ def parse_overrides(opts: Sequence[str]) -> DictConfig:
     """``["optim.lr=0.1", "student.arch=vit_small"]`` -> a config (values parsed as YAML)."""
     bad = [opt for opt in opts if "=" not in opt or not opt.split("=", 1)[0].strip()]
     if bad:
-        raise ConfigError(f"overrides must look like key=value, got: {', '.join(map(repr, bad))}")
+        options = [opt for opt in bad if opt.startswith("-")]
+        hint = (f"; options ({', '.join(options)}) go before the first key=value override: everything after it "
+                "is read as overrides") if options else ""  # fmt: skip
+        raise ConfigError(f"overrides must look like key=value, got: {', '.join(map(repr, bad))}{hint}")
     for opt in opts:  # one at a time, so that a value YAML cannot parse is named
         try:
             OmegaConf.from_dotlist([opt])

@@ -132,3 +132,34 @@ def test_a_directory_given_as_config_is_named_as_one(tmp_path, monkeypatch):
     (tmp_path / "quickstart").mkdir()  # a folder named like a shipped config does not hide it
     monkeypatch.chdir(tmp_path)
     assert load_config("quickstart").student.arch == "vit_tiny"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.gpu_augmentation=flase", "train.gpu_augmentation"),
+        ("distillation.enabled=Ture", "distillation.enabled"),
+        ("evaluation.knn.at_start=fasle", "evaluation.knn.at_start"),
+        ("train.compile=flase", "train.compile"),
+    ],
+)
+def test_a_misspelt_boolean_names_its_key(override, key):
+    # Such a value is a non-empty string, which the code would read as true (bool("flase") is True).
+    with pytest.raises(ConfigError, match=rf"'{key}' expects true or false"):
+        load_config(None, [override])
+
+
+def test_a_quoted_boolean_in_a_config_file_names_its_key(tmp_path):
+    path = tmp_path / "quoted.yaml"
+    path.write_text('train:\n  gpu_augmentation: "false"\n')  # a string, and so true for the code
+    with pytest.raises(ConfigError, match=r"quoted\.yaml(.|\n)*'train\.gpu_augmentation' expects true or false"):
+        load_config(str(path))
+    # booleans, their YAML spellings and torch.compile backend names still pass
+    cfg = load_config(None, ["train.gpu_augmentation=off", "distillation.enabled=false", "train.compile=aot_eager"])
+    assert cfg.train.gpu_augmentation is False and cfg.train.compile == "aot_eager"
+
+
+def test_an_option_after_the_first_override_is_named_as_such():
+    # argparse puts everything after the first key=value into the overrides (REMAINDER)
+    with pytest.raises(ConfigError, match=r"'--no-resume'.*options .*go before the first key=value override"):
+        load_config(None, ["optim.epochs=1", "--no-resume"])

@@ -163,6 +163,8 @@ def test_percent_j_becomes_the_job_id(tmp_path):
         (["--output-dir", "o", "train.batch_size_per_gpu=abc"], "'train.batch_size_per_gpu' expects a number"),
         (["--output-dir", "o", "crops.global_crops_scale=[0.3,1.0"], "crops.global_crops_scale=[0.3,1.0"),
         (["--output-dir", "o", "optim.min_lr=${optim.baselr}"], "'optim.min_lr'"),
+        (["--ngpu", "2", "--output-dir", "o"], "--ngpu: did you mean --ngpus"),  # a misspelt job option
+        (["--output-dir", "o", "--node=2"], "--node: did you mean --nodes"),
     ],
 )
 def test_mistakes_fail_before_submission(argv, message, tmp_path):
@@ -294,6 +296,9 @@ def test_slurm_submission_writes_the_expected_sbatch_file(tmp_path, monkeypatch,
                  "--signal=USR2@120", "--job-name=dinov2-train"]:  # fmt: skip
         assert f"#SBATCH {flag}\n" in sbatch, flag
     assert "#SBATCH --account" not in sbatch  # not given: left to the cluster
+    # one task that fails ends the others at once, instead of leaving them in a collective until NCCL's timeout
+    (srun,) = [line for line in sbatch.splitlines() if line.startswith("srun ")]
+    assert " --kill-on-bad-exit=1 " in srun
     delayed = submitit.helpers.DelayedSubmission.load(folder / "4242_submitted.pkl")
     assert delayed.function.argv == ["--config", "vitl16_short", "--output-dir", str(out), "optim.epochs=1"]
     printed = capsys.readouterr().out
