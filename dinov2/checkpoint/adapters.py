@@ -107,9 +107,14 @@ def _unwrap_container(checkpoint: Mapping, branch: str, report: AdaptReport) -> 
             f"branch={branch!r} was requested but the checkpoint holds only a {others[0]!r} state dict "
             f"(top-level keys: {top_level}); pass branch={others[0]!r} to load it"
         )
+    detail = f"top-level keys are {top_level}"
+    if isinstance(checkpoint, Mapping) and any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        # tensors next to a counter or a config: name what is in the way
+        others = [f"{k!r} ({type(v).__name__})" for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+        detail = f"entries that are not tensors: {', '.join(others[:10])}"
     raise ValueError(
         "Not a state dict: expected a mapping of parameter names to tensors, or one stored under "
-        f"{', '.join(repr(k) for k in CONTAINER_KEYS)}; top-level keys are {top_level}"
+        f"{', '.join(repr(k) for k in CONTAINER_KEYS)}; {detail}"
     )
 
 

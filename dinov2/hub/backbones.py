@@ -34,6 +34,26 @@ def model_names(arch_name: str, patch_size: int, num_register_tokens: int = 0) -
     return base, base + (f"_reg{num_register_tokens}" if num_register_tokens else "")
 
 
+# The released LVD-142M models: these architectures, patch 14, without registers or with 4.
+RELEASED_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_giant2")
+RELEASED_PATCH_SIZE = 14
+RELEASED_REGISTERS = (0, 4)
+
+
+def check_released(arch_name: str, patch_size, num_register_tokens: int, what: str = "LVD-142M weights") -> None:
+    """Raise ``ValueError`` naming the model unless official files exist for it (their URL is derived
+    from these three settings; any other model's URL names no file)."""
+    if arch_name in RELEASED_ARCHS and patch_size == RELEASED_PATCH_SIZE and num_register_tokens in RELEASED_REGISTERS:
+        return
+    _, full = model_names(arch_name, patch_size, num_register_tokens)
+    raise ValueError(
+        f"no released {what} for {full} (arch_name={arch_name!r}, patch_size={patch_size!r}, "
+        f"num_register_tokens={num_register_tokens!r}): the official models are {', '.join(RELEASED_ARCHS)} with "
+        f"patch_size {RELEASED_PATCH_SIZE} and {' or '.join(map(str, RELEASED_REGISTERS))} registers; pass "
+        "pretrained=False for random weights, or weights=<a file or URL>"
+    )
+
+
 def _names_a_file(location: str) -> bool:
     """A URL or a path (with a suffix or a directory part, or one that exists), not a bare word."""
     path = Path(location)
@@ -84,6 +104,8 @@ def make_dinov2_model(
         raise ValueError(f"Unknown arch_name {arch_name!r}; valid architectures: {', '.join(ARCHS)}")
     base, full = model_names(arch_name, patch_size, num_register_tokens)
     if pretrained:
+        if is_weight_set(weights, Weights):
+            check_released(arch_name, patch_size, num_register_tokens)
         location = resolve_weights_location(weights, Weights, f"{DINOV2_BASE_URL}/{base}/{full}_pretrain.pth")
     model = ARCHS[arch_name](
         img_size=img_size,

@@ -108,6 +108,9 @@ def make_dinov2_linear_classifier(
             backbone_weights,
         )  # fmt: skip
     settings = backbones.released_kwargs(arch_name, registers, **kwargs)
+    if official_head:
+        released = (settings.get("patch_size", 14), settings.get("num_register_tokens", 0))  # the builder defaults
+        backbones.check_released(arch_name, *released, what="ImageNet-1k linear head")
     backbone = backbones.make_dinov2_model(
         arch_name=arch_name, pretrained=pretrained, weights=backbone_weights, **settings
     )

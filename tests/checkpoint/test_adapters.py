@@ -187,3 +187,12 @@ def test_hugging_face_incomplete_or_unknown_keys_are_errors():
     state["encoder.layer.0.attention.attention.rel_pos.weight"] = torch.zeros(1)
     with pytest.raises(StateDictMismatchError, match="unexpected keys: encoder.layer.0.attention.attention.rel_pos"):
         load_backbone_state_dict(_vit(), state)
+
+
+def test_flat_state_dict_with_a_non_tensor_entry_names_it():
+    """A state dict saved with an extra counter next to the tensors is refused with the entry named,
+    not described as having no tensors."""
+    state = {**_vit().state_dict(), "epoch": 3}
+    with pytest.raises(ValueError, match=r"Not a state dict.*entries that are not tensors: 'epoch' \(int\)") as info:
+        adapt_backbone_state_dict(state, _vit())
+    assert "blocks.0" not in str(info.value)  # the tensor keys are not what is wrong

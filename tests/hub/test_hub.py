@@ -347,3 +347,23 @@ def test_custom_head_on_the_default_backbone_warns(monkeypatch, tmp_path, caplog
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown arch_name 'vit_huge'; valid architectures: vit_tiny, vit_small"):
         backbones.make_dinov2_model(arch_name="vit_huge", pretrained=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"arch_name": "vit_tiny"}, "dinov2_vitt14"),
+        ({"arch_name": "vit_small", "patch_size": 16}, "dinov2_vits16"),
+        ({"arch_name": "vit_large", "num_register_tokens": 2}, "dinov2_vitl14_reg2"),
+    ],
+)
+def test_official_weights_of_an_unreleased_model_are_refused_before_download(monkeypatch, kwargs, name):
+    """Official weights exist for ViT-S/B/L/g with patch 14 and 0 or 4 registers only; another model
+    asking for them is a ValueError naming it, not a download of a URL that does not exist."""
+    requested = _record_loads(monkeypatch, {})
+    with pytest.raises(ValueError, match=rf"no released LVD-142M weights for {name}\b.*pretrained=False"):
+        backbones.make_dinov2_model(depth=1, img_size=28, **kwargs)
+    with pytest.raises(ValueError, match=rf"no released ImageNet-1k linear head for {name}\b"):
+        classifiers.make_dinov2_linear_classifier(layers=1, backbone_weights="backbone.pth", **kwargs)
+    assert requested == []
+    backbones.make_dinov2_model(depth=1, img_size=28, pretrained=False, **kwargs)  # random weights: fine
