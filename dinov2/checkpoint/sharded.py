@@ -56,6 +56,41 @@ TRAINER_STATE = "trainer_state.pth"
 METADATA = ".metadata"
 
 
+class CheckpointWriteError(RuntimeError):
+    """Another rank failed while a checkpoint was being written (its own error is in its log)."""
+
+
+def _collective_device() -> torch.device:
+    """Where a small collective's tensor must live: the current CUDA device under NCCL, else the CPU."""
+    if distributed.is_enabled() and "nccl" in str(torch.distributed.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _on_every_rank(action, what: str, error_type: type[Exception]) -> None:
+    """Run ``action`` on this rank, then tell every rank which ranks failed (one all-reduce, which also
+    serves as the barrier): a rank that failed re-raises its own error, every other rank raises
+    ``error_type`` naming the failed ranks, instead of waiting for them in a later collective until the
+    process-group timeout. Only ordinary exceptions are shared; an interrupt propagates as it is."""
+    error = None
+    try:
+        action()
+    except (Exception, CheckpointException) as exc:  # DCP's error is a BaseException; re-raised below
+        error = exc
+    world = distributed.get_world_size()
+    if world > 1:
+        failed = torch.zeros(world, dtype=torch.int32, device=_collective_device())
+        failed[distributed.get_rank()] = int(error is not None)
+        failed = distributed.all_reduce(failed).cpu()
+    else:
+        failed = torch.tensor([int(error is not None)])
+    if error is not None:
+        raise error
+    if bool(failed.any()):
+        ranks = ", ".join(str(r) for r in failed.nonzero().flatten().tolist())
+        raise error_type(f"{what} failed on rank {ranks}; that rank's own error is in its log")
+
+
 def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pth"
 
@@ -241,42 +276,51 @@ def save_checkpoint(
     """Write ``directory/step_{iteration:07d}`` (a collective: every rank calls it); returns its path.
 
     ``trainer_state`` (rank 0's is written) and ``rng_state`` (each rank's own) must survive
-    ``torch.load(weights_only=True)``. Afterwards the newest ``keep_last`` checkpoints remain."""
+    ``torch.load(weights_only=True)``. Afterwards the newest ``keep_last`` checkpoints remain. A rank
+    that fails (its RNG file cannot be written...) raises its error and every other rank raises a
+    :class:`CheckpointWriteError` naming it, at once; the earlier checkpoints are left as they were."""
     import torch.distributed.checkpoint as dcp
 
     directory, rank = Path(directory), distributed.get_rank()
     final = step_path(directory, iteration)
     tmp = directory / f".{final.name}.tmp"
-    if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        _remove_temporaries(directory, TEMP_PATTERN)  # of crashed earlier saves, of any iteration
-        tmp.mkdir()
-    distributed.barrier()
-    try:
-        # Each rank makes its own files durable before the barrier (DCP fsyncs its shards and metadata,
-        # ``sync_files``): on a shared file system rank 0's fsync of a file another node wrote flushes
-        # nothing of that node's writes. Rank 0 then only syncs the directory and renames it.
+
+    def prepare() -> None:
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            _remove_temporaries(directory, TEMP_PATTERN)  # of crashed earlier saves, of any iteration
+            tmp.mkdir()
+
+    def write() -> None:
+        # Each rank makes its own files durable before the others go on (DCP fsyncs its shards and
+        # metadata, ``sync_files``): on a shared file system rank 0's fsync of a file another node wrote
+        # flushes nothing of that node's writes. Rank 0 then only syncs the directory and renames it.
         dcp.save(_model_and_optimizer_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp)))
         _save_synced(rng_state, tmp / rng_file(rank))
         if rank == 0:
             _save_synced({**trainer_state, "world_size": distributed.get_world_size()}, tmp / TRAINER_STATE)
-        distributed.barrier()
+
+    def publish() -> None:
         if rank == 0:
             _fsync_path(tmp)
             _swap_in_directory(tmp, final)
             _prune(directory, keep_last, final)
+
+    _on_every_rank(prepare, f"preparing checkpoint {final}", CheckpointWriteError)
+    try:
+        _on_every_rank(write, f"writing checkpoint {final}", CheckpointWriteError)  # also the barrier
+        _on_every_rank(publish, f"moving checkpoint {final} into place", CheckpointWriteError)
     except BaseException:
         if rank == 0:
             _remove_quietly(tmp)
         raise
-    distributed.barrier()
     return final
 
 
-def _check_model_fits(path: Path, model_state: dict[str, Any]) -> None:
-    """Raise a :class:`CheckpointLoadError` naming the model tensors that ``path`` lacks or stores
-    with another global shape: the run's config no longer describes the checkpoint's model."""
-    stored = read_tensor_metadata(path)
+def _check_model_fits(path: Path, model_state: dict[str, Any], stored: dict[str, tuple]) -> None:
+    """Raise a :class:`CheckpointLoadError` naming the model tensors that ``path`` (its tensors:
+    ``stored``) lacks or stores with another global shape: the run's config no longer describes the
+    checkpoint's model."""
     missing, mismatched = [], []
     for key, value in model_state.items():
         if not isinstance(value, torch.Tensor):
@@ -297,35 +341,56 @@ def _check_model_fits(path: Path, model_state: dict[str, Any]) -> None:
         )
 
 
+def _drop_unstepped_parameters(optimizer_state: dict[str, Any], stored: dict[str, tuple]) -> list[str]:
+    """Remove from ``optimizer_state`` (to be loaded) the parameters of which the checkpoint (its
+    tensors: ``stored``) holds no optimizer state, and return their names. The optimizer had not
+    stepped them when it was saved: every step so far skipped by the fp16 gradient scaler (its first
+    steps often are), or no gradient yet. Loaded without a state, they start it at their first step,
+    as they would have in the run that saved it; the other parameters' states load strictly."""
+    prefix = "optimizer.state."
+    saved = {key[len(prefix) :].rpartition(".")[0] for key in stored if key.startswith(prefix)}
+    per_parameter = optimizer_state.get("state", {})
+    unstepped = [name for name in per_parameter if name not in saved]
+    for name in unstepped:
+        del per_parameter[name]
+    return unstepped
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load ``path`` into ``model`` and ``optimizer`` (resharded to the current world size; a
     collective). Returns the trainer state, with ``"rng"``: this rank's RNG states when the world
     size is the one the checkpoint was saved with, else None."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"not a complete training checkpoint: {path}")
     try:
         trainer_state = load_trainer_state(path)
-        state = _model_and_optimizer_state(model, optimizer)
-        _check_model_fits(path, state["model"])
+        state, stored = _model_and_optimizer_state(model, optimizer), read_tensor_metadata(path)
+        _check_model_fits(path, state["model"], stored)
+        unstepped = _drop_unstepped_parameters(state["optimizer"], stored)
         dcp.load(state, storage_reader=_safe_reader(path), planner=_weights_only_planner())
     except CheckpointLoadError:
         raise
     except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
         raise CheckpointLoadError(f"cannot load training checkpoint {path}: {exc}") from exc
-    set_state_dict(
-        checkpointed_part(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
-    )
+    part = checkpointed_part(model)
+    set_model_state_dict(part, state["model"])
+    # strict only where every parameter has a state: the unstepped ones must stay without one
+    set_optimizer_state_dict(part, optimizer, state["optimizer"], options=StateDictOptions(strict=not unstepped))
     rank, world = distributed.get_rank(), distributed.get_world_size()
     rng_path = path / rng_file(rank)
     same_world = int(trainer_state.get("world_size", -1)) == world
     trainer_state["rng"] = None
-    if same_world and rng_path.is_file():
-        try:
-            trainer_state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointLoadError(f"cannot read the RNG states {rng_path}: {exc}") from exc
+
+    def read_rng() -> None:
+        if same_world and rng_path.is_file():
+            try:
+                trainer_state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise CheckpointLoadError(f"cannot read the RNG states {rng_path}: {exc}") from exc
+
+    _on_every_rank(read_rng, f"loading checkpoint {path}", CheckpointLoadError)  # every rank stops, or none
     return trainer_state

@@ -1,6 +1,7 @@
 """Checks that stop or warn a training run, each naming what it found: non-finite loss terms or
-gradient norms (decided by all ranks together), the stop iteration, and optimizer settings that a
-resumed checkpoint overrides."""
+gradient norms (decided by all ranks together), the stop iteration, and what a resumed run does
+differently from the run that saved its checkpoint (optimizer settings it overrides, another
+schedule length or batch size)."""
 
 from __future__ import annotations
 
@@ -69,4 +70,26 @@ def warn_changed_groups(changed: list[str], path: Path) -> None:
             "config's (optim.decay_tokens, optim.layerwise_decay, optim.patch_embed_lr_mult), which do not "
             "apply to a resumed run (to change them, start a new run with train.init_from): %s",
             path, len(changed), "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else ""),
+        )  # fmt: skip
+
+
+def warn_changed_run_shape(saved: dict[str, Any], max_iter: int, samples_per_step: int, path: Path) -> None:
+    """A resumed run goes on under this config's schedules and batch, which may not be the ones its
+    checkpoint (trainer state ``saved``) was trained with: say so, with both values. Checkpoints
+    written before these were recorded are not checked."""
+    old_iters, old_batch = saved.get("max_iter"), saved.get("samples_per_step")
+    iteration = int(saved.get("iteration", 0))
+    if old_iters is not None and int(old_iters) != max_iter:
+        logger.warning(
+            "%s was trained under schedules of %d iterations; this config's span %d (optim.epochs x "
+            "train.OFFICIAL_EPOCH_LENGTH): from iteration %d on, the lr, weight decay, teacher momentum and "
+            "temperature and the last-layer freeze follow the new schedules, which may jump there",
+            path, int(old_iters), max_iter, iteration,
+        )  # fmt: skip
+    if old_batch is not None and int(old_batch) != samples_per_step:
+        logger.warning(
+            "%s was trained with an effective batch of %d images per step; this run's is %d (train.batch_size_per_gpu "
+            "x processes x train.grad_accum_steps): the data stream goes on from the same sample, and the lr is "
+            "derived for the new batch",
+            path, int(old_batch), samples_per_step,
         )  # fmt: skip

@@ -25,7 +25,7 @@ from dinov2.checkpoint import (
     save_checkpoint,
 )
 from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
-from dinov2.train.checks import check_finite, resolve_stop_iteration, warn_changed_groups
+from dinov2.train.checks import check_finite, resolve_stop_iteration, warn_changed_groups, warn_changed_run_shape
 from dinov2.train.data import build_gpu_augmentation, build_train_dataset, build_train_loader, gpu_augmentation_enabled
 from dinov2.train.param_groups import build_optimizer_param_groups, changed_param_settings, param_settings
 from dinov2.train.precision import grad_scaler, resolve_precision
@@ -83,6 +83,8 @@ class Trainer:
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "skipped_images": self.skipped_images.total(self.device),  # a collective, as saving is
             "extra": dict(self.extra),
+            "max_iter": self.max_iter,  # what the run was trained under, to tell a resume that changes it
+            "samples_per_step": self.samples_per_step(),
         }
 
     def save_checkpoint(self) -> None:
@@ -112,6 +114,7 @@ class Trainer:
         configured = param_settings(self.optimizer)
         state = load_checkpoint(path, self.model, self.optimizer)  # its param groups replace the config's
         warn_changed_groups(changed_param_settings(configured, self.optimizer), path)
+        warn_changed_run_shape(state, self.max_iter, self.samples_per_step(), path)
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.iteration, self.extra = int(state["iteration"]), dict(state.get("extra", {}))

@@ -396,6 +396,44 @@ def test_non_tensor_checkpoint_entries_are_read_weights_only(tmp_path):
     assert not _CodeInPickle.ran
 
 
+def _two_layers():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(3, 2), "idle": nn.Linear(3, 2)})
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.05)
+
+
+def _adamw_step(model, optimizer, x, idle_too: bool):
+    optimizer.zero_grad(set_to_none=True)
+    loss = model["used"](x).square().sum() + (model["idle"](x).sum() if idle_too else 0)
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("stepped", [True, False])
+def test_a_checkpoint_saved_before_every_parameter_was_stepped_resumes_exactly(tmp_path, stepped):
+    # The optimizer keeps no state for a parameter it has not stepped yet: with fp16 every step so far
+    # skipped by the gradient scaler (its first steps usually are: stepped=False), or a parameter that
+    # has had no gradient yet. Such checkpoints were written but could not be loaded ("Missing key
+    # optimizer.state..."), so the run could not resume. The continuation must also be the same.
+    x = torch.randn(4, 3)
+    model, optimizer = _two_layers()
+    if stepped:
+        _adamw_step(model, optimizer, x, idle_too=False)  # "idle" gets no gradient: no state
+    else:
+        model["used"](x).sum().backward()  # a step the scaler skipped: gradients, no optimizer state
+    assert len(optimizer.state) == (2 if stepped else 0)
+    path = _save(tmp_path, 1, model, optimizer)
+    fresh, fresh_opt = _two_layers()
+    load_checkpoint(path, fresh, fresh_opt)
+    assert len(fresh_opt.state) == len(optimizer.state)  # the unstepped parameters have none, as saved
+    for net, opt in ((model, optimizer), (fresh, fresh_opt)):
+        _adamw_step(net, opt, x, idle_too=True)  # now both layers step (AdamW's step counts start at 1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    steps = sorted(float(s["step"]) for s in fresh_opt.state.values())
+    assert steps == ([1.0, 1.0, 2.0, 2.0] if stepped else [1.0] * 4)
+
+
 def test_non_tensor_checkpoint_entries_round_trip(tmp_path):
     model, optimizer = _model_and_optimizer(0)
     for group in optimizer.param_groups:
@@ -483,3 +521,86 @@ def test_consolidate_failure_leaves_no_temporary_and_output_safetensors(tmp_path
     loaded = safetensors.torch.load_file(out / "only.safetensors")
     assert loaded.keys() == backbone.state_dict().keys() == flat.keys()
     assert torch.equal(loaded["pos_embed"], backbone.pos_embed.detach())
+
+
+# ------------------------------------------------------------- a rank that fails (2 gloo processes)
+def _dist_common():
+    """tests/distributed/dist_common.py (its free port and world size), without touching sys.path."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "distributed" / "dist_common.py"
+    spec = importlib.util.spec_from_file_location("dist_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed(action) -> str:
+    import time
+
+    start = time.monotonic()
+    try:
+        action()
+        outcome = "ok"
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test compares
+        outcome = f"{type(error).__name__}: {error}"
+    return f"{time.monotonic() - start:.1f}s {outcome}"
+
+
+def _failing_rank_worker(rank: int, port: int, world: int, root: str) -> None:
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from dinov2.checkpoint import sharded
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    # A short timeout: without the fix, rank 0 waits for the failed rank until it expires.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
+    directory, outcomes = Path(root) / "checkpoints", []
+    model, optimizer = _model_and_optimizer(0)
+    _save(directory, 1, model, optimizer)
+    real_save_synced = sharded._save_synced
+
+    def rank_1_disk_full(obj, path):
+        if rank == 1 and path.name == sharded.rng_file(1):
+            raise OSError(28, "No space left on device")
+        real_save_synced(obj, path)
+
+    sharded._save_synced = rank_1_disk_full
+    outcomes.append(_timed(lambda: _save(directory, 2, model, optimizer)))
+    sharded._save_synced = real_save_synced
+    if rank == 1:  # a truncated RNG file of this rank only
+        rng = directory / "step_0000001" / sharded.rng_file(1)
+        rng.write_bytes(rng.read_bytes()[:40])
+    dist.barrier()
+    outcomes.append(_timed(lambda: load_checkpoint(directory / "step_0000001", model, optimizer)))
+    (Path(root) / f"rank{rank}.txt").write_text("\n".join(outcomes))
+    # A failed rank stays alive (as an NCCL peer that is not noticed leaving): rank 0 must not need it to exit.
+    deadline = time.monotonic() + 45
+    while rank == 1 and not (Path(root) / "rank0.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.mark.distributed
+def test_a_rank_that_fails_writing_or_reading_its_files_stops_every_rank_at_once(tmp_path):
+    # Each rank writes (and reads) its own RNG file; one that fails there used to leave the others
+    # waiting in the next barrier until the process-group timeout (30 minutes with NCCL), then failing
+    # with a timeout that does not say why. Every rank now learns of it at once and raises, naming it.
+    import torch.multiprocessing as mp
+
+    common = _dist_common()
+    mp.spawn(_failing_rank_worker, args=(common.free_port(), common.WORLD, str(tmp_path)), nprocs=common.WORLD)
+    (save0, load0), (save1, load1) = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
+    assert "OSError" in save1 and "No space left on device" in save1, save1
+    assert float(save0.split("s ")[0]) < 10, save0  # not the process-group timeout
+    assert re.search(r"CheckpointWriteError: .*step_0000002.*rank 1", save0), save0
+    assert "CheckpointLoadError" in load1 and "rng_rank1.pth" in load1, load1
+    assert re.search(r"CheckpointLoadError: .*step_0000001.*rank 1", load0), load0
+    # the failed save left the previous checkpoint as the latest, loadable, and nothing half-written
+    assert _names(tmp_path / "checkpoints") == ["step_0000001"]
+    fresh, fresh_opt = _model_and_optimizer(1)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step_0000001", fresh, fresh_opt)["iteration"] == 1

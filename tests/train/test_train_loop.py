@@ -468,3 +468,31 @@ def test_a_failing_evaluation_keeps_the_checkpoint_due_there(tmp_path, monkeypat
     monkeypatch.setattr(loop_module, "export_teacher", real_export)
     run(tmp_path, *short, extra_args=("--eval-only",))
     assert (tmp_path / "eval" / "training_4" / "teacher_backbone.safetensors").is_file()
+
+
+def test_resuming_under_another_schedule_length_or_batch_says_what_changes(tmp_path):
+    # optim.epochs (the schedules' length) and the effective batch can change on resume, and the run goes
+    # on under the new ones: the lr and the other schedules jump at the resumed iteration. That used to
+    # happen without a word; now a warning names both values.
+    import logging
+
+    saved = tiny_trainer(tmp_path)  # 6 iterations, 4 images per step
+    saved.iteration, saved.samples_consumed = 3, 12
+    saved.save_checkpoint()
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("dinov2")
+    logger.addHandler(handler)
+    try:
+        assert tiny_trainer(tmp_path).resume()
+        unchanged = list(messages)
+        resumed = tiny_trainer(tmp_path, "optim.epochs=2", "train.grad_accum_steps=2")
+        assert resumed.resume() and resumed.iteration == 3
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in unchanged if "was trained" in m], unchanged
+    (length,) = [m for m in messages if "trained under schedules" in m]
+    assert "of 6 iterations; this config's span 12" in length and "from iteration 3 on" in length
+    (batch,) = [m for m in messages if "effective batch" in m]
+    assert "batch of 4 images per step; this run's is 8" in batch
