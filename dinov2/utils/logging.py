@@ -19,6 +19,15 @@ LOGGER_NAME = "dinov2"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _Formatter(logging.Formatter):
+    """A formatter whose lines always encode: a file name that is not valid UTF-8 reaches Python as
+    lone surrogates (``caf\\udce9.png``), which a UTF-8 stream refuses, so the warning naming that
+    file would be dropped with a "Logging error". Such characters are written as escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def setup_logging(
     output_dir: str | os.PathLike | None = None, rank: int = 0, level: int = logging.INFO
 ) -> logging.Logger:
@@ -32,13 +41,13 @@ def setup_logging(
         handler.close()
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(level if rank == 0 else logging.WARNING)
-    console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    console.setFormatter(_Formatter(_FORMAT, datefmt="%H:%M:%S"))
     logger.addHandler(console)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         name = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
-        file_handler = logging.FileHandler(Path(output_dir) / name)
-        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        file_handler = logging.FileHandler(Path(output_dir) / name, encoding="utf-8")
+        file_handler.setFormatter(_Formatter(_FORMAT))
         logger.addHandler(file_handler)
     return logger
 

@@ -86,3 +86,25 @@ def test_a_resume_purges_the_tensorboard_events_after_its_checkpoint(tmp_path, m
     # no writer at all on other ranks
     MetricsWriter(tmp_path, enabled=False).write(1, {"loss": 1.0})
     assert len(opened) == 3
+
+
+def test_a_warning_naming_a_file_name_that_is_not_utf8_reaches_the_log(tmp_path, capsys):
+    """A Latin-1 file name arrives as a lone surrogate (os.fsdecode); the warning naming it must be written."""
+    import os
+
+    from dinov2.utils.logging import setup_logging
+
+    name = os.fsdecode(b"caf\xe9.png")
+    logger = setup_logging(tmp_path)
+    try:
+        logger.warning("skipped %s", name)
+        for handler in logger.handlers:
+            handler.flush()
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+    captured = capsys.readouterr()
+    assert "Logging error" not in captured.err
+    logged = (tmp_path / "log.txt").read_text(encoding="utf-8")
+    assert "skipped caf\\udce9.png" in logged and "skipped caf\\udce9.png" in captured.out
