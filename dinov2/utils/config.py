@@ -154,6 +154,10 @@ def is_integer_at_least(value: Any, minimum: int) -> bool:
         return False
 
 
+# Number keys of which null is a documented value (clip_grad: no clipping); null for any other number key
+# would fail later, in arithmetic, naming no key.
+NULLABLE_NUMBERS = frozenset({"optim.clip_grad"})
+
 # What a bool key given as a string most likely meant: a quoted YAML boolean, or a misspelt true/false.
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "none")
 
@@ -174,10 +178,11 @@ def _describe(value: Any) -> str:
 def type_problems(cfg: Any, schema: Any) -> list[str]:
     """One line for each value of ``cfg`` whose kind contradicts the default in ``schema``: a string
     (or list, or section) for a numeric key, a scalar for a list or a section, a non-number in a
-    list of numbers, ``null`` for a section (an empty ``optim:`` in YAML would erase the section), a
-    string for a true/false key that reads as a boolean word (``"false"``, ``no``) or a misspelt one
-    (``flase``: any string is true to the code). Keys the schema lacks, ``null`` defaults, other strings
-    and booleans (which several keys take interchangeably, e.g. ``train.compile``), ``null`` values,
+    list of numbers, ``null`` for a section (an empty ``optim:`` in YAML would erase the section) or
+    for a number key (but those of :data:`NULLABLE_NUMBERS`), a string for a true/false key that
+    reads as a boolean word (``"false"``, ``no``) or a misspelt one (``flase``: any string is true to
+    the code). Keys the schema lacks, ``null`` defaults, other strings
+    and booleans (which several keys take interchangeably, e.g. ``train.compile``), other ``null`` values,
     ``???`` and interpolations pass."""
     problems = []
 
@@ -185,7 +190,9 @@ def type_problems(cfg: Any, schema: Any) -> list[str]:
         if ref is None:
             return
         if value is None:  # a section header with nothing under it is null in YAML, and would erase the section
-            if isinstance(ref, DictConfig):
+            if _is_number(ref) and path not in NULLABLE_NUMBERS:
+                problems.append(f"  {path!r} expects a number (default {ref!r}), got null")
+            elif isinstance(ref, DictConfig):
                 problems.append(
                     f"  {path!r} is a section (keys: {', '.join(map(str, ref.keys()))}), got null (an empty "
                     "section: give it keys or remove it)"

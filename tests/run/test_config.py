@@ -163,3 +163,10 @@ def test_an_option_after_the_first_override_is_named_as_such():
     # argparse puts everything after the first key=value into the overrides (REMAINDER)
     with pytest.raises(ConfigError, match=r"'--no-resume'.*options .*go before the first key=value override"):
         load_config(None, ["optim.epochs=1", "--no-resume"])
+
+
+@pytest.mark.parametrize("key", ["optim.base_lr", "train.seed", "optim.epochs"])
+def test_null_for_a_number_key_names_the_key(key):
+    """null reached float()/int() later and failed with a bare TypeError naming no key."""
+    with pytest.raises(ConfigError, match=rf"'{key}' expects a number .*got null"):
+        load_config(None, [f"{key}=null"])
