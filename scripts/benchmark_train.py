@@ -113,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--output", type=Path, default=REPO / "runs" / "benchmarks" / "benchmark_train.json")
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # anywhere on the line
-    args = p.parse_args([a for a in argv if a not in overrides])
+    overrides, rest = split_overrides(p, argv)
+    args = p.parse_args(rest)
     if args.warmup < 0 or args.iters < 1:
         p.error("--warmup must be >= 0 and --iters >= 1")
     for flag, value in (("--batch-size", args.batch_size), ("--num-batches", args.num_batches),
@@ -125,6 +125,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num-workers must be >= 0, got {min(args.num_workers)}")
     args.opts, args.argv = overrides, argv
     return args
+
+
+def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(key=value config overrides, the rest)``. Overrides may stand anywhere on the line, also after
+    a list option (``--backends sdpa student.drop_path_rate=0.4``); the token after a one-value option
+    (``--output runs/bs=64.json``) is that option's value, whatever it contains."""
+    overrides, rest, takes_value = [], [], False
+    for token in argv:
+        if not takes_value and "=" in token and not token.startswith("-"):
+            overrides.append(token)
+            continue
+        rest.append(token)
+        action = None if takes_value else parser._option_string_actions.get(token)
+        takes_value = action is not None and action.nargs is None  # store: exactly one value follows
+    return overrides, rest
 
 
 def load_benchmark_config(args: argparse.Namespace):
@@ -329,8 +344,10 @@ def bench_step_row(base, combo: tuple[str, str, str], ctx: dict) -> dict:
     cfg = row_config(base, backend, compile_, checkpointing)
     device = ctx["device"]
     flops = step_flops(base, backend, ctx)
+    if device.type == "cuda":  # a build that fails then reports its own peak, not the FLOP count's
+        torch.cuda.reset_peak_memory_stats(device)
     trainer = build_trainer(cfg, device, ctx["tmp"])
-    if device.type == "cuda":
+    if device.type == "cuda":  # the row's figures: from the built model on (its weights count)
         torch.cuda.reset_peak_memory_stats(device)
     data = cycle(ctx["batches"])
     run_steps(trainer, data, ctx["args"].warmup)

@@ -368,10 +368,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         summary = run_plan(steps, args.budget, results, args.out, env, values, extra)
     except Terminated:
-        try:  # as packed when it stopped
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (already, when the signal raised it) the packing below
+        try:  # as written when it stopped
             summary = json.loads((results / "summary.json").read_text())
         except (OSError, json.JSONDecodeError):
             summary = {**extra, "steps": []}
+        summary["terminated"] = True
+        pack(results, args.out, summary)  # again: the signal may have cut the packing after a finished step
         print_summary(summary, results)
         raise SystemExit(143) from None
     finally:

@@ -354,6 +354,20 @@ def test_bad_arguments_fail_with_a_message_naming_them(bench, capsys, argv, flag
     assert stopped.value.code == 2 and flag in capsys.readouterr().err
 
 
+def test_an_option_value_with_an_equals_sign_is_not_a_config_override(bench, tmp_path):
+    """Config overrides (key=value) may stand anywhere on the line, even after a list option
+    (``--backends sdpa student.drop_path_rate=0.4``, as docs/performance.md runs it); the value of a
+    one-value option such as ``--output runs/bs=64.json`` is that option's, not an override (it was
+    taken for one, leaving ``--output`` without its value)."""
+    output = tmp_path / "bs=64.json"
+    args = bench.parse_args(["--output", str(output), "--backends", "sdpa", "student.drop_path_rate=0.4",
+                             "--config", "quickstart", "crops.local_crops_number=2"])  # fmt: skip
+    assert args.output == output and args.config == "quickstart" and args.backends == ["sdpa"]
+    assert args.opts == ["student.drop_path_rate=0.4", "crops.local_crops_number=2"]
+    args = bench.parse_args([f"--output={output}", "train.seed=3"])
+    assert args.output == output and args.opts == ["train.seed=3"]
+
+
 def test_cuda_row_resets_peaks_after_the_build_and_reports_mfu_against_the_device_peak(bench, monkeypatch):
     """bench_step_row's CUDA path, simulated on CPU (torch.cuda's functions replaced): the peak counters
     are reset after the row's model is built and read after the timed steps, the row reports both the
@@ -392,7 +406,7 @@ def test_cuda_row_resets_peaks_after_the_build_and_reports_mfu_against_the_devic
     args = argparse.Namespace(warmup=2, iters=3, peak_tflops=None)
     ctx = {"args": args, "device": torch.device("cuda", 0), "batches": [], "tmp": "", "flops": {}}
     row = bench.bench_step_row(base, ("sdpa", "false", "off"), ctx)
-    assert calls == ["build", "reset", "2 steps", "3 steps", "read"]
+    assert calls == ["reset", "build", "reset", "2 steps", "3 steps", "read"]
     assert row["times_s"] == [0.30, 0.20, 0.25] and row["s_iter_median"] == 0.25 and row["s_iter_best"] == 0.20
     assert row["img_s"] == pytest.approx(64 / 0.25) and row["dtype"] == "bf16"
     assert row["peak_mem_mib"] == 30 * 1024 and row["peak_reserved_mib"] == 34 * 1024
@@ -409,3 +423,33 @@ def test_a_run_left_without_any_backend_fails_clearly(bench, tmp_path):
         bench.main(
             [*FAST, "--num-batches", "1", "--backends", "xformers", *SHAPE, "--output", str(tmp_path / "x.json")]
         )
+
+
+def test_a_row_whose_build_fails_reports_its_own_cuda_peak(bench, monkeypatch):
+    """A row that runs out of memory while its model is built reports how far it got: the peak since its
+    own start, not the peak left over from the FLOP count (or the previous row) before it."""
+    gib, peak = 2**30, {"now": 0}
+
+    def count(base, backend, ctx):  # the eager FLOP-count step: the largest allocation of the run
+        peak["now"] = max(peak["now"], 60 * gib)
+        return {"executed_flops": None, "nominal_flops": None, "flops_counted_with_backend": "sdpa"}
+
+    def build(cfg, device, output_dir):
+        peak["now"] = max(peak["now"], 5 * gib)
+        raise torch.OutOfMemoryError("CUDA out of memory while building")
+
+    monkeypatch.setattr(bench, "step_flops", count)
+    monkeypatch.setattr(bench, "row_config", lambda base, *args, **kwargs: base)
+    monkeypatch.setattr(bench, "build_trainer", build)
+    monkeypatch.setattr(bench, "make_batches", lambda base, count, source: ([], "synthetic"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peak.update(now=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peak["now"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    base = OmegaConf.create({"student": {"attn_backend": "sdpa"}, "train": {"compile": False,
+                             "activation_checkpointing": "off"}})  # fmt: skip
+    args = argparse.Namespace(backends=["sdpa"], compile=None, checkpointing=None, num_batches=1,
+                              batch_source="synthetic", warmup=1, iters=1, peak_tflops=None)  # fmt: skip
+    rows, _ = bench.bench_step(base, args, torch.device("cuda", 0))
+    assert "out of memory" in rows[0]["error"]
+    assert rows[0]["peak_mem_mib"] == 5 * 1024 and rows[0]["peak_reserved_mib"] == 5 * 1024

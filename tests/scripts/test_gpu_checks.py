@@ -318,3 +318,32 @@ def test_carried_nvidia_wheel_does_not_hide_the_images_nvidia_packages(checks, t
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "image"
+
+
+def test_sigterm_between_steps_still_packs_the_finished_steps(checks, tmp_path, monkeypatch):
+    """SIGTERM may land while the results are packed after a step (no step running): the finished step
+    must still reach results.tar.gz (it was left only in the unpacked folder, so a first step shorter than
+    the packing period came back with no results at all)."""
+    real_pack, calls = checks.pack, []
+
+    def pack_stopped_once(results, out, summary):
+        calls.append(len(summary["steps"]))
+        if len(calls) == 1:  # the pack after the first step: summary.json written, then the signal
+            (results / "summary.json").write_text(json.dumps(summary))
+            raise checks.Terminated("signal 15")
+        real_pack(results, out, summary)
+
+    monkeypatch.setattr(checks, "pack", pack_stopped_once)
+    monkeypatch.setitem(checks.PLANS, "test", (
+        checks.Step("first", 30, "{py} -c \"print('first done')\"", min_s=1),
+        checks.Step("never", 30, "{py} -c \"print('never')\"", min_s=1),
+    ))  # fmt: skip
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        checks.main(["--plan", "test", "--out", str(out), "--wheels", str(tmp_path / "none"), "--budget", "60"])
+    assert stopped.value.code == 143
+    with tarfile.open(out / "results.tar.gz") as tar:
+        summary = json.loads(tar.extractfile("results/summary.json").read())
+        assert "results/first.log" in tar.getnames()
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("first", "ok")]
+    assert summary["terminated"] is True
