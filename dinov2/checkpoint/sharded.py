@@ -366,10 +366,21 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"not a complete training checkpoint: {path}")
+    read: dict[str, Any] = {}
+
+    def read_before_load() -> None:  # per rank: a rank that fails here must not leave the others in dcp.load
+        try:
+            read["trainer"] = load_trainer_state(path)
+            read["state"], read["stored"] = _model_and_optimizer_state(model, optimizer), read_tensor_metadata(path)
+            _check_model_fits(path, read["state"]["model"], read["stored"])
+        except CheckpointLoadError:
+            raise
+        except Exception as exc:
+            raise CheckpointLoadError(f"cannot load training checkpoint {path}: {exc}") from exc
+
+    _on_every_rank(read_before_load, f"reading checkpoint {path}", CheckpointLoadError)
+    trainer_state, state, stored = read["trainer"], read["state"], read["stored"]
     try:
-        trainer_state = load_trainer_state(path)
-        state, stored = _model_and_optimizer_state(model, optimizer), read_tensor_metadata(path)
-        _check_model_fits(path, state["model"], stored)
         unstepped = _drop_unstepped_parameters(state["optimizer"], stored)
         dcp.load(state, storage_reader=_safe_reader(path), planner=_weights_only_planner())
     except CheckpointLoadError:

@@ -138,8 +138,10 @@ def align_class_indices(train_dataset, val_dataset, role: str = "val dataset") -
     if mapping and not hasattr(val_dataset, "target_transform"):
         raise ValueError(f"the {role} names other classes than the train dataset and cannot be relabelled")
     logger.warning(
-        "The %s's classes differ from the train dataset's (absent from val: %s; absent from train: %s): its "
-        "labels are mapped to the train dataset's class indices by name", role, missing or "none", extra or "none",
+        "The %s's classes differ from the train dataset's (absent from val: %s; absent from train: %s): %s",
+        role, missing or "none", extra or "none",
+        "its labels are mapped to the train dataset's class indices by name" if mapping
+        else "its labels already are the train dataset's class indices",
     )  # fmt: skip
     if mapping:
         val_dataset.target_transform = ClassIndexMap(mapping, then=val_dataset.target_transform)

@@ -154,9 +154,12 @@ def is_integer_at_least(value: Any, minimum: int) -> bool:
         return False
 
 
-# Number keys of which null is a documented value (clip_grad: no clipping); null for any other number key
+# Number keys of which null is a documented value (clip_grad: no clipping; layerscale: none; the offset: 0);
+# null for any other number key
 # would fail later, in arithmetic, naming no key.
-NULLABLE_NUMBERS = frozenset({"optim.clip_grad"})
+NULLABLE_NUMBERS = frozenset({"optim.clip_grad", "student.layerscale", "student.interpolate_offset"})
+# True/false keys that also take strings, and read "true"/"false" (any case) as the booleans.
+STRING_BOOLEANS = frozenset({"train.compile"})
 
 # What a bool key given as a string most likely meant: a quoted YAML boolean, or a misspelt true/false.
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "none")
@@ -216,7 +219,12 @@ def type_problems(cfg: Any, schema: Any) -> list[str]:
                     problems.append(f"  {path!r} expects a list of numbers, got {_describe(value)}")
         elif _is_number(ref) and not isinstance(value, int | float):  # booleans pass: clip_grad=false means 0
             problems.append(f"  {path!r} expects a number (default {ref!r}), got {_describe(value)}")
-        elif isinstance(ref, bool) and isinstance(value, str) and _looks_boolean(value):  # any string reads as true
+        elif (
+            isinstance(ref, bool)
+            and isinstance(value, str)
+            and _looks_boolean(value)  # any string reads as true
+            and not (path in STRING_BOOLEANS and value.strip().lower() in ("true", "false"))
+        ):
             problems.append(f"  {path!r} expects true or false (default {str(ref).lower()}), got the string "
                             f"{value!r}: write true or false, unquoted")  # fmt: skip
 

@@ -578,6 +578,16 @@ def _failing_rank_worker(rank: int, port: int, world: int, root: str) -> None:
         rng.write_bytes(rng.read_bytes()[:40])
     dist.barrier()
     outcomes.append(_timed(lambda: load_checkpoint(directory / "step_0000001", model, optimizer)))
+    real_load_trainer_state = sharded.load_trainer_state
+
+    def rank_1_stale_handle(path):  # fails before the DCP load, which the other rank would wait in
+        if rank == 1:
+            raise OSError(116, "Stale file handle")
+        return real_load_trainer_state(path)
+
+    sharded.load_trainer_state = rank_1_stale_handle
+    outcomes.append(_timed(lambda: load_checkpoint(directory / "step_0000001", model, optimizer)))
+    sharded.load_trainer_state = real_load_trainer_state
     (Path(root) / f"rank{rank}.txt").write_text("\n".join(outcomes))
     # A failed rank stays alive (as an NCCL peer that is not noticed leaving): rank 0 must not need it to exit.
     deadline = time.monotonic() + 45
@@ -594,12 +604,16 @@ def test_a_rank_that_fails_writing_or_reading_its_files_stops_every_rank_at_once
 
     common = _dist_common()
     mp.spawn(_failing_rank_worker, args=(common.free_port(), common.WORLD, str(tmp_path)), nprocs=common.WORLD)
-    (save0, load0), (save1, load1) = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
+    (save0, load0, early0), (save1, load1, early1) = [
+        (tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)
+    ]
     assert "OSError" in save1 and "No space left on device" in save1, save1
     assert float(save0.split("s ")[0]) < 10, save0  # not the process-group timeout
     assert re.search(r"CheckpointWriteError: .*step_0000002.*rank 1", save0), save0
     assert "CheckpointLoadError" in load1 and "rng_rank1.pth" in load1, load1
     assert re.search(r"CheckpointLoadError: .*step_0000001.*rank 1", load0), load0
+    assert "CheckpointLoadError" in early1 and "Stale file handle" in early1, early1
+    assert float(early0.split("s ")[0]) < 10 and re.search(r"CheckpointLoadError: .*rank 1", early0), early0
     # the failed save left the previous checkpoint as the latest, loadable, and nothing half-written
     assert _names(tmp_path / "checkpoints") == ["step_0000001"]
     fresh, fresh_opt = _model_and_optimizer(1)

@@ -170,3 +170,20 @@ def test_null_for_a_number_key_names_the_key(key):
     """null reached float()/int() later and failed with a bare TypeError naming no key."""
     with pytest.raises(ConfigError, match=rf"'{key}' expects a number .*got null"):
         load_config(None, [f"{key}=null"])
+
+
+def test_number_keys_whose_null_has_a_meaning_keep_it():
+    """student.layerscale=null means no LayerScale (the blocks' gammas are absent), as in a config.yaml."""
+    from dinov2.models import build_model_from_cfg
+
+    cfg = load_config(None, ["student.layerscale=null", "student.arch=vit_tiny", "student.depth=1",
+                             "student.embed_dim=32", "student.num_heads=2", "student.patch_size=8",
+                             "student.interpolate_offset=null", "optim.clip_grad=null"])  # fmt: skip
+    student, _, _ = build_model_from_cfg(cfg)
+    assert not any("ls1" in name for name, _ in student.named_parameters())
+
+
+def test_quoted_true_or_false_for_train_compile_still_reads_as_the_boolean():
+    assert load_config(None, ['train.compile="false"']).train.compile == "false"
+    with pytest.raises(ConfigError, match="'train.compile' expects true or false"):
+        load_config(None, ["train.compile=flase"])
