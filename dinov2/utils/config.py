@@ -293,6 +293,8 @@ def _load_config_file(path: Path) -> DictConfig:
         raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"config {path} must hold a mapping of sections (train:, optim:, ...), not a list")
+    if not layer:  # an empty file (or comments only): a run would silently train on the defaults alone
+        raise ConfigError(f"config {path} is empty (no keys); omit --config to run on the default config alone")
     return layer
 
 

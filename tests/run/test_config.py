@@ -187,3 +187,11 @@ def test_quoted_true_or_false_for_train_compile_still_reads_as_the_boolean():
     assert load_config(None, ['train.compile="false"']).train.compile == "false"
     with pytest.raises(ConfigError, match="'train.compile' expects true or false"):
         load_config(None, ["train.compile=flase"])
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    """An empty file (one not saved yet, or comments only) used to run the default config silently."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("# optim:\n#   base_lr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml is empty"):
+        load_config(str(path))
