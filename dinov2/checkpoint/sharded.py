@@ -60,13 +60,6 @@ class CheckpointWriteError(RuntimeError):
     """Another rank failed while a checkpoint was being written (its own error is in its log)."""
 
 
-def _collective_device() -> torch.device:
-    """Where a small collective's tensor must live: the current CUDA device under NCCL, else the CPU."""
-    if distributed.is_enabled() and "nccl" in str(torch.distributed.get_backend()).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _on_every_rank(action, what: str, error_type: type[Exception]) -> None:
     """Run ``action`` on this rank, then tell every rank which ranks failed (one all-reduce, which also
     serves as the barrier): a rank that failed re-raises its own error, every other rank raises
@@ -77,18 +70,11 @@ def _on_every_rank(action, what: str, error_type: type[Exception]) -> None:
         action()
     except (Exception, CheckpointException) as exc:  # DCP's error is a BaseException; re-raised below
         error = exc
-    world = distributed.get_world_size()
-    if world > 1:
-        failed = torch.zeros(world, dtype=torch.int32, device=_collective_device())
-        failed[distributed.get_rank()] = int(error is not None)
-        failed = distributed.all_reduce(failed).cpu()
-    else:
-        failed = torch.tensor([int(error is not None)])
+    failed = distributed.failed_ranks(error is not None)
     if error is not None:
         raise error
-    if bool(failed.any()):
-        ranks = ", ".join(str(r) for r in failed.nonzero().flatten().tolist())
-        raise error_type(f"{what} failed on rank {ranks}; that rank's own error is in its log")
+    if failed:
+        raise error_type(f"{what} failed on rank {', '.join(map(str, failed))}; that rank's own error is in its log")
 
 
 def rng_file(rank: int) -> str:

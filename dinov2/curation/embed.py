@@ -338,7 +338,7 @@ def embed_images(
     if dtype not in ("float16", "float32"):
         raise ValueError(f"embedding dtype must be float16 or float32, got {dtype!r}")
     info = {"source": str(source), "embedder": describe_embedder(model_cfg), "dtype": dtype}
-    _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, device)
+    _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list)
     store = EmbeddingStore(store_dir)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     todo = [c for c in store.missing_chunks() if c % world == rank]
@@ -352,7 +352,7 @@ def embed_images(
     return store
 
 
-def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, device) -> None:
+def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list) -> None:
     """Rank 0 lists the images and creates (or checks) the store; every rank learns whether that
     worked, so a bad input stops all ranks with rank 0's error instead of leaving them waiting."""
     error = None
@@ -366,16 +366,11 @@ def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, de
             write_source_stamp(store_dir, source, paths, listed_ns)  # the list was just checked against the store's
         except (ValueError, OSError) as caught:  # StoreError is a ValueError
             error = caught
-    if distributed.get_world_size() > 1:
-        from dinov2.utils.device import resolve_device
-
-        where = resolve_device(device) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        failed = torch.tensor([float(error is not None)], device=where)
-        distributed.all_reduce(failed)
-        if error is None and failed.item() > 0:
-            raise StoreError(f"rank 0 could not prepare the embedding store {store_dir} (its log has the error)")
+    failed = distributed.failed_ranks(error is not None)
     if error is not None:
         raise error
+    if failed:
+        raise StoreError(f"rank 0 could not prepare the embedding store {store_dir} (its log has the error)")
 
 
 def _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress) -> None:

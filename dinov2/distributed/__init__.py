@@ -42,6 +42,26 @@ def all_reduce(tensor: torch.Tensor, op=None, group=None, async_op: bool = False
     return work if async_op else tensor
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a small collective's tensor must live: this process's current CUDA device under NCCL
+    (:func:`init_from_env` makes the rank's own GPU the current one), else the CPU (gloo, or no group)."""
+    if is_enabled() and "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def failed_ranks(failed_here: bool, group=None) -> list[int]:
+    """The ranks whose ``failed_here`` was True, learnt with one all-reduce (a collective: every rank
+    must call, so it is also a barrier). A rank that fails can so stop every rank at once, instead of
+    the others waiting for it in a later collective until the process-group timeout."""
+    world = get_world_size(group)
+    if world == 1:
+        return [0] if failed_here else []
+    flags = torch.zeros(world, dtype=torch.int32, device=collective_device(group))
+    flags[get_rank(group)] = int(failed_here)
+    return all_reduce(flags, group=group).cpu().nonzero().flatten().tolist()
+
+
 class RunCount:
     """A count over a whole run: what the run counted before it was resumed (``earlier``, from its
     checkpoint) plus what each rank counts now (``local``), e.g. unreadable images skipped."""

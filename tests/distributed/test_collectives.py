@@ -47,6 +47,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     count.local = 3 + rank
     result["count"] = count.total(torch.device("cpu"))
     result["gathered"] = distributed.all_gather_cat(torch.full((2, 1), float(rank)))
+    assert distributed.collective_device() == torch.device("cpu")  # gloo: small collectives on the CPU
+    result["failed_none"] = distributed.failed_ranks(False)
+    result["failed_one"] = distributed.failed_ranks(rank == 1)  # only rank 1 fails: every rank learns it
+    result["failed_all"] = distributed.failed_ranks(True)
 
     # one norm over a sharded gradient (the same full tensor on every rank, 7 rows over 2 ranks:
     # uneven shards) and a replicated plain one
@@ -80,6 +84,7 @@ def test_helpers_average_count_gather_and_take_norms_over_ranks(tmp_path):
         assert result["unused"] is None
         assert result["count"] == 5 + 3 + 4
         assert torch.equal(result["gathered"], torch.tensor([[0.0], [0.0], [1.0], [1.0]]))
+        assert (result["failed_none"], result["failed_one"], result["failed_all"]) == ([], [1], [0, 1])
 
         full, plain = _grad("sharded", 0, (7, 3)), _grad("plain", 0, (4,))
         norm = torch.cat([full.flatten(), plain]).norm()
@@ -100,6 +105,8 @@ def test_single_process_helpers_are_identities():
     distributed.all_reduce_mean_grads([p])
     assert torch.equal(p.grad, torch.ones(2))
     distributed.barrier()
+    assert distributed.failed_ranks(True) == [0] and distributed.failed_ranks(False) == []
+    assert distributed.collective_device() == torch.device("cpu")
     distributed.shutdown()
 
 
