@@ -97,6 +97,12 @@ def _check_config(cfg: Any, teacher_cfg: Any, origin: str) -> None:
     if cfg.train.centering not in CENTERINGS:
         raise ValueError(f"train.centering={cfg.train.centering!r}; valid: {', '.join(CENTERINGS)}")
     check_loss_weights(cfg)
+    if float(cfg.ibot.mask_sample_probability) > 0:
+        logger.warning(
+            "distillation trains the student without masking: the batch's iBOT masks "
+            "(ibot.mask_sample_probability=%s) are drawn but ignored; set it to 0 to skip drawing them",
+            cfg.ibot.mask_sample_probability,
+        )
     if cfg.ibot.loss_weight > 0 and not cfg.ibot.separate_head:
         raise ValueError(
             "distillation needs ibot.separate_head: true (the student's iBOT head learns the teacher's patch targets)"

@@ -64,7 +64,15 @@ def setup_config(args: argparse.Namespace, cfg: Any = None) -> Any:
         cfg.train.output_dir = str(args.output_dir)
     world = distributed.get_world_size()
     batch = _positive_int(cfg, "train.batch_size_per_gpu") * world * _positive_int(cfg, "train.grad_accum_steps")
-    cfg.optim.lr = scaled_lr(float(cfg.optim.base_lr), batch, str(cfg.optim.scaling_rule))
+    lr = scaled_lr(float(cfg.optim.base_lr), batch, str(cfg.optim.scaling_rule))
+    given = float(cfg.optim.lr)
+    if given not in (0.0, lr):  # 0 is the default; the computed value is what a saved config.yaml holds
+        logger.warning(
+            "optim.lr=%g is replaced by %g, computed from optim.base_lr=%g for a global batch of %d (%s); "
+            "set optim.base_lr to change the learning rate",
+            given, lr, float(cfg.optim.base_lr), batch, cfg.optim.scaling_rule,
+        )  # fmt: skip
+    cfg.optim.lr = lr
     return cfg
 
 

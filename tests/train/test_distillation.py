@@ -136,8 +136,12 @@ def expected_first_losses(
     return {**losses, "dino_global_crops_loss": glob.item(), "ibot_loss": ibot.item()}
 
 
-def test_losses_use_every_patch_and_no_masks_and_no_stochastic_depth(teacher_run):
-    cfg, model = distill_model(teacher_run)
+def test_losses_use_every_patch_and_no_masks_and_no_stochastic_depth(teacher_run, caplog):
+    with caplog.at_level("WARNING", logger="dinov2"):
+        cfg, model = distill_model(teacher_run)
+    # both settings the recipe ignores are named: the stochastic depth and the masks the collate still draws
+    assert "student.drop_path_rate=0.3 is ignored" in caplog.text
+    assert "ibot.mask_sample_probability=0.5) are drawn but ignored" in caplog.text
     blocks = [m for m in model.student.modules() if isinstance(m, Block)]
     assert cfg.student.drop_path_rate == 0.3 and blocks
     assert all(b.sample_drop_ratio == 0 and isinstance(b.drop_path1, torch.nn.Identity) for b in blocks)

@@ -94,3 +94,19 @@ def test_a_batch_or_accumulation_that_is_no_positive_integer_is_named(override):
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=rf"{key} must be a positive integer"):
         setup_config(get_args_parser().parse_args(["--config", "quickstart", override]))
+
+
+def test_an_lr_given_directly_is_replaced_with_a_warning_naming_base_lr(caplog):
+    # optim.lr is always computed from base_lr and the batch; a researcher setting it saw nothing happen.
+    args = get_args_parser().parse_args(["--config", "quickstart", "optim.lr=0.5"])
+    with caplog.at_level("WARNING", logger="dinov2"):
+        cfg = setup_config(args)
+    batch = cfg.train.batch_size_per_gpu * cfg.train.grad_accum_steps
+    rule = {"sqrt_wrt_1024": (batch / 1024) ** 0.5, "linear_wrt_256": batch / 256}[cfg.optim.scaling_rule]
+    assert cfg.optim.lr == pytest.approx(cfg.optim.base_lr * rule) != 0.5
+    assert "optim.lr=0.5 is replaced" in caplog.text and "optim.base_lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinov2"):  # the default (0) and the computed value: no warning
+        setup_config(get_args_parser().parse_args(["--config", "quickstart"]))
+        setup_config(get_args_parser().parse_args(["--config", "quickstart", f"optim.lr={cfg.optim.lr!r}"]))
+    assert "optim.lr" not in caplog.text
