@@ -9,12 +9,14 @@ against the default's kind where that is unambiguous: a number for a numeric key
 a section (not null) for a section (``optim.base_lr=abc`` fails naming ``optim.base_lr``), and no
 misspelt or quoted boolean for a true/false key (``train.gpu_augmentation=flase`` would read as true). OmegaConf
 interpolations (``optim.min_lr=${optim.base_lr}``) resolve against the whole merged config; one that
-cannot resolve fails at load time, naming its key.
+cannot resolve fails at load time, naming its key. The original's keys that change nothing here
+(``NO_EFFECT_KEYS``: ``train.saveckp_freq``, ...) are accepted, with a warning when given another value.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "ssl_default_config.yaml"
 CONFIG_KINDS = ("train", "eval", "distill")
 CURATION_DEFAULT_CONFIG = CONFIGS_DIR / "curation" / "default.yaml"
+
+logger = logging.getLogger("dinov2")
 
 
 class ConfigError(ValueError):
@@ -164,6 +168,21 @@ STRING_BOOLEANS = frozenset({"train.compile"})
 # What a bool key given as a string most likely meant: a quoted YAML boolean, or a misspelt true/false.
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "none")
 
+# Keys of the default training config that change nothing: the original's, kept so that its configs
+# and run configs still load. A config or override giving one a value other than the default is
+# accepted with a warning that says what does that job here (else the setting would vanish silently).
+_BUFFERS = "FSDP2 keeps buffers in their own dtype (fp32); the dtype name is only checked"
+NO_EFFECT_KEYS = {
+    "MODEL.WEIGHTS": "start from weights with student.pretrained_weights (training) or --pretrained-weights (evaluation)",
+    "train.saveckp_freq": "checkpoints are written every train.checkpoint_period_iterations",
+    "train.cache_dataset": "nothing caches the dataset",
+    **{
+        f"compute_precision.{role}.{module}.mixed_precision.buffer_dtype": _BUFFERS
+        for role in ("teacher", "student")
+        for module in ("backbone", "dino_head", "ibot_head")
+    },
+}
+
 
 def _looks_boolean(value: str) -> bool:
     word = value.strip().lower()
@@ -242,6 +261,21 @@ def check_types(cfg: Any, schema: Any, source: str) -> None:
         raise ConfigError("\n".join([f"wrong value type{'s' if len(problems) > 1 else ''} in {source}:", *problems]))
 
 
+def no_effect_settings(cfg: Any, schema: Any, no_effect: Mapping[str, str] = NO_EFFECT_KEYS) -> list[str]:
+    """One line for each key of ``no_effect`` that ``cfg`` (one layer) sets to a value other than the
+    default in ``schema``: the setting would change nothing (see :data:`NO_EFFECT_KEYS`)."""
+    lines = []
+    for key, instead in no_effect.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node.keys() or _unreadable(node, leaf):
+            continue
+        default = OmegaConf.select(schema, key, default=None)
+        if node[leaf] != default:
+            lines.append(f"{key}={node[leaf]!r} has no effect (default {default!r}): {instead}")
+    return lines
+
+
 def _interpolation_paths(node: Any, prefix: str = "") -> Iterator[str]:
     keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
     for key in keys:
@@ -309,7 +343,9 @@ def load_config(
     layer made of them: a section the default leaves ``null``, free-form, such as curation's
     ``dedup.copy_detection``, may be given other keys or ``null`` by an override). ``???`` in a layer
     marks a key required (see :func:`required_keys`). ``default`` and ``kinds`` select another family
-    of configs (the curation pipeline: ``CURATION_DEFAULT_CONFIG`` and ``("curation",)``)."""
+    of configs (the curation pipeline: ``CURATION_DEFAULT_CONFIG`` and ``("curation",)``). With the
+    default training config, a layer that sets a key of :data:`NO_EFFECT_KEYS` to another value than
+    the default logs a warning naming the key (it is accepted, and changes nothing)."""
     cfg = base = load_default_config(default)
     layers = []
     if config:
@@ -320,6 +356,9 @@ def load_config(
     for layer, source in layers:
         check_against_schema(layer, base, source)
         check_types(layer, base, source)
+        if default == DEFAULT_CONFIG:
+            for line in no_effect_settings(layer, base):
+                logger.warning("%s: %s", source, line)
         cfg = OmegaConf.merge(cfg, layer)
         for key in required_keys(layer):  # merging ``???`` keeps the old value; a config means "required"
             OmegaConf.update(cfg, key, "???", merge=False)
