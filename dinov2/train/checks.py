@@ -1,7 +1,7 @@
 """Checks that stop or warn a training run, each naming what it found: non-finite loss terms or
 gradient norms (decided by all ranks together), the stop iteration, and what a resumed run does
 differently from the run that saved its checkpoint (optimizer settings it overrides, another
-schedule length or batch size)."""
+schedule length or batch size), and the share of unreadable images over the whole run."""
 
 from __future__ import annotations
 
@@ -15,6 +15,29 @@ from dinov2 import distributed
 from dinov2.utils.config import is_integer_at_least
 
 logger = logging.getLogger("dinov2")
+
+
+class UnreadableDataError(RuntimeError):
+    """Too many of the training images failed to decode: the run stops instead of training on the rest."""
+
+
+def check_skipped_fraction(
+    skipped: int, delivered: int, max_fraction: float, min_attempts: int, dataset: str, iteration: int,
+    last_checkpoint: Path | None,
+) -> None:  # fmt: skip
+    """Raise :class:`UnreadableDataError` when more than ``max_fraction`` of the run's decode attempts
+    (``skipped`` failures plus ``delivered`` samples, all ranks and workers, resumes included) failed,
+    after at least ``min_attempts``. Both counts follow the data stream alone, so the decision does
+    not depend on the number of workers or ranks, nor on where the run was resumed."""
+    attempts = skipped + delivered
+    if attempts < min_attempts or skipped <= max_fraction * attempts:
+        return
+    kept = f"the last checkpoint {last_checkpoint} is untouched" if last_checkpoint else "no checkpoint was written"
+    raise UnreadableDataError(
+        f"{dataset}: {skipped} of {attempts} decode attempts failed by iteration {iteration} "
+        f"({skipped / attempts:.0%} > {max_fraction:.0%}); check the dataset (the log names the files); "
+        f"stopping ({kept})"
+    )
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -25,7 +25,13 @@ from dinov2.checkpoint import (
     save_checkpoint,
 )
 from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
-from dinov2.train.checks import check_finite, resolve_stop_iteration, warn_changed_groups, warn_changed_run_shape
+from dinov2.train.checks import (
+    check_finite,
+    check_skipped_fraction,
+    resolve_stop_iteration,
+    warn_changed_groups,
+    warn_changed_run_shape,
+)
 from dinov2.train.data import build_gpu_augmentation, build_train_dataset, build_train_loader, gpu_augmentation_enabled
 from dinov2.train.param_groups import build_optimizer_param_groups, changed_param_settings, param_settings
 from dinov2.train.precision import grad_scaler, resolve_precision
@@ -71,6 +77,7 @@ class Trainer:
         self.online_knn = _online_knn(cfg)  # None when evaluation.knn names no datasets
         self.skipped_images = distributed.RunCount()  # unreadable images the data workers skipped
         self.gpu_augment = build_gpu_augmentation(cfg) if gpu_augmentation_enabled(cfg) else None
+        self._skip_limit: tuple[float, int, str] | None = None  # see _take_over_skip_limit
         self._rng_state: dict | None = None
         self._reseed_on_start = False
 
@@ -248,6 +255,10 @@ class Trainer:
             record["peak_memory_mb"],
             f" | skipped images {skipped}" if skipped else "",
         )
+        if self._skip_limit is not None:
+            check_skipped_fraction(
+                skipped, self.samples_consumed, *self._skip_limit, self.iteration, self.last_checkpoint
+            )
 
     def evaluate(self, label: str) -> dict[str, float]:
         """Export the teacher (OUTPUT/eval/training_{it}/) and run the online k-NN, if configured.
@@ -277,6 +288,7 @@ class Trainer:
         if resume:
             self.resume()
         dataset = build_train_dataset(self.cfg)
+        self._skip_limit = _take_over_skip_limit(dataset)
         if self.online_knn is not None:  # a bad k-NN dataset fails now, not at the first eval period
             self.online_knn.datasets()
         self._log_plan(len(dataset))
@@ -392,6 +404,19 @@ def _due(iteration: int, period: int) -> bool:
     """Whether a periodic action falls on ``iteration``; a period <= 0 never does (the action then
     happens only where the loop also asks for it at the end)."""
     return period > 0 and iteration % period == 0
+
+
+def _take_over_skip_limit(dataset) -> tuple[float, int, str] | None:
+    """The dataset's limit on the share of failed decodes, ``(max fraction, min attempts, name)``, which
+    the trainer then checks on the run's counts at each log period; the dataset's own check, on the
+    counts of each worker process alone, is switched off, as it would stop a run or not depending on
+    the number of workers and on resumes. None for a dataset without one (e.g. Synthetic)."""
+    fraction = getattr(dataset, "max_failure_fraction", None)
+    if fraction is None:
+        return None
+    limit = (float(fraction), int(dataset.min_attempts_for_fraction), dataset._describe())
+    dataset.max_failure_fraction = float("inf")  # an instance attribute: the workers' copies get it too
+    return limit
 
 
 def _new_window() -> dict[str, float]:
