@@ -219,41 +219,9 @@ class ThumbnailEmbedder:
         return F.normalize(x, dim=1)
 
 
-MAX_ASPECT = 8  # longer side / shorter side that reaches the evaluation transform's resize
-
-
-def centre_to_aspect(image, max_aspect: int = MAX_ASPECT):
-    """The centre of ``image``, at most ``max_aspect`` times longer than its shorter side. The
-    evaluation transform resizes the shorter side and keeps a centre crop, so the cut-off ends (of
-    a web banner, 1 x 20,000: resized to 256 x 5.1M pixels, GBs) never reach the output; what
-    stays around the crop (3.5 shorter sides each way) covers the resize filter's reach: the output
-    moves by a sub-pixel rounding of the resized size at most."""
-    width, height = image.size
-    short = min(width, height)
-    keep = max_aspect * short
-    if max(width, height) <= keep:
-        return image
-    keep += (max(width, height) - keep) % 2  # the same number cut from each end: the centre stays put
-    if width > height:
-        left = (width - keep) // 2
-        return image.crop((left, 0, left + keep, height))
-    top = (height - keep) // 2
-    return image.crop((0, top, width, top + keep))
-
-
-class _CentredTransform:
-    """``transform(centre_to_aspect(image))``; a class so that DataLoader workers can pickle it."""
-
-    def __init__(self, transform) -> None:
-        self.inner = transform
-
-    def __call__(self, image):
-        return self.inner(centre_to_aspect(image))
-
-
 class BackboneEmbedder:
-    """A frozen ViT's normalised CLS / mean-patch features on the evaluation transform (of the
-    image's centre at most 8:1, :func:`centre_to_aspect`)."""
+    """A frozen ViT's normalised CLS / mean-patch features on the evaluation transform (which keeps an
+    image's centre at most 8:1 before the resize, :func:`~dinov2.data.transforms.centre_to_aspect`)."""
 
     def __init__(self, cfg, device: str | torch.device = "auto") -> None:
         from dinov2.data.transforms import make_classification_eval_transform
@@ -267,7 +235,7 @@ class BackboneEmbedder:
             self.model, _ = build_eval_model(cfg.config_file or None, cfg.pretrained_weights, list(cfg.opts), device)
         self.device = next(self.model.parameters()).device
         self.autocast = autocast_dtype_for(self.device)
-        self.transform = _CentredTransform(make_classification_eval_transform(int(cfg.resize_size), int(cfg.crop_size)))
+        self.transform = make_classification_eval_transform(int(cfg.resize_size), int(cfg.crop_size))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -86,11 +86,11 @@ def _few(names: list[str], shown: int = 5) -> str:
 
 def class_names_of(dataset) -> list[str | None] | None:
     """The name of each class index of ``dataset``: its ``classes`` (``ImageFolder``: the folder
-    names), else, for datasets with ``get_class_id(index)`` and ``get_targets()`` (``ImageNet``,
+    names; ``ImageNet``, ``ImageNet22k``: the wnids), else, for datasets with ``get_class_id(index)`` and ``get_targets()`` (``ImageNet``,
     ``ImageNet22k``: the wnids), the class id of the first sample of each class (``None`` for an
     index without samples). ``None`` when the dataset names no classes (``FileList``)."""
     names = getattr(dataset, "classes", None)
-    if isinstance(names, list | tuple):
+    if isinstance(names, list | tuple) and names:  # empty: an unlabelled split (ImageNet TEST) names no class
         return [str(name) for name in names]
     get_class_id, get_targets = getattr(dataset, "get_class_id", None), getattr(dataset, "get_targets", None)
     if not callable(get_class_id) or not callable(get_targets):

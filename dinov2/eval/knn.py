@@ -3,7 +3,9 @@
 Features are L2-normalised; each query's ``k`` most cosine-similar training features vote for
 their labels with weight ``exp(similarity / T)``; classes are ranked by summed votes. The weights
 are computed as ``exp((similarity - top similarity) / T)``, the same ranking scaled by a per-query
-constant, which cannot overflow for small ``T``. Accuracy follows :mod:`dinov2.eval.metrics` (ties go
+constant, which cannot overflow for small ``T``. Training features at exactly the same similarity
+are taken in index order (a tie at the ``k``-th place goes to the lower index, on any number of ranks;
+``torch.topk`` alone leaves it unspecified). Accuracy follows :mod:`dinov2.eval.metrics` (ties go
 to the lower class index, a class without votes is never predicted).
 
     python dinov2/eval/knn.py --config-file vitl14_pretrain --pretrained-weights W.pth \\
@@ -41,8 +43,33 @@ RESULTS_FILE = "results_eval_knn.json"
 BACKENDS = ("torch", "faiss")
 
 
+def _similarity_then_index_order(sims: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The permutation of each row's candidates that sorts them by similarity, descending, then row index,
+    ascending (``torch.topk`` leaves the order of equal values unspecified)."""
+    by_id = ids.argsort(dim=1, stable=True)
+    by_sim = sims.gather(1, by_id).argsort(dim=1, descending=True, stable=True)
+    return by_id.gather(1, by_sim)
+
+
+def _sorted_neighbours(sims: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = _similarity_then_index_order(sims, ids)
+    return sims.gather(1, order), ids.gather(1, order)
+
+
 def _torch_neighbours(train: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (queries @ train.T).topk(k, dim=1)
+    """Each query's ``k`` most similar training rows, sorted by similarity; exact ties go to the lower row
+    index, also at the ``k``-th place (rows where ``topk`` kept a higher-indexed one of the tied values
+    are redone), so that the neighbours do not depend on ``topk``'s order or on how the rows are sharded."""
+    all_sims = queries @ train.T
+    sims, ids = all_sims.topk(k, dim=1)
+    last = sims[:, -1:]
+    redo = ((all_sims == last).sum(dim=1) > (sims == last).sum(dim=1)).nonzero().flatten().tolist()
+    for row in redo:  # exact ties across the k-th place: rare (duplicate images with other labels)
+        above = (all_sims[row] > last[row]).nonzero().flatten()
+        tied = (all_sims[row] == last[row]).nonzero().flatten()[: k - len(above)]
+        ids[row] = torch.cat((above, tied))
+        sims[row] = all_sims[row, ids[row]]
+    return _sorted_neighbours(sims, ids)
 
 
 def _faiss_index(train: torch.Tensor):
@@ -56,8 +83,9 @@ def _faiss_index(train: torch.Tensor):
 
 
 def _faiss_neighbours(index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`_torch_neighbours`; which of the rows tied at the ``k``-th place are kept is faiss's choice."""
     sims, ids = index.search(queries.detach().cpu().float().contiguous().numpy(), k)
-    return torch.from_numpy(sims).to(queries.device), torch.from_numpy(ids).to(queries.device)
+    return _sorted_neighbours(torch.from_numpy(sims).to(queries.device), torch.from_numpy(ids).to(queries.device))
 
 
 def knn_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, temperature: float, num_classes: int):
@@ -72,18 +100,25 @@ def knn_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, temper
     return votes.scatter_add_(1, neighbour_labels[:, :k], weights)
 
 
-def _merge_rank_neighbours(sims: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's ``(Q, <= k)`` nearest neighbours among its training rows -> the ``(Q, k)`` nearest
-    overall, sorted (an all-gather; a rank with fewer than ``k`` rows pads with ``-inf``)."""
+def _merge_rank_neighbours(
+    sims: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``(Q, <= k)`` nearest neighbours among its training rows (``ids``: global row indices)
+    -> the similarities and labels of the ``(Q, k)`` nearest overall, sorted by similarity, ties by row
+    index as on one process (an all-gather; a rank with fewer than ``k`` rows pads with ``-inf``)."""
     missing = k - sims.shape[1]
     if missing:
         sims = torch.cat((sims, sims.new_full((len(sims), missing), float("-inf"))), dim=1)
+        ids = torch.cat((ids, ids.new_full((len(ids), missing), torch.iinfo(ids.dtype).max)), dim=1)
         labels = torch.cat((labels, labels.new_zeros((len(labels), missing))), dim=1)
     world, queries = distributed.get_world_size(), len(sims)
-    all_sims = distributed.all_gather_cat(sims.contiguous()).view(world, queries, k).permute(1, 0, 2)
-    all_labels = distributed.all_gather_cat(labels.contiguous()).view(world, queries, k).permute(1, 0, 2)
-    top, where = all_sims.reshape(queries, world * k).topk(k, dim=1)
-    return top, all_labels.reshape(queries, world * k).gather(1, where)
+    gathered = [
+        distributed.all_gather_cat(t.contiguous()).view(world, queries, k).permute(1, 0, 2).reshape(queries, -1)
+        for t in (sims, ids, labels)
+    ]
+    all_sims, all_ids, all_labels = gathered
+    order = _similarity_then_index_order(all_sims, all_ids)[:, :k]
+    return all_sims.gather(1, order), all_labels.gather(1, order)
 
 
 def _query_slice(n: int, shard_queries: bool) -> slice:
@@ -154,7 +189,7 @@ def knn_classify(
             sims, ids = _torch_neighbours(train, queries, k_own)
         neighbour_labels = own_labels[ids]
         if sharded:
-            sims, neighbour_labels = _merge_rank_neighbours(sims, neighbour_labels, k_max)
+            sims, neighbour_labels = _merge_rank_neighbours(sims, ids + own.start, neighbour_labels, k_max)
         for row, k in enumerate(ks.values()):
             votes = knn_votes(sims, neighbour_labels, k, temperature, num_classes)
             counts = topk_correct(votes, test_labels[start:stop], (1, 5), require_positive=True)

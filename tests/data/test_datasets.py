@@ -313,6 +313,36 @@ def test_imagenet22k_dump_and_reload(tmp_path):
     assert reloaded.get_class_id(5) == "n0003" and reloaded[5][1] == 2
 
 
+def test_imagenet_classes_and_class_to_idx_mean_what_torchvision_image_folder_means(imagenet_root, tmp_path):
+    """``classes`` / ``class_to_idx`` as torchvision's ImageFolder over the same class folders (the wnids):
+    ``classes[target]`` names the folder each image lies in; the unlabelled TEST split names none."""
+    from torchvision.datasets import ImageFolder as TorchvisionImageFolder
+
+    extra = tmp_path / "extra"
+    for split in ImageNet.Split:
+        ImageNet(split=split, root=str(imagenet_root), extra=str(extra)).dump_extra()
+    reference = TorchvisionImageFolder(str(imagenet_root / "train"))
+    for split in ("TRAIN", "VAL"):
+        ds = ImageNet(split=split, root=str(imagenet_root), extra=str(extra))
+        assert ds.classes == reference.classes == sorted(WNIDS) and ds.class_to_idx == reference.class_to_idx
+        folders = [ds.get_image_path(i).split("/")[-2] for i in range(len(ds))]
+        assert [ds.classes[t] for t in ds.get_targets()] == folders
+    test = ImageNet(split="TEST", root=str(imagenet_root), extra=str(extra))
+    assert test.classes == [] and test.class_to_idx == {}
+    from dinov2.eval.features import class_names_of  # an empty ``classes`` names no class: nothing to align
+
+    assert class_names_of(test) is None and class_names_of(ds) == sorted(WNIDS)
+
+    root = tmp_path / "in22k"
+    for w, count in (("n0002", 2), ("n0001", 1)):
+        for n in range(count):
+            _write(root / w / f"{w}_{n}.JPEG")
+    ImageNet22k(root=str(root), extra=str(tmp_path / "e22k")).dump_extra()
+    ds, reference = ImageNet22k(root=str(root), extra=str(tmp_path / "e22k")), TorchvisionImageFolder(str(root))
+    assert ds.classes == reference.classes == ["n0001", "n0002"] and ds.class_to_idx == reference.class_to_idx
+    assert ds.get_targets().tolist() == [t for _, t in reference.samples]
+
+
 def test_imagenet22k_dump_names_wnid_folders_without_images(tmp_path, caplog):
     _write(tmp_path / "n0001" / "n0001_0.JPEG")
     (tmp_path / "n0002").mkdir()  # an interrupted extraction: its images would have been class 1

@@ -317,6 +317,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out["online"] = OnlineKNN(*SYNTHETIC, resize_size=32, crop_size=32, batch_size=4)(
             micro_vit(), torch.device("cpu")
         )
+        from test_eval_invariance import two_rank_results
+
+        out["invariance"] = two_rank_results()
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -375,3 +378,19 @@ def test_two_ranks_online_knn_equals_one_process(two_ranks):
     torch.manual_seed(0)
     expected = OnlineKNN(*SYNTHETIC, resize_size=32, crop_size=32, batch_size=4)(micro_vit(), torch.device("cpu"))
     assert [r["online"] for r in two_ranks] == [expected, expected]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "check",
+    [
+        "check_two_ranks_give_the_features_of_one_process_for_every_batch_size",
+        "check_two_ranks_break_knn_ties_as_one_process",
+        "check_two_ranks_choose_the_same_c_and_accuracy_as_one_process",
+    ],
+)
+def test_two_ranks_are_invariant_as_one_process(two_ranks, check, one_thread):
+    """The invariance checks of test_eval_invariance.py that need two ranks (they share this spawn)."""
+    import test_eval_invariance
+
+    getattr(test_eval_invariance, check)([r["invariance"] for r in two_ranks])

@@ -160,6 +160,17 @@ class ImageNet(FileImageDataset):
     def num_classes(self) -> int:
         return 0 if self.split is _Split.TEST else len(self._load_extra("class-ids"))
 
+    @property
+    def classes(self) -> list[str]:
+        """The class ids (wnids) in class-index order, as ``torchvision``'s ``ImageFolder.classes`` (its
+        class folder names, here the wnid folders); empty for the unlabelled TEST split."""
+        return [] if self.split is _Split.TEST else [str(c) for c in self._load_extra("class-ids")]
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        """``{wnid: class index}``, as ``torchvision``'s ``ImageFolder.class_to_idx``."""
+        return {name: i for i, name in enumerate(self.classes)}
+
     def _scan(self, class_ids: list[str]) -> list[tuple[int, int, str]]:
         """(actual_index, class_index, wnid) for every file of the split, checked against the layout."""
         split_dir = Path(self.root, self.split.dirname)
@@ -250,6 +261,13 @@ class ImageNet22k(FileImageDataset):
     @property
     def num_classes(self) -> int:
         return len(self._load_extra("class-ids"))
+
+    @property
+    def classes(self) -> list[str]:
+        """The class ids (wnid folder names) in class-index order, as ``torchvision``'s ``ImageFolder.classes``."""
+        return [str(c) for c in self._load_extra("class-ids")]
+
+    class_to_idx = ImageNet.class_to_idx
 
     def dump_extra(self) -> None:
         """Scan ``root/<wnid>/`` folders and write the metadata files into ``extra``."""
