@@ -11,7 +11,10 @@ point's ``main`` with the same arguments a ``torchrun`` user would pass.
 the job; submitit resolves ``%j`` in its own folder (``--slurm-output-dir``, by default
 ``OUTPUT_DIR/slurm``). On preemption or time-out submitit asks the callable for a checkpoint:
 :meth:`Launched.checkpoint` resubmits the same arguments (without ``--no-resume``, or the curation's
-``--redo STAGE``) and the entry point resumes from what it wrote in its output directory.
+``--redo STAGE``) and the entry point resumes from what it wrote in its output directory; a job
+that SLURM requeued by itself (``SLURM_RESTART_COUNT``) drops them too. On SLURM, ``srun
+--kill-on-bad-exit=1`` ends every task once one fails; under submitit's local executor, whose controller
+waits for all of them, the failing task kills the others itself (:func:`stop_local_peers`).
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import importlib
 import os
 import signal
 import sys
+import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import JobPaths
+from submitit.core.utils import JobPaths, cloudpickle_dump, temporary_save_path
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
 from dinov2.distributed import PORT_BASE, PORT_SPAN, master_port  # noqa: F401 (PORT_*: the range, for callers)
 from dinov2.utils.config import ConfigError
@@ -156,6 +162,11 @@ def drop_start_over(argv: Sequence[str], options: Sequence[tuple[str, str, bool]
     return kept
 
 
+def _start_over_given(argv: Sequence[str], options: Sequence[tuple[str, str, bool]]) -> list[str]:
+    """The start-over options (``--no-resume``, ``--redo``) that ``argv`` holds."""
+    return [o for o, _, _ in options if any(a == o or a.startswith(o + "=") for a in argv)]
+
+
 class Launched:
     """What a job runs: ``entry.run(argv)`` in each task, after setting up the process-group
     environment. Checkpointable: submitit requeues it on preemption or time-out."""
@@ -172,16 +183,34 @@ class Launched:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # Resolved once: a requeued job (same id on SLURM) and its checkpoint() see the same directory.
         self.argv = resolve_job_id(self.argv, job_env.job_id)
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0").strip()
+        if getattr(job_env, "cluster", None) == "slurm" and restarts.isdigit() and int(restarts) > 0:
+            # requeued by SLURM itself (a preemption that sent no SIGUSR2, a node failure, scontrol requeue):
+            # the job reruns the submitted arguments, which checkpoint() did not get to rewrite
+            dropped = _start_over_given(self.argv, self.entry.start_over)
+            if dropped:
+                print(f"restart {restarts} of job {job_env.job_id}: {' '.join(dropped)} dropped so that it resumes "
+                      "from what it had finished", flush=True)  # fmt: skip
+            self.argv = drop_start_over(self.argv, self.entry.start_over)
         variables = setup_distributed_env(job_env)
         described = " ".join(f"{k}={v}" for k, v in variables.items())
         print(f"dinov2 job {job_env.job_id}: {described}; {self.entry.module}.main({self.argv})", flush=True)
-        return self.entry.run(self.argv)
+        if getattr(job_env, "cluster", None) != "local" or int(job_env.num_tasks) == 1:
+            return self.entry.run(self.argv)  # on SLURM, srun --kill-on-bad-exit ends the other tasks
+        try:
+            return self.entry.run(self.argv)
+        except BaseException as error:
+            code = error.code if isinstance(error, SystemExit) else 1
+            if not isinstance(error, KeyboardInterrupt) and code not in (0, None):  # not the controller's SIGINT
+                failure = None if code == LOCAL_REQUEUE_RETURN_CODE else traceback.format_exc()
+                stop_local_peers(job_env, failure)
+            raise
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption or time-out (rank 0 only): requeue the same command.
         The entry point resumes from the latest checkpoint of its output directory."""
         argv = drop_start_over(self.argv, self.entry.start_over)
-        dropped = [o for o, _, _ in self.entry.start_over if any(a == o or a.startswith(o + "=") for a in self.argv)]
+        dropped = _start_over_given(self.argv, self.entry.start_over)
         if dropped:
             print(f"requeue: {' '.join(dropped)} dropped so that the requeued job resumes from what it had finished",
                   flush=True)  # fmt: skip
@@ -190,6 +219,69 @@ class Launched:
 
     def __repr__(self) -> str:
         return f"Launched({self.entry.module}, {self.argv})"
+
+
+def _local_peer_tasks(job_id: str) -> dict[int, int]:
+    """``{task id: pid}`` of the other running tasks of this local job: the processes that submitit's
+    local controller (this task's parent) started for the same job id. Empty where there is no /proc."""
+    peers: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            if pid == os.getpid() or int(stat.read_text().rsplit(")", 1)[1].split()[1]) != os.getppid():
+                continue
+            environ = (stat.parent / "environ").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours
+            continue
+        env = dict(item.split("=", 1) for item in environ if "=" in item)
+        if env.get("SUBMITIT_LOCAL_JOB_ID") == str(job_id) and env.get("SUBMITIT_LOCAL_GLOBALID", "").isdigit():
+            peers[int(env["SUBMITIT_LOCAL_GLOBALID"])] = pid
+    return peers
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_local_peers(job_env: Any, failure: str | None, wait_s: float = 5.0) -> list[int]:
+    """What ``srun --kill-on-bad-exit=1`` does on SLURM, for submitit's local executor, whose controller
+    waits for every task: kill the job's other tasks, which would otherwise wait for this one in their
+    next collective (or in the rendezvous) until the process-group timeout (30 minutes for gloo).
+
+    ``failure`` (this task's traceback; ``None`` for a requeue, whose tasks restart) becomes the
+    result of each stopped task, so that ``job.results()`` names the task that failed and its error
+    rather than a peer's "connection closed" or a missing result. Returns the stopped task ids."""
+    peers = _local_peer_tasks(job_env.job_id)
+    for pid in peers.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while any(_running(pid) for pid in peers.values()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rank = int(job_env.global_rank)
+    if peers:
+        why = "failed" if failure is not None else "is being requeued"
+        print(f"dinov2 job {job_env.job_id}: task {rank} {why}; stopped task(s) {sorted(peers)}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    if failure is None:
+        return sorted(peers)
+    message = f"stopped because task {rank} of job {job_env.job_id} failed; task {rank}'s error:\n{failure}"
+    for task in sorted(peers):
+        paths = JobPaths(job_env.paths.folder, job_env.job_id, task)
+        try:
+            with paths.stderr.open("a") as log:
+                log.write(f"dinov2: {message}\n")
+            if not paths.result_pickle.exists():  # a result it wrote itself stays
+                with temporary_save_path(paths.result_pickle) as tmp:
+                    cloudpickle_dump(("error", message), tmp)
+        except Exception as error:  # reporting must not hide this task's own error
+            print(f"could not record why task {task} was stopped: {error}", file=sys.stderr, flush=True)
+    return sorted(peers)
 
 
 # --------------------------------------------------------------------------- in the submitting process
