@@ -11,7 +11,7 @@ A row that fails (out of memory, a kernel that does not run on the device) recor
 the next row still runs; the JSON is rewritten atomically after every row (``complete: false`` until
 the end) and the script exits with status 1 when a row failed. ``xformers`` is skipped up front, with
 its reason under ``skipped_backends``, unless xFormers imports and the device is CUDA; a skipped
-backend is not a failed row.
+backend is not a failed row, and a run left with no backend stops with that reason.
 
 Example (the CPU figures in docs/performance.md):
 
@@ -31,7 +31,7 @@ import torch
 from dinov2.models.vision_transformer import ARCHS
 from dinov2.ops import nested_attention, xformers_available
 from dinov2.ops.attention import BACKENDS
-from dinov2.utils.benchmark import environment, release, write_report
+from dinov2.utils.benchmark import environment, release, usable_backends, write_report
 from dinov2.utils.logging import describe_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,20 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default = ["math", "sdpa", "varlen"] + (["xformers"] if cuda and xformers_available() else [])
     args.backends = args.backends or default
     return args
-
-
-def usable_backends(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """``(backends to time, {skipped backend: reason})``: xFormers needs CUDA and an importable xformers."""
-    reason = None
-    if "xformers" in args.backends:
-        if not xformers_available():
-            reason = "xformers cannot be imported in this environment"
-        elif args.device.type != "cuda":
-            reason = f"xformers has no kernels for device {args.device.type!r} (needs CUDA)"
-    if reason is None:
-        return list(args.backends), {}
-    print(f"note: skipping the xformers backend: {reason}")
-    return [b for b in args.backends if b != "xformers"], {"xformers": reason}
 
 
 def group_shapes(batch: int, args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -169,7 +155,7 @@ def print_row(row: dict, header: bool) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; the report written to ``--output`` (``failed_rows``: rows with an ``error``)."""
     args = parse_args(argv)
-    backends, skipped = usable_backends(args)
+    backends, skipped = usable_backends(args.backends, args.device, "benchmark_attention")
     command = list(sys.argv[1:] if argv is None else argv)
     report = {"environment": environment(args.device, __file__, command), "skipped_backends": skipped}
 

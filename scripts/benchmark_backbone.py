@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 from dinov2.models.vision_transformer import ARCHS
-from dinov2.ops import xformers_available
 from dinov2.utils.benchmark import environment as run_environment
-from dinov2.utils.benchmark import release, write_report
+from dinov2.utils.benchmark import release, usable_backends, write_report
 from dinov2.utils.logging import describe_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,9 +75,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.backends = args.backends or (["sdpa", "xformers"] if on_cuda else ["sdpa"])
     if args.compare_hf is None:
         args.compare_hf = not on_cuda
-    if "xformers" in args.backends and not (on_cuda and xformers_available()):
-        print("note: skipping the xformers backend (needs CUDA and an importable xformers)")
-        args.backends = [b for b in args.backends if b != "xformers"]
+    args.backends, args.skipped_backends = usable_backends(args.backends, args.device, "benchmark_backbone")
     args.output = args.output or args.output_dir / "benchmark_backbone.json"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -312,6 +309,7 @@ def environment(args: argparse.Namespace) -> dict:
     return {
         **run_environment(args.device, __file__, args.argv),
         "transformers": transformers_version(),
+        "skipped_backends": args.skipped_backends,
         "peak_mem_note": "torch.cuda.max_memory_allocated per iteration" if cuda else CPU_MEM_NOTE,
     }
 

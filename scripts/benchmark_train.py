@@ -39,13 +39,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from dinov2.ops import xformers_available
 from dinov2.ops.attention import BACKENDS, resolve_backend
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.loop import Trainer
 from dinov2.train.train import build_model, setup_config
 from dinov2.utils.benchmark import environment as run_environment
-from dinov2.utils.benchmark import release, write_report
+from dinov2.utils.benchmark import release, usable_backends, write_report
 from dinov2.utils.config import load_config, load_default_config, select
 from dinov2.utils.device import batch_to_device, enable_tf32, peak_memory_mb, resolve_device, seed_everything
 from dinov2.utils.logging import describe_error
@@ -382,13 +381,7 @@ def failed_step_row(combo: tuple[str, str, str], error: BaseException, device: t
 
 
 def bench_step(base, args: argparse.Namespace, device: torch.device, progress=None) -> tuple[list[dict], dict]:
-    backends, skipped = args.backends or [str(base.student.attn_backend)], {}
-    if "xformers" in backends and not (device.type == "cuda" and xformers_available()):
-        skipped["xformers"] = "needs CUDA and an importable xformers"
-        print(f"note: skipping the xformers backend ({skipped['xformers']})")
-        backends = [b for b in backends if b != "xformers"]
-    if not backends:  # zero rows and exit status 0 would read as a run that measured nothing wrong
-        raise SystemExit(f"benchmark_train: no backend left to time: xformers {skipped['xformers']}")
+    backends, skipped = usable_backends(args.backends or [str(base.student.attn_backend)], device, "benchmark_train")
     compiles = args.compile or [str(base.train.compile).lower()]
     checkpointing = args.checkpointing or [str(base.train.activation_checkpointing or "off")]
     batches, source = make_batches(base, args.num_batches, args.batch_source)

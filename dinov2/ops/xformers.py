@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from types import ModuleType
 
@@ -37,6 +38,12 @@ def xformers_available() -> bool:
     return _try_import()[0] is not None
 
 
+def xformers_import_error() -> str | None:
+    """Why ``xformers.ops`` cannot be used in this process (its import error, or the
+    ``DINOV2_DISABLE_XFORMERS`` setting); None when it imports."""
+    return _try_import()[1]
+
+
 def xformers_ops() -> ModuleType:
     """Return ``xformers.ops``, or raise a clear error saying why it cannot be used."""
     module, error = _try_import()
@@ -49,6 +56,13 @@ def xformers_ops() -> ModuleType:
     return module
 
 
+def _log_unusable(what: str, instead: str, exc: Exception) -> None:
+    """One log line (the probes are cached: once per process) for an xFormers op that raised when probed."""
+    from dinov2.utils.logging import LOGGER_NAME, describe_error
+
+    logging.getLogger(LOGGER_NAME).info("xFormers' %s cannot be used (%s): %s", what, describe_error(exc), instead)
+
+
 @functools.lru_cache(maxsize=1)
 def scaled_index_add_usable() -> bool:
     """True when xFormers' in-place ``scaled_index_add`` kernel can run: it imports *and* its Triton
@@ -58,7 +72,8 @@ def scaled_index_add_usable() -> bool:
     try:  # a release without the op (or with it renamed) leaves the native index_add_
         indexing = importlib.import_module("xformers.ops.indexing")
         return bool(indexing.ScaledIndexAddFw.is_available() and indexing.ScaledIndexAddBw.is_available())
-    except Exception:
+    except Exception as exc:
+        _log_unusable("scaled_index_add", "the native index_add_ runs", exc)
         return False
 
 
@@ -75,7 +90,8 @@ def fused_swiglu_usable(device_type: str, dtype, bias: bool) -> bool:
             device=device_type, dtype=dtype, dtype_autocast_gpu=dtype, packed_weights=True, bias_enabled=bias
         ).op
         return choice is not ops.SwiGLUEagerOp
-    except Exception:
+    except Exception as exc:
+        _log_unusable("SwiGLUOpDispatch", "the native SwiGLU runs", exc)
         return False
 
 

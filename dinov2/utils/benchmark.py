@@ -67,6 +67,32 @@ def environment(device: torch.device, script: str | None = None, argv: Sequence[
     }
 
 
+def xformers_skip_reason(device: torch.device) -> str | None:
+    """Why a benchmark cannot time the ``xformers`` attention backend on ``device``, or None when it
+    can: xFormers has kernels on CUDA only, and must import (``DINOV2_DISABLE_XFORMERS`` unset)."""
+    from dinov2.ops.xformers import xformers_import_error
+
+    if device.type != "cuda":
+        return f"xformers has no kernels for device {device.type!r} (needs CUDA)"
+    error = xformers_import_error()
+    return None if error is None else f"xformers cannot be imported ({error})"
+
+
+def usable_backends(backends: Sequence[str], device: torch.device, script: str) -> tuple[list[str], dict[str, str]]:
+    """``(backends to time, {skipped backend: reason})`` for a benchmark's requested attention
+    ``backends``: an ``xformers`` that cannot run on ``device`` (:func:`xformers_skip_reason`) is left
+    out with a note, and is not a failed row. When nothing is left, ``SystemExit`` naming ``script``:
+    zero rows and exit status 0 would read as a run that measured nothing wrong."""
+    reason = xformers_skip_reason(device) if "xformers" in backends else None
+    if reason is None:
+        return list(backends), {}
+    print(f"note: skipping the xformers backend: {reason}", flush=True)
+    left = [b for b in backends if b != "xformers"]
+    if not left:
+        raise SystemExit(f"{script}: no backend left to time: {reason}")
+    return left, {"xformers": reason}
+
+
 def release(device: torch.device) -> None:
     """Free what a finished or failed benchmark row left allocated, before the next row."""
     gc.collect()

@@ -23,7 +23,7 @@ import torch
 
 from dinov2.ops import xformers_available
 from dinov2.ops.attention import resolve_backend
-from dinov2.ops.xformers import attention_failure
+from dinov2.ops.xformers import attention_failure, xformers_import_error
 from dinov2.utils.benchmark import environment, write_report
 from dinov2.utils.logging import describe_error
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {**environment(device), "versions": versions(), "cuda_available": cuda, "complete": False}
     report["torch_cuda"] = torch.version.cuda
     report["xformers_importable"] = xformers_available()
+    report["xformers_import_error"] = xformers_import_error()  # why not, e.g. a CUDA runtime it lacks
     write_report(args.output, report, quiet=True)
 
     def part(key: str, compute) -> None:
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
         part("xformers_attention_failure", lambda: attention_failure(f"cuda:{torch.cuda.current_device()}"))
     part("auto_backend", lambda: {n: resolve_backend("auto", device, n == "nested") for n in ("dense", "nested")})
     report["complete"] = True
-    keys = ("device", "torch", "torch_cuda", "versions", "xformers_importable", "xformers_attention_failure")
+    keys = ("device", "torch", "torch_cuda", "versions", "xformers_importable", "xformers_import_error")
+    keys += ("xformers_attention_failure",)
     for key in (*keys, "auto_backend", "ceilings", "errors"):
         if key in report:
             print(f"{key:>20}: {report[key]}")

@@ -100,3 +100,13 @@ def test_the_report_records_the_command_of_main_argv(bench, tmp_path, monkeypatc
     bench.main(argv)
     command = json.loads(output.read_text())["environment"]["command"]
     assert command.endswith("scripts/benchmark_attention.py " + " ".join(argv)) and "unrelated" not in command
+
+
+def test_xformers_alone_where_it_cannot_run_stops_with_the_reason(tmp_path, monkeypatch):
+    """``--backends xformers`` on CPU used to time nothing, write an empty table and exit 0, which reads
+    as a clean run; it now stops before any row with the reason (as scripts/benchmark_train.py does)."""
+    output = tmp_path / "attention.json"
+    status = run_as_script([*TINY, "--backends", "xformers", "--output", str(output)], monkeypatch)
+    assert isinstance(status, str) and status.startswith("benchmark_attention: no backend left to time: xformers")
+    assert "'cpu' (needs CUDA)" in status
+    assert not output.exists()

@@ -77,3 +77,15 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(bench, tmp_path, mon
     assert failed["mode"] == "forward" and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert timed["mode"] == "forward_backward" and "error" not in timed and timed["ours_img_s"] > 0
     assert seen[:2] == [(False, ["forward"]), (False, ["forward", "forward_backward"])]  # kept as each row lands
+
+
+def test_a_skipped_xformers_is_in_the_report_and_xformers_alone_stops(bench, tmp_path):
+    """The skip used to be a console note only (no ``skipped_backends`` in the JSON, unlike the attention
+    and training benchmarks), and ``--backends xformers`` on CPU wrote zero rows with exit status 0."""
+    output = tmp_path / "backbone.json"
+    argv = [*TINY, "--modes", "forward", "--warmup", "0", "--iters", "1", "--no-compare-hf", "--output", str(output)]
+    report = bench.main([*argv, "--backends", "sdpa", "xformers"])
+    assert [row["backend"] for row in report["rows"]] == ["sdpa"] and report["failed_rows"] == 0
+    assert "'cpu' (needs CUDA)" in json.loads(output.read_text())["skipped_backends"]["xformers"]
+    with pytest.raises(SystemExit, match=r"benchmark_backbone: no backend left to time: xformers .*'cpu'"):
+        bench.main([*argv, "--backends", "xformers"])

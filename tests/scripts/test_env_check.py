@@ -40,3 +40,16 @@ def test_a_part_that_raises_is_recorded_and_the_report_completes(script, tmp_pat
     assert on_disk["complete"] is True and "auto_backend" not in on_disk
     assert "no operator for this device" in on_disk["errors"]["auto_backend"]
     assert report["errors"] == on_disk["errors"]
+
+
+def test_the_report_says_why_xformers_does_not_import(script, tmp_path, monkeypatch, capsys):
+    """``xformers_importable: false`` alone sent a device session looking for the cause (a CUDA runtime
+    the wheel lacks, a torch it was not built for); the import error itself is now in the report."""
+    env_check = script("device/env_check.py", "env_check_for_import_error")
+    why = "ImportError: libcudart.so.12: cannot open shared object file"
+    monkeypatch.setattr(env_check, "xformers_available", lambda: False)
+    monkeypatch.setattr(env_check, "xformers_import_error", lambda: why)
+    env_check.main(["--output", str(tmp_path / "env.json")])
+    on_disk = json.loads((tmp_path / "env.json").read_text())
+    assert on_disk["xformers_importable"] is False and on_disk["xformers_import_error"] == why
+    assert f"xformers_import_error: {why}" in capsys.readouterr().out
