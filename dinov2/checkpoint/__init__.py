@@ -12,7 +12,13 @@ from dinov2.checkpoint.adapters import (
     load_module_state_dict,
 )
 from dinov2.checkpoint.io import load_weights_file
-from dinov2.checkpoint.sharded import CheckpointWriteError, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from dinov2.checkpoint.sharded import (
+    CheckpointWriteError,
+    OutputDirectoryInUseError,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dinov2.checkpoint.training import (
     CheckpointLoadError,
     atomic_torch_save,

@@ -12,7 +12,9 @@ Every process writes its shards into a hidden ``.step_0001250.tmp`` directory; o
 rank 0 renames it onto ``step_0001250``, so a crash never leaves a half-written checkpoint under a
 final name. Old checkpoints are renamed to a hidden name before they are deleted, and the next save
 deletes whatever hidden ``.step_*.tmp`` directories a crash left behind. Loading reshards to the
-current world size: a checkpoint saved on N ranks resumes on M.
+current world size: a checkpoint saved on N ranks resumes on M. A training job locks its output
+directory (:func:`lock_for_training`), so that a second job started on it stops instead of
+interleaving its checkpoints with the first's.
 
 Nothing is unpickled beyond weights-only data: the small non-tensor states are plain
 ``torch.save`` files read with ``weights_only=True``; DCP's tensors are read weights-only by DCP
@@ -23,12 +25,17 @@ accepts DCP's own metadata classes.
 
 from __future__ import annotations
 
+import errno
+import functools
 import io
+import json
 import logging
 import os
 import pathlib
 import pickle
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +64,103 @@ METADATA = ".metadata"
 
 
 class CheckpointWriteError(RuntimeError):
-    """Another rank failed while a checkpoint was being written (its own error is in its log)."""
+    """A checkpoint could not be written (a full disk, a directory that is not writable...), on this
+    rank or another; the message names the checkpoint, the rank(s) and their errors where known."""
+
+
+# What an error's errno says about the directory a checkpoint was being written into.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _rank_failures(error: BaseException) -> list[tuple[int, BaseException]]:
+    """``(rank, error)`` of every rank that failed: those DCP gathered into its CheckpointException
+    (raised alike on every rank), else this rank's own ``error``."""
+    if isinstance(error, CheckpointException):
+        return sorted(((rank, failure[0]) for rank, failure in error.failures.items()), key=lambda item: item[0])
+    return [(distributed.get_rank(), error)]
+
+
+def _explain(error: BaseException, directory: Path | None = None) -> str:
+    """One line per failed rank (``rank 1: OSError: [Errno 28] No space left on device``) instead of
+    DCP's multi-line report, and what a full or read-only ``directory`` means for the user."""
+    failures = _rank_failures(error)
+    text = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, exc in failures)
+    codes = {exc.errno for _, exc in failures if isinstance(exc, OSError)}
+    if directory is not None and codes & set(DISK_FULL):
+        text += f" (disk full or over quota where {directory} is: free space there, or use another --output-dir)"
+    elif directory is not None and codes & set(NOT_WRITABLE):
+        text += f" ({directory} is not writable by this process: a read-only file system or missing permissions)"
+    return text
+
+
+def _shareable(method):
+    """``method`` of a DCP storage writer or reader, whose errors DCP pickles to gather them on its
+    coordinator rank: an error that cannot make that round trip (an exception type whose constructor
+    takes other arguments than its ``args``, or that holds a lock or a file) would fail the gather
+    itself and leave the other ranks waiting until the process-group timeout. Such an error is
+    replaced by a RuntimeError carrying its type and message (the original chained to it)."""
+
+    @functools.wraps(method)  # keeps the signature, which DCP inspects for ``**kwargs``
+    def guarded(*args: Any, **kwargs: Any):
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            try:
+                pickle.loads(pickle.dumps(exc))
+            except Exception:
+                raise RuntimeError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}") from exc
+            raise
+
+    return guarded
+
+
+def _guard(cls: type, names: tuple[str, ...]) -> type:
+    for name in names:
+        setattr(cls, name, _shareable(getattr(cls, name)))
+    return cls
+
+
+@functools.cache
+def _storage_classes() -> tuple[type, type]:
+    """DCP's file-system writer and reader, with errors that every rank can be told of (see
+    :func:`_shareable`), the reader with a weights-only metadata unpickler and a check that each shard
+    file is as long as the metadata says. Built on first use: nothing of DCP is imported before."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    class SafeFileSystemWriter(FileSystemWriter):
+        pass
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            rank = kwargs.get("rank")
+            with open(self._get_metadata_path(rank), "rb") as f:
+                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def read_data(self, plan, planner):
+            needed: dict[str, int] = {}  # shard file -> the bytes this rank reads of it
+            for item in plan.items:
+                info = self.storage_data[item.storage_index]
+                needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+            for name, end in sorted(needed.items()):
+                shard = Path(self.path) / name
+                size = shard.stat().st_size  # a missing or unreadable file: an OSError that names it
+                if size < end:
+                    raise CheckpointLoadError(f"shard file {shard} is truncated: {size} bytes of {end}")
+            try:
+                return super().read_data(plan, planner)
+            except (CheckpointLoadError, OSError, pickle.UnpicklingError):
+                raise
+            except Exception as exc:
+                raise CheckpointLoadError(f"cannot read shard file(s) {', '.join(sorted(needed))}: {exc}") from exc
+
+    planning = ("prepare_local_plan", "prepare_global_plan")
+    writer_methods = ("set_up_storage_writer", *planning, "write_data", "finish")
+    reader_methods = ("read_metadata", "set_up_storage_reader", *planning, "read_data")
+    return _guard(SafeFileSystemWriter, writer_methods), _guard(SafeFileSystemReader, reader_methods)
 
 
 def _on_every_rank(action, what: str, error_type: type[Exception]) -> None:
@@ -110,6 +213,100 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+# ------------------------------------------------------------------------------------ one writer
+LOCK_FILE = ".training.lock"
+_HELD_LOCKS: dict[str, int] = {}  # resolved lock file -> the descriptor this process holds it with
+_FORK_HOOK: list[bool] = []  # non-empty once the fork hook is registered (on the first lock)
+
+
+class OutputDirectoryInUseError(RuntimeError):
+    """Another process (a second job started on the same output directory) trains into it."""
+
+
+def _lock_holder(path: Path) -> str:
+    """Who holds the lock ``path``, as its holder wrote it (empty while that holder is writing it)."""
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not holder:
+        return "holder unknown"
+    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
+    return f"process {holder.get('pid')} on host {holder.get('host')}{job}, since {started}"
+
+
+def lock_output_directory(directory: str | os.PathLike) -> None:
+    """Make this process the one training job writing into the output ``directory`` (rank 0 calls it):
+    an exclusive ``flock`` on ``directory/.training.lock``, held until :func:`unlock_output_directory` or until
+    the process ends, however it ends (the kernel, or the NFS server once its lease lapses, drops the
+    lock of a killed or crashed process, so a crash or a SLURM requeue never leaves a stale lock behind).
+    A directory locked by another process raises :class:`OutputDirectoryInUseError` naming it;
+    the lock file itself is never deleted (that would let two processes lock two different files).
+    On a file system without locks (Lustre mounted without ``flock``) a warning is logged instead."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return
+    path = Path(directory) / LOCK_FILE
+    key = os.path.realpath(path)
+    if key in _HELD_LOCKS:  # this process holds it already (an earlier run in the same process)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputDirectoryInUseError(
+            f"{directory} is in use by another training job ({_lock_holder(path)}): two jobs on one output "
+            "directory would overwrite and prune each other's checkpoints. Stop that job or wait for it to end "
+            "(its lock goes with its processes, however they end), or give this one another --output-dir"
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        logger.warning("cannot lock %s (%s): a second job started on this output directory would go unnoticed",
+                       path, exc)  # fmt: skip
+        return
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID")}  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(holder).encode())
+    if not _FORK_HOOK and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_drop_inherited_locks)
+        _FORK_HOOK.append(True)
+    _HELD_LOCKS[key] = fd
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data-loader worker): close the inherited lock descriptors, without
+    unlocking, so that the lock goes as soon as the process that took it ends, not with its workers."""
+    for fd in _HELD_LOCKS.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+def unlock_output_directory(directory: str | os.PathLike) -> None:
+    """Release what :func:`lock_output_directory` took (nothing if this process holds no lock there)."""
+    fd = _HELD_LOCKS.pop(os.path.realpath(Path(directory) / LOCK_FILE), None)
+    if fd is not None:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)  # for every process that shares the descriptor, too
+        os.close(fd)
+
+
+def lock_for_training(directory: str | os.PathLike) -> None:
+    """:func:`lock_output_directory` on rank 0, a collective: when the directory is in use, every
+    rank stops at once (rank 0 with the error that names the other job)."""
+    rank_0 = distributed.get_rank() == 0
+    _on_every_rank(lambda: lock_output_directory(directory) if rank_0 else None,
+                   f"locking {directory}", OutputDirectoryInUseError)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------- metadata
 class _MetadataUnpickler(pickle.Unpickler):
     """Accepts only what DCP metadata is made of (its dataclasses, sizes, dtypes, paths)."""
@@ -130,18 +327,11 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _safe_reader(path: Path):
-    from torch.distributed.checkpoint import FileSystemReader
+    return _storage_classes()[1](str(path))
 
-    class SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            rank = kwargs.get("rank")
-            with open(self._get_metadata_path(rank), "rb") as f:
-                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-            if getattr(metadata, "storage_meta", None) is not None:
-                metadata.storage_meta.load_id = self.load_id
-            return metadata
 
-    return SafeFileSystemReader(str(path))
+def _safe_writer(path: Path):
+    return _storage_classes()[0](str(path))
 
 
 def _weights_only_planner():
@@ -197,7 +387,7 @@ def load_full_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.T
     try:
         dcp.load(state, storage_reader=_safe_reader(Path(path)), planner=_weights_only_planner(), no_dist=True)
     except (Exception, CheckpointException) as exc:
-        raise CheckpointLoadError(f"cannot read tensors of checkpoint {path}: {exc}") from exc
+        raise CheckpointLoadError(f"cannot read tensors of checkpoint {path}: {_explain(exc)}") from exc
     return {k[len(prefix) :]: v for k, v in state.items()}
 
 
@@ -271,17 +461,34 @@ def save_checkpoint(
     final = step_path(directory, iteration)
     tmp = directory / f".{final.name}.tmp"
 
+    def explained(action, what: str):
+        """``action`` whose error (this rank's, or DCP's report of every failed rank) is raised as a
+        CheckpointWriteError that names the checkpoint and says what a full or read-only disk means."""
+
+        def run() -> None:
+            try:
+                action()
+            except (Exception, CheckpointException) as exc:
+                raise CheckpointWriteError(f"{what} checkpoint {final}: {_explain(exc, directory)}") from exc
+
+        return run
+
     def prepare() -> None:
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             _remove_temporaries(directory, TEMP_PATTERN)  # of crashed earlier saves, of any iteration
             tmp.mkdir()
 
+    state: dict[str, Any] = {}
+
+    def collect() -> None:  # per rank, before DCP's collectives: a rank that fails must not leave the others in them
+        state.update(_model_and_optimizer_state(model, optimizer))
+
     def write() -> None:
         # Each rank makes its own files durable before the others go on (DCP fsyncs its shards and
         # metadata, ``sync_files``): on a shared file system rank 0's fsync of a file another node wrote
         # flushes nothing of that node's writes. Rank 0 then only syncs the directory and renames it.
-        dcp.save(_model_and_optimizer_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp)))
+        dcp.save(state, storage_writer=_safe_writer(tmp))
         _save_synced(rng_state, tmp / rng_file(rank))
         if rank == 0:
             _save_synced({**trainer_state, "world_size": distributed.get_world_size()}, tmp / TRAINER_STATE)
@@ -292,10 +499,12 @@ def save_checkpoint(
             _swap_in_directory(tmp, final)
             _prune(directory, keep_last, final)
 
-    _on_every_rank(prepare, f"preparing checkpoint {final}", CheckpointWriteError)
-    try:
-        _on_every_rank(write, f"writing checkpoint {final}", CheckpointWriteError)  # also the barrier
-        _on_every_rank(publish, f"moving checkpoint {final} into place", CheckpointWriteError)
+    _on_every_rank(explained(prepare, "cannot create"), f"preparing checkpoint {final}", CheckpointWriteError)
+    try:  # the all-reduce of _on_every_rank is also the barrier between the stages
+        _on_every_rank(explained(collect, "cannot collect the state for"), f"collecting {final}", CheckpointWriteError)
+        _on_every_rank(explained(write, "cannot write"), f"writing checkpoint {final}", CheckpointWriteError)
+        _on_every_rank(explained(publish, "cannot move into place"), f"moving checkpoint {final} into place",
+                       CheckpointWriteError)  # fmt: skip
     except BaseException:
         if rank == 0:
             _remove_quietly(tmp)
@@ -359,35 +568,39 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             read["trainer"] = load_trainer_state(path)
             read["state"], read["stored"] = _model_and_optimizer_state(model, optimizer), read_tensor_metadata(path)
             _check_model_fits(path, read["state"]["model"], read["stored"])
+            read["unstepped"] = _drop_unstepped_parameters(read["state"]["optimizer"], read["stored"])
         except CheckpointLoadError:
             raise
         except Exception as exc:
             raise CheckpointLoadError(f"cannot load training checkpoint {path}: {exc}") from exc
 
     _on_every_rank(read_before_load, f"reading checkpoint {path}", CheckpointLoadError)
-    trainer_state, state, stored = read["trainer"], read["state"], read["stored"]
-    try:
-        unstepped = _drop_unstepped_parameters(state["optimizer"], stored)
+    trainer_state, state, unstepped = read["trainer"], read["state"], read["unstepped"]
+    try:  # DCP shares a rank's failure with every rank itself
         dcp.load(state, storage_reader=_safe_reader(path), planner=_weights_only_planner())
     except CheckpointLoadError:
         raise
     except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
-        raise CheckpointLoadError(f"cannot load training checkpoint {path}: {exc}") from exc
-    part = checkpointed_part(model)
-    set_model_state_dict(part, state["model"])
-    # strict only where every parameter has a state: the unstepped ones must stay without one
-    set_optimizer_state_dict(part, optimizer, state["optimizer"], options=StateDictOptions(strict=not unstepped))
+        raise CheckpointLoadError(f"cannot load training checkpoint {path}: {_explain(exc)}") from exc
     rank, world = distributed.get_rank(), distributed.get_world_size()
     rng_path = path / rng_file(rank)
     same_world = int(trainer_state.get("world_size", -1)) == world
     trainer_state["rng"] = None
 
-    def read_rng() -> None:
+    def apply_and_read_rng() -> None:  # per rank: one that fails here must not leave the others waiting
+        part = checkpointed_part(model)
+        try:
+            set_model_state_dict(part, state["model"])
+            # strict only where every parameter has a state: the unstepped ones must stay without one
+            options = StateDictOptions(strict=not unstepped)
+            set_optimizer_state_dict(part, optimizer, state["optimizer"], options=options)
+        except Exception as exc:
+            raise CheckpointLoadError(f"cannot load training checkpoint {path} into the model: {exc}") from exc
         if same_world and rng_path.is_file():
             try:
                 trainer_state["rng"] = torch.load(rng_path, map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise CheckpointLoadError(f"cannot read the RNG states {rng_path}: {exc}") from exc
 
-    _on_every_rank(read_rng, f"loading checkpoint {path}", CheckpointLoadError)  # every rank stops, or none
+    _on_every_rank(apply_and_read_rng, f"loading checkpoint {path}", CheckpointLoadError)  # every rank stops, or none
     return trainer_state

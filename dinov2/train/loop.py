@@ -24,6 +24,7 @@ from dinov2.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from dinov2.checkpoint.sharded import lock_for_training, unlock_output_directory
 from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
 from dinov2.train.checks import (
     check_finite,
@@ -113,6 +114,8 @@ class Trainer:
 
         Training from it rewrites what was logged after it, so ``truncate_metrics`` drops those records
         (all of them on a fresh start); ``--eval-only``, which trains nothing, passes False."""
+        if truncate_metrics:  # training: this job becomes the output directory's one writer first
+            lock_for_training(self.output_dir)
         path = find_latest_checkpoint(self.checkpoint_dir)
         if path is None:  # a fresh start: records of a run lost before its first checkpoint go
             if truncate_metrics:
@@ -285,6 +288,7 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool = True) -> dict[str, Any]:
         """Train from the latest checkpoint (or from scratch) to ``stop_iter``; returns a summary."""
+        lock_for_training(self.output_dir)  # a second job on this output directory stops here (or in resume)
         if resume:
             self.resume()
         dataset = build_train_dataset(self.cfg)
@@ -322,6 +326,7 @@ class Trainer:
             elif checkpoint_due:
                 self.save_checkpoint()
         self.metrics.close()
+        unlock_output_directory(self.output_dir)  # else held until this process ends
         return self.summary()
 
     def _evaluate_then_checkpoint(self, checkpoint_due: bool) -> None:

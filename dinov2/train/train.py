@@ -143,11 +143,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = setup_config(args, cfg)  # the lr depends on the world size, known once the group exists
     output_dir = Path(cfg.train.output_dir)
     setup_logging(output_dir, rank=distributed.get_rank())
+    from dinov2.checkpoint.sharded import lock_for_training
     from dinov2.train.init_from import load_init_source, resolve_init_source
 
     # train.init_from: a new run from another run's weights (None when resuming from this run's own);
     # checked before anything is written, so that a wrong value leaves the output directory alone
     init_source = resolve_init_source(cfg, output_dir / "checkpoints", resume=args.eval_only or not args.no_resume)
+    if not args.eval_only:  # first: another job training into this directory stops this one before
+        lock_for_training(output_dir)  # anything of its run is moved aside or overwritten (a collective)
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         if args.no_resume and not args.eval_only:

@@ -10,6 +10,7 @@ from torch import nn
 
 from dinov2.checkpoint import (
     CheckpointLoadError,
+    CheckpointWriteError,
     atomic_torch_save,
     capture_rng_state,
     export_teacher,
@@ -93,7 +94,7 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temp_files(tmp_path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr(dcp, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match=r"write checkpoint .*step_0000006: rank 0: OSError: disk full"):
         _save(tmp_path, 6, model, optimizer)
     # While it was being written, the temporary directory was hidden and not taken for a checkpoint.
     assert seen["names"] == [".step_0000006.tmp", previous.name] and seen["latest"] == previous
@@ -588,6 +589,9 @@ def _failing_rank_worker(rank: int, port: int, world: int, root: str) -> None:
     sharded.load_trainer_state = rank_1_stale_handle
     outcomes.append(_timed(lambda: load_checkpoint(directory / "step_0000001", model, optimizer)))
     sharded.load_trainer_state = real_load_trainer_state
+    from test_hostile_storage import peer_failures_inside_dcp  # a rank failing inside DCP's own save and load
+
+    peer_failures_inside_dcp(rank, world, Path(root))
     (Path(root) / f"rank{rank}.txt").write_text("\n".join(outcomes))
     # A failed rank stays alive (as an NCCL peer that is not noticed leaving): rank 0 must not need it to exit.
     deadline = time.monotonic() + 45
@@ -618,3 +622,6 @@ def test_a_rank_that_fails_writing_or_reading_its_files_stops_every_rank_at_once
     assert _names(tmp_path / "checkpoints") == ["step_0000001"]
     fresh, fresh_opt = _model_and_optimizer(1)
     assert load_checkpoint(tmp_path / "checkpoints" / "step_0000001", fresh, fresh_opt)["iteration"] == 1
+    from test_hostile_storage import check_peer_failures_inside_dcp
+
+    check_peer_failures_inside_dcp(tmp_path, common.WORLD)
