@@ -9,6 +9,10 @@ name the released architectures) and a weights file into a frozen backbone in ev
   :class:`~dinov2.checkpoint.StateDictMismatchError` (naming the keys) when the weights do not fit
   the architecture;
 * no weights (``None`` or ``""``) keeps the random initialisation, with a warning: the baseline.
+
+Without a config, weights that belong to a training run (``OUT``, ``OUT/checkpoints[/step_N]``,
+``OUT/eval/training_N[/file]``) take the architecture from that run's ``OUT/config.yaml``
+(:func:`run_config_of`), as ``distillation.teacher_checkpoint`` does.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -24,12 +29,15 @@ from torch import nn
 
 from dinov2 import distributed
 from dinov2.checkpoint import load_backbone_state_dict, load_weights_file
+from dinov2.checkpoint.training import TEACHER_CHECKPOINT
 from dinov2.models import build_model
 from dinov2.utils import device as device_utils
 from dinov2.utils.config import load_config
 from dinov2.utils.logging import setup_logging
 
 logger = logging.getLogger("dinov2")
+
+RUN_CONFIG = "config.yaml"  # a training run's resolved config, next to its checkpoints/ and eval/
 
 
 def get_args_parser(
@@ -47,12 +55,14 @@ def get_args_parser(
         "--config",
         dest="config_file",
         default="",
-        help="training config (name under configs/train or path) or eval config (configs/eval/*.yaml) naming the arch",
+        help="training config (name under configs/train or path) or eval config (configs/eval/*.yaml) naming the arch; "
+        "empty: the config.yaml of the run the weights belong to, else the default config",
     )
     parser.add_argument(
         "--pretrained-weights",
         default="",
-        help="training checkpoint dir, teacher checkpoint, backbone .pth or .safetensors (path or URL); empty: random init",
+        help="training run or checkpoint dir, eval/training_N export (dir or file), backbone .pth or .safetensors "
+        "(path or URL); empty: random init",
     )
     parser.add_argument("--output-dir", default=".", help="where results (JSON) and logs are written")
     parser.add_argument("--train-dataset", default="ImageNet:split=TRAIN", help="dataset string, see make_dataset")
@@ -77,12 +87,15 @@ def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
 def read_pretrained_weights(location: str | os.PathLike) -> dict:
     """The tensors of ``--pretrained-weights``: a weights file (path or URL, :func:`load_weights_file`),
     or a sharded training checkpoint directory (``OUT/checkpoints/step_N``, or ``OUT`` or
-    ``OUT/checkpoints`` for the run's latest), whose teacher backbone is read whole (weights only)."""
+    ``OUT/checkpoints`` for the run's latest), whose teacher backbone is read whole (weights only),
+    or an export directory ``OUT/eval/training_N`` (its ``teacher_checkpoint.pth``)."""
     from dinov2.checkpoint.io import expand_user, is_url
 
     path = expand_user(location)
     if is_url(str(location)) or not path.is_dir():
         return load_weights_file(location)
+    if (path / TEACHER_CHECKPOINT).is_file():  # an export directory, OUT/eval/training_N
+        return load_weights_file(path / TEACHER_CHECKPOINT)
     from dinov2.checkpoint.consolidate import resolve_checkpoint
     from dinov2.checkpoint.sharded import load_full_tensors
 
@@ -94,14 +107,53 @@ def read_pretrained_weights(location: str | os.PathLike) -> dict:
         raise ValueError(f"training checkpoint {checkpoint} holds no teacher backbone: {error}") from error
 
 
+def run_config_of(location: str | os.PathLike | None) -> Path | None:
+    """The ``config.yaml`` of the training run that the weights at ``location`` belong to: ``location``
+    is the run directory ``OUT``, ``OUT/checkpoints``, ``OUT/checkpoints/step_N``,
+    ``OUT/eval/training_N`` or a file in it; None for anything else (a URL, a file elsewhere)."""
+    from dinov2.checkpoint.io import expand_user, is_url
+
+    if not location or is_url(str(location)):
+        return None
+    path = expand_user(location)
+    if path.is_dir():
+        if path.name == "checkpoints":
+            run = path.parent
+        elif path.parent.name == "checkpoints" or (path.parent.name == "eval" and path.name.startswith("training_")):
+            run = path.parent.parent  # OUT/checkpoints/step_N, OUT/eval/training_N
+        else:
+            run = path
+    elif path.parent.parent.name == "eval" and path.parent.name.startswith("training_"):
+        run = path.parent.parent.parent  # OUT/eval/training_N/teacher_checkpoint.pth (or the .safetensors)
+    else:
+        return None
+    return run / RUN_CONFIG if (run / RUN_CONFIG).is_file() else None
+
+
+def resolve_config_file(config_file: str | None, pretrained_weights: str | None) -> str | None:
+    """``config_file``, or when it is empty the ``config.yaml`` of the run the weights come from
+    (logged), else None (the default config)."""
+    if config_file:
+        return config_file
+    run_config = run_config_of(pretrained_weights)
+    if run_config is None:
+        return None
+    logger.info(
+        "No --config-file given: the architecture of %s is read from its run's %s", pretrained_weights, run_config
+    )
+    return str(run_config)
+
+
 def build_eval_model(
     config_file: str | None,
     pretrained_weights: str | None,
     opts: Sequence[str] = (),
     device: str | torch.device = "auto",
 ) -> tuple[nn.Module, DictConfig]:
-    """The frozen backbone of ``config_file`` with ``pretrained_weights``, in eval mode on ``device``."""
-    cfg = load_config(config_file or None, list(opts))
+    """The frozen backbone of ``config_file`` with ``pretrained_weights``, in eval mode on ``device``.
+    An empty ``config_file`` means the run's ``config.yaml`` for weights of a training run
+    (:func:`resolve_config_file`), else the default config."""
+    cfg = load_config(resolve_config_file(config_file, pretrained_weights), list(opts))
     model, _ = build_model(cfg.student, only_teacher=True, img_size=cfg.crops.global_crops_size)
     if pretrained_weights:
         checkpoint = read_pretrained_weights(pretrained_weights)
@@ -125,6 +177,8 @@ def setup_and_build_model(args: argparse.Namespace) -> tuple[nn.Module, torch.dt
     distributed.init_from_env(device)
     output_dir = getattr(args, "output_dir", "") or None
     setup_logging(output_dir, rank=distributed.get_rank())
+    # recorded as the results' config_file: the run's config.yaml when that is where the architecture came from
+    args.config_file = resolve_config_file(args.config_file, args.pretrained_weights) or ""
     model, cfg = build_eval_model(args.config_file, args.pretrained_weights, getattr(args, "opts", ()), device)
     device_utils.enable_tf32(device, bool(cfg.compute_precision.tf32))
     autocast_dtype = device_utils.resolve_autocast_dtype(cfg.compute_precision.autocast_dtype, device)
