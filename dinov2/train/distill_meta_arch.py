@@ -219,8 +219,9 @@ class DistillMetaArch(nn.Module):
         self._loaded_fingerprint = state_fingerprint(state)
         self.teacher_fingerprint.copy_(self._loaded_fingerprint)
 
-    def _check_teacher_unchanged(self) -> None:
-        """Once, at the first step: a resumed run must have reloaded the teacher it started with."""
+    def check_after_resume(self) -> None:
+        """Once, after a resume (the trainer calls it) or at the first step: a resumed run must have
+        reloaded the teacher it started with, also when nothing is left to train."""
         if self._fingerprint_checked or self._loaded_fingerprint is None:
             return
         saved = self.teacher_fingerprint.detach().cpu()
@@ -298,7 +299,7 @@ class DistillMetaArch(nn.Module):
     def forward(self, batch: dict, teacher_temp: float, accumulate: bool = False) -> dict[str, torch.Tensor]:
         """Losses for one collated batch: ``{"loss": total, term: value}``. The batch's iBOT masks
         (if the collate drew any) are not used. ``accumulate`` as in :meth:`SSLMetaArch.forward`."""
-        self._check_teacher_unchanged()
+        self.check_after_resume()
         targets = self._teacher_targets(batch, teacher_temp, accumulate)
         losses = self._losses(self._student_outputs(batch), targets)
         return {"loss": self.total_loss(losses), **losses}

@@ -136,6 +136,9 @@ class Trainer:
             logger.info("checkpoint saved on %s processes, now %d: RNG streams are reseeded from (seed, rank, "
                         "iteration); data and masks are unaffected", state.get("world_size"), distributed.get_world_size())  # fmt: skip
         self.last_checkpoint = path
+        check_after_resume = getattr(self.model, "check_after_resume", None)  # distillation: the same teacher
+        if truncate_metrics and callable(check_after_resume):
+            check_after_resume()
         if truncate_metrics:
             self.metrics.truncate_after(self.iteration)
         logger.info("resumed from %s at iteration %d", path, self.iteration)

@@ -186,12 +186,19 @@ def test_teacher_frozen_student_learns_and_spare_ema_tracks_it(teacher_run, tmp_
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_run_exports_the_ema_checkpoints_without_the_frozen_teacher(teacher_run, tmp_path):
+@pytest.fixture(scope="module")
+def distill_run(teacher_run, tmp_path_factory) -> tuple[Path, dict]:
+    """The uninterrupted 4-iteration distillation run and its summary (tests only read it)."""
+    run = tmp_path_factory.mktemp("distill_straight")
+    return run, main(["--output-dir", str(run), *distill_opts(teacher_run)])
+
+
+def test_run_exports_the_ema_checkpoints_without_the_frozen_teacher(distill_run):
     from dinov2.hub.backbones import dinov2_vits14
 
-    summary = main(["--output-dir", str(tmp_path), *distill_opts(teacher_run)])
-    assert summary["iteration"] == 4 and all(r["ibot_loss"] > 0 for r in records(tmp_path).values())
-    ckpt = find_latest_checkpoint(tmp_path / "checkpoints")
+    run, summary = distill_run
+    assert summary["iteration"] == 4 and all(r["ibot_loss"] > 0 for r in records(run).values())
+    ckpt = find_latest_checkpoint(run / "checkpoints")
     keys = read_tensor_metadata(ckpt)
     assert not [k for k in keys if "frozen_teacher" in k]
     assert {"model.teacher_fingerprint", "model.dino_loss.center", "model.ibot_patch_loss.center"} <= set(keys)
@@ -202,7 +209,7 @@ def test_run_exports_the_ema_checkpoints_without_the_frozen_teacher(teacher_run,
     x = torch.randn(2, 3, 28, 28)
     reference = dinov2_vits14(pretrained=False, img_size=28, depth=1).eval()
     reference.load_state_dict(ema, strict=True)
-    export = tmp_path / "eval" / "training_4"
+    export = run / "eval" / "training_4"
     flat = dinov2_vits14(pretrained=False, img_size=28, depth=1).eval()  # the official single-file layout
     flat.load_state_dict(load_file(export / "teacher_backbone.safetensors"), strict=True)
     from_pth = dinov2_vits14(weights=str(export / "teacher_checkpoint.pth"), img_size=28, depth=1).eval()
@@ -210,9 +217,8 @@ def test_run_exports_the_ema_checkpoints_without_the_frozen_teacher(teacher_run,
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
-def test_resume_repeats_the_uninterrupted_run(teacher_run, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    main(["--output-dir", str(straight), *distill_opts(teacher_run)])
+def test_resume_repeats_the_uninterrupted_run(teacher_run, distill_run, tmp_path):
+    straight, resumed = distill_run[0], tmp_path / "resumed"
     main(["--output-dir", str(resumed), *distill_opts(teacher_run, "train.stop_at_iteration=2")])
     main(["--output-dir", str(resumed), *distill_opts(teacher_run)])
     a, b = records(straight), records(resumed)
@@ -236,6 +242,9 @@ def test_teacher_from_an_export_and_a_changed_teacher_refuses_to_resume(teacher_
     state = torch.load(export, weights_only=True)
     state["teacher"]["dino_head.mlp.0.bias"] += 0.01
     torch.save(state, export)
+    # also a finished run rerun with nothing left to train (it used to log "nothing to train" and go on)
+    with pytest.raises(TeacherChangedError, match="differs from the one this run started with"):
+        main(["--output-dir", str(run), *distill_opts(export, "train.stop_at_iteration=2")])
     with pytest.raises(TeacherChangedError, match="differs from the one this run started with"):
         main(["--output-dir", str(run), *distill_opts(export)])
 
