@@ -65,3 +65,14 @@ def join_group(rank: int, port: int) -> None:
     from dinov2.distributed import init_from_env
 
     init_from_env(torch.device("cpu"))
+
+
+def run_parts(rank: int, port: int, parts: list[tuple[str, str, tuple]]) -> None:
+    """Join the group, run each ``(module, function, args)`` part as ``function(rank, *args)``, leave
+    the group: checks of several test modules that need the same 2-process group share one spawn."""
+    import importlib
+
+    join_group(rank, port)
+    for module, function, args in parts:
+        getattr(importlib.import_module(module), function)(rank, *args)
+    torch.distributed.destroy_process_group()

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from dist_common import MIXED_SHARDING, TINY, WORLD, free_port, join_group
+from dist_common import MIXED_SHARDING, TINY
 
 from dinov2.train.init_from import load_init_source, resolve_init_source
 from dinov2.train.train import build_model, main, setup_config
@@ -30,20 +29,24 @@ def _loaded(init_from: str, out: str):
     return model
 
 
-def _worker(rank: int, port: int, init_from: str, out: str) -> None:
-    join_group(rank, port)
+def prepare(out: Path) -> tuple:
+    """Before the spawn (conftest.py's ``sharded_parts``): the pretraining run; the rank part's args."""
+    main(["--output-dir", str(out / "pretrain"), *TINY, "train.stop_at_iteration=2"])  # 32 px, flat blocks
+    return (str(out / "pretrain"), str(out))
+
+
+def rank_part(rank: int, init_from: str, out: str) -> None:
+    """On each rank of the shared 2-process group."""
     model = _loaded(init_from, out)
     assert hasattr(model.student.backbone.pos_embed, "device_mesh")  # sharded for real
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in model.state_dict().items()}
     if rank == 0:
         torch.save(full, Path(out) / "r0.pt")
-    torch.distributed.destroy_process_group()
 
 
-def test_init_from_into_sharded_model_equals_the_unsharded_load(tmp_path):
+def test_init_from_into_sharded_model_equals_the_unsharded_load(sharded_parts):
+    tmp_path = sharded_parts["test_init_from_sharded"]
     pretrain = tmp_path / "pretrain"
-    main(["--output-dir", str(pretrain), *TINY, "train.stop_at_iteration=2"])  # 32 px, flat blocks
-    mp.spawn(_worker, args=(free_port(), str(pretrain), str(tmp_path)), nprocs=WORLD, join=True)
     sharded = torch.load(tmp_path / "r0.pt", weights_only=True)
 
     reference = _loaded(str(pretrain), str(tmp_path)).state_dict()  # one process: plain tensors

@@ -30,7 +30,26 @@ def _describe_group(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _worker(rank: int, port: int, root: str) -> None:
+def _outcome(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _launched_run(rank: int, port: int, root: str) -> None:
+    """As under torchrun: only the environment describes the group, main creates it."""
+    _describe_group(rank, port)
+    from dinov2.train.train import main
+
+    try:
+        summary = main(["--output-dir", str(Path(root) / "launched"), *TINY, "train.stop_at_iteration=1"])
+        outcome = f"{summary['iteration']} {dist.is_initialized()}"
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test compares
+        outcome = _outcome(error)
+    (Path(root) / f"launched{rank}.txt").write_text(outcome)
+    if dist.is_initialized():  # left behind (the launched test fails on it): the next run makes its own
+        dist.destroy_process_group()
+
+
+def _poisoned_run(rank: int, port: int, root: str) -> None:
     _describe_group(rank, port)
     # a short timeout: a rank left waiting must not hold the test for gloo's default 30 minutes
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -50,33 +69,39 @@ def _worker(rank: int, port: int, root: str) -> None:
 
         SSLMetaArch.forward = poisoned
     try:
-        main(["--output-dir", str(Path(root) / "run"), *TINY, "train.stop_at_iteration=3"])
+        main(["--output-dir", str(Path(root) / "poisoned"), *TINY, "train.stop_at_iteration=3"])
         outcome = "finished"
     except Exception as error:  # noqa: BLE001 - the outcome is what the test compares
-        outcome = f"{type(error).__name__}: {error}"
-    (Path(root) / f"rank{rank}.txt").write_text(outcome)
+        outcome = _outcome(error)
+    (Path(root) / f"poisoned{rank}.txt").write_text(outcome)
     # no destroy_process_group: a rank that still waits in a collective would hang it; leaving the
     # process closes this rank's connections, which makes such a peer's gloo call fail at once
 
 
-def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+def _worker(rank: int, ports: tuple[int, int], root: str) -> None:
+    """Both runs in one pair of processes (one spawn, half the start-up): first the launched run,
+    which must leave no group behind, then the poisoned one in a group of its own (on another port)."""
+    _launched_run(rank, ports[0], root)
+    _poisoned_run(rank, ports[1], root)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, list[str]]:
+    root = tmp_path_factory.mktemp("rank_failures")
+    ports = (free_port(), free_port())
+    while ports[1] == ports[0]:
+        ports = (ports[0], free_port())
+    mp.spawn(_worker, args=(ports, str(root)), nprocs=WORLD, join=True)
+    return {run: [(root / f"{run}{r}.txt").read_text() for r in range(WORLD)] for run in ("launched", "poisoned")}
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(outcomes):
+    outcomes = outcomes["poisoned"]
     assert outcomes[0].startswith("NonFiniteLossError: non-finite loss at iteration 2"), outcomes[0]
     assert outcomes[1].startswith("NonFiniteLossError: non-finite loss at iteration 2"), outcomes[1]
     assert "koleo_loss=nan (non-finite on 1 of 2 processes)" in outcomes[0]
     assert "(non-finite on 1 of 2 processes)" in outcomes[1] and "koleo_loss=nan" not in outcomes[1]
 
 
-def _launched_worker(rank: int, port: int, root: str) -> None:
-    """As under torchrun: only the environment describes the group, main creates it."""
-    _describe_group(rank, port)
-    from dinov2.train.train import main
-
-    summary = main(["--output-dir", str(Path(root) / "run"), *TINY, "train.stop_at_iteration=1"])
-    (Path(root) / f"rank{rank}.txt").write_text(f"{summary['iteration']} {dist.is_initialized()}")
-
-
-def test_a_completed_run_destroys_the_process_group_it_created(tmp_path):
-    mp.spawn(_launched_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)] == ["1 False"] * WORLD
+def test_a_completed_run_destroys_the_process_group_it_created(outcomes):
+    assert outcomes["launched"] == ["1 False"] * WORLD, outcomes["launched"]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from dist_common import MIXED_SHARDING, TINY, WORLD, free_port, join_group
+from dist_common import MIXED_SHARDING, TINY
 
 from dinov2.train.train import build_model, setup_config
 from dinov2.utils.config import load_config
@@ -55,8 +54,15 @@ def _perturb_student_and_set_grads(model) -> list:
     return params
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    join_group(rank, port)
+def prepare(out: Path) -> tuple:
+    """Before the spawn (conftest.py's ``sharded_parts``): the pretrained file; the rank part's args."""
+    donor = build_model(_cfg("train.seed=7"), torch.device("cpu")).student.backbone.state_dict()
+    torch.save({k: v + 0.5 for k, v in donor.items()}, out / "pretrained.pth")
+    return (str(out),)
+
+
+def rank_part(rank: int, out: str) -> None:
+    """On each rank of the shared 2-process group."""
     from dinov2.distributed.grads import clip_grad_norm_
 
     model = build_model(_cfg(), torch.device("cpu"))
@@ -73,13 +79,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     if rank == 0:
         result = {"initial": initial, "norm": norm, "clipped": clipped, "teacher": teacher, "loaded": loaded}
         torch.save(result, Path(out) / "r0.pt")
-    torch.distributed.destroy_process_group()
 
 
-def test_sharded_init_clipping_ema_and_pretrained_loading_equal_the_unsharded_model(tmp_path):
-    donor = build_model(_cfg("train.seed=7"), torch.device("cpu")).student.backbone.state_dict()
-    torch.save({k: v + 0.5 for k, v in donor.items()}, tmp_path / "pretrained.pth")
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_sharded_init_clipping_ema_and_pretrained_loading_equal_the_unsharded_model(sharded_parts):
+    tmp_path = sharded_parts["test_sharding"]
     sharded = torch.load(tmp_path / "r0.pt", weights_only=True)
 
     model = build_model(_cfg(), torch.device("cpu"))  # one process: plain tensors, same seed
