@@ -70,3 +70,18 @@ TINY_VIT = dict(
 @pytest.fixture
 def tiny_vit_kwargs():
     return dict(TINY_VIT)
+
+
+@pytest.fixture(scope="session")
+def dist_common():
+    """tests/distributed/dist_common.py (the tiny training config, a free port, the world size) for
+    tests outside that folder, loaded from its file without touching sys.path."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "dist_common", Path(__file__).parent / "distributed" / "dist_common.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -51,6 +51,24 @@ def strip_wrapper_segments(name: str) -> str:
     return _WRAPPER_SEGMENT.sub("", name)
 
 
+def strip_wrapper_keys(state: Mapping[str, object]) -> dict[str, object]:
+    """``state`` with :func:`strip_wrapper_segments` applied to every key. Two keys that become one
+    (``module.x`` beside ``x``) raise ``ValueError`` naming them: neither value may silently win."""
+    stripped: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for key, value in state.items():
+        name = strip_wrapper_segments(key)
+        if name in sources:
+            raise ValueError(
+                f"keys {sources[name]!r} and {key!r} both become {name!r} once wrapper name segments "
+                f"({', '.join(s + '.' for s in WRAPPER_SEGMENTS)}) are removed; the checkpoint holds two "
+                "copies of one parameter"
+            )
+        sources[name] = key
+        stripped[name] = value
+    return stripped
+
+
 _CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.*)$")
 _FLAT_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 
@@ -168,9 +186,7 @@ def adapt_backbone_state_dict(
         raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
     report = AdaptReport()
     state = _unwrap_container(checkpoint, branch, report)
-    stripped = {strip_wrapper_segments(k): v for k, v in state.items()}
-    if len(stripped) != len(state):
-        raise ValueError("removing wrapper prefixes (module., _orig_mod., ...) made keys collide")
+    stripped = strip_wrapper_keys(state)
     if stripped.keys() != state.keys():
         report.stripped_prefixes.extend(sorted({m for k in state for m in _WRAPPER_SEGMENT.findall(k)}))
     state = stripped
@@ -207,7 +223,7 @@ def branch_state_dict(checkpoint: Mapping, branch: str = "teacher") -> dict[str,
     for container in ("model", "state_dict"):
         if state is checkpoint and isinstance(checkpoint.get(container), Mapping):
             state = checkpoint[container]
-    state = {strip_wrapper_segments(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state = strip_wrapper_keys({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
     if any(k.startswith(f"{branch}.") for k in state):  # that branch's part, never the other's
         state = {k[len(branch) + 1 :]: v for k, v in state.items() if k.startswith(f"{branch}.")}
     return convert_weight_norm_keys(state)

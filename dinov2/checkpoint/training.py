@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dinov2.checkpoint.adapters import adapt_backbone_state_dict, strip_wrapper_segments
+from dinov2.checkpoint.adapters import adapt_backbone_state_dict, strip_wrapper_keys
 from dinov2.distributed import is_dtensor
 
 logger = logging.getLogger("dinov2")
@@ -205,10 +205,7 @@ def _full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Te
 def _clean_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """:func:`_full_state_dict` without wrapper name segments (``_orig_mod.``...)."""
     raw = _full_state_dict(module, keep)
-    state = {strip_wrapper_segments(k): v for k, v in raw.items()}
-    if len(state) != len(raw):
-        raise ValueError("removing wrapper name segments (module., _orig_mod., ...) made keys collide")
-    return state
+    return strip_wrapper_keys(raw)
 
 
 def _write_export(target: Path, teacher_state: dict[str, torch.Tensor]) -> None:

@@ -274,7 +274,7 @@ def stop_local_peers(job_env: Any, failure: str | None, wait_s: float = 5.0) -> 
     for task in sorted(peers):
         paths = JobPaths(job_env.paths.folder, job_env.job_id, task)
         try:
-            with paths.stderr.open("a") as log:
+            with paths.stderr.open("a", encoding="utf-8") as log:
                 log.write(f"dinov2: {message}\n")
             if not paths.result_pickle.exists():  # a result it wrote itself stays
                 with temporary_save_path(paths.result_pickle) as tmp:

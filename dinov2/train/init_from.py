@@ -52,7 +52,7 @@ from dinov2.checkpoint import (
     load_module_state_dict,
     load_weights_file,
 )
-from dinov2.checkpoint.adapters import branch_state_dict, strip_wrapper_segments
+from dinov2.checkpoint.adapters import branch_state_dict, strip_wrapper_keys
 from dinov2.checkpoint.consolidate import resolve_checkpoint
 from dinov2.checkpoint.io import is_url
 from dinov2.checkpoint.sharded import load_full_tensors
@@ -239,7 +239,7 @@ def _whole_model_state(raw: Mapping) -> dict[str, torch.Tensor] | None:
         if isinstance(raw.get(container), Mapping):
             state = raw[container]
             break
-    tensors = {strip_wrapper_segments(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = strip_wrapper_keys({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
     if all(any(k.startswith(f"{branch}.") for k in tensors) for branch in BRANCHES):
         return tensors
     return None

@@ -99,7 +99,7 @@ class MetricsWriter:
         if not self.path.is_file():
             return
         kept, torn = [], 0
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             if not line.strip():
                 continue
             try:
@@ -123,7 +123,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"iteration": int(iteration), **metrics}
-        with open(self.path, "a") as handle:
+        with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         tb = self._tensorboard()
         if tb is not None:

@@ -196,3 +196,15 @@ def test_flat_state_dict_with_a_non_tensor_entry_names_it():
     with pytest.raises(ValueError, match=r"Not a state dict.*entries that are not tensors: 'epoch' \(int\)") as info:
         adapt_backbone_state_dict(state, _vit())
     assert "blocks.0" not in str(info.value)  # the tensor keys are not what is wrong
+
+
+def test_two_copies_of_one_parameter_under_wrapper_names_are_an_error_naming_both():
+    from dinov2.checkpoint.adapters import branch_state_dict
+
+    state = dict(_vit().state_dict())
+    state["module.pos_embed"] = state["pos_embed"] + 1  # a second, different copy: neither may win silently
+    with pytest.raises(ValueError, match=r"'pos_embed' and 'module.pos_embed' both become 'pos_embed'"):
+        adapt_backbone_state_dict(state, _vit())
+    whole = {f"teacher.{k}": v for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"'teacher.pos_embed' and 'teacher.module.pos_embed'"):
+        branch_state_dict(whole, "teacher")

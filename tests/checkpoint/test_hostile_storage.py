@@ -36,17 +36,6 @@ def _names(directory):
     return sorted(p.name for p in directory.iterdir())
 
 
-def _dist_common():
-    """tests/distributed/dist_common.py (tiny config, free port, world size), without touching sys.path."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "distributed" / "dist_common.py"
-    spec = importlib.util.spec_from_file_location("dist_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _model_and_optimizer(seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
@@ -168,7 +157,7 @@ def _hold_lock_in_child(directory: Path) -> int:
     return pid
 
 
-def test_a_second_job_on_the_same_output_directory_is_refused_until_the_first_dies(tmp_path):
+def test_a_second_job_on_the_same_output_directory_is_refused_until_the_first_dies(tmp_path, dist_common):
     pid = _hold_lock_in_child(tmp_path)
     try:
         with pytest.raises(OutputDirectoryInUseError, match=rf"in use by another training job \(process {pid} on host"):
@@ -177,13 +166,13 @@ def test_a_second_job_on_the_same_output_directory_is_refused_until_the_first_di
         from dinov2.train.train import main
 
         with pytest.raises(OutputDirectoryInUseError, match=str(pid)):
-            main(["--output-dir", str(tmp_path), *_dist_common().TINY, "train.stop_at_iteration=1"])
+            main(["--output-dir", str(tmp_path), *dist_common.TINY, "train.stop_at_iteration=1"])
         assert not (tmp_path / "checkpoints").exists()
         # --no-resume too: the first job's run is not moved aside, nor its config overwritten
         (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
         (tmp_path / "config.yaml").write_text("the first job's\n")
         with pytest.raises(OutputDirectoryInUseError, match=str(pid)):
-            main(["--output-dir", str(tmp_path), "--no-resume", *_dist_common().TINY, "train.stop_at_iteration=1"])
+            main(["--output-dir", str(tmp_path), "--no-resume", *dist_common.TINY, "train.stop_at_iteration=1"])
         assert (tmp_path / "checkpoints" / "step_0000001").is_dir() and not list(tmp_path.glob("replaced_*"))
         assert (tmp_path / "config.yaml").read_text() == "the first job's\n"
     finally:

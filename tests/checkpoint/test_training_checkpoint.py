@@ -525,17 +525,6 @@ def test_consolidate_failure_leaves_no_temporary_and_output_safetensors(tmp_path
 
 
 # ------------------------------------------------------------- a rank that fails (2 gloo processes)
-def _dist_common():
-    """tests/distributed/dist_common.py (its free port and world size), without touching sys.path."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "distributed" / "dist_common.py"
-    spec = importlib.util.spec_from_file_location("dist_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _timed(action) -> str:
     import time
 
@@ -600,13 +589,13 @@ def _failing_rank_worker(rank: int, port: int, world: int, root: str) -> None:
 
 
 @pytest.mark.distributed
-def test_a_rank_that_fails_writing_or_reading_its_files_stops_every_rank_at_once(tmp_path):
+def test_a_rank_that_fails_writing_or_reading_its_files_stops_every_rank_at_once(tmp_path, dist_common):
     # Each rank writes (and reads) its own RNG file; one that fails there used to leave the others
     # waiting in the next barrier until the process-group timeout (30 minutes with NCCL), then failing
     # with a timeout that does not say why. Every rank now learns of it at once and raises, naming it.
     import torch.multiprocessing as mp
 
-    common = _dist_common()
+    common = dist_common
     mp.spawn(_failing_rank_worker, args=(common.free_port(), common.WORLD, str(tmp_path)), nprocs=common.WORLD)
     (save0, load0, early0), (save1, load1, early1) = [
         (tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)

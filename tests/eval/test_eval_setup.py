@@ -37,6 +37,15 @@ def test_random_init_is_frozen_in_eval_mode_and_warns(micro_arch, caplog):
     assert cfg.student.embed_dim == 32 and cfg.crops.global_crops_size == 32
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    assert "student.pretrained_weights" not in caplog.text  # nothing of the kind in this config
+
+
+def test_random_init_warning_explains_a_config_that_names_starting_weights(micro_arch, caplog):
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        build_eval_model(None, "", [*micro_arch, "student.pretrained_weights=start.pth"])
+    warning = [r.getMessage() for r in caplog.records if "randomly initialised" in r.getMessage()]
+    assert len(warning) == 1 and "student.pretrained_weights='start.pth'" in warning[0]
+    assert "pass it as --pretrained-weights" in warning[0]
 
 
 def test_teacher_checkpoint_and_safetensors_load_exactly(micro_arch, tmp_path):
