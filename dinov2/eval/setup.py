@@ -160,7 +160,15 @@ def build_eval_model(
         report = load_backbone_state_dict(model, checkpoint, source=str(pretrained_weights))
         logger.info("Loaded %s backbone weights from %s (%s)", cfg.student.arch, pretrained_weights, report)
     else:
-        logger.warning("No --pretrained-weights given: evaluating a randomly initialised %s", cfg.student.arch)
+        start = cfg.student.get("pretrained_weights") or ""
+        logger.warning(
+            "No --pretrained-weights given: evaluating a randomly initialised %s%s",
+            cfg.student.arch,
+            f" (the config's student.pretrained_weights={start!r} is where a training run starts, not what an "
+            "evaluation reads: pass it as --pretrained-weights to evaluate those weights)"
+            if start
+            else "",
+        )
     model.eval()
     model.requires_grad_(False)
     return model.to(resolve_device(device)), cfg
