@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = setup_config(args, cfg)  # the lr depends on the world size, known once the group exists
     output_dir = Path(cfg.train.output_dir)
     setup_logging(output_dir, rank=distributed.get_rank())
-    from dinov2.checkpoint.sharded import lock_for_training
+    from dinov2.checkpoint.sharded import lock_for_training, unlock_output_directory
     from dinov2.train.init_from import load_init_source, resolve_init_source
 
     # train.init_from: a new run from another run's weights (None when resuming from this run's own);
@@ -151,38 +151,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     init_source = resolve_init_source(cfg, output_dir / "checkpoints", resume=args.eval_only or not args.no_resume)
     if not args.eval_only:  # first: another job training into this directory stops this one before
         lock_for_training(output_dir)  # anything of its run is moved aside or overwritten (a collective)
-    if distributed.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if args.no_resume and not args.eval_only:
-            set_aside_previous_run(output_dir)
-    distributed.barrier()  # no rank looks into the output directory before rank 0 has set it up
-    logger.info("config:\n%s", OmegaConf.to_yaml(cfg))
-    logger.info("device %s, %d process(es); lr %.4g (base_lr %s, %s)", device, distributed.get_world_size(),
-                cfg.optim.lr, cfg.optim.base_lr, cfg.optim.scaling_rule)  # fmt: skip
-    enable_tf32(device, bool(cfg.compute_precision.tf32))
-    # The backbone returns dicts of views (CLS / patch slices of one tensor); nothing modifies them
-    # in place, which is what FSDP2's warning is about.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    try:
+        if distributed.is_main_process():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if args.no_resume and not args.eval_only:
+                set_aside_previous_run(output_dir)
+        distributed.barrier()  # no rank looks into the output directory before rank 0 has set it up
+        logger.info("config:\n%s", OmegaConf.to_yaml(cfg))
+        logger.info("device %s, %d process(es); lr %.4g (base_lr %s, %s)", device, distributed.get_world_size(),
+                    cfg.optim.lr, cfg.optim.base_lr, cfg.optim.scaling_rule)  # fmt: skip
+        enable_tf32(device, bool(cfg.compute_precision.tf32))
+        # The backbone returns dicts of views (CLS / patch slices of one tensor); nothing modifies them
+        # in place, which is what FSDP2's warning is about.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
-    from dinov2.train.loop import Trainer
+        from dinov2.train.loop import Trainer
 
-    seed_everything(int(cfg.train.seed))  # the same seed on every rank: identical initial weights
-    model = build_model(cfg, device)
-    if init_source is not None:
-        load_init_source(model, init_source)
-    seed_everything(int(cfg.train.seed), distributed.get_rank())  # then per-rank streams (stochastic depth)
-    trainer = Trainer(cfg, model, device, output_dir)
-    if args.eval_only:  # trains nothing: the run's metrics and its config.yaml are kept as they are
-        if not trainer.resume(truncate_metrics=False):
-            logger.warning("--eval-only: no checkpoint in %s; evaluating the initial weights", trainer.checkpoint_dir)
-        if not (output_dir / "config.yaml").is_file():
+        seed_everything(int(cfg.train.seed))  # the same seed on every rank: identical initial weights
+        model = build_model(cfg, device)
+        if init_source is not None:
+            load_init_source(model, init_source)
+        seed_everything(int(cfg.train.seed), distributed.get_rank())  # then per-rank streams (stochastic depth)
+        trainer = Trainer(cfg, model, device, output_dir)
+        if args.eval_only:  # trains nothing: the run's metrics and its config.yaml are kept as they are
+            if not trainer.resume(truncate_metrics=False):
+                logger.warning(
+                    "--eval-only: no checkpoint in %s; evaluating the initial weights", trainer.checkpoint_dir
+                )
+            if not (output_dir / "config.yaml").is_file():
+                write_run_config(cfg, output_dir)
+            result = {"iteration": trainer.iteration, **trainer.evaluate(f"training_{trainer.iteration}")}
+        else:
+            if not args.no_resume:  # first: a config whose model does not fit the checkpoint stops here
+                trainer.resume()
             write_run_config(cfg, output_dir)
-        result = {"iteration": trainer.iteration, **trainer.evaluate(f"training_{trainer.iteration}")}
-    else:
-        if not args.no_resume:  # first: a config whose model does not fit the checkpoint stops here
-            trainer.resume()
-        write_run_config(cfg, output_dir)
-        result = trainer.run(resume=False)
+            result = trainer.run(resume=False)
+    except BaseException:
+        if not args.eval_only:  # on an error too: this process may go on (tests, a notebook) and another job train here
+            unlock_output_directory(output_dir)
+        raise
     if joined:  # not on an error path: see distributed.shutdown
         distributed.shutdown()
     return result

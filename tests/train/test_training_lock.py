@@ -1,0 +1,47 @@
+"""The output-directory lock of ``dinov2.train.train.main`` is given back when the run fails, so that
+the same process (tests, a notebook, a script that runs phases one after the other) leaves the
+directory free for a job started after it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+
+from dinov2.checkpoint.sharded import LOCK_FILE
+
+
+def lock_is_free(directory) -> bool:
+    """Whether a new open file description of the lock file can take the lock (flock locks of two
+    descriptions conflict, also within one process)."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also drops the lock this check took
+    return True
+
+
+class Failure(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("where", ["dinov2.train.train.build_model", "dinov2.train.loop.build_train_dataset"])
+def test_a_failed_run_releases_the_lock(tmp_path, monkeypatch, dist_common, where):
+    """A failure in main after the lock was taken (building the model), or inside Trainer.run."""
+    held_while_running = []
+
+    def fail(*args, **kwargs):
+        held_while_running.append(not lock_is_free(tmp_path))
+        raise Failure("stop here")
+
+    monkeypatch.setattr(where, fail)
+    from dinov2.train.train import main
+
+    with pytest.raises(Failure):
+        main(["--output-dir", str(tmp_path), *dist_common.TINY, "train.stop_at_iteration=1"])
+    assert held_while_running == [True]  # the lock was held when the run failed...
+    assert lock_is_free(tmp_path)  # ...and given back with the error
