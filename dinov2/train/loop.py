@@ -290,8 +290,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool = True) -> dict[str, Any]:
-        """Train from the latest checkpoint (or from scratch) to ``stop_iter``; returns a summary."""
+        """Train from the latest checkpoint (or from scratch) to ``stop_iter``; returns a summary.
+        The output directory is locked for the run and given back when it ends, also on an error."""
         lock_for_training(self.output_dir)  # a second job on this output directory stops here (or in resume)
+        try:
+            return self._run(resume)
+        finally:  # else held until this process ends, refusing later jobs on the directory
+            unlock_output_directory(self.output_dir)
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         if resume:
             self.resume()
         dataset = build_train_dataset(self.cfg)
@@ -329,7 +336,6 @@ class Trainer:
             elif checkpoint_due:
                 self.save_checkpoint()
         self.metrics.close()
-        unlock_output_directory(self.output_dir)  # else held until this process ends
         return self.summary()
 
     def _evaluate_then_checkpoint(self, checkpoint_due: bool) -> None:

@@ -45,3 +45,25 @@ def test_a_failed_run_releases_the_lock(tmp_path, monkeypatch, dist_common, wher
         main(["--output-dir", str(tmp_path), *dist_common.TINY, "train.stop_at_iteration=1"])
     assert held_while_running == [True]  # the lock was held when the run failed...
     assert lock_is_free(tmp_path)  # ...and given back with the error
+
+
+def test_trainer_run_called_directly_gives_the_lock_back_on_an_error(tmp_path, monkeypatch, dist_common):
+    """Benchmarks and scripts drive Trainer.run without main: a failing step must not keep the lock."""
+    import torch
+
+    from dinov2.train import loop
+    from dinov2.train.train import build_model
+    from dinov2.utils.config import load_config
+
+    cfg = load_config(None, [*dist_common.TINY, f"train.output_dir={tmp_path}", "train.stop_at_iteration=2"])
+    trainer = loop.Trainer(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"), tmp_path)
+    held_while_running = []
+
+    def failing_step(*args, **kwargs):
+        held_while_running.append(not lock_is_free(tmp_path))
+        raise Failure("a step fails")
+
+    monkeypatch.setattr(trainer, "step", failing_step)
+    with pytest.raises(Failure):
+        trainer.run()
+    assert held_while_running == [True] and lock_is_free(tmp_path)
