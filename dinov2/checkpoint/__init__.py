@@ -13,8 +13,10 @@ from dinov2.checkpoint.adapters import (
 )
 from dinov2.checkpoint.io import load_weights_file
 from dinov2.checkpoint.sharded import (
+    CheckpointNotVisibleError,
     CheckpointWriteError,
     OutputDirectoryInUseError,
+    agreed_latest_checkpoint,
     find_latest_checkpoint,
     load_checkpoint,
     save_checkpoint,

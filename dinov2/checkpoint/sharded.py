@@ -213,6 +213,46 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+class CheckpointNotVisibleError(RuntimeError):
+    """The checkpoint rank 0 resumes from is missing or incomplete as another rank sees it."""
+
+
+def agreed_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """:func:`find_latest_checkpoint` as rank 0 sees it, on every rank (a collective).
+
+    Each rank listing the directory itself could pick another step, or none, where a shared file
+    system shows a node a stale listing, and the ranks would then wait for each other in different
+    collectives until the process-group timeout. Here rank 0 chooses; a rank that cannot see that
+    checkpoint whole stops every rank at once with :class:`CheckpointNotVisibleError` naming it."""
+    if distributed.get_world_size() == 1:
+        return find_latest_checkpoint(directory)
+    import torch.distributed as dist
+
+    rank_0 = distributed.get_rank() == 0
+    chosen: list[str | None] = [None]
+
+    def choose() -> None:
+        if rank_0:
+            latest = find_latest_checkpoint(directory)
+            chosen[0] = None if latest is None else latest.name
+
+    _on_every_rank(choose, f"listing the checkpoints in {directory}", CheckpointNotVisibleError)
+    dist.broadcast_object_list(chosen, src=0, device=distributed.collective_device())
+    if chosen[0] is None:
+        return None
+    path = Path(directory) / chosen[0]
+
+    def check_visible() -> None:
+        if not is_complete(path):
+            raise CheckpointNotVisibleError(
+                f"rank {distributed.get_rank()} does not see {path} whole ({METADATA} and {TRAINER_STATE}), the "
+                "checkpoint rank 0 resumes from: is the output directory on a file system every node shares?"
+            )
+
+    _on_every_rank(check_visible, f"finding {path}", CheckpointNotVisibleError)
+    return path
+
+
 # ------------------------------------------------------------------------------------ one writer
 LOCK_FILE = ".training.lock"
 _HELD_LOCKS: dict[str, int] = {}  # resolved lock file -> the descriptor this process holds it with

@@ -47,7 +47,7 @@ from torch import nn
 from dinov2.checkpoint import (
     adapt_backbone_state_dict,
     adapt_head_state_dict,
-    find_latest_checkpoint,
+    agreed_latest_checkpoint,
     load_backbone_state_dict,
     load_module_state_dict,
     load_weights_file,
@@ -93,7 +93,7 @@ def resolve_init_source(cfg: Any, checkpoint_dir: str | Path, resume: bool) -> I
     from a checkpoint of its own in ``checkpoint_dir`` (then ``train.init_from`` is ignored). Raises
     naming the key when it is required but not given, or when its path holds nothing to load."""
     checkpoint_dir = Path(checkpoint_dir)
-    if resume and find_latest_checkpoint(checkpoint_dir) is not None:
+    if resume and agreed_latest_checkpoint(checkpoint_dir) is not None:
         _refuse_own_checkpoints(cfg, checkpoint_dir)
         logger.info("%s ignored: resuming from this run's own checkpoints in %s", KEY, checkpoint_dir)
         return None

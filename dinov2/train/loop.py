@@ -17,9 +17,9 @@ import torch
 
 from dinov2 import distributed
 from dinov2.checkpoint import (
+    agreed_latest_checkpoint,
     capture_rng_state,
     export_teacher,
-    find_latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -116,7 +116,7 @@ class Trainer:
         (all of them on a fresh start); ``--eval-only``, which trains nothing, passes False."""
         if truncate_metrics:  # training: this job becomes the output directory's one writer first
             lock_for_training(self.output_dir)
-        path = find_latest_checkpoint(self.checkpoint_dir)
+        path = agreed_latest_checkpoint(self.checkpoint_dir)
         if path is None:  # a fresh start: records of a run lost before its first checkpoint go
             if truncate_metrics:
                 self.metrics.truncate_after(-1)

@@ -1,5 +1,5 @@
 """The process-group helpers of dinov2.distributed on 2 gloo processes (averaging, counting, gathering,
-norms over shards, shutdown), against values computed here from every rank's inputs; and, in one
+norms over shards, the checkpoint a resume reads, shutdown), against values computed here from every rank's inputs; and, in one
 process, which backend and precision a run chooses."""
 
 from __future__ import annotations
@@ -52,6 +52,24 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["failed_one"] = distributed.failed_ranks(rank == 1)  # only rank 1 fails: every rank learns it
     result["failed_all"] = distributed.failed_ranks(True)
 
+    # which checkpoint a resume reads: rank 0's choice on every rank, whatever the others' listings say
+    from dinov2.checkpoint import sharded as checkpoints
+
+    real_list, real_complete = checkpoints.list_checkpoints, checkpoints.is_complete
+    if rank == 1:  # a stale listing on this node: no checkpoint at all
+        checkpoints.list_checkpoints = lambda directory: []
+    result["agreed"] = str(checkpoints.agreed_latest_checkpoint(Path(out) / "ckpts"))
+    result["agreed_none"] = checkpoints.agreed_latest_checkpoint(Path(out) / "empty")
+    checkpoints.list_checkpoints = real_list
+    if rank == 1:  # this node does not see the chosen checkpoint whole
+        checkpoints.is_complete = lambda path: False
+    try:
+        checkpoints.agreed_latest_checkpoint(Path(out) / "ckpts")
+        result["unseen"] = "no error"
+    except checkpoints.CheckpointNotVisibleError as error:
+        result["unseen"] = str(error)
+    checkpoints.is_complete = real_complete
+
     # one norm over a sharded gradient (the same full tensor on every rank, 7 rows over 2 ranks:
     # uneven shards) and a replicated plain one
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -71,6 +89,11 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.distributed
 def test_helpers_average_count_gather_and_take_norms_over_ranks(tmp_path):
+    for step, files in ((2, (".metadata", "trainer_state.pth")), (4, (".metadata",))):  # 4: being written
+        (tmp_path / "ckpts" / f"step_{step:07d}").mkdir(parents=True)
+        for name in files:
+            (tmp_path / "ckpts" / f"step_{step:07d}" / name).touch()
+    (tmp_path / "empty").mkdir()
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(WORLD)]
     for result in results:  # every rank ends with the same values
@@ -85,7 +108,10 @@ def test_helpers_average_count_gather_and_take_norms_over_ranks(tmp_path):
         assert result["count"] == 5 + 3 + 4
         assert torch.equal(result["gathered"], torch.tensor([[0.0], [0.0], [1.0], [1.0]]))
         assert (result["failed_none"], result["failed_one"], result["failed_all"]) == ([], [1], [0, 1])
-
+        assert result["agreed"] == str(tmp_path / "ckpts" / "step_0000002") and result["agreed_none"] is None
+    assert "rank 1 does not see" in results[1]["unseen"] and "step_0000002" in results[1]["unseen"]
+    assert results[0]["unseen"].startswith("finding ") and "failed on rank 1" in results[0]["unseen"]
+    for result in results:
         full, plain = _grad("sharded", 0, (7, 3)), _grad("plain", 0, (4,))
         norm = torch.cat([full.flatten(), plain]).norm()
         torch.testing.assert_close(result["norm"], norm)
