@@ -164,20 +164,8 @@ def _storage_classes() -> tuple[type, type]:
 
 
 def _on_every_rank(action, what: str, error_type: type[Exception]) -> None:
-    """Run ``action`` on this rank, then tell every rank which ranks failed (one all-reduce, which also
-    serves as the barrier): a rank that failed re-raises its own error, every other rank raises
-    ``error_type`` naming the failed ranks, instead of waiting for them in a later collective until the
-    process-group timeout. Only ordinary exceptions are shared; an interrupt propagates as it is."""
-    error = None
-    try:
-        action()
-    except (Exception, CheckpointException) as exc:  # DCP's error is a BaseException; re-raised below
-        error = exc
-    failed = distributed.failed_ranks(error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise error_type(f"{what} failed on rank {', '.join(map(str, failed))}; that rank's own error is in its log")
+    """:func:`dinov2.distributed.on_every_rank`, sharing DCP's own report too (a BaseException)."""
+    distributed.on_every_rank(action, what, error_type, catch=(Exception, CheckpointException))
 
 
 def rng_file(rank: int) -> str:

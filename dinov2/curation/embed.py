@@ -307,38 +307,43 @@ def embed_images(
         raise ValueError(f"embedding dtype must be float16 or float32, got {dtype!r}")
     info = {"source": str(source), "embedder": describe_embedder(model_cfg), "dtype": dtype}
     _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list)
-    store = EmbeddingStore(store_dir)
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    todo = [c for c in store.missing_chunks() if c % world == rank]
-    if todo:
-        sources = store.sources()
-        embedder = build_embedder(model_cfg, device)
-        _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress and rank == 0)
-    distributed.barrier()
+
+    def embed_my_chunks() -> None:
+        store = EmbeddingStore(store_dir)
+        todo = [c for c in store.missing_chunks() if c % world == rank]
+        if todo:
+            sources = store.sources()
+            embedder = build_embedder(model_cfg, device)
+            _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress and rank == 0)
+
+    # the all-reduce that shares the outcome is also the barrier before the store is read back
+    distributed.on_every_rank(embed_my_chunks, f"embedding the chunks of {store_dir}", EmbedError)
     store = EmbeddingStore(store_dir)
     store.check_complete()
     return store
 
 
+class EmbedError(RuntimeError):
+    """Another rank failed in the embed stage (the message names it and its error)."""
+
+
 def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list) -> None:
     """Rank 0 lists the images and creates (or checks) the store; every rank learns whether that
-    worked, so a bad input stops all ranks with rank 0's error instead of leaving them waiting."""
-    error = None
-    if distributed.is_main_process():
-        try:
-            listed_ns = time.time_ns()  # before listing: a change from then on may be missing from the list
-            paths = list_images(source)
-            if for_file_list:
-                check_file_list_paths(paths, source)
-            EmbeddingStore.create(store_dir, paths, chunk_size, info)
-            write_source_stamp(store_dir, source, paths, listed_ns)  # the list was just checked against the store's
-        except (ValueError, OSError) as caught:  # StoreError is a ValueError
-            error = caught
-    failed = distributed.failed_ranks(error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise StoreError(f"rank 0 could not prepare the embedding store {store_dir} (its log has the error)")
+    worked, so a bad input stops all ranks (rank 0 with its own error, the others with a
+    :class:`StoreError` naming it) instead of leaving them waiting."""
+
+    def prepare() -> None:
+        if not distributed.is_main_process():
+            return
+        listed_ns = time.time_ns()  # before listing: a change from then on may be missing from the list
+        paths = list_images(source)
+        if for_file_list:
+            check_file_list_paths(paths, source)
+        EmbeddingStore.create(store_dir, paths, chunk_size, info)
+        write_source_stamp(store_dir, source, paths, listed_ns)  # the list was just checked against the store's
+
+    distributed.on_every_rank(prepare, f"preparing the embedding store {store_dir}", StoreError)
 
 
 def _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress) -> None:
@@ -361,4 +366,12 @@ def _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progres
             bar.close()
 
 
-__all__ = ["BackboneEmbedder", "ThumbnailEmbedder", "StoreError", "build_embedder", "embed_images", "list_images"]
+__all__ = [
+    "BackboneEmbedder",
+    "EmbedError",
+    "ThumbnailEmbedder",
+    "StoreError",
+    "build_embedder",
+    "embed_images",
+    "list_images",
+]

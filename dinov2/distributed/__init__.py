@@ -62,6 +62,32 @@ def failed_ranks(failed_here: bool, group=None) -> list[int]:
     return all_reduce(flags, group=group).cpu().nonzero().flatten().tolist()
 
 
+def on_every_rank(
+    action, what: str, error_type: type[Exception], catch: tuple[type[BaseException], ...] = (Exception,)
+):
+    """Run ``action`` on this rank, then tell every rank which ranks failed (:func:`failed_ranks`, one
+    all-reduce, also the barrier): a rank that failed re-raises its own error; every other rank
+    raises ``error_type`` naming each failed rank and its error (``"{what} failed on rank 1:
+    OSError: ..."``), instead of waiting for it in a later collective until the process-group
+    timeout. Errors of the ``catch`` types are shared; anything else (an interrupt) propagates as it
+    is. A collective: every rank must call. Returns what ``action`` returned."""
+    error, result = None, None
+    try:
+        result = action()
+    except catch as caught:
+        error = caught
+    failed = failed_ranks(error is not None)
+    if not failed:
+        return result
+    causes: list[str | None] = [None] * get_world_size()
+    if len(causes) > 1:  # every rank knows that some rank failed, so every rank joins this gather
+        mine = None if error is None else f"{type(error).__name__}: {error}"[:1000]
+        dist.all_gather_object(causes, mine)
+    if error is not None:
+        raise error
+    raise error_type(f"{what} failed on " + "; ".join(f"rank {r}: {causes[r]}" for r in failed))
+
+
 class RunCount:
     """A count over a whole run: what the run counted before it was resumed (``earlier``, from its
     checkpoint) plus what each rank counts now (``local``), e.g. unreadable images skipped."""

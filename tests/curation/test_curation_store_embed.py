@@ -234,7 +234,7 @@ def _embed_rank(rank, port, pool, out, cfg_yaml):
     try:  # a store rank 0 refuses (another chunk size): every rank stops with an error, none waits
         embed_images(pool, out, OmegaConf.create(cfg_yaml), chunk_size=3, progress=False)
     except StoreError as error:
-        assert ("chunk_size" in str(error)) if rank == 0 else ("rank 0 could not prepare" in str(error))
+        assert "chunk_size" in str(error) and (rank == 0 or "failed on rank 0: StoreError: " in str(error))
     else:
         raise AssertionError("a mismatched store was accepted")
 
@@ -256,6 +256,84 @@ def test_two_ranks_share_the_chunks_and_write_what_one_process_writes(tmp_path):
     np.testing.assert_array_equal(two.read(np.arange(7)), single.read(np.arange(7)))
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["num_images"] == 7 and manifest["embedder"]["kind"] == "thumbnail"
+
+
+PG_TIMEOUT_S = 60  # a regression waits this long in a collective, then fails (the default is 30 min)
+
+
+def _failing_rank(rank, port, pool, out, cfg_yaml, fault, results):
+    """One rank of a 2-rank embedding where one rank fails; writes what it raised to ``results``."""
+    from datetime import timedelta
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+                       "LOCAL_RANK": str(rank)})  # fmt: skip
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+    if fault == "prepare" and rank == 0:  # an error that is neither a ValueError nor an OSError
+
+        def bad_listing(source):
+            raise KeyError(f"no such dataset field in {source!r}")
+
+        embed_module.list_images = bad_listing
+    start = time.perf_counter()
+    try:
+        embed_images(pool, out, OmegaConf.create(cfg_yaml), chunk_size=2, progress=False)
+        outcome = {"type": None, "message": ""}
+    except Exception as error:
+        outcome = {"type": type(error).__name__, "message": str(error)}
+    outcome["seconds"] = time.perf_counter() - start
+    Path(results, f"rank{rank}.json").write_text(json.dumps(outcome))
+    # Stay alive until the other rank is done too: a failed rank whose process lives on (NCCL, a
+    # launcher that does not kill the others) must not leave its peer waiting; with gloo an exit
+    # would also reset the peer's connection, which hides the wait.
+    deadline = time.perf_counter() + PG_TIMEOUT_S + 10
+    while not Path(results, f"rank{1 - rank}.json").exists() and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fault", ["prepare", "chunk"])
+def test_a_rank_that_fails_stops_every_rank_promptly_naming_that_rank_and_its_error(tmp_path, fault):
+    """``prepare``: rank 0 fails listing the pool (a KeyError); ``chunk``: rank 1 cannot write its
+    chunk (chunk 1 of 4, dealt to rank 1; a folder stands where its file goes). Every rank must raise
+    at once: the failing rank its own error, the other one an error naming that rank and its cause."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+    from dist_common import free_port
+
+    write_pool(tmp_path / "pool", 7)
+    if fault == "chunk":
+        (tmp_path / "emb" / "chunk_00001.npy").mkdir(parents=True)
+    (tmp_path / "results").mkdir()
+    cfg = load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail"]).embed.model
+    args = (free_port(), str(tmp_path / "pool"), str(tmp_path / "emb"), OmegaConf.to_yaml(cfg), fault,
+            str(tmp_path / "results"))  # fmt: skip
+    start = time.perf_counter()
+    context = mp.spawn(_failing_rank, args=args, nprocs=2, join=False)
+    deadline = start + PG_TIMEOUT_S + 30  # whatever the ranks do, the suite waits no longer than this
+    try:
+        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
+            if time.perf_counter() > deadline:
+                raise AssertionError("the ranks did not stop")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    elapsed = time.perf_counter() - start
+    outcomes = [json.loads((tmp_path / "results" / f"rank{r}.json").read_text()) for r in range(2)]
+    failing, other = (0, 1) if fault == "prepare" else (1, 0)
+    own = outcomes[failing]
+    if fault == "prepare":
+        assert own["type"] == "KeyError" and "no such dataset field" in own["message"], own
+    else:
+        assert own["type"] == "IsADirectoryError" and "chunk_00001.npy" in own["message"], own
+    told = outcomes[other]
+    assert told["type"] == ("StoreError" if fault == "prepare" else "EmbedError"), told
+    assert f"rank {failing}" in told["message"] and own["type"] in told["message"], told
+    assert own["message"].strip("'\"")[:40] in told["message"], told
+    assert all(o["seconds"] < PG_TIMEOUT_S / 3 for o in outcomes) and elapsed < PG_TIMEOUT_S / 2, (elapsed, outcomes)
 
 
 def _age(tree: Path, seconds: float = 60.0) -> None:

@@ -110,7 +110,10 @@ def test_helpers_average_count_gather_and_take_norms_over_ranks(tmp_path):
         assert (result["failed_none"], result["failed_one"], result["failed_all"]) == ([], [1], [0, 1])
         assert result["agreed"] == str(tmp_path / "ckpts" / "step_0000002") and result["agreed_none"] is None
     assert "rank 1 does not see" in results[1]["unseen"] and "step_0000002" in results[1]["unseen"]
-    assert results[0]["unseen"].startswith("finding ") and "failed on rank 1" in results[0]["unseen"]
+    assert (
+        results[0]["unseen"].startswith("finding ")
+        and "failed on rank 1: CheckpointNotVisibleError: rank 1 does not see" in results[0]["unseen"]
+    )
     for result in results:
         full, plain = _grad("sharded", 0, (7, 3)), _grad("plain", 0, (4,))
         norm = torch.cat([full.flatten(), plain]).norm()
