@@ -223,9 +223,11 @@ class Curation:
         for before in STAGES[: STAGES.index(stage)]:
             if not self.is_done(before):
                 raise StageError(f"stage {stage!r} needs stage {before!r} first (run it, or 'run' for all stages)")
-        done = self.is_done(stage)
         if stage == "embed":  # every rank decides before rank 0 creates a store the others would look at
-            distributed.barrier()
+            done = distributed.on_every_rank(lambda: self.is_done(stage), f"checking stage embed in {self.out}",
+                                             StageError)  # fmt: skip
+        else:
+            done = self.is_done(stage)
         if done:
             logger.info("Stage %s already done in %s: skipping", stage, self.out / stage)
             return False
@@ -391,12 +393,15 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, stages=STAGES, redo: s
     """Run ``stages`` in order (finished ones are skipped; ``redo`` and the stages after it are redone);
     rank 0 returns the report, other ranks None."""
     curation = Curation(cfg, output_dir)
-    if distributed.is_main_process():
-        if redo:
-            curation.redo(redo)
-        curation.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(curation.out / "config.yaml", OmegaConf.to_yaml(cfg))
-    distributed.barrier()
+
+    def prepare() -> None:  # rank 0's alone; a failure there stops every rank at once, naming it
+        if distributed.is_main_process():
+            if redo:
+                curation.redo(redo)
+            curation.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(curation.out / "config.yaml", OmegaConf.to_yaml(cfg))
+
+    distributed.on_every_rank(prepare, f"preparing {curation.out}", StageError)
     for stage in stages:
         if stage != "embed" and not distributed.is_main_process():
             return None

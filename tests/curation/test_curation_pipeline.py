@@ -292,3 +292,57 @@ def test_the_dedup_array_is_never_left_half_written(tmp_path, images, monkeypatc
     with pytest.raises(OSError, match="disk gone"):
         main(["dedup", "--output-dir", str(out), *opts(tmp_path)])
     assert not (out / "dedup" / "keep.npy").exists()
+
+
+def _rank_of_a_failing_start(rank: int, port: int, root: str) -> None:
+    """One of 2 gloo ranks running the pipeline; rank 0 cannot write the run's config.yaml."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from dinov2.curation import pipeline
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)})
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    if rank == 0:
+
+        def disk_full(path, text):
+            raise OSError(28, "No space left on device", str(path))
+
+        pipeline.write_text_atomic = disk_full
+    start = time.perf_counter()
+    try:
+        pipeline.run_pipeline(pipeline.load_curation_config(None, opts(Path(root))), Path(root) / "out")
+        outcome = "finished"
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test compares
+        outcome = f"{type(error).__name__}: {error}"
+    (Path(root) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.1f}\n{outcome}")
+    # alive until the peer is done: a failed rank whose process lives on (NCCL, a launcher that does
+    # not kill the others) must not leave its peer waiting (an exit would reset gloo's connection)
+    deadline = time.perf_counter() + 70
+    while not (Path(root) / f"rank{1 - rank}.txt").exists() and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_rank_zero_failing_to_prepare_the_output_stops_every_rank_at_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+    from dist_common import free_port
+
+    context = mp.spawn(_rank_of_a_failing_start, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.perf_counter() + 100  # a regression fails here instead of holding the suite
+    try:
+        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
+            assert time.perf_counter() < deadline, "the ranks did not stop"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    (seconds0, own), (seconds1, told) = [(tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in range(2)]
+    assert own.startswith("OSError: [Errno 28] No space left on device"), own
+    assert told.startswith("StageError: preparing ") and "failed on rank 0: OSError: [Errno 28]" in told, told
+    assert float(seconds0) < 20 and float(seconds1) < 20  # not the process-group timeout
