@@ -56,6 +56,20 @@ def read_json(path: Path) -> Any:
         return json.load(handle)
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """``manifest.json`` as a dict; one that is not a JSON object (cut short, edited by hand) is a
+    :class:`StoreError` naming the file."""
+    try:
+        manifest = read_json(path)
+    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+        raise StoreError(f"{path} is not valid JSON ({error}): remove the store to embed it again") from error
+    if not isinstance(manifest, dict):
+        raise StoreError(
+            f"{path} holds a JSON {type(manifest).__name__}, not an object: remove the store to embed it again"
+        )
+    return manifest
+
+
 def _read_lines(path: Path) -> list[str]:
     with open(path, encoding="utf-8") as handle:
         return handle.read().splitlines()
@@ -85,7 +99,7 @@ class EmbeddingStore:
         self.dir = Path(directory)
         if not (self.dir / MANIFEST).is_file():
             raise StoreError(f"{self.dir} is not an embedding store (no {MANIFEST}); run the embed stage first")
-        self.manifest = read_json(self.dir / MANIFEST)
+        self.manifest = _read_manifest(self.dir / MANIFEST)
         missing = [k for k in ("num_images", "chunk_size") if k not in self.manifest]
         if missing or not (self.dir / SOURCES).is_file():
             what = f"{MANIFEST} has no {' or '.join(missing)}" if missing else f"no {SOURCES}"
@@ -115,7 +129,7 @@ class EmbeddingStore:
         _check_paths(sources)
         manifest = {"version": STORE_VERSION, "num_images": len(sources), "chunk_size": int(chunk_size), **info}
         if (directory / MANIFEST).is_file():
-            old = read_json(directory / MANIFEST)
+            old = _read_manifest(directory / MANIFEST)
             changed = sorted(k for k in set(old) | set(manifest) if k != "dim" and old.get(k) != manifest.get(k))
             if changed:
                 raise StoreError(

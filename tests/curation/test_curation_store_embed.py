@@ -93,6 +93,16 @@ def test_a_store_written_elsewhere_without_its_counts_or_sources_is_named_incomp
         EmbeddingStore(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "text, problem", [("[1, 2]", "holds a JSON list, not an object"), ('{"num_im', "not valid JSON")]
+)
+def test_a_manifest_that_is_not_a_json_object_is_a_store_error_naming_the_file(tmp_path, text, problem):
+    (tmp_path / "manifest.json").write_text(text)
+    for open_store in (lambda: EmbeddingStore(tmp_path), lambda: EmbeddingStore.create(tmp_path, ["/a.png"], 2, INFO)):
+        with pytest.raises(StoreError, match=rf"manifest.json .*{problem}"):
+            open_store()
+
+
 def test_a_store_refuses_other_images_or_another_embedder(tmp_path):
     EmbeddingStore.create(tmp_path, ["/a.png", "/b.png"], 2, INFO)
     with pytest.raises(StoreError, match="another list of images"):
