@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +26,13 @@ if __name__ == "__main__" and not __package__:
 import torch  # noqa: E402
 
 from dinov2.checkpoint.adapters import adapt_backbone_state_dict  # noqa: E402
-from dinov2.checkpoint.sharded import find_latest_checkpoint, is_complete, load_full_tensors  # noqa: E402
+from dinov2.checkpoint.io import expand_user, is_url  # noqa: E402
+from dinov2.checkpoint.sharded import STEP_PATTERN, find_latest_checkpoint, is_complete, load_full_tensors  # noqa: E402
 from dinov2.checkpoint.training import atomic_torch_save, atomic_write_path  # noqa: E402
 
 logger = logging.getLogger("dinov2")
+
+RUN_CONFIG = "config.yaml"  # a training run's resolved config, next to its checkpoints/ and eval/
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -41,6 +45,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if latest is not None:
             return latest
     raise FileNotFoundError(f"no training checkpoint (step_<N>/ with .metadata) at or under {path}")
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run directory that the absolute ``path`` is, or lies in by a run's layout (see :func:`run_config_of`)."""
+    if path.is_dir():
+        if (path / RUN_CONFIG).is_file():
+            return path  # OUT itself, also one kept in a folder named checkpoints (~/checkpoints/vitl_run)
+        if path.name == "checkpoints":
+            return path.parent
+        if (path.parent.name == "checkpoints" and STEP_PATTERN.match(path.name)) or (
+            path.parent.name == "eval" and path.name.startswith("training_")
+        ):
+            return path.parent.parent  # OUT/checkpoints/step_N, OUT/eval/training_N
+        return None
+    if path.parent.parent.name == "eval" and path.parent.name.startswith("training_"):
+        return path.parent.parent.parent  # OUT/eval/training_N/teacher_checkpoint.pth (or the .safetensors)
+    return None
+
+
+def run_config_of(location: str | os.PathLike | None) -> Path | None:
+    """The ``config.yaml`` of the training run that the weights at ``location`` belong to: ``location``
+    is the run directory ``OUT``, ``OUT/checkpoints``, ``OUT/checkpoints/step_N``,
+    ``OUT/eval/training_N`` or a file in it; None for anything else (a URL, a file elsewhere).
+    A relative ``location`` is taken from the working directory; one that is a symbolic link, or
+    lies under one, is also looked for where it leads (``OUT/checkpoints`` linked to scratch space
+    is found by its name, a link to an export by its target)."""
+    if not location or is_url(str(location)):
+        return None
+    path = Path(os.path.abspath(expand_user(location)))  # ``step_N`` inside OUT/checkpoints has a parent then
+    for candidate in dict.fromkeys((path, Path(os.path.realpath(path)))):
+        run = _run_dir_of(candidate)
+        if run is not None and (run / RUN_CONFIG).is_file():
+            return run / RUN_CONFIG
+    return None
 
 
 def consolidate(checkpoint: str | Path, output: str | Path, branch: str = "teacher", safetensors: bool = True) -> dict:

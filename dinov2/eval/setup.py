@@ -21,7 +21,6 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +28,7 @@ from torch import nn
 
 from dinov2 import distributed
 from dinov2.checkpoint import load_backbone_state_dict, load_weights_file
+from dinov2.checkpoint.consolidate import run_config_of
 from dinov2.checkpoint.training import TEACHER_CHECKPOINT
 from dinov2.models import build_model
 from dinov2.utils import device as device_utils
@@ -36,8 +36,6 @@ from dinov2.utils.config import load_config
 from dinov2.utils.logging import setup_logging
 
 logger = logging.getLogger("dinov2")
-
-RUN_CONFIG = "config.yaml"  # a training run's resolved config, next to its checkpoints/ and eval/
 
 
 def get_args_parser(
@@ -105,44 +103,6 @@ def read_pretrained_weights(location: str | os.PathLike) -> dict:
         return load_full_tensors(checkpoint, "model.teacher.backbone.")
     except KeyError as error:
         raise ValueError(f"training checkpoint {checkpoint} holds no teacher backbone: {error}") from error
-
-
-def _run_dir_of(path: Path) -> Path | None:
-    """The run directory that the absolute ``path`` is, or lies in by a run's layout (see :func:`run_config_of`)."""
-    from dinov2.checkpoint.sharded import STEP_PATTERN
-
-    if path.is_dir():
-        if (path / RUN_CONFIG).is_file():
-            return path  # OUT itself, also one kept in a folder named checkpoints (~/checkpoints/vitl_run)
-        if path.name == "checkpoints":
-            return path.parent
-        if (path.parent.name == "checkpoints" and STEP_PATTERN.match(path.name)) or (
-            path.parent.name == "eval" and path.name.startswith("training_")
-        ):
-            return path.parent.parent  # OUT/checkpoints/step_N, OUT/eval/training_N
-        return None
-    if path.parent.parent.name == "eval" and path.parent.name.startswith("training_"):
-        return path.parent.parent.parent  # OUT/eval/training_N/teacher_checkpoint.pth (or the .safetensors)
-    return None
-
-
-def run_config_of(location: str | os.PathLike | None) -> Path | None:
-    """The ``config.yaml`` of the training run that the weights at ``location`` belong to: ``location``
-    is the run directory ``OUT``, ``OUT/checkpoints``, ``OUT/checkpoints/step_N``,
-    ``OUT/eval/training_N`` or a file in it; None for anything else (a URL, a file elsewhere).
-    A relative ``location`` is taken from the working directory; one that is a symbolic link, or
-    lies under one, is also looked for where it leads (``OUT/checkpoints`` linked to scratch space
-    is found by its name, a link to an export by its target)."""
-    from dinov2.checkpoint.io import expand_user, is_url
-
-    if not location or is_url(str(location)):
-        return None
-    path = Path(os.path.abspath(expand_user(location)))  # ``step_N`` inside OUT/checkpoints has a parent then
-    for candidate in dict.fromkeys((path, Path(os.path.realpath(path)))):
-        run = _run_dir_of(candidate)
-        if run is not None and (run / RUN_CONFIG).is_file():
-            return run / RUN_CONFIG
-    return None
 
 
 def resolve_config_file(config_file: str | None, pretrained_weights: str | None) -> str | None:

@@ -44,7 +44,7 @@ from dinov2.checkpoint import (
     load_weights_file,
 )
 from dinov2.checkpoint.adapters import branch_state_dict
-from dinov2.checkpoint.consolidate import resolve_checkpoint
+from dinov2.checkpoint.consolidate import RUN_CONFIG, resolve_checkpoint, run_config_of
 from dinov2.checkpoint.sharded import load_full_tensors
 from dinov2.checkpoint.training import TEACHER_CHECKPOINT
 from dinov2.utils.config import default_config_with, is_required_unset, load_config, select
@@ -52,7 +52,6 @@ from dinov2.utils.config import default_config_with, is_required_unset, load_con
 logger = logging.getLogger("dinov2")
 
 HEADS = ("dino_head", "ibot_head")
-RUN_CONFIG = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -65,9 +64,11 @@ class TeacherSource:
     run_dir: Path | None
 
 
-def _run_of_export(file: Path) -> Path | None:
-    """``RUN/eval/training_N/teacher_checkpoint.pth`` -> ``RUN``."""
-    return file.parents[2] if len(file.parents) > 2 and file.parents[1].name == "eval" else None
+def _run_of(path: Path) -> Path | None:
+    """The training run ``path`` (a checkpoint or an export of it) belongs to, if it has its
+    ``config.yaml`` (:func:`~dinov2.checkpoint.consolidate.run_config_of`)."""
+    run_config = run_config_of(path)
+    return None if run_config is None else run_config.parent
 
 
 def teacher_location(cfg: Any) -> Any:
@@ -87,17 +88,16 @@ def resolve_teacher_source(location: Any) -> TeacherSource:
         )
     path = Path(str(location)).expanduser()
     if path.is_file():
-        return TeacherSource("file", path, _run_of_export(path))
+        return TeacherSource("file", path, _run_of(path))
     if not path.is_dir():
         raise FileNotFoundError(f"distillation.teacher_checkpoint {path} does not exist")
     if (path / TEACHER_CHECKPOINT).is_file():
-        return TeacherSource("file", path / TEACHER_CHECKPOINT, _run_of_export(path / TEACHER_CHECKPOINT))
+        return TeacherSource("file", path / TEACHER_CHECKPOINT, _run_of(path / TEACHER_CHECKPOINT))
     try:
         checkpoint = resolve_checkpoint(path)  # itself, or the latest under it or its checkpoints/
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"distillation.teacher_checkpoint: {exc}, nor a {TEACHER_CHECKPOINT}") from exc
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
-    return TeacherSource("dcp", checkpoint, run_dir)
+    return TeacherSource("dcp", checkpoint, _run_of(checkpoint))
 
 
 def load_teacher_config(cfg: Any, source: TeacherSource) -> tuple[Any, str]:

@@ -391,3 +391,26 @@ def test_a_distilled_student_continues_at_a_larger_size_from_its_weights(teacher
     teacher = load_full_tensors(find_latest_checkpoint(teacher_run / "checkpoints"), "model.teacher.")
     for key, value in model.frozen_teacher.state_dict().items():
         assert torch.equal(value, teacher[key]), key
+
+
+def test_the_teachers_run_config_is_found_from_relative_paths_inside_the_run(tmp_path, monkeypatch):
+    """A step directory named from inside OUT/checkpoints, an export from inside OUT/eval: the run
+    (and with it the teacher's config.yaml) is still found (layouts only, no training)."""
+    from dinov2.train.distill_teacher import resolve_teacher_source
+
+    run = tmp_path / "teacher_run"
+    step = run / "checkpoints" / "step_0000002"
+    step.mkdir(parents=True)
+    (step / ".metadata").touch()
+    (step / "trainer_state.pth").touch()
+    (run / "eval" / "training_2").mkdir(parents=True)
+    (run / "eval" / "training_2" / "teacher_checkpoint.pth").touch()
+    (run / "config.yaml").write_text("student: {arch: vit_small}\n")
+    monkeypatch.chdir(run / "checkpoints")
+    assert resolve_teacher_source("step_0000002").run_dir == run
+    monkeypatch.chdir(run / "eval")
+    assert resolve_teacher_source("training_2/teacher_checkpoint.pth").run_dir == run
+    monkeypatch.chdir(tmp_path)
+    assert resolve_teacher_source("teacher_run").run_dir == run
+    (run / "config.yaml").unlink()  # no config: no run to take the architecture from
+    assert resolve_teacher_source("teacher_run").run_dir is None
