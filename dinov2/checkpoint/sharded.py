@@ -36,6 +36,7 @@ import pickle
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -214,27 +215,33 @@ def agreed_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     checkpoint whole stops every rank at once with :class:`CheckpointNotVisibleError` naming it."""
     if distributed.get_world_size() == 1:
         return find_latest_checkpoint(directory)
+    rank_0 = distributed.get_rank() == 0
+    return agreed_checkpoint(lambda: find_latest_checkpoint(directory) if rank_0 else None,
+                             f"listing the checkpoints in {directory}")  # fmt: skip
+
+
+def agreed_checkpoint(find: Callable[[], Path | None], what: str) -> Path | None:
+    """What ``find`` returns on rank 0 (a checkpoint directory, or None), on every rank (a collective).
+
+    ``find`` runs on every rank: an error there stops every rank at once (each failed rank with its
+    own error, the others with :class:`CheckpointNotVisibleError` naming it, ``what`` saying what
+    was being done); then a rank that does not see rank 0's pick whole stops every rank likewise."""
+    found = distributed.on_every_rank(find, what, CheckpointNotVisibleError, catch=(Exception, CheckpointException))
+    if distributed.get_world_size() == 1:
+        return found
     import torch.distributed as dist
 
-    rank_0 = distributed.get_rank() == 0
-    chosen: list[str | None] = [None]
-
-    def choose() -> None:
-        if rank_0:
-            latest = find_latest_checkpoint(directory)
-            chosen[0] = None if latest is None else latest.name
-
-    _on_every_rank(choose, f"listing the checkpoints in {directory}", CheckpointNotVisibleError)
+    chosen: list[str | None] = [None if found is None else str(found)]
     dist.broadcast_object_list(chosen, src=0, device=distributed.collective_device())
     if chosen[0] is None:
         return None
-    path = Path(directory) / chosen[0]
+    path = Path(chosen[0])
 
     def check_visible() -> None:
         if not is_complete(path):
             raise CheckpointNotVisibleError(
                 f"rank {distributed.get_rank()} does not see {path} whole ({METADATA} and {TRAINER_STATE}), the "
-                "checkpoint rank 0 resumes from: is the output directory on a file system every node shares?"
+                "checkpoint rank 0 chose: is its directory on a file system every node shares?"
             )
 
     _on_every_rank(check_visible, f"finding {path}", CheckpointNotVisibleError)

@@ -226,6 +226,9 @@ class Curation:
         if stage == "embed":  # every rank decides before rank 0 creates a store the others would look at
             done = distributed.on_every_rank(lambda: self.is_done(stage), f"checking stage embed in {self.out}",
                                              StageError)  # fmt: skip
+            # rank 0's answer on every rank: a node that does not see done.json yet (a stale shared
+            # file system) would embed alone and wait in embed_images' collectives for ranks that skipped
+            done = 0 in distributed.failed_ranks(bool(done))
         else:
             done = self.is_done(stage)
         if done:

@@ -55,7 +55,7 @@ from dinov2.checkpoint import (
 from dinov2.checkpoint.adapters import branch_state_dict, strip_wrapper_keys
 from dinov2.checkpoint.consolidate import resolve_checkpoint
 from dinov2.checkpoint.io import is_url
-from dinov2.checkpoint.sharded import load_full_tensors
+from dinov2.checkpoint.sharded import agreed_checkpoint, load_full_tensors
 from dinov2.utils.config import ConfigError, is_required_unset
 
 logger = logging.getLogger("dinov2")
@@ -110,8 +110,9 @@ def resolve_init_source(cfg: Any, checkpoint_dir: str | Path, resume: bool) -> I
         if not resume:
             _refuse_file_set_aside(value, path, checkpoint_dir.parent)
         return InitSource(str(path), "backbone")
-    try:
-        return InitSource(str(resolve_checkpoint(path)), "checkpoint")
+    try:  # rank 0's pick on every rank: the source run may still save (and prune), or a node list it stale
+        return InitSource(str(agreed_checkpoint(lambda: resolve_checkpoint(path), f"resolving {KEY}={value!r}")),
+                          "checkpoint")  # fmt: skip
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{KEY}={value!r}: {exc}") from exc
 
