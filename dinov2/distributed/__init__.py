@@ -7,6 +7,7 @@ world of size 1: reductions return their input unchanged and gathers return it a
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -76,7 +77,15 @@ def on_every_rank(
         result = action()
     except catch as caught:
         error = caught
-    failed = failed_ranks(error is not None)
+    try:
+        failed = failed_ranks(error is not None)
+    except Exception as collective_error:
+        if error is None:
+            raise
+        # a peer gone or stuck: this rank's own error is what says what went wrong, not the timeout
+        logging.getLogger("dinov2").error("%s: could not tell the other ranks of this rank's error (%s: %s)",
+                                          what, type(collective_error).__name__, collective_error)  # fmt: skip
+        raise error from None
     if not failed:
         return result
     causes: list[str | None] = [None] * get_world_size()

@@ -209,3 +209,25 @@ def test_seed_everything_gives_each_library_its_own_reproducible_stream():
     assert _draws() != other  # (seed, rank) pairs, not their sum
     with pytest.raises(ValueError, match="seed and rank must be >= 0"):
         seed_everything(-1)
+
+
+def test_a_rank_whose_error_cannot_be_shared_still_raises_its_own(monkeypatch, caplog):
+    """When telling the peers fails too (a peer gone: gloo resets, NCCL times out), the rank's own
+    error is what it raises, and the failed collective is logged; without an own error, the
+    collective's failure propagates."""
+    import logging
+
+    def collective_fails(failed_here, group=None):
+        raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(distributed, "failed_ranks", collective_fails)
+
+    def action():
+        raise ValueError("disk quota exceeded writing shard 3")
+
+    with caplog.at_level(logging.ERROR, logger="dinov2"):
+        with pytest.raises(ValueError, match="disk quota exceeded"):
+            distributed.on_every_rank(action, "writing checkpoint X", RuntimeError)
+    assert "writing checkpoint X: could not tell the other ranks" in caplog.text and "Connection reset" in caplog.text
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        distributed.on_every_rank(lambda: 1, "reading", ValueError)
