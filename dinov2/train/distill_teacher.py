@@ -45,7 +45,7 @@ from dinov2.checkpoint import (
 )
 from dinov2.checkpoint.adapters import branch_state_dict
 from dinov2.checkpoint.consolidate import RUN_CONFIG, resolve_checkpoint, run_config_of
-from dinov2.checkpoint.sharded import load_full_tensors
+from dinov2.checkpoint.sharded import agreed_checkpoint, load_full_tensors
 from dinov2.checkpoint.training import TEACHER_CHECKPOINT
 from dinov2.utils.config import default_config_with, is_required_unset, load_config, select
 
@@ -94,7 +94,11 @@ def resolve_teacher_source(location: Any) -> TeacherSource:
     if (path / TEACHER_CHECKPOINT).is_file():
         return TeacherSource("file", path / TEACHER_CHECKPOINT, _run_of(path / TEACHER_CHECKPOINT))
     try:
-        checkpoint = resolve_checkpoint(path)  # itself, or the latest under it or its checkpoints/
+        # itself, or the latest under it or its checkpoints/: rank 0's pick on every rank (one reading the
+        # directory stale, or the teacher run still saving, would load another teacher)
+        checkpoint = agreed_checkpoint(
+            lambda: resolve_checkpoint(path), f"resolving distillation.teacher_checkpoint={path}"
+        )
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"distillation.teacher_checkpoint: {exc}, nor a {TEACHER_CHECKPOINT}") from exc
     return TeacherSource("dcp", checkpoint, _run_of(checkpoint))

@@ -1,7 +1,7 @@
 """Choices every rank must make alike are rank 0's, on 2 gloo processes, whatever another rank's
 (stale) view of the shared file system says: whether curation's embed stage is already done, and
-which checkpoint ``train.init_from`` (a run directory) resolves to; a rank that cannot resolve it
-stops every rank, naming it."""
+which checkpoint ``train.init_from`` or ``distillation.teacher_checkpoint`` (a run directory)
+resolves to; a rank that cannot resolve it stops every rank, naming it."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     if rank == 1:
         sharded.list_checkpoints = lambda directory: [p for p in real_list(directory) if p[0] == 2]
     result["init"] = resolve_init_source(cfg, Path(out) / "new" / "checkpoints", resume=True).location
+    from dinov2.train.distill_teacher import resolve_teacher_source
+
+    result["teacher"] = str(resolve_teacher_source(str(source)).path)  # distillation's teacher: the same pick
     if rank == 1:  # this node lists no checkpoint at all
         sharded.list_checkpoints = lambda directory: []
     try:
@@ -62,6 +65,7 @@ def test_ranks_take_rank_zeros_embed_decision_and_init_checkpoint(tmp_path):
     for result in results:
         assert (result["ran"], result["embedded"]) == (False, [])  # rank 0 saw it done: nobody embeds
         assert result["init"] == str(tmp_path / "source" / "checkpoints" / "step_0000004")
+        assert result["teacher"] == result["init"]
     assert results[1]["unseen"].startswith("FileNotFoundError: train.init_from="), results[1]["unseen"]
     told = results[0]["unseen"]
     assert told.startswith("CheckpointNotVisibleError: resolving train.init_from=") and (
