@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from test_training_checkpoint import _model_and_optimizer  # a stepped optimizer, as a run saves it
 from torch import nn
 
 from dinov2.checkpoint import (
@@ -34,15 +35,6 @@ from dinov2.models import DinoVisionTransformer
 
 def _names(directory):
     return sorted(p.name for p in directory.iterdir())
-
-
-def _model_and_optimizer(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(4, 6)).square().sum().backward()
-    optimizer.step()
-    return model, optimizer
 
 
 def _save(directory, iteration, model, optimizer):

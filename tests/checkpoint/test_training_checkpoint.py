@@ -50,7 +50,7 @@ def test_atomic_save_writes_and_overwrites(tmp_path):
 
 
 # ------------------------------------------------------------------ sharded (DCP) checkpoints
-def _model_and_optimizer(seed: int):
+def _model_and_optimizer(seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
