@@ -75,4 +75,5 @@ def run_parts(rank: int, port: int, parts: list[tuple[str, str, tuple]]) -> None
     join_group(rank, port)
     for module, function, args in parts:
         getattr(importlib.import_module(module), function)(rank, *args)
+    torch.distributed.barrier()  # no rank leaves while its peer still exchanges with it
     torch.distributed.destroy_process_group()
