@@ -164,9 +164,9 @@ def _storage_classes() -> tuple[type, type]:
     return _guard(SafeFileSystemWriter, writer_methods), _guard(SafeFileSystemReader, reader_methods)
 
 
-def _on_every_rank(action, what: str, error_type: type[Exception]) -> None:
+def _on_every_rank(action, what: str, error_type: type[Exception]) -> Any:
     """:func:`dinov2.distributed.on_every_rank`, sharing DCP's own report too (a BaseException)."""
-    distributed.on_every_rank(action, what, error_type, catch=(Exception, CheckpointException))
+    return distributed.on_every_rank(action, what, error_type, catch=(Exception, CheckpointException))
 
 
 def rng_file(rank: int) -> str:
@@ -213,8 +213,6 @@ def agreed_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     system shows a node a stale listing, and the ranks would then wait for each other in different
     collectives until the process-group timeout. Here rank 0 chooses; a rank that cannot see that
     checkpoint whole stops every rank at once with :class:`CheckpointNotVisibleError` naming it."""
-    if distributed.get_world_size() == 1:
-        return find_latest_checkpoint(directory)
     rank_0 = distributed.get_rank() == 0
     return agreed_checkpoint(lambda: find_latest_checkpoint(directory) if rank_0 else None,
                              f"listing the checkpoints in {directory}")  # fmt: skip
@@ -226,7 +224,7 @@ def agreed_checkpoint(find: Callable[[], Path | None], what: str) -> Path | None
     ``find`` runs on every rank: an error there stops every rank at once (each failed rank with its
     own error, the others with :class:`CheckpointNotVisibleError` naming it, ``what`` saying what
     was being done); then a rank that does not see rank 0's pick whole stops every rank likewise."""
-    found = distributed.on_every_rank(find, what, CheckpointNotVisibleError, catch=(Exception, CheckpointException))
+    found = _on_every_rank(find, what, CheckpointNotVisibleError)
     if distributed.get_world_size() == 1:
         return found
     import torch.distributed as dist
