@@ -12,10 +12,10 @@ from dinov2.checkpoint.adapters import (
     load_module_state_dict,
 )
 from dinov2.checkpoint.io import load_weights_file
+from dinov2.checkpoint.lock import OutputDirectoryInUseError
 from dinov2.checkpoint.sharded import (
     CheckpointNotVisibleError,
     CheckpointWriteError,
-    OutputDirectoryInUseError,
     agreed_latest_checkpoint,
     find_latest_checkpoint,
     load_checkpoint,

@@ -24,7 +24,7 @@ from dinov2.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from dinov2.checkpoint.sharded import lock_for_training, unlock_output_directory
+from dinov2.checkpoint.lock import lock_for_training, unlock_output_directory
 from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
 from dinov2.train.checks import (
     check_finite,

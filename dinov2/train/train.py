@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = setup_config(args, cfg)  # the lr depends on the world size, known once the group exists
     output_dir = Path(cfg.train.output_dir)
     setup_logging(output_dir, rank=distributed.get_rank())
-    from dinov2.checkpoint.sharded import lock_for_training, unlock_output_directory
+    from dinov2.checkpoint.lock import lock_for_training, unlock_output_directory
     from dinov2.train.init_from import load_init_source, resolve_init_source
 
     # train.init_from: a new run from another run's weights (None when resuming from this run's own);

@@ -24,7 +24,7 @@ from dinov2.checkpoint import (
     save_checkpoint,
 )
 from dinov2.checkpoint.consolidate import consolidate
-from dinov2.checkpoint.sharded import (
+from dinov2.checkpoint.lock import (
     LOCK_FILE,
     OutputDirectoryInUseError,
     lock_output_directory,

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from dinov2.checkpoint.sharded import LOCK_FILE
+from dinov2.checkpoint.lock import LOCK_FILE
 
 
 def lock_is_free(directory) -> bool:
