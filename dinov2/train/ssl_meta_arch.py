@@ -172,6 +172,13 @@ class SSLMetaArch(nn.Module):
             raise ValueError("ibot.separate_head=false shares the DINO head, which needs dino.loss_weight > 0")
         if self.do_ibot:
             check_ibot_masking(cfg)
+        elif float(cfg.ibot.mask_sample_probability) > 0:
+            logger.warning(
+                "ibot.loss_weight=0 but ibot.mask_sample_probability=%s: the collate still masks that share of the "
+                "global crops and the student sees them masked (as in the original), so the DINO and KoLeo terms are "
+                "trained on masked crops; set ibot.mask_sample_probability=0 for unmasked ones",
+                cfg.ibot.mask_sample_probability,
+            )
 
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
         self.embed_dim = embed_dim

@@ -286,3 +286,23 @@ def test_ibot_with_one_masked_crop_per_batch_builds():
     # 2 x 2 images x 0.25 = 1 masked crop per batch: enough for the term
     model = SSLMetaArch(_cfg(ibot={"mask_sample_probability": 0.25}, train={"batch_size_per_gpu": 2}))
     assert model.do_ibot
+
+
+@pytest.mark.parametrize("probability, warned", [(0.5, True), (0.0, False)])
+def test_ibot_off_with_masking_on_says_the_student_crops_are_still_masked(caplog, probability, warned):
+    # With iBOT off the collate still masks ibot.mask_sample_probability of the global crops and the
+    # student sees them masked (as in the original), so a "DINO alone" ablation silently trains DINO
+    # on masked crops; the build says so, naming the key that turns the masking off.
+    cfg = _cfg(ibot={"loss_weight": 0.0, "mask_sample_probability": probability})
+    with caplog.at_level("WARNING", logger="dinov2"):
+        model = SSLMetaArch(cfg).train()
+    assert ("ibot.mask_sample_probability=0 " in caplog.text) is warned, caplog.text
+    # the warning is true: the masks of the batch do change what the student's DINO head sees
+    batch = _batch()
+    masked = model._student_outputs(batch)["global_scores"]
+    unmasked = model._student_outputs({**batch, "collated_masks": torch.zeros_like(batch["collated_masks"])})
+    assert not torch.allclose(masked, unmasked["global_scores"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinov2"):
+        SSLMetaArch(_cfg(ibot={"mask_sample_probability": probability or 0.5}))  # iBOT on: masks are its input
+    assert "mask_sample_probability" not in caplog.text
