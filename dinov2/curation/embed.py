@@ -301,7 +301,8 @@ def embed_images(
 
     Resumable: chunks already written are skipped; a store made from other images or another
     embedder is an error (:class:`~dinov2.curation.store.StoreError`). ``for_file_list`` checks
-    first that every path can be written to a FileList (the pool's). Returns the store.
+    first that every path can be written to a FileList (the pool's). Returns the store, found
+    complete by rank 0 (every rank reading it back sees its own node's view of the files).
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"embedding dtype must be float16 or float32, got {dtype!r}")
@@ -319,9 +320,16 @@ def embed_images(
 
     # the all-reduce that shares the outcome is also the barrier before the store is read back
     distributed.on_every_rank(embed_my_chunks, f"embedding the chunks of {store_dir}", EmbedError)
-    store = EmbeddingStore(store_dir)
-    store.check_complete()
-    return store
+
+    def check_on_rank_zero() -> None:
+        # rank 0's listing alone decides that every chunk is written, and every rank learns it: another
+        # node whose view of a shared file system is stale (it looked the other ranks' chunks up as
+        # missing moments ago) would stop there alone while rank 0 went on and waited for it
+        if distributed.is_main_process():
+            EmbeddingStore(store_dir).check_complete()
+
+    distributed.on_every_rank(check_on_rank_zero, f"checking the chunks of {store_dir}", StoreError)
+    return EmbeddingStore(store_dir)
 
 
 class EmbedError(RuntimeError):

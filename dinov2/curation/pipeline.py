@@ -174,8 +174,8 @@ class Curation:
         """Whether the finished embed stage (its report ``made``) made every store the settings ask for
         (False: it runs again for the missing ones: dedup.enabled turned true, a set added, a store
         deleted, unless a finished later stage read it) from sources that list the same images (else a
-        StageError; a source is listed again only if its stamp moved). Checked once per run, alike on
-        every rank (rank 0 rewrites no report before all are past it; a stamp it refreshes is the same list)."""
+        StageError; a source is listed again only if its stamp moved). Checked once per run, by rank 0
+        (:meth:`run` gives every rank its answer)."""
         if self._stores_checked:
             return True
         stores = self.store_dirs()
@@ -223,11 +223,12 @@ class Curation:
         for before in STAGES[: STAGES.index(stage)]:
             if not self.is_done(before):
                 raise StageError(f"stage {stage!r} needs stage {before!r} first (run it, or 'run' for all stages)")
-        if stage == "embed":  # every rank decides before rank 0 creates a store the others would look at
-            done = distributed.on_every_rank(lambda: self.is_done(stage), f"checking stage embed in {self.out}",
-                                             StageError)  # fmt: skip
-            # rank 0's answer on every rank: a node that does not see done.json yet (a stale shared
-            # file system) would embed alone and wait in embed_images' collectives for ranks that skipped
+        if stage == "embed":
+            # rank 0 alone decides (its error stops every rank) and every rank takes its answer: a node that
+            # does not see done.json or a store yet (a stale shared file system) would embed alone and wait in
+            # embed_images' collectives for ranks that skipped, or list a source again and find it changed
+            done = distributed.on_every_rank(lambda: distributed.is_main_process() and self.is_done(stage),
+                                             f"checking stage embed in {self.out}", StageError)  # fmt: skip
             done = 0 in distributed.failed_ranks(bool(done))
         else:
             done = self.is_done(stage)
@@ -261,12 +262,22 @@ class Curation:
 
     # Stages ---------------------------------------------------------------------------------------
     def _embed(self) -> dict[str, Any]:
-        e, report = self.cfg.embed, {}
+        e = self.cfg.embed
         for role, (source, directory, model) in self.store_dirs().items():
-            store = embed_images(
+            embed_images(
                 source, directory, model, e.batch_size, e.num_workers, e.chunk_size, e.dtype, e.device,
                 for_file_list=role in ("pool", "copy"),
             )  # fmt: skip
+        # rank 0 alone reads the stores back (its report is the one kept, and the later stages are its),
+        # and every rank learns whether that worked: another node whose view of the shared file system is
+        # stale would fail alone on a chunk it does not see yet; the others report nothing ({})
+        reader = self._embed_report if distributed.is_main_process() else dict
+        return distributed.on_every_rank(reader, f"reading the stores in {self.out}", StageError)
+
+    def _embed_report(self) -> dict[str, Any]:
+        report = {}
+        for role, (source, directory, _) in self.store_dirs().items():
+            store = EmbeddingStore(directory)
             failed = store.failed()
             report[role] = {"source": source, "images": store.num_images, "embedded": len(store),
                             "unreadable": len(failed), "unreadable_images": failed}  # fmt: skip

@@ -346,6 +346,74 @@ def test_a_rank_that_fails_stops_every_rank_promptly_naming_that_rank_and_its_er
     assert all(o["seconds"] < PG_TIMEOUT_S / 3 for o in outcomes) and elapsed < PG_TIMEOUT_S / 2, (elapsed, outcomes)
 
 
+def _stale_rank(rank, port, pool, out):
+    """One of 2 ranks whose view of the chunks the other rank wrote is stale (NFS caches a lookup that
+    found a file missing, and each rank looked every chunk up before they were written)."""
+    from dist_common import join_group
+
+    from dinov2 import distributed
+    from dinov2.curation import pipeline
+    from dinov2.curation.pipeline import load_curation_config, run_pipeline
+
+    join_group(rank, port)
+    real_is_done, outcomes = EmbeddingStore.is_done, {}
+
+    def outcome(action) -> str:
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 - the outcome is what the test compares
+            return f"{type(error).__name__}: {error}"
+        return "ok"
+
+    # rank 1 does not see rank 0's chunks (0 and 2) yet: rank 0 sees them all, so the stage is done
+    if rank == 1:
+        EmbeddingStore.is_done = lambda self, c: c % 2 == 1 and real_is_done(self, c)
+    opts = [f"pool={pool}", "embed.model.kind=thumbnail", "embed.chunk_size=2", "embed.num_workers=0"]
+    cfg = load_curation_config(None, opts)
+    outcomes["pipeline"] = outcome(lambda: run_pipeline(cfg, Path(out) / "run", stages=("embed",)))
+    # a rerun: rank 1 lists the pool again and its stale listing differs; rank 0 finds the stage done
+    if rank == 1:
+        pipeline.source_change = lambda source, store, refresh=True: "a stale listing differs"
+    outcomes["rerun"] = outcome(lambda: run_pipeline(cfg, Path(out) / "run", stages=("embed",)))
+    # rank 0 does not see rank 1's chunk 1: every rank stops, none goes on alone
+    EmbeddingStore.is_done = (lambda self, c: c != 1 and real_is_done(self, c)) if rank == 0 else real_is_done
+    outcomes["unseen"] = outcome(lambda: embed_images(pool, Path(out) / "emb", cfg.embed.model, chunk_size=2,
+                                                      progress=False))  # fmt: skip
+    EmbeddingStore.is_done = real_is_done
+    Path(out, f"rank{rank}.json").write_text(json.dumps(outcomes))
+    distributed.shutdown()  # a barrier first: a rank leaving while its peer still exchanges aborts it
+
+
+@pytest.mark.distributed
+def test_whether_every_chunk_is_written_is_rank_zeros_decision(tmp_path):
+    """After the ranks embedded their chunks, one rank's stale listing must neither stop that rank
+    alone (rank 0 going on, or waiting for it in the next store's collectives) nor let the others go on
+    without a rank 0 that found a chunk missing; on a rerun, whether the finished stage's sources are
+    unchanged is rank 0's answer too."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+    from dist_common import free_port
+
+    write_pool(tmp_path / "pool", 7)
+    context = mp.spawn(_stale_rank, args=(free_port(), str(tmp_path / "pool"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.perf_counter() + 120  # a rank left waiting in a collective fails the test, not the suite
+    try:
+        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
+            assert time.perf_counter() < deadline, "the ranks did not stop"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(o["pipeline"], o["rerun"]) for o in outcomes] == [("ok", "ok")] * 2, outcomes
+    done = json.loads((tmp_path / "run" / "embed" / "done.json").read_text())
+    assert (done["report"]["pool"]["images"], done["report"]["pool"]["embedded"]) == (7, 7)
+    own, told = outcomes[0]["unseen"], outcomes[1]["unseen"]
+    assert own.startswith("StoreError: ") and "chunk_00001" in own, own
+    assert told.startswith("StoreError: checking the chunks of ") and "failed on rank 0: StoreError: " in told, told
+
+
 def _age(tree: Path, seconds: float = 60.0) -> None:
     """Date every file and folder of ``tree`` ``seconds`` back: well before any listing that follows."""
     then = time.time_ns() - int(seconds * 1e9)
