@@ -191,14 +191,37 @@ def _stream_settings(args, max_iter: int) -> dict[str, int]:
             "seed": args.seed}  # fmt: skip
 
 
+class ResumeError(RuntimeError):
+    """The ranks could not resume from the same linear checkpoint (the message says which rank and why)."""
+
+
 def _resume(args, heads, optimizer, max_iter: int) -> tuple[int, list, int]:
     """Start iteration, history and unreadable-training-image count of the run resumed from. A
     checkpoint of another global batch (``--batch-size`` x processes), length or seed is refused:
-    its data position, learning rates and cosine schedule would not continue this run's."""
+    its data position, learning rates and cosine schedule would not continue this run's.
+
+    Whether there is a checkpoint is rank 0's answer, and every rank must then read it at the same
+    iteration: a rank whose view of a shared output directory is stale (no file yet, or an older
+    one) would otherwise start at another iteration than rank 0, and the ranks would wait for each
+    other in mismatched gradient all-reduces. A rank that cannot read it, or reads another iteration,
+    stops every rank (:class:`ResumeError`)."""
     path = Path(args.output_dir) / CHECKPOINT_FILE
-    if args.no_resume or not path.is_file():
+    if args.no_resume:
         return 0, [], 0
-    state = core.load_checkpoint(path, heads, optimizer)
+    found = torch.tensor(
+        [int(distributed.is_main_process() and path.is_file())], device=distributed.collective_device()
+    )
+    if not int(distributed.all_reduce(found).item()):
+        return 0, [], 0
+    state = distributed.on_every_rank(lambda: core.load_checkpoint(path, heads, optimizer),
+                                      f"resuming the linear classifiers from {path}", ResumeError)  # fmt: skip
+    iteration = torch.tensor([int(state["iteration"])], device=distributed.collective_device())
+    read = distributed.all_gather_cat(iteration).tolist()
+    if len(set(read)) > 1:
+        raise ResumeError(
+            f"the ranks read {path} at different iterations ({', '.join(f'rank {r}: {i}' for r, i in enumerate(read))}): "
+            "is the output directory on a file system every node shares, and up to date on every node?"
+        )
     saved, current = state.get("stream"), _stream_settings(args, max_iter)
     if saved is not None and dict(saved) != current:
         changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v)

@@ -262,6 +262,11 @@ def main(args: argparse.Namespace) -> dict:
     c_values = args.c_values or default_c_values(args.c_count, *args.c_powers)  # checked before any work
     if min(c_values) <= 0:
         raise ValueError(f"C values must be positive (--c-values), got {c_values}")
+    # else found only once the features are extracted, which can take hours
+    if len(c_values) > 1 and not 0.0 < args.holdout_fraction < 1.0:
+        raise ValueError(f"--holdout-fraction must lie in (0, 1), e.g. 0.1 for 10 %, got {args.holdout_fraction}")
+    if args.max_iter < 1:
+        raise ValueError(f"--max-iter must be >= 1 L-BFGS iterations, got {args.max_iter}")
     model, autocast_dtype, _ = setup_and_build_model(args)
     device = next(model.parameters()).device
     start = time.perf_counter()

@@ -13,6 +13,10 @@ name the released architectures) and a weights file into a frozen backbone in ev
 Without a config, weights that belong to a training run (``OUT``, ``OUT/checkpoints[/step_N]``,
 ``OUT/eval/training_N[/file]``) take the architecture from that run's ``OUT/config.yaml``
 (:func:`run_config_of`), as ``distillation.teacher_checkpoint`` does.
+
+``build_eval_model`` is not a collective: a run directory is resolved to the latest checkpoint this
+process sees. Under several ranks the entry points (:func:`setup_and_build_model`) first take rank
+0's pick on every rank (:func:`agreed_pretrained_weights`), as training's ``train.init_from`` does.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -82,18 +87,64 @@ def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
     return device_utils.resolve_autocast_dtype("auto", torch.device(device))
 
 
+class BackboneLoadError(RuntimeError):
+    """Another rank could not build the backbone or read its weights (the message names it and its error)."""
+
+
+def _checkpoint_search_path(location: str | os.PathLike) -> Path | None:
+    """The directory in which ``location`` names a sharded training checkpoint (``OUT/checkpoints/step_N``
+    itself, ``OUT/checkpoints`` or ``OUT``, see :func:`~dinov2.checkpoint.consolidate.resolve_checkpoint`),
+    or None for a URL, a file, a missing path or an export directory (``OUT/eval/training_N``)."""
+    from dinov2.checkpoint.io import expand_user, is_url
+
+    if is_url(str(location)):
+        return None
+    path = expand_user(location)
+    if not path.is_dir() or (path / TEACHER_CHECKPOINT).is_file():
+        return None
+    return path
+
+
+def agreed_pretrained_weights(location: str | os.PathLike | None) -> str | None:
+    """``location`` as every rank is to read it: a training run or checkpoints directory (``OUT``,
+    ``OUT/checkpoints``) becomes the checkpoint ``OUT/checkpoints/step_N`` that rank 0 finds latest
+    there, on every rank (:func:`~dinov2.checkpoint.sharded.agreed_checkpoint`); anything else is
+    returned as given. A collective where a process group exists: every rank must call it.
+
+    Each rank resolving the directory itself could read another step where the run still saves (or
+    prunes) its checkpoints, or a node lists the shared file system stale: the ranks would then
+    evaluate different weights, or one would stop alone. Here rank 0 chooses; a rank that does not
+    see that checkpoint whole stops every rank with
+    :class:`~dinov2.checkpoint.sharded.CheckpointNotVisibleError` naming it, and so does a
+    directory that holds no checkpoint (rank 0's ``FileNotFoundError``)."""
+    if not location:
+        return location
+    from dinov2.checkpoint.consolidate import resolve_checkpoint
+    from dinov2.checkpoint.sharded import agreed_checkpoint
+
+    def find() -> Path | None:
+        if distributed.get_rank() != 0:
+            return None
+        path = _checkpoint_search_path(location)
+        return None if path is None else resolve_checkpoint(path)
+
+    chosen = agreed_checkpoint(find, f"resolving --pretrained-weights {str(location)!r}")
+    return str(location) if chosen is None else str(chosen)
+
+
 def read_pretrained_weights(location: str | os.PathLike) -> dict:
     """The tensors of ``--pretrained-weights``: a weights file (path or URL, :func:`load_weights_file`),
     or a sharded training checkpoint directory (``OUT/checkpoints/step_N``, or ``OUT`` or
     ``OUT/checkpoints`` for the run's latest), whose teacher backbone is read whole (weights only),
     or an export directory ``OUT/eval/training_N`` (its ``teacher_checkpoint.pth``)."""
-    from dinov2.checkpoint.io import expand_user, is_url
+    from dinov2.checkpoint.io import expand_user
 
-    path = expand_user(location)
-    if is_url(str(location)) or not path.is_dir():
+    path = _checkpoint_search_path(location)
+    if path is None:
+        directory = expand_user(location)
+        if directory.is_dir() and (directory / TEACHER_CHECKPOINT).is_file():  # an export, OUT/eval/training_N
+            return load_weights_file(directory / TEACHER_CHECKPOINT)
         return load_weights_file(location)
-    if (path / TEACHER_CHECKPOINT).is_file():  # an export directory, OUT/eval/training_N
-        return load_weights_file(path / TEACHER_CHECKPOINT)
     from dinov2.checkpoint.consolidate import resolve_checkpoint
     from dinov2.checkpoint.sharded import load_full_tensors
 
@@ -127,7 +178,9 @@ def build_eval_model(
 ) -> tuple[nn.Module, DictConfig]:
     """The frozen backbone of ``config_file`` with ``pretrained_weights``, in eval mode on ``device``.
     An empty ``config_file`` means the run's ``config.yaml`` for weights of a training run
-    (:func:`resolve_config_file`), else the default config."""
+    (:func:`resolve_config_file`), else the default config. Runs in this process alone (no
+    collective): under several ranks pass ``agreed_pretrained_weights(location)``, which every rank
+    must call, so that a run directory means the same checkpoint on every rank."""
     cfg = load_config(resolve_config_file(config_file, pretrained_weights), list(opts))
     model, _ = build_model(cfg.student, only_teacher=True, img_size=cfg.crops.global_crops_size)
     if pretrained_weights:
@@ -152,7 +205,9 @@ def build_eval_model(
 def setup_and_build_model(args: argparse.Namespace) -> tuple[nn.Module, torch.dtype | None, DictConfig]:
     """Entry-point setup: device, process group (torchrun), logging (console and ``OUTPUT/log.txt``),
     the frozen model, TF32 on CUDA as ``compute_precision.tf32`` says, autocast from
-    ``compute_precision.autocast_dtype``.
+    ``compute_precision.autocast_dtype``. Every rank must call it: weights given as a training run's
+    directory are rank 0's pick of its checkpoints (:func:`agreed_pretrained_weights`), and a rank
+    that fails to build the model stops every rank (the others with :class:`BackboneLoadError`).
 
     Returns ``(model, autocast_dtype, config)``.
     """
@@ -162,7 +217,13 @@ def setup_and_build_model(args: argparse.Namespace) -> tuple[nn.Module, torch.dt
     setup_logging(output_dir, rank=distributed.get_rank())
     # recorded as the results' config_file: the run's config.yaml when that is where the architecture came from
     args.config_file = resolve_config_file(args.config_file, args.pretrained_weights) or ""
-    model, cfg = build_eval_model(args.config_file, args.pretrained_weights, getattr(args, "opts", ()), device)
+    # a run directory: rank 0's latest checkpoint on every rank; a rank that cannot build the model or
+    # read its weights stops every rank, instead of leaving them waiting in the first feature gather
+    weights = agreed_pretrained_weights(args.pretrained_weights)
+    model, cfg = distributed.on_every_rank(
+        lambda: build_eval_model(args.config_file, weights, getattr(args, "opts", ()), device),
+        f"building the backbone (--pretrained-weights {args.pretrained_weights!r})", BackboneLoadError,
+    )  # fmt: skip
     device_utils.enable_tf32(device, bool(cfg.compute_precision.tf32))
     autocast_dtype = device_utils.resolve_autocast_dtype(cfg.compute_precision.autocast_dtype, device)
     logger.info("Evaluating on %s (autocast %s, world size %d)", device, autocast_dtype, distributed.get_world_size())

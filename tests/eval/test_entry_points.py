@@ -88,6 +88,9 @@ def test_knn_main_with_trained_weights_equals_direct_computation(micro_arch, tmp
         (linear, ["--learning-rates", "0.1", "-1"], "--learning-rates"),
         (log_regression, ["--c-count", "0"], "--c-count"),
         (log_regression, ["--c-values", "1", "-0.5"], "--c-values"),
+        # used to fail only in the C sweep, once the features were extracted
+        (log_regression, ["--holdout-fraction", "10"], "--holdout-fraction"),
+        (log_regression, ["--max-iter", "0"], "--max-iter"),  # used to score the zero-initialised classifier
     ],
 )
 def test_bad_protocol_arguments_fail_before_the_model_is_built(module, bad, message, monkeypatch, micro_arch):
