@@ -313,10 +313,9 @@ def embed_images(
     def embed_my_chunks() -> None:
         store = EmbeddingStore(store_dir)
         todo = [c for c in store.missing_chunks() if c % world == rank]
-        if todo:
-            sources = store.sources()
+        if todo:  # the rank reads its chunks' paths one chunk at a time, never the whole pool's list
             embedder = build_embedder(model_cfg, device)
-            _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress and rank == 0)
+            _run_chunks(store, embedder, todo, batch_size, num_workers, progress and rank == 0)
 
     # the all-reduce that shares the outcome is also the barrier before the store is read back
     distributed.on_every_rank(embed_my_chunks, f"embedding the chunks of {store_dir}", EmbedError)
@@ -354,15 +353,14 @@ def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list) ->
     distributed.on_every_rank(prepare, f"preparing the embedding store {store_dir}", StoreError)
 
 
-def _run_chunks(store, embedder, sources, todo, batch_size, num_workers, progress) -> None:
+def _run_chunks(store, embedder, todo, batch_size, num_workers, progress) -> None:
     from tqdm import tqdm
 
-    total = sum(len(store.chunk_sources(c, sources)) for c in todo)
+    total = sum(store.chunk_length(c) for c in todo)
     bar = tqdm(total=total, desc=f"embed {store.dir.name}", unit="img", dynamic_ncols=True) if progress else None
     start, done = time.perf_counter(), 0
     try:
-        for c in todo:
-            paths = store.chunk_sources(c, sources)
+        for c, paths in store.iter_chunk_sources(todo):
             vectors, kept, failed = _embed_chunk(embedder, paths, batch_size, num_workers, bar)
             store.write_chunk(c, vectors, kept, failed)
             done += len(paths)

@@ -36,7 +36,7 @@ from dinov2.checkpoint.training import atomic_write
 from dinov2.curation import clustering, dedup, retrieve
 from dinov2.curation.embed import embed_images, source_change
 from dinov2.curation.faiss_index import build_index, num_gpus
-from dinov2.curation.store import MANIFEST, EmbeddingStore, read_json, write_text_atomic
+from dinov2.curation.store import MANIFEST, EmbeddingStore, chunk_name, read_json, write_text_atomic
 from dinov2.eval.metrics import write_json_atomic
 from dinov2.utils.config import CURATION_DEFAULT_CONFIG, load_config
 
@@ -371,8 +371,9 @@ class Curation:
 def _to_pool_ids(pool: EmbeddingStore, other: EmbeddingStore, other_keep: np.ndarray) -> np.ndarray:
     """A keep mask over ``other``'s ids carried to ``pool``'s ids: both stores embed the same image
     list in the same order, so the ``n``-th row of a path in one is its ``n``-th row in the other (a
-    path listed twice is two entries, of which deduplication removes one, not both)."""
-    if other is pool:
+    path listed twice is two entries, of which deduplication removes one, not both). When both hold
+    the same path at every id (the usual case) that is the identity, found without listing the paths."""
+    if other is pool or _same_paths(pool, other):
         return other_keep
 
     def entries(paths: list[str]) -> list[tuple[str, int]]:
@@ -385,6 +386,23 @@ def _to_pool_ids(pool: EmbeddingStore, other: EmbeddingStore, other_keep: np.nda
 
     removed = {entry for entry, kept in zip(entries(other.paths()), other_keep) if not kept}
     return np.array([entry not in removed for entry in entries(pool.paths())], dtype=bool)
+
+
+def _same_paths(a: EmbeddingStore, b: EmbeddingStore, block: int = 1 << 20) -> bool:
+    """Whether two stores hold the same path at every id: their chunks' path lists are the same files,
+    compared block by block. The same ``sources.txt`` is not enough: an image that one embedding
+    could not read and the other could (a read error, a file replaced in between) shifts the ids."""
+    if (a.chunk_size, a.num_chunks) != (b.chunk_size, b.num_chunks):
+        return False
+    for c in range(a.num_chunks):
+        x, y = ((s.dir / chunk_name(c)).with_suffix(".paths.txt") for s in (a, b))
+        if x.stat().st_size != y.stat().st_size:
+            return False
+        with open(x, "rb") as fx, open(y, "rb") as fy:  # of one size: they end together
+            while data := fx.read(block):
+                if data != fy.read(block):
+                    return False
+    return True
 
 
 def _how_to_reembed(role: str, directory: Path) -> str:

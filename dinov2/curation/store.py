@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +73,23 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        return handle.read().splitlines()
+    """The lines of a file written one path per line. Only ``"\\n"`` ends a line: a path may hold other
+    characters that ``str.splitlines`` would also split at (form feed, U+0085, U+2028)."""
+    with open(path, encoding="utf-8", newline="\n") as handle:
+        lines = handle.read().split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _lists(path: Path, lines: Sequence[str]) -> bool:
+    """Whether the file holds exactly ``lines``, read one line at a time (not a second copy of them)."""
+    count = 0
+    with open(path, encoding="utf-8", newline="\n") as handle:
+        for count, line in enumerate(handle, start=1):
+            if count > len(lines) or (line[:-1] if line.endswith("\n") else line) != lines[count - 1]:
+                return False
+    return count == len(lines)
 
 
 def _is_utf8(path: str) -> bool:
@@ -137,7 +154,7 @@ class EmbeddingStore:
                     f"{ {k: old.get(k) for k in changed} } vs { {k: manifest.get(k) for k in changed} }); "
                     "use another output directory or remove it"
                 )
-            if _read_lines(directory / SOURCES) != list(sources):
+            if not _lists(directory / SOURCES, sources):
                 raise StoreError(f"{directory} was made from another list of images ({SOURCES} differs)")
             return cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -149,8 +166,29 @@ class EmbeddingStore:
         return _read_lines(self.dir / SOURCES)
 
     def chunk_sources(self, index: int, sources: Sequence[str] | None = None) -> list[str]:
-        sources = self.sources() if sources is None else sources
+        if sources is None:
+            return next(self.iter_chunk_sources([index]))[1]
         return list(sources[index * self.chunk_size : (index + 1) * self.chunk_size])
+
+    def chunk_length(self, index: int) -> int:
+        """Number of ``sources.txt`` lines that chunk ``index`` covers."""
+        return max(0, min(self.chunk_size, self.num_images - index * self.chunk_size))
+
+    def iter_chunk_sources(self, chunks: Iterable[int]) -> Iterator[tuple[int, list[str]]]:
+        """``(c, chunk_sources(c))`` for each of ``chunks``, in increasing order, from one pass over
+        ``sources.txt`` that holds one chunk's paths at a time: an embedding rank keeps its own
+        chunk's paths, not the whole pool's list."""
+        position = 0
+        with open(self.dir / SOURCES, encoding="utf-8", newline="\n") as handle:
+            for index in sorted(set(chunks)):
+                start, size = index * self.chunk_size, self.chunk_length(index)
+                deque(islice(handle, start - position), maxlen=0)  # skip the lines of other ranks' chunks
+                paths = [line[:-1] if line.endswith("\n") else line for line in islice(handle, size)]
+                position = start + size
+                if len(paths) < size:
+                    raise StoreError(f"{self.dir / SOURCES} has fewer lines than the {self.num_images} images "
+                                     f"that {MANIFEST} lists: remove the store to embed it again")  # fmt: skip
+                yield index, paths
 
     def is_done(self, index: int) -> bool:
         return (self.dir / f"{chunk_name(index)}.npy").is_file()

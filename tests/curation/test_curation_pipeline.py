@@ -346,3 +346,61 @@ def test_rank_zero_failing_to_prepare_the_output_stops_every_rank_at_once(tmp_pa
     assert own.startswith("OSError: [Errno 28] No space left on device"), own
     assert told.startswith("StageError: preparing ") and "failed on rank 0: OSError: [Errno 28]" in told, told
     assert float(seconds0) < 20 and float(seconds1) < 20  # not the process-group timeout
+
+
+def _store_of(directory: Path, sources: list[str], chunk_size: int, unreadable=(), dim: int = 4, seed: int = 0):
+    """A store of ``sources`` whose ``unreadable`` paths (every entry of each) failed to load."""
+    store = EmbeddingStore.create(directory, sources, chunk_size, {"source": "s", "embedder": {}, "dtype": "float32"})
+    rng = np.random.default_rng(seed)
+    for c in range(store.num_chunks):
+        paths = [p for p in store.chunk_sources(c) if p not in unreadable]
+        vectors = rng.normal(size=(len(paths), dim))
+        failed = {p: "broken" for p in store.chunk_sources(c) if p in unreadable}
+        store.write_chunk(c, vectors / np.linalg.norm(vectors, axis=1, keepdims=True), paths, failed)
+    return EmbeddingStore(directory)
+
+
+DUPLICATED = ["/p/a.png", "/p/b.png", "/p/a.png", "/p/c.png", "/p/b.png", "/p/d.png"]
+
+
+def test_copy_detection_ids_map_to_the_pools_without_listing_the_paths_when_both_stores_hold_the_same_rows(
+    tmp_path, monkeypatch
+):
+    """With dedup.copy_detection, rank 0 carried the copy store's keep mask to the pool's ids by
+    building both stores' path lists and a set of entries: tens of GB at web scale, for a mapping
+    that is the identity when both stores hold the same path at every id (one image list, read alike)."""
+    from dinov2.curation import pipeline
+
+    pool = _store_of(tmp_path / "pool", DUPLICATED, 4, dim=8, seed=1)
+    copies = _store_of(tmp_path / "copy", DUPLICATED, 4, dim=4, seed=2)
+    copy_keep = np.array([True, True, False, True, False, False])  # the later a and b, and d, removed
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "_same_paths", lambda a, b: False, raising=False)  # the general mapping
+        general = pipeline._to_pool_ids(pool, copies, copy_keep)
+    np.testing.assert_array_equal(general, copy_keep)
+
+    def no_listing(self, ids=None):
+        raise AssertionError("the paths were listed")
+
+    monkeypatch.setattr(EmbeddingStore, "paths", no_listing)
+    assert pipeline._to_pool_ids(pool, copies, copy_keep) is copy_keep
+
+
+def test_copy_detection_ids_of_stores_that_read_other_images_are_mapped_by_path(tmp_path):
+    """The same sources.txt is not the same rows: an image only the copy embedding could not read
+    shifts its later ids (the identity would misplace every later flag, and is one flag short)."""
+    from dinov2.curation import pipeline
+
+    pool = _store_of(tmp_path / "pool", DUPLICATED, 4)
+    copies = _store_of(tmp_path / "copy", DUPLICATED, 4, unreadable={"/p/c.png"})
+    assert (tmp_path / "pool" / "sources.txt").read_bytes() == (tmp_path / "copy" / "sources.txt").read_bytes()
+    assert not pipeline._same_paths(pool, copies)
+    # copy rows a b a | b d; the later a and b removed -> pool rows a b a c | b d
+    keep = pipeline._to_pool_ids(pool, copies, np.array([True, True, False, False, True]))
+    assert keep.tolist() == [True, True, False, True, False, True]
+    # the same rows in other chunks are still the same ids
+    other_chunks = _store_of(tmp_path / "chunks3", DUPLICATED, 3)
+    assert not pipeline._same_paths(pool, other_chunks)
+    mask = np.array([False, True, True, False, True, False])
+    np.testing.assert_array_equal(pipeline._to_pool_ids(pool, other_chunks, mask), mask)
+    assert pipeline._same_paths(pool, _store_of(tmp_path / "again", DUPLICATED, 4, dim=2))

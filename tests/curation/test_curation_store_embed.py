@@ -109,6 +109,11 @@ def test_a_store_refuses_other_images_or_another_embedder(tmp_path):
         EmbeddingStore.create(tmp_path, ["/a.png", "/c.png"], 2, INFO)
     with pytest.raises(StoreError, match="embedder"):
         EmbeddingStore.create(tmp_path, ["/a.png", "/b.png"], 2, {**INFO, "embedder": {"kind": "other"}})
+    assert EmbeddingStore.create(tmp_path, ["/a.png", "/b.png"], 2, INFO).num_images == 2  # the same: reused
+    for other in (["/a.png"], ["/a.png", "/b.png", "/c.png"]):  # a list file edited by hand, shorter or longer
+        (tmp_path / "sources.txt").write_text("".join(p + "\n" for p in other))
+        with pytest.raises(StoreError, match="another list of images"):
+            EmbeddingStore.create(tmp_path, ["/a.png", "/b.png"], 2, INFO)
     with pytest.raises(StoreError, match="not written yet"):
         len(EmbeddingStore(tmp_path))
 
@@ -488,3 +493,88 @@ def test_a_relative_source_that_leads_elsewhere_from_another_folder_is_listed_ag
     monkeypatch.chdir(tmp_path / "b")  # the same name, the other pool: its stamp's folders are unchanged
     change = source_change("pool", store)
     assert change is not None and "lists 3 now (3 new, 2 gone)" in change
+
+
+def _as_rank(monkeypatch, rank: int, world: int) -> None:
+    """Make ``embed_images`` run as ``rank`` of ``world`` in this process (each collective is a no-op)."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(get_rank=lambda: rank, get_world_size=lambda: world, is_main_process=lambda: rank == 0,
+                           on_every_rank=lambda action, what, error_type: action())  # fmt: skip
+    monkeypatch.setattr(embed_module, "distributed", fake)
+
+
+def test_an_embedding_rank_reads_only_its_own_chunks_paths_and_the_ranks_make_one_processs_store(tmp_path, monkeypatch):
+    """At web scale (100M paths, ~14 GB as a list of str) every rank used to read the whole of
+    sources.txt into a list, 8 copies on an 8-GPU node, to embed 1/8 of the chunks. A rank now
+    reads its chunks' lines one chunk at a time; the ranks' chunks together are one process's store,
+    unreadable images included."""
+    write_pool(tmp_path / "pool", 9)
+    (tmp_path / "pool" / "img_0004.png").write_bytes(b"not a png")  # in chunk 2 (rank 0's)
+    cfg = load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail"]).embed.model
+    single = embed_images(str(tmp_path / "pool"), tmp_path / "one", cfg, chunk_size=2, progress=False)
+    sources = single.sources()
+
+    def no_whole_list(self):
+        raise AssertionError("an embedding rank read the whole sources.txt")
+
+    embedded: list[list[str]] = []
+    original = embed_module._embed_chunk
+    monkeypatch.setattr(
+        embed_module, "_embed_chunk", lambda e, paths, *a: embedded.append(paths) or original(e, paths, *a)
+    )
+    _as_rank(monkeypatch, 0, 2)  # rank 0 makes the store (lists the pool, writes sources.txt)
+    info = {"source": str(tmp_path / "pool"), "embedder": embed_module.describe_embedder(cfg), "dtype": "float16"}
+    embed_module._prepare_on_rank_zero(str(tmp_path / "pool"), tmp_path / "two", 2, info, False)
+    monkeypatch.setattr(EmbeddingStore, "sources", no_whole_list)
+    for rank in (1, 0):  # rank 1 first: rank 0's check that every chunk is written comes last
+        embedded.clear()
+        _as_rank(monkeypatch, rank, 2)
+        embed_images(str(tmp_path / "pool"), tmp_path / "two", cfg, chunk_size=2, progress=False)
+        mine = [c for c in range(5) if c % 2 == rank]
+        assert embedded == [sources[2 * c : 2 * c + 2] for c in mine]
+    two = EmbeddingStore(tmp_path / "two")
+    assert two.paths() == single.paths() and len(two) == 8
+    assert two.failed() == single.failed() and list(two.failed()) == [str(tmp_path / "pool" / "img_0004.png")]
+    np.testing.assert_array_equal(two.read(np.arange(8)), single.read(np.arange(8)))
+
+
+def test_chunk_sources_come_one_chunk_at_a_time_from_one_pass_and_a_short_list_is_named(tmp_path):
+    sources = [f"/img/{i}.png" for i in range(11)]
+    store = EmbeddingStore.create(tmp_path / "s", sources, 3, INFO)
+    assert [store.chunk_length(c) for c in range(4)] == [3, 3, 3, 2]
+    chunks = store.iter_chunk_sources([3, 1, 1])
+    assert next(chunks) == (1, sources[3:6])  # increasing order, each chunk once
+    assert next(chunks) == (3, sources[9:11])
+    assert next(chunks, None) is None
+    assert [store.chunk_sources(c) for c in range(4)] == [sources[i : i + 3] for i in range(0, 11, 3)]
+    (tmp_path / "s" / "sources.txt").write_text("".join(p + "\n" for p in sources[:10]))  # cut short
+    assert next(EmbeddingStore(tmp_path / "s").iter_chunk_sources([0, 2]))[1] == sources[:3]
+    with pytest.raises(StoreError, match=r"sources.txt has fewer lines than the 11 images that manifest.json lists"):
+        list(EmbeddingStore(tmp_path / "s").iter_chunk_sources([3]))
+
+
+def test_rank_zero_checks_a_rerun_against_sources_txt_without_a_second_copy_of_the_list(tmp_path, monkeypatch):
+    """On a rerun rank 0 held the pool's list twice (the listing and sources.txt read back whole)."""
+    from dinov2.curation import store as store_module
+
+    sources = [f"/img/{i}.png" for i in range(5)]
+    EmbeddingStore.create(tmp_path, sources, 2, INFO)
+    monkeypatch.setattr(store_module, "_read_lines", lambda path: pytest.fail(f"{path} was read whole"))
+    assert EmbeddingStore.create(tmp_path, sources, 2, INFO).num_images == 5
+    with pytest.raises(StoreError, match="another list of images"):
+        EmbeddingStore.create(tmp_path, [*sources[:4], "/img/x.png"], 2, INFO)
+
+
+def test_a_path_with_a_character_splitlines_breaks_at_stays_one_path(tmp_path):
+    """sources.txt and the chunks' path lists were read back with str.splitlines, which also splits at
+    a form feed, U+0085 and U+2028: such a (legal) file name became two paths, shifting every later
+    path by one, so the pool's last image was never embedded and a rerun found "another list of images"."""
+    write_pool(tmp_path / "pool", 3)
+    odd = tmp_path / "pool" / "line\u2028sep\x0cand\x85nel.png"
+    (tmp_path / "pool" / "img_0001.png").rename(odd)
+    cfg = load_curation_config(None, ["pool=x", "embed.model.kind=thumbnail"]).embed.model
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=2, progress=False)
+    expected = sorted(str(p) for p in (tmp_path / "pool").iterdir())
+    assert store.sources() == expected and store.paths() == expected and store.failed() == {}
+    assert embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=2, progress=False).paths() == expected
