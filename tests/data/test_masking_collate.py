@@ -257,3 +257,59 @@ def test_training_collate_pickles_for_spawned_workers():
     first = unseeded(20)
     random.seed(5)
     assert first.sum() > 0 and np.array_equal(first, unseeded(20))  # still the module's generator
+
+
+class _FirstTokensGenerator:
+    """Stands in for MaskingGenerator: a request for ``n`` tokens masks exactly the first ``n``, so a
+    collated mask's size is the count the collate asked for."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def get_shape(self):
+        return self.shape
+
+    def __call__(self, num_masking_patches=0, rng=None):
+        mask = np.zeros(self.shape[0] * self.shape[1], dtype=bool)
+        mask[:num_masking_patches] = True
+        return mask.reshape(self.shape)
+
+
+def test_mask_ratios_are_uniform_within_each_bin():
+    # The m masked crops of a batch get ratios uniform in the m equal bins splitting mask_ratio_min_max,
+    # one bin each: the k-th smallest request lies in bin k, with the mean and spread of a uniform draw.
+    n_tokens, ratio, draws = 400, (0.1, 0.5), 300
+    m = int(2 * B * 0.5)
+    edges = np.linspace(*ratio, m + 1) * n_tokens
+    counts = []
+    for seed in range(draws):
+        out = collate_data_and_cast(
+            _samples(), ratio, 0.5, torch.float32, n_tokens, _FirstTokensGenerator((20, 20)), random.Random(seed)
+        )
+        sizes = sorted(n for n in out["collated_masks"].sum(dim=1).tolist() if n > 0)
+        assert len(sizes) == m
+        counts.append(sizes)
+    counts = np.array(counts, dtype=np.float64)  # (draws, m): column k is bin k
+    for k in range(m):
+        low, high = edges[k], edges[k + 1]
+        assert counts[:, k].min() >= int(low) and counts[:, k].max() <= int(high), k
+        width = high - low  # a uniform draw: mean at the middle, std width / sqrt(12)
+        assert abs(counts[:, k].mean() - (low + high) / 2) < 4 * width / np.sqrt(12 * draws), k
+        assert 0.8 < counts[:, k].std() / (width / np.sqrt(12)) < 1.2, k
+
+
+def test_training_mask_generator_follows_the_recipe():
+    # Block-wise masking as in iBOT / DINOv2: rectangles of at least 4 patches, aspect ratio in
+    # (0.3, 1 / 0.3), each at most half the grid; half the global crops masked, ratios in (0.1, 0.5).
+    import math
+
+    from dinov2.train.data import build_collate
+    from dinov2.utils.config import default_config_with
+
+    collate = build_collate(default_config_with({"crops": {"global_crops_size": 224}, "student": {"patch_size": 14}}))
+    settings = collate.keywords
+    generator = settings["mask_generator"]
+    assert generator.get_shape() == (16, 16) and settings["n_tokens"] == 256
+    assert generator.min_num_patches == 4 and generator.max_num_patches == 128
+    assert generator.log_aspect_ratio == pytest.approx((math.log(0.3), -math.log(0.3)))
+    assert settings["mask_probability"] == 0.5 and tuple(settings["mask_ratio_tuple"]) == (0.1, 0.5)

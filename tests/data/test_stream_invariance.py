@@ -178,6 +178,19 @@ def test_no_sample_is_repeated_or_lost_across_pass_boundaries_on_two_ranks(world
     assert resumed == stream[30 : 30 + 8 * b]
 
 
+def test_two_ranks_resuming_continue_their_own_slots(world):
+    # A 2-rank run resumed on 2 ranks after 5 steps (start = 5 steps * 2 ranks * b samples): each rank
+    # takes up its own next slots, so together they neither repeat nor skip a sample.
+    from dinov2.data.seeding import PositionedSampler
+
+    n, b, steps = 7, 3, 9
+    for rank in (0, 1):
+        world(rank, 2)
+        uninterrupted = list(itertools.islice(iter(PositionedSampler(n, b, seed=2)), steps * b))
+        resumed = list(itertools.islice(iter(PositionedSampler(n, b, seed=2, start=5 * 2 * b)), (steps - 5) * b))
+        assert resumed == uninterrupted[5 * b :], rank
+
+
 # ---------------------------------------------------------------------------------- corrupt images
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-augmentation", "gpu-augmentation"])
 def test_a_skipped_image_is_counted_once_and_shifts_no_randomness(folders, gpu):
