@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from dinov2 import distributed
-from dinov2.curation.store import STAMP, EmbeddingStore, StoreError, read_json
+from dinov2.curation.store import MANIFEST, STAMP, EmbeddingStore, StoreError, read_json
 from dinov2.data.datasets.base import ImageDecodeError, load_image
 
 logger = logging.getLogger("dinov2")
@@ -296,6 +297,7 @@ def embed_images(
     device: str | torch.device = "auto",
     progress: bool = True,
     for_file_list: bool = False,
+    weights_from: str | None = None,
 ) -> EmbeddingStore:
     """Embed every image of ``source`` into ``store_dir``; the chunks are shared by all ranks.
 
@@ -303,11 +305,20 @@ def embed_images(
     embedder is an error (:class:`~dinov2.curation.store.StoreError`). ``for_file_list`` checks
     first that every path can be written to a FileList (the pool's). Returns the store, found
     complete by rank 0 (every rank reading it back sees its own node's view of the files).
+
+    A backbone's ``pretrained_weights`` given as a training run directory (``OUT``,
+    ``OUT/checkpoints``) is the checkpoint ``OUT/checkpoints/step_N`` that rank 0 finds latest, on
+    every rank, and the store records that step: resuming it once the run has saved a newer
+    checkpoint is a :class:`StoreError` instead of a store of two models' vectors. A caller that
+    embeds several stores with one model resolves it once (:func:`agree_embedder_weights`) and passes
+    the run directory it came from as ``weights_from``, so that every store gets the same step.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"embedding dtype must be float16 or float32, got {dtype!r}")
+    if weights_from is None:  # a collective, here where every rank calls
+        model_cfg, weights_from = agree_embedder_weights(model_cfg)
     info = {"source": str(source), "embedder": describe_embedder(model_cfg), "dtype": dtype}
-    _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list)
+    _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, weights_from)
     rank, world = distributed.get_rank(), distributed.get_world_size()
 
     def embed_my_chunks() -> None:
@@ -335,10 +346,25 @@ class EmbedError(RuntimeError):
     """Another rank failed in the embed stage (the message names it and its error)."""
 
 
-def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list) -> None:
+def agree_embedder_weights(cfg) -> tuple[Any, str | None]:
+    """``(cfg, None)`` for a model section ``cfg``, or, for a backbone whose ``pretrained_weights``
+    names a training run directory, ``(a copy of cfg with the checkpoint rank 0 finds latest there,
+    that run directory)`` (:func:`~dinov2.eval.setup.agreed_pretrained_weights`, a collective)."""
+    if cfg.kind != "backbone" or not cfg.pretrained_weights:
+        return cfg, None
+    from dinov2.eval.setup import agreed_pretrained_weights
+
+    resolved = agreed_pretrained_weights(cfg.pretrained_weights)
+    if resolved == str(cfg.pretrained_weights):
+        return cfg, None
+    return OmegaConf.merge(cfg, {"pretrained_weights": resolved}), str(cfg.pretrained_weights)
+
+
+def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list, run_dir=None) -> None:
     """Rank 0 lists the images and creates (or checks) the store; every rank learns whether that
     worked, so a bad input stops all ranks (rank 0 with its own error, the others with a
-    :class:`StoreError` naming it) instead of leaving them waiting."""
+    :class:`StoreError` naming it) instead of leaving them waiting. ``run_dir``: the training run
+    directory that the embedder's weights were resolved from (a refusal says what to do)."""
 
     def prepare() -> None:
         if not distributed.is_main_process():
@@ -347,10 +373,36 @@ def _prepare_on_rank_zero(source, store_dir, chunk_size, info, for_file_list) ->
         paths = list_images(source)
         if for_file_list:
             check_file_list_paths(paths, source)
-        EmbeddingStore.create(store_dir, paths, chunk_size, info)
+        try:
+            EmbeddingStore.create(store_dir, paths, chunk_size, info)
+        except StoreError as error:
+            hint = None if run_dir is None else _other_checkpoint_hint(store_dir, run_dir, info["embedder"])
+            if hint is None:
+                raise
+            raise StoreError(f"{error}; {hint}") from error
         write_source_stamp(store_dir, source, paths, listed_ns)  # the list was just checked against the store's
 
     distributed.on_every_rank(prepare, f"preparing the embedding store {store_dir}", StoreError)
+
+
+def _other_checkpoint_hint(store_dir, run_dir: str, embedder: dict[str, Any]) -> str | None:
+    """What to do about a store that the weights of ``run_dir`` at another checkpoint than its latest
+    now (``embedder``'s) embedded; None where that is not why the store was refused."""
+    resolved = embedder["pretrained_weights"]
+    try:
+        recorded = read_json(Path(store_dir) / MANIFEST)["embedder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(recorded, dict) or {**recorded, "pretrained_weights": resolved} != embedder:
+        return None  # another embedder, or no store yet
+    recorded = recorded.get("pretrained_weights")
+    if recorded == resolved:
+        return None
+    now = f"model.pretrained_weights {run_dir!r} is read as the run's latest checkpoint, now {resolved}"
+    if recorded == run_dir:  # a store made before the step was recorded
+        return (f"{now}, and the store records the run directory alone, not which of its checkpoints embedded it: "
+                "set pretrained_weights to that checkpoint if you know it, else remove the store")  # fmt: skip
+    return f"{now}: to finish the store, set pretrained_weights to the checkpoint that embedded it, {recorded}"
 
 
 def _run_chunks(store, embedder, todo, batch_size, num_workers, progress) -> None:

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from dinov2 import distributed
 from dinov2.checkpoint.training import atomic_write
 from dinov2.curation import clustering, dedup, retrieve
-from dinov2.curation.embed import embed_images, source_change
+from dinov2.curation.embed import agree_embedder_weights, embed_images, source_change
 from dinov2.curation.faiss_index import build_index, num_gpus
 from dinov2.curation.store import MANIFEST, EmbeddingStore, chunk_name, read_json, write_text_atomic
 from dinov2.eval.metrics import write_json_atomic
@@ -262,11 +262,17 @@ class Curation:
 
     # Stages ---------------------------------------------------------------------------------------
     def _embed(self) -> dict[str, Any]:
-        e = self.cfg.embed
+        e, agreed = self.cfg.embed, {}
         for role, (source, directory, model) in self.store_dirs().items():
+            # a model whose weights name a training run is its latest checkpoint once for all stores: one
+            # the run saves while the pool is embedded (days at scale) must not embed the other stores
+            key = json.dumps(OmegaConf.to_container(model, resolve=True), sort_keys=True)
+            if key not in agreed:
+                agreed[key] = agree_embedder_weights(model)
+            model, weights_from = agreed[key]
             embed_images(
                 source, directory, model, e.batch_size, e.num_workers, e.chunk_size, e.dtype, e.device,
-                for_file_list=role in ("pool", "copy"),
+                for_file_list=role in ("pool", "copy"), weights_from=weights_from,
             )  # fmt: skip
         # rank 0 alone reads the stores back (its report is the one kept, and the later stages are its),
         # and every rank learns whether that worked: another node whose view of the shared file system is

@@ -14,7 +14,7 @@ from test_curation_store_embed import MICRO_OPTS, _age
 
 from dinov2.curation.__main__ import main
 from dinov2.curation.pipeline import StageError
-from dinov2.curation.store import EmbeddingStore
+from dinov2.curation.store import EmbeddingStore, StoreError
 from dinov2.data.datasets import FileList
 from dinov2.utils.config import ConfigError
 
@@ -270,6 +270,63 @@ def test_a_store_deleted_to_embed_it_again_without_redo_does_not_leave_a_stale_s
     shutil.rmtree(tmp_path / "out" / "embeddings" / "pool")
     with pytest.raises(StageError, match=r"pool store .* stage 'dedup', which read it, .*--redo dedup"):
         main(args)
+
+
+def test_a_finished_embed_stage_from_a_run_directory_is_kept_after_the_run_saves_a_newer_checkpoint(tmp_path):
+    """``embed.model.pretrained_weights: OUT`` embeds with the run's latest checkpoint and the store
+    records that step. Rerunning the finished pipeline after the run saved another checkpoint keeps
+    the stage (it is done); a seed set added then is refused at the pool's store, whose vectors came
+    from the older step, instead of being embedded with the newer model next to it."""
+    from test_curation_store_embed import save_run_checkpoint
+
+    write_pool(tmp_path / "pool", 4)
+    write_pool(tmp_path / "seeds", 2, first_seed=40)
+    step2, _ = save_run_checkpoint(tmp_path / "run", 2, seed=1)
+    args = ["embed", "--output-dir", str(tmp_path / "out"), f"pool={tmp_path / 'pool'}", "dedup.enabled=false",
+            f"embed.model.opts=[{','.join(MICRO_OPTS)}]", "embed.model.resize_size=32", "embed.model.crop_size=32",
+            f"embed.model.pretrained_weights={tmp_path / 'run'}", "embed.num_workers=0"]  # fmt: skip
+    main(args)
+    pool = tmp_path / "out" / "embeddings" / "pool"
+    assert EmbeddingStore(pool).manifest["embedder"]["pretrained_weights"] == str(step2)
+    stamp = (pool / "chunk_00000.npy").stat().st_mtime_ns
+    save_run_checkpoint(tmp_path / "run", 4, seed=2)
+    assert main(args) is not None  # skipped as done, not refused
+    assert (pool / "chunk_00000.npy").stat().st_mtime_ns == stamp
+    with pytest.raises(StoreError, match=r"embedder differ.*step_0000002"):
+        main([*args, f"retrieval.seeds=[{{name: s, dataset: {tmp_path / 'seeds'}}}]"])
+    assert not (tmp_path / "out" / "embeddings" / "seeds").exists()
+
+
+def test_every_store_of_one_embed_stage_uses_the_same_checkpoint_of_a_run_directory(tmp_path, monkeypatch):
+    """The stage resolves ``OUT`` to a checkpoint once: a checkpoint the training run saves while the
+    pool is embedded (days at scale) must not embed the seed set, whose vectors retrieval compares
+    with the pool's."""
+    from test_curation_store_embed import save_run_checkpoint
+
+    from dinov2.curation import pipeline
+
+    write_pool(tmp_path / "pool", 4)
+    write_pool(tmp_path / "seeds", 2, first_seed=40)
+    step2, _ = save_run_checkpoint(tmp_path / "run", 2, seed=1)
+    embed = pipeline.embed_images
+
+    def embed_then_save(*args, **kwargs):  # the run saves step 4 right after the pool's store is made
+        store = embed(*args, **kwargs)
+        if not (tmp_path / "run" / "checkpoints" / "step_0000004").exists():
+            save_run_checkpoint(tmp_path / "run", 4, seed=2)
+        return store
+
+    monkeypatch.setattr(pipeline, "embed_images", embed_then_save)
+    main(["embed", "--output-dir", str(tmp_path / "out"), f"pool={tmp_path / 'pool'}", "dedup.enabled=false",
+          f"embed.model.opts=[{','.join(MICRO_OPTS)}]", "embed.model.resize_size=32", "embed.model.crop_size=32",
+          f"embed.model.pretrained_weights={tmp_path / 'run'}", "embed.num_workers=0",
+          f"retrieval.seeds=[{{name: s, dataset: {tmp_path / 'seeds'}}}]"])  # fmt: skip
+    assert (tmp_path / "run" / "checkpoints" / "step_0000004").is_dir()  # the newer checkpoint was there
+    stores = tmp_path / "out" / "embeddings"
+    used = {
+        EmbeddingStore(d).manifest["embedder"]["pretrained_weights"] for d in (stores / "pool", stores / "seeds" / "s")
+    }
+    assert used == {str(step2)}
 
 
 def test_the_dedup_array_is_never_left_half_written(tmp_path, images, monkeypatch):

@@ -578,3 +578,119 @@ def test_a_path_with_a_character_splitlines_breaks_at_stays_one_path(tmp_path):
     expected = sorted(str(p) for p in (tmp_path / "pool").iterdir())
     assert store.sources() == expected and store.paths() == expected and store.failed() == {}
     assert embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=2, progress=False).paths() == expected
+
+
+def save_run_checkpoint(run: Path, step: int, seed: int):
+    """A training run's sharded checkpoint ``run/checkpoints/step_N`` holding a micro ViT teacher."""
+    from torch import nn
+
+    from dinov2.checkpoint.sharded import save_checkpoint
+
+    torch.manual_seed(seed)
+    teacher = micro_vit().eval()
+    module = nn.ModuleDict({"teacher": nn.ModuleDict({"backbone": teacher})})
+    path = save_checkpoint(run / "checkpoints", step, module, torch.optim.SGD(module.parameters(), lr=0.1), {}, {})
+    return Path(path), teacher
+
+
+def test_a_run_directory_as_weights_is_recorded_as_its_latest_step_and_a_newer_one_refuses_a_resume(tmp_path):
+    """``pretrained_weights: OUT`` means the run's latest checkpoint. The manifest recorded ``OUT`` as
+    given, so a half-embedded store resumed after the run saved a newer checkpoint mixed the two
+    models' vectors in one store, silently; each rank also resolved the step itself."""
+    groups = write_pool(tmp_path / "pool", 6)
+    run = tmp_path / "run"
+    save_run_checkpoint(run, 2, seed=1)
+    step4, teacher = save_run_checkpoint(run, 4, seed=2)
+    cfg = micro_model_cfg(run)
+    store = embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=3, dtype="float32", progress=False)
+    assert store.manifest["embedder"]["pretrained_weights"] == str(step4)
+    assert cfg.pretrained_weights == str(run)  # the caller's config is left as given
+    transform = make_classification_eval_transform(32, 32)
+    images = torch.stack([transform(load_image(p)) for p in sorted(groups)])
+    with torch.no_grad():
+        expected = F.normalize(teacher.forward_features(images)["x_norm_clstoken"], dim=1)
+    np.testing.assert_allclose(store.read(np.arange(6)), expected.numpy(), atol=1e-5)
+    kept = np.load(tmp_path / "emb" / "chunk_00000.npy")
+
+    step6, _ = save_run_checkpoint(run, 6, seed=3)  # the run went on; chunk 1 is to be embedded again
+    for chunk_file in (tmp_path / "emb").glob("chunk_00001*"):
+        chunk_file.unlink()
+    assert EmbeddingStore(tmp_path / "emb").missing_chunks() == [1]
+    with pytest.raises(StoreError, match="other settings") as info:
+        embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=3, dtype="float32", progress=False)
+    message = str(info.value)
+    assert "embedder differ" in message and str(step4) in message and str(step6) in message
+    assert EmbeddingStore(tmp_path / "emb").missing_chunks() == [1]  # nothing written with step 6's model
+    np.testing.assert_array_equal(np.load(tmp_path / "emb" / "chunk_00000.npy"), kept)
+    assert f"set pretrained_weights to the checkpoint that embedded it, {step4}" in message
+    # the step the store names resumes it
+    pinned = micro_model_cfg(step4)
+    store = embed_images(
+        str(tmp_path / "pool"), tmp_path / "emb", pinned, chunk_size=3, dtype="float32", progress=False
+    )
+    np.testing.assert_allclose(store.read(np.arange(6)), expected.numpy(), atol=1e-5)
+
+
+def test_a_store_that_records_the_run_directory_alone_is_not_resumed_from_its_latest_checkpoint(tmp_path):
+    """A store embedded before the step was recorded names ``OUT`` only: which checkpoint made it is
+    unknown, so resuming it from the latest one could mix two models; the refusal says so."""
+    write_pool(tmp_path / "pool", 4)
+    run = tmp_path / "run"
+    save_run_checkpoint(run, 2, seed=1)
+    cfg = micro_model_cfg(run)
+    embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=2, dtype="float32", progress=False)
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    manifest["embedder"]["pretrained_weights"] = str(run)  # as the store was recorded before
+    (tmp_path / "emb" / "manifest.json").write_text(json.dumps(manifest))
+    for chunk_file in (tmp_path / "emb").glob("chunk_00001*"):
+        chunk_file.unlink()
+    with pytest.raises(StoreError, match="embedder differ.*records the run directory alone"):
+        embed_images(str(tmp_path / "pool"), tmp_path / "emb", cfg, chunk_size=2, dtype="float32", progress=False)
+    assert EmbeddingStore(tmp_path / "emb").missing_chunks() == [1]
+
+
+def _stale_checkpoints_rank(rank, port, pool, out, run):
+    """One of 2 ranks embedding from the run directory ``run``; rank 1 lists its checkpoints stale
+    (step 2 alone, after the run saved step 4)."""
+    from dist_common import join_group
+
+    from dinov2 import distributed
+    from dinov2.checkpoint import sharded
+
+    join_group(rank, port)
+    if rank == 1:
+        real_list = sharded.list_checkpoints
+        sharded.list_checkpoints = lambda directory: [p for p in real_list(directory) if p[0] == 2]
+    embed_images(pool, out, micro_model_cfg(Path(run)), chunk_size=1, dtype="float32", progress=False)
+    distributed.shutdown()
+
+
+@pytest.mark.distributed
+def test_ranks_embed_with_rank_zeros_latest_checkpoint_of_a_run_directory(tmp_path):
+    """Each rank resolved ``pretrained_weights: OUT`` itself: a rank whose listing of the run was stale
+    wrote its chunks with an older checkpoint's model into the same store."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+    from dist_common import free_port
+
+    write_pool(tmp_path / "pool", 4)
+    run = tmp_path / "run"
+    save_run_checkpoint(run, 2, seed=1)
+    step4, _ = save_run_checkpoint(run, 4, seed=2)
+    single = embed_images(str(tmp_path / "pool"), tmp_path / "one", micro_model_cfg(step4), chunk_size=1,
+                          dtype="float32", progress=False)  # fmt: skip
+    args = (free_port(), str(tmp_path / "pool"), str(tmp_path / "two"), str(run))
+    context = mp.spawn(_stale_checkpoints_rank, args=args, nprocs=2, join=False)
+    deadline = time.perf_counter() + 120  # a rank left waiting in a collective fails the test, not the suite
+    try:
+        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
+            assert time.perf_counter() < deadline, "the ranks did not stop"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    two = EmbeddingStore(tmp_path / "two")
+    assert two.paths() == single.paths()
+    np.testing.assert_array_equal(two.read(np.arange(4)), single.read(np.arange(4)))  # rank 1's chunks too
+    assert two.manifest["embedder"]["pretrained_weights"] == str(step4)
