@@ -1,5 +1,6 @@
 """Checks that stop or warn a training run, each naming what it found: non-finite loss terms or
-gradient norms (decided by all ranks together), the stop iteration, and what a resumed run does
+gradient norms (decided by all ranks together), an fp16 loss scale that collapsed (gradients
+non-finite at every scale), the stop iteration, and what a resumed run does
 differently from the run that saved its checkpoint (optimizer settings it overrides, another
 schedule length or batch size), and the share of unreadable images over the whole run."""
 
@@ -64,6 +65,27 @@ def check_finite(
     )
     kept = f"the last checkpoint {last_checkpoint} is untouched" if last_checkpoint else "no checkpoint was written"
     raise NonFiniteLossError(f"non-finite {what} at iteration {iteration}: {bad}; stopping ({kept})")
+
+
+# The fp16 gradient scaler halves its scale at each step it skips for non-finite gradients. Below this
+# scale, a real gradient would have to exceed ~1e12 to overflow fp16: the gradients are non-finite at
+# every scale (a NaN from the model, not an overflow), every step is skipped, and the run trains nothing.
+MIN_LOSS_SCALE = 2.0**-24
+
+
+def check_loss_scale(scale: float, grad_norm: float, iteration: int, last_checkpoint: Path | None) -> None:
+    """Raise :class:`NonFiniteLossError` when the fp16 gradient scaler's ``scale`` (after its update at
+    ``iteration``) fell below :data:`MIN_LOSS_SCALE`. The scaler's state is the same on every rank
+    (its found-inf is all-reduced), so every rank stops here together."""
+    if scale >= MIN_LOSS_SCALE:
+        return
+    kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+    raise NonFiniteLossError(
+        f"non-finite gradients at iteration {iteration}: gradient norm {grad_norm:.4g}, with finite loss terms; "
+        f"the fp16 gradient scaler has skipped every recent optimiser step and its scale fell to {scale:.3g} "
+        f"(< 2^-24), so no overflow explains it: the run no longer trains; stopping ({kept}; checkpoints "
+        "written while the steps were skipped hold the weights of the last step taken)"
+    )
 
 
 def resolve_stop_iteration(stop: Any, max_iter: int) -> int:

@@ -28,6 +28,7 @@ from dinov2.checkpoint.lock import lock_for_training, unlock_output_directory
 from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
 from dinov2.train.checks import (
     check_finite,
+    check_loss_scale,
     check_skipped_fraction,
     resolve_stop_iteration,
     warn_changed_groups,
@@ -198,7 +199,8 @@ class Trainer:
         timing["grad_norm"] = float(self.clip_gradients())
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.scaler.update()  # a step with non-finite gradients is skipped: the scale halves
+            check_loss_scale(self.scaler.get_scale(), timing["grad_norm"], self.iteration + 1, self.last_checkpoint)
         else:
             self.optimizer.step()
         self.model.update_teacher(scheduled["mom"])
@@ -211,7 +213,8 @@ class Trainer:
 
         Without a gradient scaler a non-finite norm stops the run here, before the optimiser step, so
         that neither the weights nor the teacher (nor a checkpoint) take it. With a scaler the step is
-        skipped by the scaler instead, which is its job in fp16."""
+        skipped by the scaler instead, which is its job in fp16 (until its scale collapses: gradients
+        that are non-finite at every scale stop the run in :func:`check_loss_scale`)."""
         max_norm = float(self.cfg.optim.clip_grad or 0.0)
         norms = {}
         for name, module in self.model.student.items():

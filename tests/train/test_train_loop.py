@@ -494,3 +494,43 @@ def test_resuming_under_another_schedule_length_or_batch_says_what_changes(tmp_p
     assert "of 6 iterations; this config's span 12" in length and "from iteration 3 on" in length
     (batch,) = [m for m in messages if "effective batch" in m]
     assert "batch of 4 images per step; this run's is 8" in batch
+
+
+def _poison_gradients(monkeypatch, iterations):
+    """Make the backward of the iterations in ``iterations`` (1-based; one forward per iteration) give NaN
+    gradients, with finite losses."""
+    original, calls = SSLMetaArch.forward, []
+
+    def poisoned(self, batch, teacher_temp, accumulate=False):
+        out = original(self, batch, teacher_temp, accumulate)
+        calls.append(None)
+        if len(calls) in iterations:
+            out["loss"].register_hook(lambda grad: grad * float("nan"))
+        return out
+
+    monkeypatch.setattr(SSLMetaArch, "forward", poisoned)
+    return calls
+
+
+def test_fp16_scaler_skips_a_step_with_nan_gradients_without_stopping(tmp_path, monkeypatch):
+    # With fp16's gradient scaler, non-finite gradients are the scaler's to skip (an overflow of the
+    # scaled gradients), not a fatal error: the run goes on, and the weights do not take that step.
+    calls = _poison_gradients(monkeypatch, {2})
+    summary = run(tmp_path, "compute_precision.autocast_dtype=fp16", "train.stop_at_iteration=3")
+    assert summary["iteration"] == 3 and len(calls) == 3
+    state = load_training_checkpoint(find_latest_checkpoint(tmp_path / "checkpoints"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_fp16_gradients_that_are_non_finite_at_every_loss_scale_stop_the_run(tmp_path, monkeypatch):
+    # A NaN in the gradients alone (finite losses) makes the fp16 scaler skip every step and halve its
+    # scale each time: the run would go on to its end without training, saying nothing. Once the scale
+    # is below 2^-24 no overflow explains it, and the run stops. (Started at 2^-20 here, not 2^16, to
+    # get there in 5 steps instead of 41.)
+    monkeypatch.setattr(
+        loop_module, "grad_scaler", lambda device, sharded: torch.amp.GradScaler(device.type, init_scale=2.0**-20)
+    )
+    _poison_gradients(monkeypatch, set(range(1, 100)))
+    with pytest.raises(NonFiniteLossError, match=r"iteration 5: .*gradient scaler.*step_0000004"):
+        run(tmp_path, "compute_precision.autocast_dtype=fp16", "train.checkpoint_period_iterations=2")
+    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "step_0000004"
