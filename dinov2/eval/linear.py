@@ -191,14 +191,42 @@ def _stream_settings(args, max_iter: int) -> dict[str, int]:
             "seed": args.seed}  # fmt: skip
 
 
+def backbone_fingerprint(backbone: nn.Module) -> list[float]:
+    """``[number of values, sum of absolute values, sum of squares]`` of the backbone's floating-point
+    weights (sums of non-negative terms: no cancellation, so their rounding stays relative), stored
+    with the linear checkpoint: a resumed run checks that it probes the backbone its classifiers were
+    trained on (the same weights under another path pass; other weights under the same path, such as a
+    training run's newer latest checkpoint, do not)."""
+    tensors = [t.detach() for t in backbone.state_dict().values() if t.is_floating_point()]
+    if not tensors:
+        return [0.0, 0.0, 0.0]
+    sums = torch.stack([torch.stack([t.float().abs().sum(), t.float().square().sum()]) for t in tensors])
+    total = sums.cpu().double().sum(dim=0)  # float64 on the CPU: not every device has it
+    return [float(sum(t.numel() for t in tensors)), *map(float, total.tolist())]
+
+
+def _same_backbone(saved: list[float], current: list[float]) -> bool:
+    """Whether two :func:`backbone_fingerprint` values describe the same weights (float32 partial sums:
+    a relative tolerance covers another device's summation order)."""
+    return len(saved) == len(current) and all(
+        abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1.0) for a, b in zip(saved, current, strict=True)
+    )
+
+
 class ResumeError(RuntimeError):
     """The ranks could not resume from the same linear checkpoint (the message says which rank and why)."""
 
 
-def _resume(args, heads, optimizer, max_iter: int) -> tuple[int, list, int]:
+def _resume(
+    args, heads, optimizer, max_iter: int, fingerprint: list[float] | None = None,
+    train_set: dict[str, int] | None = None,
+) -> tuple[int, list, int]:  # fmt: skip
     """Start iteration, history and unreadable-training-image count of the run resumed from. A
     checkpoint of another global batch (``--batch-size`` x processes), length or seed is refused:
-    its data position, learning rates and cosine schedule would not continue this run's.
+    its data position, learning rates and cosine schedule would not continue this run's. So is one
+    whose classifiers were trained on another backbone (``fingerprint``: :func:`backbone_fingerprint`)
+    or another train dataset (``train_set``: its number of samples, which fixes the data order, and
+    of classes).
 
     Whether there is a checkpoint is rank 0's answer, and every rank must then read it at the same
     iteration: a rank whose view of a shared output directory is stale (no file yet, or an older
@@ -228,6 +256,21 @@ def _resume(args, heads, optimizer, max_iter: int) -> tuple[int, list, int]:
         raise ValueError(
             f"{path} was written by a run with other settings ({changed}): resume with the same --batch-size "
             "and number of processes, --epochs x --epoch-length and --seed, or pass --no-resume"
+        )
+    saved_backbone = state.get("backbone")  # None in checkpoints written before it was recorded
+    if None not in (saved_backbone, fingerprint) and not _same_backbone(list(saved_backbone), fingerprint):
+        raise ValueError(
+            f"{path} holds classifiers trained on another backbone (its weights differ from those of "
+            f"--pretrained-weights {args.pretrained_weights!r}): pass another --output-dir for this backbone, or "
+            "--no-resume to train new classifiers here"
+        )
+    saved_set = state.get("train_set")
+    if None not in (saved_set, train_set) and dict(saved_set) != train_set:
+        raise ValueError(
+            f"{path} holds classifiers trained on another train dataset ({saved_set['samples']} samples, "
+            f"{saved_set['classes']} classes; --train-dataset {args.train_dataset!r} has {train_set['samples']} and "
+            f"{train_set['classes']}): pass another --output-dir for this dataset, or --no-resume to train new "
+            "classifiers here"
         )
     logger.info("Resumed linear classifiers from %s at iteration %d", path, state["iteration"])
     return state["iteration"], list(state.get("history", [])), int(state.get("num_skipped_train", 0))
@@ -279,7 +322,8 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
     n_max = max(args.n_last_blocks)
     heads, optimizer, base_lrs, lrs = _grid(args, backbone, num_classes)
     max_iter = args.epochs * args.epoch_length
-    start_iter, history, earlier_skipped = _resume(args, heads, optimizer, max_iter)
+    fingerprint, train_identity = backbone_fingerprint(backbone), {"samples": len(train_set), "classes": num_classes}
+    start_iter, history, earlier_skipped = _resume(args, heads, optimizer, max_iter, fingerprint, train_identity)
     *val, val_skipped = encode_val_set(args, backbone, n_max, autocast_dtype, train_set)
     check_val_classes(args, val[1], num_classes)
     train_skipped = distributed.RunCount(earlier_skipped)  # unreadable images: counted, not dropped
@@ -295,7 +339,8 @@ def run_linear_probe(args, backbone: nn.Module, autocast_dtype: torch.dtype | No
             skipped_so_far = train_skipped.total(device)  # on every rank
             if distributed.is_main_process():
                 state = core.checkpoint_state(heads, optimizer, done, history=history, num_skipped_train=skipped_so_far,
-                                              stream=_stream_settings(args, max_iter))  # fmt: skip
+                                              stream=_stream_settings(args, max_iter), backbone=fingerprint,
+                                              train_set=train_identity)  # fmt: skip
                 atomic_torch_save(state, Path(args.output_dir) / CHECKPOINT_FILE)
 
     batches = train_batches(backbone, train_set, args, start_iter, n_max, autocast_dtype, train_skipped)

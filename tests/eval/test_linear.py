@@ -347,3 +347,35 @@ def test_a_failed_table_write_keeps_the_previous_table(tmp_path, monkeypatch):
     monkeypatch.undo()
     linear._write_outputs(args, record, heads)
     assert table.read_text().startswith(f"best (top1): {name}\n") and "50.00" in table.read_text()
+
+
+def test_resume_refuses_a_checkpoint_of_another_backbone(tmp_path):
+    # Two linear evaluations of different backbones in one output directory (the default is the
+    # working directory): the second must not take over the first's classifiers (a finished checkpoint
+    # would otherwise only be scored on the new features, and reported as this backbone's result).
+    backbone, _ = build_eval_model("vitt8_32px", None, opts=TINY_OPTS, device="cpu")
+    state = backbone.state_dict()
+    torch.save(state, tmp_path / "backbone.pth")
+    out = tmp_path / "out"
+    first = linear.main(_main_args(tmp_path, out))
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({k: v + 0.01 if k.endswith("qkv.weight") else v for k, v in state.items()}, other / "backbone.pth")
+    with pytest.raises(ValueError, match=r"another backbone.*--no-resume"):
+        linear.main(_main_args(other, out))
+    # the same weights under another path resume (finished: the same result)
+    (tmp_path / "copy").mkdir()
+    torch.save(state, tmp_path / "copy" / "backbone.pth")
+    assert linear.main(_main_args(tmp_path / "copy", out))["classifiers"] == first["classifiers"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_train_dataset(tmp_path):
+    # Another train dataset with as many classes would load the classifiers without a shape error and
+    # continue them on another data stream (and a finished checkpoint would only be scored again).
+    backbone, _ = build_eval_model("vitt8_32px", None, opts=TINY_OPTS, device="cpu")
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    linear.main(_main_args(tmp_path, tmp_path / "out"))
+    args = _main_args(tmp_path, tmp_path / "out")
+    args.train_dataset = "Synthetic:split=TRAIN:num_images=48:image_size=40"
+    with pytest.raises(ValueError, match=r"train dataset.*40 samples.*48.*--no-resume"):
+        linear.main(args)
