@@ -385,20 +385,11 @@ def _rank_of_a_failing_start(rank: int, port: int, root: str) -> None:
 
 @pytest.mark.distributed
 def test_rank_zero_failing_to_prepare_the_output_stops_every_rank_at_once(tmp_path):
-    import torch.multiprocessing as mp
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-    from dist_common import free_port
+    from dist_common import free_port, spawn_bounded
 
-    context = mp.spawn(_rank_of_a_failing_start, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.perf_counter() + 100  # a regression fails here instead of holding the suite
-    try:
-        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
-            assert time.perf_counter() < deadline, "the ranks did not stop"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_bounded(_rank_of_a_failing_start, (free_port(), str(tmp_path)), seconds=100)  # a hang fails the test
     (seconds0, own), (seconds1, told) = [(tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in range(2)]
     assert own.startswith("OSError: [Errno 28] No space left on device"), own
     assert told.startswith("StageError: preparing ") and "failed on rank 0: OSError: [Errno 28]" in told, told

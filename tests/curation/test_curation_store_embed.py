@@ -313,10 +313,9 @@ def test_a_rank_that_fails_stops_every_rank_promptly_naming_that_rank_and_its_er
     """``prepare``: rank 0 fails listing the pool (a KeyError); ``chunk``: rank 1 cannot write its
     chunk (chunk 1 of 4, dealt to rank 1; a folder stands where its file goes). Every rank must raise
     at once: the failing rank its own error, the other one an error naming that rank and its cause."""
-    import torch.multiprocessing as mp
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-    from dist_common import free_port
+    from dist_common import free_port, spawn_bounded
 
     write_pool(tmp_path / "pool", 7)
     if fault == "chunk":
@@ -326,16 +325,7 @@ def test_a_rank_that_fails_stops_every_rank_promptly_naming_that_rank_and_its_er
     args = (free_port(), str(tmp_path / "pool"), str(tmp_path / "emb"), OmegaConf.to_yaml(cfg), fault,
             str(tmp_path / "results"))  # fmt: skip
     start = time.perf_counter()
-    context = mp.spawn(_failing_rank, args=args, nprocs=2, join=False)
-    deadline = start + PG_TIMEOUT_S + 30  # whatever the ranks do, the suite waits no longer than this
-    try:
-        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
-            if time.perf_counter() > deadline:
-                raise AssertionError("the ranks did not stop")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_bounded(_failing_rank, args, seconds=PG_TIMEOUT_S + 30)  # a hang fails the test, not the suite
     elapsed = time.perf_counter() - start
     outcomes = [json.loads((tmp_path / "results" / f"rank{r}.json").read_text()) for r in range(2)]
     failing, other = (0, 1) if fault == "prepare" else (1, 0)
@@ -395,21 +385,14 @@ def test_whether_every_chunk_is_written_is_rank_zeros_decision(tmp_path):
     alone (rank 0 going on, or waiting for it in the next store's collectives) nor let the others go on
     without a rank 0 that found a chunk missing; on a rerun, whether the finished stage's sources are
     unchanged is rank 0's answer too."""
-    import torch.multiprocessing as mp
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-    from dist_common import free_port
+    from dist_common import free_port, spawn_bounded
 
     write_pool(tmp_path / "pool", 7)
-    context = mp.spawn(_stale_rank, args=(free_port(), str(tmp_path / "pool"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.perf_counter() + 120  # a rank left waiting in a collective fails the test, not the suite
-    try:
-        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
-            assert time.perf_counter() < deadline, "the ranks did not stop"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_bounded(
+        _stale_rank, (free_port(), str(tmp_path / "pool"), str(tmp_path)), seconds=120
+    )  # a hang fails the test, not the suite
     outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [(o["pipeline"], o["rerun"]) for o in outcomes] == [("ok", "ok")] * 2, outcomes
     done = json.loads((tmp_path / "run" / "embed" / "done.json").read_text())
@@ -669,10 +652,9 @@ def _stale_checkpoints_rank(rank, port, pool, out, run):
 def test_ranks_embed_with_rank_zeros_latest_checkpoint_of_a_run_directory(tmp_path):
     """Each rank resolved ``pretrained_weights: OUT`` itself: a rank whose listing of the run was stale
     wrote its chunks with an older checkpoint's model into the same store."""
-    import torch.multiprocessing as mp
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-    from dist_common import free_port
+    from dist_common import free_port, spawn_bounded
 
     write_pool(tmp_path / "pool", 4)
     run = tmp_path / "run"
@@ -681,15 +663,7 @@ def test_ranks_embed_with_rank_zeros_latest_checkpoint_of_a_run_directory(tmp_pa
     single = embed_images(str(tmp_path / "pool"), tmp_path / "one", micro_model_cfg(step4), chunk_size=1,
                           dtype="float32", progress=False)  # fmt: skip
     args = (free_port(), str(tmp_path / "pool"), str(tmp_path / "two"), str(run))
-    context = mp.spawn(_stale_checkpoints_rank, args=args, nprocs=2, join=False)
-    deadline = time.perf_counter() + 120  # a rank left waiting in a collective fails the test, not the suite
-    try:
-        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
-            assert time.perf_counter() < deadline, "the ranks did not stop"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_bounded(_stale_checkpoints_rank, args, seconds=120)  # a hang fails the test, not the suite
     two = EmbeddingStore(tmp_path / "two")
     assert two.paths() == single.paths()
     np.testing.assert_array_equal(two.read(np.arange(4)), single.read(np.arange(4)))  # rank 1's chunks too

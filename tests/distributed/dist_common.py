@@ -77,3 +77,23 @@ def run_parts(rank: int, port: int, parts: list[tuple[str, str, tuple]]) -> None
         getattr(importlib.import_module(module), function)(rank, *args)
     torch.distributed.barrier()  # no rank leaves while its peer still exchanges with it
     torch.distributed.destroy_process_group()
+
+
+def spawn_bounded(fn, args: tuple, seconds: float) -> None:
+    """``torch.multiprocessing.spawn`` of :data:`WORLD` processes running ``fn(rank, *args)``, waiting
+    ``seconds`` at most: ranks left waiting in a collective (the hang a test checks is gone) fail the
+    test with an AssertionError and are killed, instead of holding the suite. A rank's exception is
+    raised as spawn raises it."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.perf_counter() + seconds
+    try:
+        while not context.join(timeout=max(deadline - time.perf_counter(), 0.1)):
+            assert time.perf_counter() < deadline, f"the ranks did not stop within {seconds:.0f} s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
