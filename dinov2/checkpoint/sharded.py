@@ -245,14 +245,16 @@ def agreed_checkpoint(find: Callable[[], Path | None], what: str) -> Path | None
 
 # ------------------------------------------------------------------------------------- metadata
 class _MetadataUnpickler(pickle.Unpickler):
-    """Accepts only what DCP metadata is made of (its dataclasses, sizes, dtypes, paths)."""
+    """Accepts only what DCP metadata is made of (its dataclasses, sizes, dtypes, paths): of DCP's two
+    modules, the classes they define, not their functions (``filesystem._write_files_from_queue`` and
+    the like, which a crafted pickle could call) nor what they import."""
 
     MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
     ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
 
     def find_class(self, module: str, name: str):
         allowed = (
-            module in self.MODULES
+            (module in self.MODULES and _defined_class(module, name))
             or (module, name) in self.ALLOWED
             or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
             or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
@@ -260,6 +262,12 @@ class _MetadataUnpickler(pickle.Unpickler):
         if not allowed:
             raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which is not a metadata type")
         return getattr(__import__(module, fromlist=[name]), name) if module != "pathlib" else getattr(pathlib, name)
+
+
+def _defined_class(module: str, name: str) -> bool:
+    """Whether ``module.name`` is a class that ``module`` itself defines."""
+    obj = getattr(__import__(module, fromlist=[name]), name, None)
+    return isinstance(obj, type) and obj.__module__ == module
 
 
 def _safe_reader(path: Path):

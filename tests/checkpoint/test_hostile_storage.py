@@ -110,6 +110,39 @@ def test_a_truncated_shard_file_is_named(tmp_path):
         load_checkpoint(path, model, optimizer)
 
 
+class _Calls:
+    """Pickles as a call of ``function`` (what a crafted ``.metadata`` file would hold)."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("call", ["os.system", "a DCP function"])
+def test_checkpoint_metadata_that_would_call_a_function_is_refused(tmp_path, call):
+    # A checkpoint directory handed in (train.init_from, --pretrained-weights) is untrusted: its
+    # .metadata pickle may construct DCP's metadata classes, never call a function. DCP's filesystem
+    # module defines functions too (one of them writes files from a queue); the harmless one called
+    # here stands for them: the refusal is by kind (a function, or a name the module imports).
+    import pickle
+
+    from torch.distributed.checkpoint import filesystem
+
+    model, optimizer = _model_and_optimizer()
+    path = _save(tmp_path, 3, model, optimizer)
+    marker = tmp_path / "called"
+    if call == "os.system":
+        crafted = _Calls(os.system, f"touch {marker}")
+    else:
+        crafted = _Calls(filesystem._generate_uuid)
+    (path / ".metadata").write_bytes(pickle.dumps(crafted))
+    with pytest.raises(Exception, match=r"DCP metadata refers to .*which is not a metadata type"):
+        load_checkpoint(path, model, optimizer)
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------------------- odd paths
 def test_paths_with_spaces_non_ascii_a_symlink_and_a_moved_directory(tmp_path):
     model, optimizer = _model_and_optimizer()
