@@ -246,8 +246,8 @@ def agreed_checkpoint(find: Callable[[], Path | None], what: str) -> Path | None
 # ------------------------------------------------------------------------------------- metadata
 class _MetadataUnpickler(pickle.Unpickler):
     """Accepts only what DCP metadata is made of (its dataclasses, sizes, dtypes, paths): of DCP's two
-    modules, the classes they define, not their functions (``filesystem._write_files_from_queue`` and
-    the like, which a crafted pickle could call) nor what they import."""
+    modules, the dataclasses and enums they define, not their functions (``filesystem._write_files_from_queue``
+    and the like, which a crafted pickle could call), their readers and writers, nor what they import."""
 
     MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
     ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
@@ -265,9 +265,14 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _defined_class(module: str, name: str) -> bool:
-    """Whether ``module.name`` is a class that ``module`` itself defines."""
+    """Whether ``module.name`` is a record class that ``module`` itself defines (a dataclass or an
+    enum: what metadata is made of; not a reader or writer, whose construction acts on files)."""
+    import dataclasses
+    import enum
+
     obj = getattr(__import__(module, fromlist=[name]), name, None)
-    return isinstance(obj, type) and obj.__module__ == module
+    return (isinstance(obj, type) and obj.__module__ == module
+            and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)))  # fmt: skip
 
 
 def _safe_reader(path: Path):

@@ -120,12 +120,13 @@ class _Calls:
         return self.function, self.args
 
 
-@pytest.mark.parametrize("call", ["os.system", "a DCP function"])
+@pytest.mark.parametrize("call", ["os.system", "a DCP function", "a DCP writer"])
 def test_checkpoint_metadata_that_would_call_a_function_is_refused(tmp_path, call):
     # A checkpoint directory handed in (train.init_from, --pretrained-weights) is untrusted: its
     # .metadata pickle may construct DCP's metadata classes, never call a function. DCP's filesystem
     # module defines functions too (one of them writes files from a queue); the harmless one called
-    # here stands for them: the refusal is by kind (a function, or a name the module imports).
+    # here stands for them: the refusal is by kind (a function, a reader or writer, or a name the
+    # module imports).
     import pickle
 
     from torch.distributed.checkpoint import filesystem
@@ -135,8 +136,10 @@ def test_checkpoint_metadata_that_would_call_a_function_is_refused(tmp_path, cal
     marker = tmp_path / "called"
     if call == "os.system":
         crafted = _Calls(os.system, f"touch {marker}")
-    else:
+    elif call == "a DCP function":
         crafted = _Calls(filesystem._generate_uuid)
+    else:  # a class of DCP's, but not a metadata record: building one acts on files
+        crafted = _Calls(filesystem.FileSystemWriter, str(marker))
     (path / ".metadata").write_bytes(pickle.dumps(crafted))
     with pytest.raises(Exception, match=r"DCP metadata refers to .*which is not a metadata type"):
         load_checkpoint(path, model, optimizer)
