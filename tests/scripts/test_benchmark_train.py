@@ -453,3 +453,18 @@ def test_a_row_whose_build_fails_reports_its_own_cuda_peak(bench, monkeypatch):
     rows, _ = bench.bench_step(base, args, torch.device("cuda", 0))
     assert "out of memory" in rows[0]["error"]
     assert rows[0]["peak_mem_mib"] == 5 * 1024 and rows[0]["peak_reserved_mib"] == 5 * 1024
+
+
+def test_varlen_row_flops_equal_the_analytic_formula(bench, tmp_path):
+    """FlopCounterMode cannot count SDPA on jagged tensors (on CPU it fails inside the decomposition of
+    the nested matmul), so a ``varlen`` row takes the count of an ``sdpa`` build: the same per-crop
+    products. Its executed and nominal FLOPs must equal the hand formula, not be null or short."""
+    args = bench.parse_args([*FAST, "--num-batches", "1", *SHAPE])
+    base = bench.load_benchmark_config(args)
+    batches, _ = bench.make_batches(base, 1, "synthetic")
+    ctx = {"device": torch.device("cpu"), "batches": batches, "tmp": str(tmp_path), "flops": {}}
+    entry = bench.step_flops(base, "varlen", ctx)
+    assert entry["flops_counted_with_backend"] == "sdpa" and "flops_error" not in entry
+    cfg = bench.row_config(base, "varlen", "false", "off")
+    assert entry["executed_flops"] == analytic_step_flops(cfg, batches[0], DROP_PATH)
+    assert entry["nominal_flops"] == analytic_step_flops(cfg, batches[0], 0.0)
