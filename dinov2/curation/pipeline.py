@@ -229,7 +229,7 @@ class Curation:
             # embed_images' collectives for ranks that skipped, or list a source again and find it changed
             done = distributed.on_every_rank(lambda: distributed.is_main_process() and self.is_done(stage),
                                              f"checking stage embed in {self.out}", StageError)  # fmt: skip
-            done = 0 in distributed.failed_ranks(bool(done))
+            done = distributed.rank_zero_says(done)
         else:
             done = self.is_done(stage)
         if done:

@@ -63,6 +63,12 @@ def failed_ranks(failed_here: bool, group=None) -> list[int]:
     return all_reduce(flags, group=group).cpu().nonzero().flatten().tolist()
 
 
+def rank_zero_says(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a collective; the other ranks' ``flag`` is ignored): a decision
+    that rests on what rank 0 sees, such as a file on a shared file system, taken once for all ranks."""
+    return 0 in failed_ranks(bool(flag) and get_rank() == 0)
+
+
 def on_every_rank(
     action, what: str, error_type: type[Exception], catch: tuple[type[BaseException], ...] = (Exception,)
 ):

@@ -236,10 +236,7 @@ def _resume(
     path = Path(args.output_dir) / CHECKPOINT_FILE
     if args.no_resume:
         return 0, [], 0
-    found = torch.tensor(
-        [int(distributed.is_main_process() and path.is_file())], device=distributed.collective_device()
-    )
-    if not int(distributed.all_reduce(found).item()):
+    if not distributed.rank_zero_says(path.is_file()):
         return 0, [], 0
     state = distributed.on_every_rank(lambda: core.load_checkpoint(path, heads, optimizer),
                                       f"resuming the linear classifiers from {path}", ResumeError)  # fmt: skip

@@ -140,11 +140,9 @@ def read_pretrained_weights(location: str | os.PathLike) -> dict:
     from dinov2.checkpoint.io import expand_user
 
     path = _checkpoint_search_path(location)
-    if path is None:
+    if path is None:  # a file or URL, or an export directory OUT/eval/training_N (the only directory left)
         directory = expand_user(location)
-        if directory.is_dir() and (directory / TEACHER_CHECKPOINT).is_file():  # an export, OUT/eval/training_N
-            return load_weights_file(directory / TEACHER_CHECKPOINT)
-        return load_weights_file(location)
+        return load_weights_file(directory / TEACHER_CHECKPOINT if directory.is_dir() else location)
     from dinov2.checkpoint.consolidate import resolve_checkpoint
     from dinov2.checkpoint.sharded import load_full_tensors
 
