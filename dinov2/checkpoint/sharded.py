@@ -20,18 +20,14 @@ Nothing is unpickled beyond weights-only data: the small non-tensor states are p
 ``torch.save`` files read with ``weights_only=True``; DCP's tensors are read weights-only by DCP
 itself, its non-tensor entries (the optimizer's ``param_groups``) by a load planner that uses
 ``weights_only=True`` where DCP's own would not, and the DCP metadata with an unpickler that only
-accepts DCP's own metadata classes.
+accepts DCP's own metadata classes (the storage layer: :mod:`dinov2.checkpoint.dcp_storage`).
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import io
 import logging
 import os
-import pathlib
-import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +38,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dinov2 import distributed
+from dinov2.checkpoint.dcp_storage import safe_reader, safe_writer, weights_only_planner
 from dinov2.checkpoint.training import (
     CheckpointLoadError,
     _fsync_path,
@@ -90,75 +87,6 @@ def _explain(error: BaseException, directory: Path | None = None) -> str:
     elif directory is not None and codes & set(NOT_WRITABLE):
         text += f" ({directory} is not writable by this process: a read-only file system or missing permissions)"
     return text
-
-
-def _shareable(method):
-    """``method`` of a DCP storage writer or reader, whose errors DCP pickles to gather them on its
-    coordinator rank: an error that cannot make that round trip (an exception type whose constructor
-    takes other arguments than its ``args``, or that holds a lock or a file) would fail the gather
-    itself and leave the other ranks waiting until the process-group timeout. Such an error is
-    replaced by a RuntimeError carrying its type and message (the original chained to it)."""
-
-    @functools.wraps(method)  # keeps the signature, which DCP inspects for ``**kwargs``
-    def guarded(*args: Any, **kwargs: Any):
-        try:
-            return method(*args, **kwargs)
-        except Exception as exc:
-            try:
-                pickle.loads(pickle.dumps(exc))
-            except Exception:
-                raise RuntimeError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}") from exc
-            raise
-
-    return guarded
-
-
-def _guard(cls: type, names: tuple[str, ...]) -> type:
-    for name in names:
-        setattr(cls, name, _shareable(getattr(cls, name)))
-    return cls
-
-
-@functools.cache
-def _storage_classes() -> tuple[type, type]:
-    """DCP's file-system writer and reader, with errors that every rank can be told of (see
-    :func:`_shareable`), the reader with a weights-only metadata unpickler and a check that each shard
-    file is as long as the metadata says. Built on first use: nothing of DCP is imported before."""
-    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-
-    class SafeFileSystemWriter(FileSystemWriter):
-        pass
-
-    class SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            rank = kwargs.get("rank")
-            with open(self._get_metadata_path(rank), "rb") as f:
-                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-            if getattr(metadata, "storage_meta", None) is not None:
-                metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-        def read_data(self, plan, planner):
-            needed: dict[str, int] = {}  # shard file -> the bytes this rank reads of it
-            for item in plan.items:
-                info = self.storage_data[item.storage_index]
-                needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-            for name, end in sorted(needed.items()):
-                shard = Path(self.path) / name
-                size = shard.stat().st_size  # a missing or unreadable file: an OSError that names it
-                if size < end:
-                    raise CheckpointLoadError(f"shard file {shard} is truncated: {size} bytes of {end}")
-            try:
-                return super().read_data(plan, planner)
-            except (CheckpointLoadError, OSError, pickle.UnpicklingError):
-                raise
-            except Exception as exc:
-                raise CheckpointLoadError(f"cannot read shard file(s) {', '.join(sorted(needed))}: {exc}") from exc
-
-    planning = ("prepare_local_plan", "prepare_global_plan")
-    writer_methods = ("set_up_storage_writer", *planning, "write_data", "finish")
-    reader_methods = ("read_metadata", "set_up_storage_reader", *planning, "read_data")
-    return _guard(SafeFileSystemWriter, writer_methods), _guard(SafeFileSystemReader, reader_methods)
 
 
 def _on_every_rank(action, what: str, error_type: type[Exception]) -> Any:
@@ -243,69 +171,6 @@ def agreed_checkpoint(find: Callable[[], Path | None], what: str) -> Path | None
     return path
 
 
-# ------------------------------------------------------------------------------------- metadata
-class _MetadataUnpickler(pickle.Unpickler):
-    """Accepts only what DCP metadata is made of (its dataclasses, sizes, dtypes, paths): of DCP's two
-    modules, the dataclasses and enums they define, not their functions (``filesystem._write_files_from_queue``
-    and the like, which a crafted pickle could call), their readers and writers, nor what they import."""
-
-    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
-
-    def find_class(self, module: str, name: str):
-        allowed = (
-            (module in self.MODULES and _defined_class(module, name))
-            or (module, name) in self.ALLOWED
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which is not a metadata type")
-        return getattr(__import__(module, fromlist=[name]), name) if module != "pathlib" else getattr(pathlib, name)
-
-
-def _defined_class(module: str, name: str) -> bool:
-    """Whether ``module.name`` is a record class that ``module`` itself defines (a dataclass or an
-    enum: what metadata is made of; not a reader or writer, whose construction acts on files)."""
-    import dataclasses
-    import enum
-
-    obj = getattr(__import__(module, fromlist=[name]), name, None)
-    return (isinstance(obj, type) and obj.__module__ == module
-            and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)))  # fmt: skip
-
-
-def _safe_reader(path: Path):
-    return _storage_classes()[1](str(path))
-
-
-def _safe_writer(path: Path):
-    return _storage_classes()[0](str(path))
-
-
-def _weights_only_planner():
-    """DCP's default load planner, except that the non-tensor entries of a checkpoint (the
-    optimizer's ``param_groups``: learning rates, betas, flags, parameter names) are unpickled with
-    ``weights_only=True``: DCP's own planner reads them with ``weights_only=False``."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            try:
-                obj = torch.load(value, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as exc:
-                raise pickle.UnpicklingError(
-                    f"entry {read_item.dest_index.fqn!r} is not weights-only data: {exc}"
-                ) from exc
-            # Hand DCP a pickle of what the restricted unpickler produced (plain values only).
-            safe = io.BytesIO()
-            torch.save(obj, safe)
-            safe.seek(0)
-            super().load_bytes(read_item, safe)
-
-    return WeightsOnlyLoadPlanner()
-
-
 def read_tensor_metadata(path: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """``{flattened key: (global shape, dtype)}`` of the tensors stored in the DCP checkpoint ``path``."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -314,7 +179,7 @@ def read_tensor_metadata(path: str | os.PathLike) -> dict[str, tuple[torch.Size,
     if not (path / METADATA).is_file():
         raise FileNotFoundError(f"not a DCP checkpoint (no {METADATA}): {path}")
     try:
-        metadata = _safe_reader(path).read_metadata()
+        metadata = safe_reader(path).read_metadata()
     except Exception as exc:
         raise CheckpointLoadError(f"cannot read checkpoint metadata in {path}: {exc}") from exc
     return {
@@ -334,7 +199,7 @@ def load_full_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.T
         raise KeyError(f"no tensor under {prefix!r} in checkpoint {path}")
     state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in wanted.items()}
     try:
-        dcp.load(state, storage_reader=_safe_reader(Path(path)), planner=_weights_only_planner(), no_dist=True)
+        dcp.load(state, storage_reader=safe_reader(Path(path)), planner=weights_only_planner(), no_dist=True)
     except (Exception, CheckpointException) as exc:
         raise CheckpointLoadError(f"cannot read tensors of checkpoint {path}: {_explain(exc)}") from exc
     return {k[len(prefix) :]: v for k, v in state.items()}
@@ -437,7 +302,7 @@ def save_checkpoint(
         # Each rank makes its own files durable before the others go on (DCP fsyncs its shards and
         # metadata, ``sync_files``): on a shared file system rank 0's fsync of a file another node wrote
         # flushes nothing of that node's writes. Rank 0 then only syncs the directory and renames it.
-        dcp.save(state, storage_writer=_safe_writer(tmp))
+        dcp.save(state, storage_writer=safe_writer(tmp))
         _save_synced(rng_state, tmp / rng_file(rank))
         if rank == 0:
             _save_synced({**trainer_state, "world_size": distributed.get_world_size()}, tmp / TRAINER_STATE)
@@ -526,7 +391,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     _on_every_rank(read_before_load, f"reading checkpoint {path}", CheckpointLoadError)
     trainer_state, state, unstepped = read["trainer"], read["state"], read["unstepped"]
     try:  # DCP shares a rank's failure with every rank itself
-        dcp.load(state, storage_reader=_safe_reader(path), planner=_weights_only_planner())
+        dcp.load(state, storage_reader=safe_reader(path), planner=weights_only_planner())
     except CheckpointLoadError:
         raise
     except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException

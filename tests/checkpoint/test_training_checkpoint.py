@@ -367,9 +367,9 @@ def _point_entry_at_bytes(path, fqn: str, payload: bytes) -> None:
 
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from dinov2.checkpoint.sharded import _safe_reader
+    from dinov2.checkpoint.dcp_storage import safe_reader
 
-    metadata = _safe_reader(path).read_metadata()
+    metadata = safe_reader(path).read_metadata()
     assert isinstance(metadata.state_dict_metadata[fqn], BytesStorageMetadata)  # a non-tensor entry
     (index,) = [i for i in metadata.storage_data if i.fqn == fqn]
     info = metadata.storage_data[index]
