@@ -292,6 +292,7 @@ def _record(args, results, base_lrs, lrs, heads, max_iter, history, seconds, num
         "iterations": max_iter, "epochs": args.epochs, "epoch_length": args.epoch_length,
         "batch_size": args.batch_size, "global_batch_size": args.batch_size * distributed.get_world_size(),
         "history": history, "num_skipped": num_skipped, "config_file": args.config_file, "pretrained_weights": args.pretrained_weights,
+        "weights_read": getattr(args, "weights_read", args.pretrained_weights),
         "train_dataset": args.train_dataset, "val_dataset": args.val_dataset, "seconds": seconds,
     }  # fmt: skip
 

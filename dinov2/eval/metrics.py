@@ -121,7 +121,8 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt
 def run_record(task: str, args: Any, data: Mapping[str, Any], seconds: Mapping[str, float], **results: Any) -> dict:
     """The results JSON of an evaluation entry point: ``task``, its ``results``, the sizes of the
     train/val features in ``data`` and its ``num_skipped`` (unreadable images left out, per split),
-    the inputs named on the command line and the timings."""
+    the inputs named on the command line (with ``weights_read``: the checkpoint ``step_N`` that a
+    run directory given as ``--pretrained-weights`` resolved to) and the timings."""
     return {
         "task": task,
         **results,
@@ -130,6 +131,7 @@ def run_record(task: str, args: Any, data: Mapping[str, Any], seconds: Mapping[s
         "num_skipped": dict(data.get("num_skipped", {})),
         "config_file": args.config_file,
         "pretrained_weights": args.pretrained_weights,
+        "weights_read": getattr(args, "weights_read", args.pretrained_weights),
         "train_dataset": args.train_dataset,
         "val_dataset": args.val_dataset,
         "seconds": dict(seconds),

@@ -218,6 +218,7 @@ def setup_and_build_model(args: argparse.Namespace) -> tuple[nn.Module, torch.dt
     # a run directory: rank 0's latest checkpoint on every rank; a rank that cannot build the model or
     # read its weights stops every rank, instead of leaving them waiting in the first feature gather
     weights = agreed_pretrained_weights(args.pretrained_weights)
+    args.weights_read = weights or ""  # recorded in the results: the step a run directory resolved to
     model, cfg = distributed.on_every_rank(
         lambda: build_eval_model(args.config_file, weights, getattr(args, "opts", ()), device),
         f"building the backbone (--pretrained-weights {args.pretrained_weights!r})", BackboneLoadError,

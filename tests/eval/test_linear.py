@@ -208,6 +208,7 @@ def test_main_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [h["iteration"] for h in results["history"]] == [2, 4]
     assert best in (tmp_path / "a" / linear.TABLE_FILE).read_text()
     assert record["best_classifier"] == results["best_classifier"]
+    assert results["pretrained_weights"] == results["weights_read"] == str(tmp_path / "backbone.pth")
 
     # The best head in hub format, in LinearClassifierWrapper, gives the trained classifier's logits.
     head_state = torch.load(tmp_path / "a" / linear.BEST_HEAD_FILE, weights_only=True)

@@ -116,3 +116,22 @@ def test_knn_on_a_run_directory_records_the_runs_config(run, tmp_path):
     results = json.loads((tmp_path / "knn" / "results_eval_knn.json").read_text())
     assert results["config_file"] == str(run / "config.yaml")
     assert results["num_train"] == 24 and results["num_val"] == 24
+    # the results name the checkpoint that was read, not only the directory that was given: a run
+    # that saves again later would otherwise leave no trace of which step these numbers belong to
+    assert results["pretrained_weights"] == str(run)
+    assert results["weights_read"] == str(find_latest_checkpoint(run / "checkpoints"))
+
+
+def test_results_of_a_weights_file_name_that_file_as_read(run, tmp_path):
+    from dinov2.eval.knn import get_args_parser, main
+
+    weights = run / "eval" / "training_1" / "teacher_checkpoint.pth"
+    data = "Synthetic:split={}:num_images=8:image_size=32"
+    args = get_args_parser().parse_args(
+        ["--pretrained-weights", str(weights), "--output-dir", str(tmp_path / "knn"), "--device", "cpu"]
+        + ["--train-dataset", data.format("TRAIN"), "--val-dataset", data.format("VAL"), "--num-workers", "0"]
+        + ["--resize-size", "32", "--crop-size", "32", "--no-progress", "--nb_knn", "3"]
+    )
+    main(args)
+    results = json.loads((tmp_path / "knn" / "results_eval_knn.json").read_text())
+    assert results["pretrained_weights"] == results["weights_read"] == str(weights)
