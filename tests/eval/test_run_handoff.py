@@ -103,17 +103,22 @@ def test_weights_outside_a_run_keep_the_default_config(run, tmp_path):
     assert run_config_of("") is None and run_config_of(None) is None
 
 
-def test_knn_on_a_run_directory_records_the_runs_config(run, tmp_path):
+def run_knn(weights: Path, output: Path, num_images: int, k: int) -> dict:
+    """The k-NN entry point on Synthetic 32 px images with ``weights``; its results JSON."""
     from dinov2.eval.knn import get_args_parser, main
 
-    data = "Synthetic:split={}:num_images=24:image_size=32"
+    data = f"Synthetic:split={{}}:num_images={num_images}:image_size=32"
     args = get_args_parser().parse_args(
-        ["--pretrained-weights", str(run), "--output-dir", str(tmp_path / "knn"), "--device", "cpu"]
+        ["--pretrained-weights", str(weights), "--output-dir", str(output), "--device", "cpu"]
         + ["--train-dataset", data.format("TRAIN"), "--val-dataset", data.format("VAL"), "--num-workers", "0"]
-        + ["--resize-size", "32", "--crop-size", "32", "--no-progress", "--nb_knn", "5"]
+        + ["--resize-size", "32", "--crop-size", "32", "--no-progress", "--nb_knn", str(k)]
     )
     main(args)
-    results = json.loads((tmp_path / "knn" / "results_eval_knn.json").read_text())
+    return json.loads((output / "results_eval_knn.json").read_text())
+
+
+def test_knn_on_a_run_directory_records_the_runs_config(run, tmp_path):
+    results = run_knn(run, tmp_path / "knn", num_images=24, k=5)
     assert results["config_file"] == str(run / "config.yaml")
     assert results["num_train"] == 24 and results["num_val"] == 24
     # the results name the checkpoint that was read, not only the directory that was given: a run
@@ -123,15 +128,6 @@ def test_knn_on_a_run_directory_records_the_runs_config(run, tmp_path):
 
 
 def test_results_of_a_weights_file_name_that_file_as_read(run, tmp_path):
-    from dinov2.eval.knn import get_args_parser, main
-
     weights = run / "eval" / "training_1" / "teacher_checkpoint.pth"
-    data = "Synthetic:split={}:num_images=8:image_size=32"
-    args = get_args_parser().parse_args(
-        ["--pretrained-weights", str(weights), "--output-dir", str(tmp_path / "knn"), "--device", "cpu"]
-        + ["--train-dataset", data.format("TRAIN"), "--val-dataset", data.format("VAL"), "--num-workers", "0"]
-        + ["--resize-size", "32", "--crop-size", "32", "--no-progress", "--nb_knn", "3"]
-    )
-    main(args)
-    results = json.loads((tmp_path / "knn" / "results_eval_knn.json").read_text())
+    results = run_knn(weights, tmp_path / "knn", num_images=8, k=3)
     assert results["pretrained_weights"] == results["weights_read"] == str(weights)
