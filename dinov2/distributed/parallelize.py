@@ -131,7 +131,7 @@ def _meshes(device: torch.device):
 
 def shard_module(module: nn.Module, policy: dict[str, Any], meshes: dict, teacher: bool) -> None:
     """``fully_shard`` on each block (or chunk) of a backbone, then on ``module`` itself."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     replicated = policy["strategy"] == "NO_SHARD"
     kwargs = {
@@ -142,6 +142,8 @@ def shard_module(module: nn.Module, policy: dict[str, Any], meshes: dict, teache
     for unit in getattr(module, "blocks", []):
         fully_shard(unit, **kwargs)
     fully_shard(module, **kwargs)
+    if hasattr(module, "get_intermediate_layers"):  # a backbone's other entry point (linear probes)
+        register_fsdp_forward_method(module, "get_intermediate_layers")
 
 
 def check_sharding_plan(cfg: Any) -> None:

@@ -325,16 +325,30 @@ class DinoVisionTransformer(nn.Module):
         return indices
 
     def _get_intermediate_layers(self, x: torch.Tensor, n: int | Sequence[int]) -> list[torch.Tensor]:
+        """The wanted blocks' outputs, caught by forward hooks while ``self.blocks`` runs unit by unit:
+        a chunk runs whole through its own forward (it may be an FSDP2 unit, or compiled), never block
+        by block; units past the last wanted block do not run."""
         wanted = self._block_indices(n)
-        x = self.prepare_tokens_with_masks(x)
-        outputs = []
-        for i, block in enumerate(self.iter_blocks()):
-            if i > wanted[-1]:
-                break
-            x = block(x)
-            if i in wanted:
-                outputs.append(x)
-        return outputs
+        blocks = list(self.iter_blocks())
+        caught: dict[int, torch.Tensor] = {}
+
+        def catcher(index: int):
+            def hook(_module, _inputs, output):
+                caught[index] = output
+
+            return hook
+
+        handles = [blocks[i].register_forward_hook(catcher(i)) for i in wanted]
+        try:
+            x = self.prepare_tokens_with_masks(x)
+            for unit in self.blocks:
+                x = unit(x)
+                if wanted[-1] in caught:
+                    break
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [caught[i] for i in wanted]
 
     def get_intermediate_layers(
         self,

@@ -15,6 +15,7 @@ from dinov2.utils.config import load_config
 
 pytestmark = pytest.mark.distributed
 MAX_NORM, MOMENTUM = 0.05, 0.9
+IMAGES = (2, 3, 32, 32)
 
 
 def _cfg(*overrides: str):
@@ -76,8 +77,12 @@ def rank_part(rank: int, out: str) -> None:
     # pretrained weights reach every shard of the student and the teacher backbones
     pretrained = build_model(_cfg(f"student.pretrained_weights={Path(out) / 'pretrained.pth'}"), torch.device("cpu"))
     loaded = {r: _full_state(getattr(pretrained, r).backbone) for r in ("student", "teacher")}
+    # intermediate layers of a chunked, sharded backbone: each chunk is an FSDP2 unit and must run whole
+    with torch.no_grad():
+        intermediate = pretrained.teacher.backbone.get_intermediate_layers(_full("images", IMAGES), n=[0, 1])
     if rank == 0:
         result = {"initial": initial, "norm": norm, "clipped": clipped, "teacher": teacher, "loaded": loaded}
+        result["intermediate"] = list(intermediate)
         torch.save(result, Path(out) / "r0.pt")
 
 
@@ -115,3 +120,13 @@ def test_sharded_init_clipping_ema_and_pretrained_loading_equal_the_unsharded_mo
         assert sharded["loaded"][role].keys() == file.keys()
         for key, value in file.items():
             assert torch.equal(sharded["loaded"][role][key], value), (role, key)
+
+    plain = model.teacher.backbone
+    plain.load_state_dict(file)
+    assert len(plain.blocks) == 2  # chunks, as on the ranks
+    with torch.no_grad():
+        expected = plain.get_intermediate_layers(_full("images", IMAGES), n=[0, 1])
+    assert len(sharded["intermediate"]) == 2
+    for got, want in zip(sharded["intermediate"], expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(expected[0], expected[1])  # two different blocks' outputs
