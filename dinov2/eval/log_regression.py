@@ -62,7 +62,8 @@ def score(scores: torch.Tensor, labels: torch.Tensor, metric: str = "top1") -> f
 
 
 def default_c_values(count: int = 45, low_power: float = -6.0, high_power: float = 5.0) -> list[float]:
-    """``count`` values ``10 ** p`` with ``p`` evenly spaced in ``[low_power, high_power]``."""
+    """``count`` values ``10 ** p`` with ``p`` evenly spaced in ``[low_power, high_power]``; a grid of
+    one value is ``10 ** high_power``, the weakest penalty of the range."""
     if count < 1:
         raise ValueError(f"the C grid needs at least one value (--c-count), got {count}")
     if count == 1:
