@@ -1,0 +1,85 @@
+"""Distillation gaps a mutation audit found: the DINO global term pairs each student view with the
+frozen teacher's OTHER view (checked with a teacher head whose targets differ per sample, so the
+pairing shows), and the global term's gradient reaches the student's DINO head."""
+
+from __future__ import annotations
+
+import torch
+from test_distillation import TEMP, distill_model, fixed_batch, teacher_run  # noqa: F401 (fixture)
+from torch import nn
+
+
+def _ce(targets: torch.Tensor, scores: torch.Tensor, temp: float = 0.1) -> torch.Tensor:
+    return -(targets.double() * torch.log_softmax(scores.double() / temp, dim=-1)).sum(-1)
+
+
+def _sharp_heads(model) -> None:
+    """Plain linear DINO heads with large weights (teacher and student): scores differ strongly
+    between samples, so a wrong pairing of views changes the loss (the initial heads score every
+    sample almost alike)."""
+    k = model.cfg.dino.head_n_prototypes
+    for seed, part in ((3, model.frozen_teacher), (4, model.student)):
+        dim = part.backbone.embed_dim
+        head = nn.Linear(dim, k)
+        with torch.no_grad():
+            head.weight.copy_(10 * torch.randn(k, dim, generator=torch.Generator().manual_seed(seed)))
+            head.bias.zero_()
+        head.requires_grad_(part is model.student)
+        part["dino_head"] = head
+        with torch.no_grad():  # LayerScale starts near 0: the CLS token would not depend on the image
+            for name, param in part.backbone.named_parameters():
+                if name.endswith("gamma"):
+                    param.fill_(1.0)
+
+
+def test_global_dino_term_pairs_each_student_view_with_the_other_teacher_view(teacher_run):  # noqa: F811
+    cfg, model = distill_model(teacher_run)
+    _sharp_heads(model)
+    model.train()
+    batch = fixed_batch()
+    n_local = cfg.crops.local_crops_number
+    with torch.no_grad():
+        t_cls = model.frozen_teacher.backbone.forward_features(batch["collated_global_crops"])["x_norm_clstoken"]
+        t = [torch.softmax(model.frozen_teacher.dino_head(c).double() / TEMP, -1) for c in t_cls.chunk(2)]
+        s_cls = model.student.backbone.forward_features(batch["collated_global_crops"])["x_norm_clstoken"]
+        s = model.student.dino_head(s_cls).chunk(2)
+        n_terms = 2 + 2 * n_local
+        swapped = ((_ce(t[1], s[0]).mean() + _ce(t[0], s[1]).mean()) / n_terms).item()
+        same = ((_ce(t[0], s[0]).mean() + _ce(t[1], s[1]).mean()) / n_terms).item()
+        assert abs(swapped - same) > 1e-3 * abs(swapped)  # the pairing matters for this teacher
+        losses = model(batch, teacher_temp=TEMP)
+    assert abs(losses["dino_global_crops_loss"].item() - swapped) <= 1e-5 * abs(swapped)
+
+
+def test_global_dino_term_trains_the_students_dino_head(teacher_run):  # noqa: F811
+    _, model = distill_model(teacher_run)
+    model.train()
+    losses = model(fixed_batch(), teacher_temp=TEMP)
+    params = [p for p in model.student.dino_head.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(losses["dino_global_crops_loss"], params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _sinkhorn(scores: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """Plain Sinkhorn-Knopp (SwAV): rows of the result sum to 1, prototypes share the mass equally."""
+    q = torch.exp(scores.double() / temp).t()
+    n_prototypes, n_samples = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True) * n_prototypes
+        q /= q.sum(dim=0, keepdim=True) * n_samples
+    return (q * n_samples).t()
+
+
+def test_sinkhorn_ibot_targets_are_balanced_over_every_patch_of_both_global_crops(teacher_run):  # noqa: F811
+    _, model = distill_model(teacher_run, "train.centering=sinkhorn_knopp")
+    model.train()
+    batch = fixed_batch()
+    with torch.no_grad():
+        t_patch = model.frozen_teacher.backbone.forward_features(batch["collated_global_crops"])["x_norm_patchtokens"]
+        targets = _sinkhorn(model.frozen_teacher.ibot_head(t_patch.flatten(0, 1)), TEMP)
+        s_patch = model.student.backbone.forward_features(batch["collated_global_crops"])["x_norm_patchtokens"]
+        scores = model.student.ibot_head(s_patch.flatten(0, 1))
+        expected = _ce(targets, scores).mean().item()
+        losses = model(batch, teacher_temp=TEMP)
+    assert abs(losses["ibot_loss"].item() - expected) <= 1e-5 * abs(expected)
