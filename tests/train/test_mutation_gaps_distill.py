@@ -83,3 +83,20 @@ def test_sinkhorn_ibot_targets_are_balanced_over_every_patch_of_both_global_crop
         expected = _ce(targets, scores).mean().item()
         losses = model(batch, teacher_temp=TEMP)
     assert abs(losses["ibot_loss"].item() - expected) <= 1e-5 * abs(expected)
+
+
+def test_accumulated_micro_batches_keep_the_steps_dino_and_ibot_centres(teacher_run):  # noqa: F811
+    """Gradient accumulation in distillation: a later micro-batch of the same optimiser step
+    (``accumulate=True``) is centred with the step's centre, the pending update waits for the next step;
+    the next step's first micro-batch applies it."""
+    _, model = distill_model(teacher_run)
+    model.train()
+    losses = (model.dino_loss, model.ibot_patch_loss)
+    model(fixed_batch(0), teacher_temp=TEMP)  # step 1: its centre update is pending
+    before = [loss.center.clone() for loss in losses]
+    model(fixed_batch(1), teacher_temp=TEMP, accumulate=True)  # step 1, second micro-batch
+    for loss, centre in zip(losses, before, strict=True):
+        assert torch.equal(loss.center, centre), type(loss).__name__
+    model(fixed_batch(2), teacher_temp=TEMP)  # step 2 applies step 1's update of both micro-batches
+    for loss, centre in zip(losses, before, strict=True):
+        assert not torch.allclose(loss.center, centre), type(loss).__name__
