@@ -4,6 +4,7 @@ pairing shows), and the global term's gradient reaches the student's DINO head."
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_distillation import TEMP, distill_model, fixed_batch, teacher_run  # noqa: F401 (fixture)
 from torch import nn
@@ -100,3 +101,27 @@ def test_accumulated_micro_batches_keep_the_steps_dino_and_ibot_centres(teacher_
     model(fixed_batch(2), teacher_temp=TEMP)  # step 2 applies step 1's update of both micro-batches
     for loss, centre in zip(losses, before, strict=True):
         assert not torch.allclose(loss.center, centre), type(loss).__name__
+
+
+def test_the_students_mask_token_is_not_trained(teacher_run):  # noqa: F811
+    """The student sees no masks, so its mask token gets no gradient: it is frozen at zero rather
+    than given AdamW state and weight decay."""
+    from dinov2.train.loop import build_optimizer
+
+    cfg, model = distill_model(teacher_run)
+    token = model.student.backbone.mask_token
+    assert not token.requires_grad and torch.equal(token, torch.zeros_like(token))
+    optimizer = build_optimizer(cfg, model)
+    in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(token) not in in_groups
+    assert id(model.student.backbone.cls_token) in in_groups  # the other tokens train
+
+
+def test_a_student_of_another_patch_size_is_refused_naming_both(teacher_run):  # noqa: F811
+    with pytest.raises(ValueError, match=r"teacher patch size 14 .* student.patch_size 16"):
+        distill_model(teacher_run, "student.patch_size=16")
+
+
+def test_distillation_without_a_separate_ibot_head_is_refused(teacher_run):  # noqa: F811
+    with pytest.raises(ValueError, match="ibot.separate_head"):
+        distill_model(teacher_run, "ibot.separate_head=false")
