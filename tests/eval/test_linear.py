@@ -10,14 +10,7 @@ from dinov2.eval import linear_heads as core
 from dinov2.eval.setup import build_eval_model
 from dinov2.hub import backbones, classifiers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread avoids oversubscription on a busy 2-core machine (speed only)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls, one thread
 
 
 def _separable(n, dim=16, num_classes=4, margin=0.5, seed=0):

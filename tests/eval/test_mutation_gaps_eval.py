@@ -21,13 +21,7 @@ from dinov2.eval.knn import knn_classify
 from dinov2.eval.log_regression import evaluate_log_regression, val_accuracies
 from dinov2.eval.online import CachedDataset, OnlineKNN
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls, one thread
 
 
 def _unit(angle_degrees: float) -> list[float]:
