@@ -272,9 +272,10 @@ class Trainer:
     def evaluate(self, label: str) -> dict[str, float]:
         """Export the teacher (OUTPUT/eval/training_{it}/) and run the online k-NN, if configured.
 
-        Training's random streams are put back afterwards: the k-NN's loaders draw from them, and a
-        run resumed from a checkpoint of this iteration (saved after this, with the streams as they
-        were before it) must go on exactly as this one does."""
+        Training's random streams are put back afterwards, whatever the evaluation drew from them
+        (the k-NN's loaders seed from generators of their own; a dataset or transform may not), so
+        that training goes on as it would without it: the same run with and without
+        ``evaluation.knn``, or with another eval period, takes the same steps."""
         rng_state = capture_rng_state()
         try:
             return self._evaluate(label)

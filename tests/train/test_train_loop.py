@@ -187,8 +187,8 @@ ONLINE_KNN = (
 
 
 def test_resume_is_exact_when_an_online_knn_falls_on_the_checkpoint(tmp_path):
-    # The k-NN's loaders draw from torch's RNG after the checkpoint saved it; with stochastic depth on,
-    # a resumed run only matches if the evaluation leaves training's random streams as it found them.
+    # An evaluation at the checkpoint's iteration, then the checkpoint: with stochastic depth on, the
+    # resumed run goes on from the checkpoint's random streams, and must match the run that went on.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     opts = (*ONLINE_KNN, "evaluation.eval_period_iterations=3", "student.drop_path_rate=0.3")
     run(straight, *opts)
@@ -276,6 +276,8 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
     lossa, lossb = loss_records(tmp_path / "big"), loss_records(tmp_path / "accum")
     for it in (1, 2):
         assert lossb[it]["loss"] == pytest.approx(lossa[it]["loss"], rel=1e-5)
+        # the accumulated gradient is the big batch's, not a multiple (AdamW alone would not tell)
+        assert lossb[it]["grad_norm"] == pytest.approx(lossa[it]["grad_norm"], rel=1e-4)
 
 
 def test_misspelt_key_names_it_and_the_nearest(tmp_path):
