@@ -1,0 +1,169 @@
+"""The submitit launcher: behaviour a mutation audit found untested (``--redo=STAGE`` among other
+arguments, a job SLURM requeued by itself, job shapes without GPUs, the requeue limit, the printed
+output directory, and evaluations submitted without ``--output-dir``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from dataclasses import dataclass
+
+import pytest
+from test_launchers import DIST_VARS
+
+from dinov2.run import submit as launcher
+from dinov2.run.curation import curate as run_curate
+from dinov2.run.eval import knn as run_knn
+from dinov2.run.train import train as run_train
+
+
+@pytest.fixture
+def clean_dist_env(monkeypatch):
+    for name in DIST_VARS:
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def stand_in_slurm(tmp_path, monkeypatch):
+    """``sbatch`` (job 4242) and ``srun`` replaced by scripts on PATH: submit() to SLURM runs for real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_an_inline_redo_among_other_arguments_drops_only_itself():
+    options = run_curate.ENTRY.start_over
+    argv = ["embed", "--redo=embed", "--output-dir", "o", "pool=p"]
+    assert launcher.drop_start_over(argv, options) == ["embed", "--output-dir", "o", "pool=p"]
+    argv = ["run", "--redo", "dedup", "--output-dir", "o"]
+    assert launcher.drop_start_over(argv, options) == ["run", "--output-dir", "o"]
+
+
+@dataclass
+class SlurmJobEnv:
+    job_id: str = "777"
+    hostnames: tuple = ("node-a",)
+    num_nodes: int = 1
+    num_tasks: int = 1
+    global_rank: int = 0
+    local_rank: int = 0
+    cluster: str = "slurm"
+
+
+@pytest.mark.parametrize(("restarts", "kept"), [("0", True), ("1", False), ("3", False)])
+def test_a_job_slurm_requeued_by_itself_drops_no_resume(clean_dist_env, monkeypatch, restarts, kept):
+    from dinov2.train import train as train_module
+
+    monkeypatch.setattr(launcher.submitit, "JobEnvironment", SlurmJobEnv)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+    seen = []
+    monkeypatch.setattr(train_module, "main", lambda argv: seen.append(list(argv)))
+    launcher.Launched(run_train.ENTRY, ["--no-resume", "--output-dir", "runs/%j"])()
+    assert seen == [(["--no-resume"] if kept else []) + ["--output-dir", "runs/777"]]
+
+
+def test_a_negative_gpu_count_is_refused_before_submission(tmp_path):
+    with pytest.raises(SystemExit, match=re.escape("--ngpus >= 0, got 1 and -1")):
+        launcher.submit(run_train.ENTRY, ["--ngpus", "-1", "--output-dir", "o", "--slurm-output-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_cpu_job_asks_for_one_task_per_node_and_no_gpus(tmp_path, stand_in_slurm, capsys):
+    out = tmp_path / "runs" / "%j"
+    run_train.main(["--nodes", "2", "--ngpus", "0", "--max-num-timeout", "5", "--output-dir", str(out)])
+    sbatch = (tmp_path / "runs" / "4242" / "slurm" / "4242_submission.sh").read_text()
+    assert "#SBATCH --ntasks-per-node=1\n" in sbatch and "#SBATCH --nodes=2\n" in sbatch
+    assert "--gpus-per-node" not in sbatch and "--gres" not in sbatch
+    printed = capsys.readouterr().out
+    assert f"  output dir: {tmp_path / 'runs' / '4242'}\n" in printed  # %j resolved in what is printed
+    assert "(dinov2-train, slurm, 2 task(s))" in printed
+
+
+def test_the_requeue_limit_reaches_the_slurm_executor(tmp_path, stand_in_slurm):
+    slurm, _, _ = launcher.parse_launcher_args(run_train.ENTRY, ["--max-num-timeout", "5", "--output-dir", "o"])
+    executor = launcher.make_executor(slurm, tmp_path / "s", "name")
+    assert executor._executor.max_num_timeout == 5
+
+
+def test_an_evaluation_without_an_output_dir_is_refused_not_written_to_the_working_directory(tmp_path):
+    argv = ["--train-dataset", "Synthetic:split=TRAIN", "--val-dataset", "Synthetic:split=VAL"]
+    slurm, _, entry_args = launcher.parse_launcher_args(run_knn.ENTRY, argv)
+    with pytest.raises(SystemExit, match="--output-dir is required"):
+        launcher.check_submission(run_knn.ENTRY, slurm, entry_args)
+
+
+@dataclass
+class LocalJobEnv:
+    job_id: str = "55"
+    hostnames: tuple = ("localhost",)
+    num_nodes: int = 1
+    num_tasks: int = 2
+    global_rank: int = 0
+    local_rank: int = 0
+    cluster: str = "local"
+
+
+@pytest.mark.parametrize(
+    ("error", "stops", "with_failure"),
+    [
+        (SystemExit(3), True, True),  # a failed task: its peers go, told why
+        (RuntimeError("boom"), True, True),
+        (SystemExit(launcher.LOCAL_REQUEUE_RETURN_CODE), True, False),  # a requeue: peers restart, no failure
+        (KeyboardInterrupt(), False, False),  # the controller's own SIGINT, sent to every task
+        (SystemExit(0), False, False),
+    ],
+)
+def test_a_local_task_stops_its_peers_only_when_it_fails_or_is_requeued(
+    clean_dist_env, monkeypatch, error, stops, with_failure
+):
+    from dinov2.train import train as train_module
+
+    monkeypatch.setattr(launcher.submitit, "JobEnvironment", LocalJobEnv)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave this process's handlers alone
+    calls = []
+    monkeypatch.setattr(launcher, "stop_local_peers", lambda job_env, failure: calls.append(failure))
+
+    def failing(argv):
+        raise error
+
+    monkeypatch.setattr(train_module, "main", failing)
+    with pytest.raises(type(error)):
+        launcher.Launched(run_train.ENTRY, ["--output-dir", "o"])()
+    assert len(calls) == int(stops)
+    if stops:
+        assert (calls[0] is not None) == with_failure
+        if with_failure:
+            assert type(error).__name__ in calls[0]  # the traceback names the error
+
+
+def test_stopped_peers_get_the_failure_as_their_result_unless_they_wrote_their_own(tmp_path, monkeypatch):
+    import pickle
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from submitit.core.utils import JobPaths
+
+    peers = {task: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for task in (1, 2)}
+    monkeypatch.setattr(launcher, "_local_peer_tasks", lambda job_id: {t: p.pid for t, p in peers.items()})
+    job_env = SimpleNamespace(job_id="55", global_rank=0, paths=SimpleNamespace(folder=tmp_path))
+    own = JobPaths(tmp_path, "55", 1).result_pickle
+    own.write_bytes(pickle.dumps(("success", 5)))
+    try:
+        stopped = launcher.stop_local_peers(job_env, "Traceback: ValueError: bad", wait_s=10)
+    finally:
+        for process in peers.values():
+            process.kill()
+            process.wait()
+    assert stopped == [1, 2]
+    assert all(process.returncode == -9 for process in peers.values())
+    assert pickle.loads(own.read_bytes()) == ("success", 5)  # the result it wrote itself stays
+    status, message = pickle.loads(JobPaths(tmp_path, "55", 2).result_pickle.read_bytes())
+    assert status == "error" and "task 0 of job 55 failed" in message and "ValueError: bad" in message
+    assert "ValueError: bad" in JobPaths(tmp_path, "55", 2).stderr.read_text()
