@@ -185,7 +185,9 @@ def _load_branches_and_centres(model: nn.Module, read: Callable[[str], dict], so
         for name, module in getattr(model, branch).items():
             prefix = f"{branch}.{name}."
             state = read(prefix)
-            if not state and name != "backbone":
+            if not state and name == "backbone":  # heads may stay fresh; a backbone may not
+                raise ValueError(f"{KEY}: {source} holds no {prefix[:-1]} weights (no key under {prefix!r})")
+            if not state:
                 fresh.append(prefix[:-1])
                 continue
             if name == "backbone":
