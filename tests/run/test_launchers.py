@@ -55,15 +55,6 @@ class FakeJobEnv:
 
 
 @pytest.fixture
-def clean_dist_env(monkeypatch):
-    """Whatever setup_distributed_env writes to os.environ is undone after the test (setenv first, so
-    that monkeypatch also removes variables that did not exist before)."""
-    for name in DIST_VARS:
-        monkeypatch.setenv(name, "unset")
-        monkeypatch.delenv(name)
-
-
-@pytest.fixture
 def local_jobs(monkeypatch):
     """Jobs of the local executor inherit this environment: one thread per task on a 2-core machine,
     and no process-group variables from the test process."""
@@ -275,15 +266,8 @@ def test_start_over_flags_must_be_spelt_in_full():
 
 
 # ------------------------------------------------------------------- submission (stand-in sbatch and srun)
-def test_slurm_submission_writes_the_expected_sbatch_file(tmp_path, monkeypatch, capsys):
+def test_slurm_submission_writes_the_expected_sbatch_file(tmp_path, stand_in_slurm, capsys):
     """A real submit() to the SLURM executor, with ``sbatch``/``srun`` replaced by scripts on PATH."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 4242"\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for script in bin_dir.iterdir():
-        script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "runs" / "%j"
     job = run_train.main(["--nodes", "4", "--partition", "P", "--timeout", "60", "--comment", "my run", "--exclude",
                           "node1,node2", "--qos", "high", "--config", "vitl16_short", "--output-dir", str(out),

@@ -4,37 +4,16 @@ output directory, and evaluations submitted without ``--output-dir``)."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 from dataclasses import dataclass
 
 import pytest
-from test_launchers import DIST_VARS
 
 from dinov2.run import submit as launcher
 from dinov2.run.curation import curate as run_curate
 from dinov2.run.eval import knn as run_knn
 from dinov2.run.train import train as run_train
-
-
-@pytest.fixture
-def clean_dist_env(monkeypatch):
-    for name in DIST_VARS:
-        monkeypatch.setenv(name, "unset")
-        monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def stand_in_slurm(tmp_path, monkeypatch):
-    """``sbatch`` (job 4242) and ``srun`` replaced by scripts on PATH: submit() to SLURM runs for real."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 4242"\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for script in bin_dir.iterdir():
-        script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 def test_an_inline_redo_among_other_arguments_drops_only_itself():
@@ -46,21 +25,23 @@ def test_an_inline_redo_among_other_arguments_drops_only_itself():
 
 
 @dataclass
-class SlurmJobEnv:
+class TaskEnv:
+    """What submitit.JobEnvironment() tells a task, for one task of a job."""
+
+    cluster: str = "slurm"
     job_id: str = "777"
     hostnames: tuple = ("node-a",)
     num_nodes: int = 1
     num_tasks: int = 1
     global_rank: int = 0
     local_rank: int = 0
-    cluster: str = "slurm"
 
 
 @pytest.mark.parametrize(("restarts", "kept"), [("0", True), ("1", False), ("3", False)])
 def test_a_job_slurm_requeued_by_itself_drops_no_resume(clean_dist_env, monkeypatch, restarts, kept):
     from dinov2.train import train as train_module
 
-    monkeypatch.setattr(launcher.submitit, "JobEnvironment", SlurmJobEnv)
+    monkeypatch.setattr(launcher.submitit, "JobEnvironment", TaskEnv)
     monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
     seen = []
     monkeypatch.setattr(train_module, "main", lambda argv: seen.append(list(argv)))
@@ -98,17 +79,6 @@ def test_an_evaluation_without_an_output_dir_is_refused_not_written_to_the_worki
         launcher.check_submission(run_knn.ENTRY, slurm, entry_args)
 
 
-@dataclass
-class LocalJobEnv:
-    job_id: str = "55"
-    hostnames: tuple = ("localhost",)
-    num_nodes: int = 1
-    num_tasks: int = 2
-    global_rank: int = 0
-    local_rank: int = 0
-    cluster: str = "local"
-
-
 @pytest.mark.parametrize(
     ("error", "stops", "with_failure"),
     [
@@ -124,7 +94,7 @@ def test_a_local_task_stops_its_peers_only_when_it_fails_or_is_requeued(
 ):
     from dinov2.train import train as train_module
 
-    monkeypatch.setattr(launcher.submitit, "JobEnvironment", LocalJobEnv)
+    monkeypatch.setattr(launcher.submitit, "JobEnvironment", lambda: TaskEnv("local", "55", num_tasks=2))
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave this process's handlers alone
     calls = []
     monkeypatch.setattr(launcher, "stop_local_peers", lambda job_env, failure: calls.append(failure))
