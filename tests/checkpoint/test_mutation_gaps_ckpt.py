@@ -11,44 +11,25 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from test_training_checkpoint import _model_and_optimizer, _names, _save  # a stepped AdamW, as a run saves it
 from torch import nn
 
 from dinov2.checkpoint import (
     CheckpointLoadError,
     atomic_torch_save,
-    capture_rng_state,
     export_teacher,
     find_latest_checkpoint,
     load_backbone_state_dict,
     load_checkpoint,
     load_weights_file,
-    save_checkpoint,
 )
 from dinov2.checkpoint.adapters import branch_state_dict
 from dinov2.checkpoint.sharded import TRAINER_STATE
 from dinov2.models import DinoVisionTransformer
 
 
-def _names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
-
-
 def _vit() -> DinoVisionTransformer:
     return DinoVisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, init_values=1.0)
-
-
-def _model_and_optimizer(width: int = 5, seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, 3))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(4, 6)).square().sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
-def _save(directory: Path, iteration: int, model, optimizer, keep_last: int = 3) -> Path:
-    return save_checkpoint(directory, iteration, model, optimizer, {"iteration": iteration}, capture_rng_state(),
-                           keep_last=keep_last)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ adapters

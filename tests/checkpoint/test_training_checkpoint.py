@@ -50,9 +50,9 @@ def test_atomic_save_writes_and_overwrites(tmp_path):
 
 
 # ------------------------------------------------------------------ sharded (DCP) checkpoints
-def _model_and_optimizer(seed: int = 0):
+def _model_and_optimizer(seed: int = 0, width: int = 5):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(6, width), nn.GELU(), nn.Linear(width, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(4, 6)).square().sum().backward()
     optimizer.step()
