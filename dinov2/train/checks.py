@@ -76,7 +76,9 @@ MIN_LOSS_SCALE = 2.0**-24
 def check_loss_scale(scale: float, grad_norm: float, iteration: int, last_checkpoint: Path | None) -> None:
     """Raise :class:`NonFiniteLossError` when the fp16 gradient scaler's ``scale`` (after its update at
     ``iteration``) fell below :data:`MIN_LOSS_SCALE`. The scaler's state is the same on every rank
-    (its found-inf is all-reduced), so every rank stops here together."""
+    (its found-inf is all-reduced), so every rank stops here together. The loop calls it only after a
+    step with a non-finite gradient norm: the scale falls on no other step, and reading it waits for
+    the device."""
     if scale >= MIN_LOSS_SCALE:
         return
     kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"

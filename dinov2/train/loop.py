@@ -8,6 +8,7 @@ loop owns everything around the objective; the objective itself is :class:`SSLMe
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -200,7 +201,11 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()  # a step with non-finite gradients is skipped: the scale halves
-            check_loss_scale(self.scaler.get_scale(), timing["grad_norm"], self.iteration + 1, self.last_checkpoint)
+            if not math.isfinite(timing["grad_norm"]):
+                # The scale only falls on a skipped step, whose gradients (so their norm) are non-finite:
+                # finite steps need not read it (get_scale waits for the device, which would stall the
+                # launch of the teacher update behind the optimiser step).
+                check_loss_scale(self.scaler.get_scale(), timing["grad_norm"], self.iteration + 1, self.last_checkpoint)
         else:
             self.optimizer.step()
         self.model.update_teacher(scheduled["mom"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -522,6 +523,27 @@ def test_fp16_scaler_skips_a_step_with_nan_gradients_without_stopping(tmp_path, 
     assert summary["iteration"] == 3 and len(calls) == 3
     state = load_training_checkpoint(find_latest_checkpoint(tmp_path / "checkpoints"))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_fp16_steps_read_the_loss_scale_only_when_they_were_skipped(tmp_path, monkeypatch):
+    # Reading the scaler's scale waits for the device. The scale only falls on a step the scaler
+    # skipped (non-finite gradients), so a step with finite gradients must not read it; the skipped
+    # step (the 2nd here) must, or a collapsed scale would never stop the run. (A scale of 1, so that
+    # no other step overflows the tiny model's fp16 gradients.)
+    reads = []
+
+    class CountingScaler(torch.amp.GradScaler):
+        def get_scale(self):
+            caller = sys._getframe(1).f_code.co_name
+            if caller == "step":  # the training step's own reads, not the checkpoint's state_dict
+                reads.append(caller)
+            return super().get_scale()
+
+    monkeypatch.setattr(loop_module, "grad_scaler", lambda device, sharded: CountingScaler(device.type, init_scale=1.0))
+    _poison_gradients(monkeypatch, {2})
+    summary = run(tmp_path, "compute_precision.autocast_dtype=fp16", "train.stop_at_iteration=4")
+    assert summary["iteration"] == 4
+    assert len(reads) == 1
 
 
 def test_fp16_gradients_that_are_non_finite_at_every_loss_scale_stop_the_run(tmp_path, monkeypatch):
