@@ -109,10 +109,16 @@ def test_precision_follows_the_sharding_policy_where_it_applies():
     bf16 = [f"compute_precision.{r}.{m}.mixed_precision.param_dtype=bf16" for r in ("student", "teacher")
             for m in ("backbone", "dino_head", "ibot_head")]  # fmt: skip
     assert resolve_precision(load_config(None, [*TINY, *bf16]), torch.device("cuda"), True) == (torch.bfloat16, False)
+    fp32 = [item.replace("=bf16", "=fp32") for item in bf16]  # policies in fp32: no autocast at all
+    assert resolve_precision(load_config(None, [*TINY, *fp32]), torch.device("cuda"), True) == (None, False)
     forced = load_config(None, [*TINY, "compute_precision.fsdp_mixed_precision=true"])
     assert resolve_precision(forced, torch.device("cpu"), sharded=True) == (torch.float16, True)
     explicit = load_config(None, [*TINY, "compute_precision.autocast_dtype=bf16"])
     assert resolve_precision(explicit, torch.device("cuda"), sharded=False) == (torch.bfloat16, False)
+    # bf16 autocast, but the sharded modules compute in fp16 (the published policies): a scaler all the same
+    assert resolve_precision(explicit, torch.device("cuda"), sharded=True) == (torch.bfloat16, True)
+    unscaled = load_config(None, [*TINY, "compute_precision.grad_scaler=false"])
+    assert resolve_precision(unscaled, torch.device("cuda"), sharded=True) == (torch.float16, False)
 
 
 def test_slurm_variables_become_torchrun_variables(monkeypatch):

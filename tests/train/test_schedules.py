@@ -290,9 +290,11 @@ def test_the_loop_runs_as_long_as_the_schedules(tmp_path):
         ("teacher", "warmup_teacher_temp", -0.04),
         ("teacher", "momentum_teacher", 1.5),  # an EMA that diverges
         ("teacher", "final_momentum_teacher", -0.1),
+        ("teacher", "final_momentum_teacher", 1.01),  # above 1 at the end too
         ("optim", "weight_decay_end", -0.4),
         ("optim", "min_lr", float("nan")),
         ("optim", "lr", "abc"),
+        ("optim", "lr", "0.004"),  # a quoted number: the schedules would hold a string
     ],
 )
 def test_a_schedule_endpoint_out_of_range_names_its_key(section, key, value):
@@ -300,3 +302,12 @@ def test_a_schedule_endpoint_out_of_range_names_its_key(section, key, value):
     cfg[section][key] = value
     with pytest.raises(ValueError, match=rf"{section}\.{key} must be a finite number"):
         build_schedulers(cfg)
+
+
+def test_a_warmup_as_long_as_the_run_is_accepted_and_ends_at_the_base_lr():
+    # The refusal is for a warm-up longer than the run; one exactly as long is a run without cosine.
+    cfg = make_cfg()
+    cfg.optim.warmup_epochs = cfg.optim.epochs
+    lr, *_ = build_schedulers(cfg)
+    n = 5 * 4
+    assert [lr[i] for i in range(n)] == pytest.approx([0.004 * i / (n - 1) for i in range(n)])
