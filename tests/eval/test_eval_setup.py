@@ -19,6 +19,7 @@ from dinov2.eval.setup import (
     setup_and_build_model,
 )
 from dinov2.utils.config import load_config
+from dinov2.utils.device import full_precision_matmuls
 
 
 def source_model(opts):
@@ -188,6 +189,10 @@ def test_cuda_devices_get_this_process_index_and_become_current(monkeypatch):
     assert resolve_device(torch.device("cuda")) == torch.device("cuda", 2)
     assert current == [torch.device("cuda", 2)] * 2 + [torch.device("cuda", 1), torch.device("cuda", 2)]
     assert resolve_device("cpu") == torch.device("cpu") and len(current) == 4
+    # torchrun inside a SLURM job (one srun task per node): SLURM_LOCALID is 0 on every process, and
+    # LOCAL_RANK is the one that tells them apart
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert resolve_device("auto") == torch.device("cuda", 2)
 
 
 def test_more_local_ranks_than_gpus_is_an_error_unless_each_process_sees_its_own(monkeypatch):
@@ -242,3 +247,15 @@ def test_setup_follows_the_configs_tf32_setting(tf32, micro_arch, tmp_path, monk
     overrides = [*micro_arch, f"compute_precision.tf32={str(tf32).lower()}"]
     setup_and_build_model(get_args_parser().parse_args(["--output-dir", str(tmp_path), "--device", "cpu", *overrides]))
     assert calls == [tf32]
+
+
+def test_full_precision_matmuls_turn_tf32_off_inside_and_restore_the_setting_after():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for setting in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = setting
+            with full_precision_matmuls():
+                assert torch.backends.cuda.matmul.allow_tf32 is False
+            assert torch.backends.cuda.matmul.allow_tf32 is setting
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
