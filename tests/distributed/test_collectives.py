@@ -207,8 +207,10 @@ def test_seed_everything_gives_each_library_its_own_reproducible_stream():
     other = _draws()
     seed_everything(7, rank=1)
     assert _draws() != other  # (seed, rank) pairs, not their sum
-    with pytest.raises(ValueError, match="seed and rank must be >= 0"):
+    with pytest.raises(ValueError, match="seed and rank must be >= 0, got seed=-1"):
         seed_everything(-1)
+    with pytest.raises(ValueError, match="seed and rank must be >= 0, got seed=7, rank=-1"):
+        seed_everything(7, rank=-1)
 
 
 def test_a_rank_whose_error_cannot_be_shared_still_raises_its_own(monkeypatch, caplog):
