@@ -106,6 +106,8 @@ def test_epoch_sampler_covers_each_index_once(world_size, sample_count, shuffle)
     gathered = np.concatenate([s.indices for s in samplers])  # what an all-gather in rank order yields
     np.testing.assert_array_equal(gathered, samplers[0].global_indices)
     assert sorted(gathered[:sample_count].tolist()) == list(range(sample_count))
+    padding = samplers[0].total_padding  # the order repeated from its start, not one index many times
+    assert gathered[sample_count:].tolist() == np.tile(gathered[:sample_count], 4)[:padding].tolist()
     if not shuffle:
         assert gathered[:sample_count].tolist() == list(range(sample_count))
 
