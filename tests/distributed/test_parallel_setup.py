@@ -13,7 +13,7 @@ from dinov2.data.seeding import PositionedSampler
 from dinov2.distributed import first_host, setup_env_from_slurm
 from dinov2.distributed.parallelize import apply_activation_checkpointing, apply_compile, check_sharding_plan
 from dinov2.models import vit_tiny
-from dinov2.train.precision import resolve_precision
+from dinov2.train.precision import grad_scaler, resolve_precision
 from dinov2.utils.config import load_config
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -119,6 +119,15 @@ def test_precision_follows_the_sharding_policy_where_it_applies():
     assert resolve_precision(explicit, torch.device("cuda"), sharded=True) == (torch.bfloat16, True)
     unscaled = load_config(None, [*TINY, "compute_precision.grad_scaler=false"])
     assert resolve_precision(unscaled, torch.device("cuda"), sharded=True) == (torch.float16, False)
+
+
+def test_a_sharded_run_gets_the_sharded_gradient_scaler():
+    # its found-inf is all-reduced over ranks: with a plain scaler each rank would skip its own steps
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    assert isinstance(grad_scaler(torch.device("cpu"), sharded=True), ShardedGradScaler)
+    plain = grad_scaler(torch.device("cpu"), sharded=False)
+    assert isinstance(plain, torch.amp.GradScaler) and not isinstance(plain, ShardedGradScaler)
 
 
 def test_slurm_variables_become_torchrun_variables(monkeypatch):
