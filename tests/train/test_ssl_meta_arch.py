@@ -184,6 +184,7 @@ def test_zero_weight_terms_are_not_computed():
         ),
         ({"ibot": {"loss_weight": -1.0}}, "ibot.loss_weight must be a number >= 0"),
         ({"dino": {"koleo_loss_weight": float("nan")}}, "dino.koleo_loss_weight must be a number >= 0"),
+        ({"dino": {"loss_weight": True}}, "dino.loss_weight must be a number >= 0"),  # a YAML true is no weight
     ],
 )
 def test_loss_weights_that_train_nothing_or_are_negative_are_named(sections, message):
