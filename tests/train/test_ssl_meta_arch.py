@@ -307,3 +307,44 @@ def test_ibot_off_with_masking_on_says_the_student_crops_are_still_masked(caplog
     with caplog.at_level("WARNING", logger="dinov2"):
         SSLMetaArch(_cfg(ibot={"mask_sample_probability": probability or 0.5}))  # iBOT on: masks are its input
     assert "mask_sample_probability" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- found by a mutation audit
+def test_train_mode_leaves_the_teacher_in_eval_mode():
+    model = SSLMetaArch(_cfg(student={"drop_path_rate": 0.3})).train()
+    assert all(m.training for m in model.student.modules())
+    assert not any(m.training for m in model.teacher.modules())  # no stochastic depth in the targets
+
+
+def test_a_shared_head_scores_patches_against_the_dino_prototypes():
+    # ibot.separate_head=false: the iBOT targets come from the DINO head, so the iBOT centre has the DINO
+    # head's prototype count whatever ibot.head_n_prototypes says
+    model = SSLMetaArch(_cfg(ibot={"separate_head": False, "head_n_prototypes": 2 * K}))
+    out = model(_batch(), teacher_temp=0.04)
+    assert model.ibot_patch_loss.center.shape[-1] == K and torch.isfinite(out["ibot_loss"])
+
+
+def test_pretrained_weights_reach_the_teacher_backbone_in_the_seeded_initialisation(tmp_path):
+    from safetensors.torch import save_file
+
+    source = SSLMetaArch(_cfg())
+    torch.manual_seed(11)
+    weights = {k: torch.randn_like(v) for k, v in source.student.backbone.state_dict().items()}
+    save_file(weights, tmp_path / "backbone.safetensors")
+    model = SSLMetaArch(_cfg(student={"pretrained_weights": str(tmp_path / "backbone.safetensors")}))
+    model.init_weights(seed=3)
+    for name, value in model.teacher.backbone.state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0, msg=name)
+
+
+def test_apply_center_updates_folds_the_pending_ibot_update_into_its_centre():
+    model = SSLMetaArch(_cfg())
+    batch = _batch()
+    with torch.no_grad():
+        patches = model.teacher.backbone(batch["collated_global_crops"], is_training=True)["x_norm_patchtokens"]
+        scores = model.teacher.ibot_head(patches.flatten(0, 1)[batch["mask_indices_list"]])
+    momentum = model.ibot_patch_loss.center_momentum
+    expected = momentum * model.ibot_patch_loss.center + (1 - momentum) * scores.mean(dim=0)
+    model(batch, teacher_temp=0.04)
+    model.apply_center_updates()
+    torch.testing.assert_close(model.ibot_patch_loss.center, expected.reshape(model.ibot_patch_loss.center.shape))
