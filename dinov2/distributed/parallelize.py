@@ -40,7 +40,7 @@ MODULES = ("backbone", "dino_head", "ibot_head")
 
 
 def _dtype(value: Any, key: str) -> torch.dtype:
-    name = str(value).lower().replace("float32", "fp32").replace("float16", "fp16").replace("bfloat16", "bf16")
+    name = str(value).lower().replace("bfloat16", "bf16").replace("float32", "fp32").replace("float16", "fp16")
     if name not in DTYPES:
         raise ValueError(f"{key}={value!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
