@@ -16,7 +16,7 @@ from dist_common import MIXED_SHARDING, TINY, WORLD, free_port, join_group, spaw
 from torch import nn
 
 import dinov2.distributed as distributed
-from dinov2.distributed.parallelize import any_fp16, module_policy
+from dinov2.distributed.parallelize import any_fp16, module_policy, use_mixed_precision
 from dinov2.utils.config import load_config
 
 SLEEP_S = 1.0  # how long one rank lags behind the other where a check needs a slow rank
@@ -33,6 +33,7 @@ DTYPES = {
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the per-rank head input, whose mean (1 + 2**-11) / 2 fp32 holds exactly and fp16 rounds to 0.5
 HEAD_INPUT = {0: 1.0, 1: 2.0**-11}
+HALF_GRAD = [300.0, 0.0]  # a norm that fp16 and bf16 hold, whose square (90000) fp16 overflows and bf16 rounds
 
 
 class _Scale(nn.Module):
@@ -136,6 +137,16 @@ def _worker(rank: int, port: int, out: str) -> None:
     distributed.barrier()
     result["marker_seen"] = marker.exists()
     result.update(_sharding_part(rank))
+    # bf16 sharded gradients (one element per rank) whose norm's square bf16 does not hold: squared in fp32
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dinov2.distributed.grads import total_grad_norm
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    param = nn.Parameter(distribute_tensor(torch.zeros(WORLD, dtype=torch.bfloat16), mesh, [Shard(0)]))
+    param.grad = distribute_tensor(torch.tensor(HALF_GRAD, dtype=torch.bfloat16), mesh, [Shard(0)])
+    result["bf16_norm"] = total_grad_norm([param])
     torch.save(result, Path(out) / f"r{rank}.pt")
     # shutdown waits for every rank: rank 1 arrives SLEEP_S after rank 0
     torch.distributed.barrier()
@@ -212,6 +223,27 @@ def test_each_module_computes_and_reduces_gradients_in_its_own_dtypes(ranks):
         assert grads["ibot_head"].tolist() == [float(fp16_mean)] * 2  # reduced in fp16
 
 
+@pytest.mark.distributed
+def test_the_norm_of_bf16_sharded_gradients_is_squared_in_fp32(ranks):
+    for result in ranks[1]:
+        assert result["bf16_norm"].dtype == torch.float32
+        torch.testing.assert_close(result["bf16_norm"], torch.tensor(HALF_GRAD).norm())
+
+
+def test_clipping_skips_parameters_without_gradients_and_norms_half_gradients_in_fp32():
+    from dinov2.distributed.grads import clip_grad_norm_, total_grad_norm
+
+    with_grad, without = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    with_grad.grad = torch.tensor([3.0, 4.0])
+    norm = clip_grad_norm_([with_grad, without], 1.0)  # as torch.nn.utils.clip_grad_norm_: no grad, left alone
+    torch.testing.assert_close(norm, torch.tensor(5.0))
+    torch.testing.assert_close(with_grad.grad, torch.tensor([0.6, 0.8]))
+    assert without.grad is None
+    half = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    half.grad = torch.tensor(HALF_GRAD, dtype=torch.float16)
+    torch.testing.assert_close(total_grad_norm([half]), torch.tensor(HALF_GRAD).norm())  # not inf
+
+
 def test_collective_device_under_nccl_is_this_process_s_current_gpu(monkeypatch):
     monkeypatch.setattr(distributed, "is_enabled", lambda: True)
     monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "nccl")
@@ -268,6 +300,8 @@ def test_module_policy_reports_each_section_s_own_compute_and_reduce_dtypes():
     assert module_policy(cfg, "student", "dino_head", True) == want
     fp32 = {"strategy": "FULL_SHARD", "param_dtype": torch.float32, "reduce_dtype": torch.float32}
     assert module_policy(cfg, "student", "dino_head", False) == fp32  # without mixed precision: fp32
+    auto = _precision_cfg("compute_precision.fsdp_mixed_precision=auto")
+    assert [use_mixed_precision(auto, torch.device(d)) for d in ("cpu", "cuda", "xpu")] == [False, True, True]
 
 
 def test_the_gradient_scaler_follows_whether_any_student_module_computes_in_fp16():
