@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -85,3 +87,15 @@ def dist_common():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def dinov2_logger():
+    """The ``dinov2`` logger, its handlers, propagation and level given back after the test (entry
+    points configure it; later tests and caplog need the original). Handlers the test added are closed."""
+    logger = logging.getLogger("dinov2")
+    state = (list(logger.handlers), logger.propagate, logger.level)
+    yield logger
+    for handler in set(logger.handlers) - set(state[0]):
+        handler.close()
+    logger.handlers[:], logger.propagate, logger.level = state

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from eval_micro import MICRO_OPTS
@@ -25,11 +23,5 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _restore_dinov2_logger():
-    """Entry points configure the ``dinov2`` logger; give later tests (and caplog) the original back."""
-    logger = logging.getLogger("dinov2")
-    state = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    for handler in set(logger.handlers) - set(state[0]):
-        handler.close()
-    logger.handlers[:], logger.propagate, logger.level = state
+def _restore_dinov2_logger(dinov2_logger):
+    """Every evaluation test gives the ``dinov2`` logger back as it found it (tests/conftest.py)."""

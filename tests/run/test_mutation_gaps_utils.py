@@ -15,23 +15,7 @@ import torch
 from test_logging import _fake_tensorboard
 
 from dinov2.utils.device import peak_memory_mb
-from dinov2.utils.logging import LOGGER_NAME, MetricsWriter, describe_error, format_duration, setup_logging
-
-
-@pytest.fixture
-def dinov2_logger():
-    """The ``dinov2`` logger, its handlers, level and propagation put back after the test."""
-    logger = logging.getLogger(LOGGER_NAME)
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield logger
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        if handler not in saved[0]:
-            handler.close()
-    for handler in saved[0]:
-        logger.addHandler(handler)
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
+from dinov2.utils.logging import MetricsWriter, describe_error, format_duration, setup_logging
 
 
 class _Collect(logging.Handler):
