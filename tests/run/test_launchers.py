@@ -46,12 +46,15 @@ MICRO_KNN = [
 
 @dataclass
 class FakeJobEnv:
+    """What submitit.JobEnvironment() tells a task (here task 11 of a 2-node SLURM job)."""
+
     job_id: str = "4242"
     hostnames: tuple = ("node-a", "node-b")
     num_nodes: int = 2
     num_tasks: int = 16
     global_rank: int = 11
     local_rank: int = 3
+    cluster: str = "slurm"
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 import signal
-from dataclasses import dataclass
 
 import pytest
+from test_launchers import FakeJobEnv
 
 from dinov2.run import submit as launcher
 from dinov2.run.curation import curate as run_curate
@@ -24,24 +24,15 @@ def test_an_inline_redo_among_other_arguments_drops_only_itself():
     assert launcher.drop_start_over(argv, options) == ["run", "--output-dir", "o"]
 
 
-@dataclass
-class TaskEnv:
-    """What submitit.JobEnvironment() tells a task, for one task of a job."""
-
-    cluster: str = "slurm"
-    job_id: str = "777"
-    hostnames: tuple = ("node-a",)
-    num_nodes: int = 1
-    num_tasks: int = 1
-    global_rank: int = 0
-    local_rank: int = 0
+# the first task of a one-node job
+FIRST_TASK = dict(job_id="777", hostnames=("node-a",), num_nodes=1, num_tasks=1, global_rank=0, local_rank=0)
 
 
 @pytest.mark.parametrize(("restarts", "kept"), [("0", True), ("1", False), ("3", False)])
 def test_a_job_slurm_requeued_by_itself_drops_no_resume(clean_dist_env, monkeypatch, restarts, kept):
     from dinov2.train import train as train_module
 
-    monkeypatch.setattr(launcher.submitit, "JobEnvironment", TaskEnv)
+    monkeypatch.setattr(launcher.submitit, "JobEnvironment", lambda: FakeJobEnv(**FIRST_TASK))
     monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
     seen = []
     monkeypatch.setattr(train_module, "main", lambda argv: seen.append(list(argv)))
@@ -94,7 +85,11 @@ def test_a_local_task_stops_its_peers_only_when_it_fails_or_is_requeued(
 ):
     from dinov2.train import train as train_module
 
-    monkeypatch.setattr(launcher.submitit, "JobEnvironment", lambda: TaskEnv("local", "55", num_tasks=2))
+    monkeypatch.setattr(
+        launcher.submitit,
+        "JobEnvironment",
+        lambda: FakeJobEnv(**{**FIRST_TASK, "job_id": "55", "num_tasks": 2, "cluster": "local"}),
+    )
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave this process's handlers alone
     calls = []
     monkeypatch.setattr(launcher, "stop_local_peers", lambda job_env, failure: calls.append(failure))
