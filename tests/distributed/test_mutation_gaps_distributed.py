@@ -1,9 +1,12 @@
 """dinov2.distributed: behaviour a mutation audit found untested (rank 0's decision when only another
-rank says yes, the barrier and shutdown waiting for the slowest rank, which FSDP2 units keep their
-parameters gathered after forward, NO_SHARD replicated on every rank, each module's compute and
-gradient-reduction dtypes, the distillation teacher's policies, the current GPU under NCCL, the
-contiguous tensor a gather hands to the collective, SLURM variables already set, the student's
-fp16 check, and the dtype names a sharding policy accepts)."""
+rank says yes, the barrier and shutdown waiting for the slowest rank, each block chunk its own FSDP2
+unit, which units keep their parameters gathered after forward (the distillation teacher's too),
+NO_SHARD replicated on every rank, each module's compute and gradient-reduction dtypes, norms of
+half-precision gradients squared in fp32 and clipping past parameters without gradients, the
+current GPU under NCCL, the contiguous tensor a gather hands to the collective, SLURM variables
+already set, the student's fp16 check, mixed precision on every accelerator, activation
+checkpointing read as false, auto attention's nested choice, and the long dtype names a sharding
+policy accepts, which it refused for bfloat16)."""
 
 from __future__ import annotations
 
@@ -36,6 +39,12 @@ HEAD_INPUT = {0: 1.0, 1: 2.0**-11}
 HALF_GRAD = [300.0, 0.0]  # a norm that fp16 and bf16 hold, whose square (90000) fp16 overflows and bf16 rounds
 
 
+def _tiny_backbone(**kwargs):
+    from dinov2.models import vit_tiny
+
+    return vit_tiny(patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2, **kwargs)
+
+
 class _Scale(nn.Module):
     """A head whose gradient is its input: ``(w * x).sum()``, ``w`` of 2 elements (1 per rank sharded)."""
 
@@ -54,10 +63,8 @@ class _Meta(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from dinov2.models import vit_tiny
-
         for attribute, _ in self.parallel_roles:
-            backbone = vit_tiny(patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2, block_chunks=2)
+            backbone = _tiny_backbone(block_chunks=2)
             setattr(
                 self, attribute, nn.ModuleDict({"backbone": backbone, "dino_head": _Scale(), "ibot_head": _Scale()})
             )
@@ -324,3 +331,33 @@ def test_the_gradient_scaler_follows_whether_any_student_module_computes_in_fp16
 def test_a_policy_accepts_the_long_dtype_names(name, dtype):
     cfg = _precision_cfg(f"compute_precision.student.backbone.mixed_precision.param_dtype={name}")
     assert module_policy(cfg, "student", "backbone", True)["param_dtype"] == dtype
+
+
+def test_activation_checkpointing_read_from_yaml_as_false_or_null_is_off():
+    from dinov2.distributed.parallelize import apply_activation_checkpointing
+
+    for setting in (False, None):  # YAML reads a bare `off` as false
+        backbone = _tiny_backbone()
+        for block in backbone.iter_blocks():
+            block.checkpointing = "full"
+        assert apply_activation_checkpointing(backbone, setting) == 2
+        assert [b.checkpointing for b in backbone.iter_blocks()] == ["off", "off"]
+
+
+def test_auto_attention_resolves_to_the_choice_for_nested_calls(monkeypatch):
+    # training's calls are nested (global and local crops in one call): auto takes that row of the table
+    import importlib
+
+    from dinov2.distributed.parallelize import resolve_attention_backends
+
+    attention = importlib.import_module("dinov2.ops.attention")  # the module (dinov2.ops.attention is also a function)
+    monkeypatch.setitem(attention.AUTO_PREFERENCE, ("cpu", True), ("math",))
+    monkeypatch.setitem(attention.AUTO_PREFERENCE, ("cpu", False), ("sdpa",))
+    backbone = _tiny_backbone()
+    backbone.set_attn_backend("auto")
+    attention._auto_choice.cache_clear()  # a choice is made once per process: here from the table above
+    try:
+        assert resolve_attention_backends(backbone, torch.device("cpu")) == ["math"]
+        assert [b.attn.backend for b in backbone.iter_blocks()] == ["math", "math"]
+    finally:
+        attention._auto_choice.cache_clear()  # later tests choose from the real table again
