@@ -125,3 +125,39 @@ def test_a_student_of_another_patch_size_is_refused_naming_both(teacher_run):  #
 def test_distillation_without_a_separate_ibot_head_is_refused(teacher_run):  # noqa: F811
     with pytest.raises(ValueError, match="ibot.separate_head"):
         distill_model(teacher_run, "ibot.separate_head=false")
+
+
+def test_an_export_directory_stands_for_the_teacher_checkpoint_it_holds(tmp_path):
+    """``eval/training_N`` (the directory) names its teacher_checkpoint.pth: a file source, not a search
+    for DCP checkpoints under it (layouts only, no training)."""
+    from dinov2.train.distill_teacher import resolve_teacher_source
+
+    run = tmp_path / "run"
+    export = run / "eval" / "training_3"
+    export.mkdir(parents=True)
+    (export / "teacher_checkpoint.pth").touch()
+    (run / "config.yaml").write_text("student: {arch: vit_small}\n")
+    source = resolve_teacher_source(export)
+    assert (source.kind, source.path, source.run_dir) == ("file", export / "teacher_checkpoint.pth", run)
+
+
+def test_a_teacher_state_without_the_ibot_head_its_config_names_is_refused(teacher_run):  # noqa: F811
+    from dinov2.train.distill_teacher import load_teacher_, read_teacher_state, resolve_teacher_source
+
+    _, model = distill_model(teacher_run)
+    state = read_teacher_state(resolve_teacher_source(teacher_run))
+    assert any(k.startswith("ibot_head.") for k in state)  # the run's teacher has one
+    without = {k: v for k, v in state.items() if not k.startswith("ibot_head.")}
+    with pytest.raises(ValueError, match=r"holds no teacher ibot_head.*ibot\.separate_head: true"):
+        load_teacher_(model.frozen_teacher, without, "the checkpoint")
+
+
+def test_the_teacher_fingerprint_is_count_sum_and_sum_of_squares():
+    from dinov2.train.distill_teacher import state_fingerprint
+
+    state = {"b": torch.tensor([[1.5, -2.0]]), "a": torch.tensor([3.0, 0.25, -1.0])}
+    values = [1.5, -2.0, 3.0, 0.25, -1.0]
+    expected = torch.tensor([len(values), sum(values), sum(v * v for v in values)], dtype=torch.float64)
+    torch.testing.assert_close(state_fingerprint(state), expected, rtol=0, atol=1e-12)
+    # a change that keeps the count, the sum and the sum of magnitudes still shows
+    assert not torch.equal(state_fingerprint({"w": torch.tensor([2.0, 0.0])}), state_fingerprint({"w": torch.ones(2)}))

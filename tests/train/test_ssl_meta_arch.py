@@ -1,3 +1,4 @@
+import copy
 import math
 from functools import partial
 
@@ -348,3 +349,28 @@ def test_apply_center_updates_folds_the_pending_ibot_update_into_its_centre():
     model(batch, teacher_temp=0.04)
     model.apply_center_updates()
     torch.testing.assert_close(model.ibot_patch_loss.center, expected.reshape(model.ibot_patch_loss.center.shape))
+
+
+def test_the_ibot_term_weights_each_masked_token_by_the_collates_masks_weight():
+    # The collate's per-token weights (1 / masked patches of the token's image) are what the term uses:
+    # doubling them doubles the term.
+    model = SSLMetaArch(_cfg())
+    twin = copy.deepcopy(model)  # each forward moves the centres: both see the same ones
+    batch = _batch()
+    with torch.no_grad():
+        base = model(batch, teacher_temp=0.04)["ibot_loss"]
+        doubled = twin(dict(batch, masks_weight=2 * batch["masks_weight"]), teacher_temp=0.04)["ibot_loss"]
+    torch.testing.assert_close(doubled, 2 * base)
+
+
+def test_a_shared_head_without_the_dino_term_is_refused():
+    # ibot.separate_head=false scores the patches with the DINO head, which is not built when DINO is off
+    with pytest.raises(ValueError, match=r"ibot\.separate_head=false shares the DINO head.*dino\.loss_weight > 0"):
+        SSLMetaArch(_cfg(dino={"loss_weight": 0.0}, ibot={"separate_head": False}))
+    assert "ibot_head" in SSLMetaArch(_cfg(dino={"loss_weight": 0.0}, ibot={"separate_head": True})).student
+
+
+def test_a_mask_ratio_range_starting_at_zero_still_masks_and_builds():
+    # the collate draws each masked crop's ratio in [min, max]: only a maximum of 0 masks nothing
+    model = SSLMetaArch(_cfg(ibot={"mask_ratio_min_max": [0.0, 0.5]}))
+    assert model.do_ibot and "ibot_head" in model.student
