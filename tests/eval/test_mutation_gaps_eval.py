@@ -387,3 +387,54 @@ def test_a_one_value_c_grid_is_the_top_of_the_range():
 
     assert default_c_values(1, -2.0, 3.0) == [1000.0]  # the weakest penalty, as documented
     assert default_c_values(3, -2.0, 2.0) == pytest.approx([0.01, 1.0, 100.0])
+
+
+class _Counted(Dataset):
+    """Four items made by ``make(index)``; counts the reads."""
+
+    def __init__(self, make):
+        self.make, self.reads = make, 0
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return self.make(index), index % 2
+
+
+def test_a_cached_sample_is_served_from_the_cache_without_reading_the_dataset_again():
+    dataset = _Counted(lambda index: torch.full((2,), float(index)))
+    cached = CachedDataset(dataset, max_bytes=1024)
+    first = [cached[i] for i in range(4)]
+    again = [cached[i] for i in range(4)]
+    assert dataset.reads == 4
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again, strict=True))
+
+
+def test_images_of_unknown_size_are_not_cached():
+    # a PIL image (no transform to a tensor) has no byte count to hold against the budget
+    dataset = _Counted(lambda index: [float(index)] * 3)
+    cached = CachedDataset(dataset, max_bytes=2**30)
+    cached[0], cached[0]
+    assert cached.cache == {} and cached.cached_bytes == 0 and dataset.reads == 2
+
+
+def test_online_knn_refuses_k_of_zero():
+    with pytest.raises(ValueError, match=r"nb_knn must be positive integers, got \(0, 10\)"):
+        OnlineKNN("a", "b", nb_knn=(0, 10))
+
+
+def test_online_knn_extracts_under_the_autocast_dtype_it_is_given(monkeypatch):
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return x
+
+    train = _Points([_unit(0), _unit(90)], [0, 1])
+    online = OnlineKNN("unused", "unused", nb_knn=(1,), batch_size=2)
+    monkeypatch.setattr(online, "datasets", lambda: (train, train))
+    assert online(Probe(), torch.device("cpu"), autocast_dtype=torch.bfloat16)["knn_top1"] == 100.0
+    assert seen and all(entry == (True, torch.bfloat16) for entry in seen)

@@ -23,12 +23,12 @@ def test_from_config_reads_every_key():
     cfg = load_config(None, [
         f"evaluation.knn.train_dataset={TRAIN}", f"evaluation.knn.val_dataset={VAL}", "evaluation.knn.nb_knn=[3,7]",
         "evaluation.knn.temperature=0.2", "evaluation.knn.resize_size=36", "evaluation.knn.crop_size=32",
-        "evaluation.knn.batch_size=5", "evaluation.knn.num_workers=0",
+        "evaluation.knn.batch_size=5", "evaluation.knn.num_workers=2",
     ])  # fmt: skip
     online = OnlineKNN.from_config(cfg.evaluation.knn)
     assert (online.train_dataset_str, online.val_dataset_str) == (TRAIN, VAL)
     assert online.nb_knn == (3, 7) and online.temperature == 0.2
-    assert (online.resize_size, online.crop_size, online.batch_size, online.num_workers) == (36, 32, 5, 0)
+    assert (online.resize_size, online.crop_size, online.batch_size, online.num_workers) == (36, 32, 5, 2)
 
 
 def test_call_returns_percentages_and_keeps_the_training_mode():
@@ -71,3 +71,5 @@ def test_transformed_images_are_cached_within_the_budget():
     online = OnlineKNN(TRAIN, VAL, resize_size=32, crop_size=32, num_workers=0)
     assert all(isinstance(d, CachedDataset) for d in online.datasets())
     assert not any(isinstance(d, CachedDataset) for d in OnlineKNN(TRAIN, VAL, cache_bytes=0).datasets())
+    # loader workers would fill their own copies of a cache, never this process's: no cache with workers
+    assert not any(isinstance(d, CachedDataset) for d in OnlineKNN(TRAIN, VAL, num_workers=2).datasets())
