@@ -328,6 +328,7 @@ def test_consolidate_writes_the_flat_backbone_of_the_newest_checkpoint(tmp_path)
     optimizer = torch.optim.AdamW(model.parameters())
     run = tmp_path / "run"
     _save(run / "checkpoints", 1, model, optimizer)
+    first_pos_embed = backbone.pos_embed.detach().clone()
     with torch.no_grad():
         backbone.pos_embed.add_(1.0)
     _save(run / "checkpoints", 2, model, optimizer)
@@ -335,9 +336,17 @@ def test_consolidate_writes_the_flat_backbone_of_the_newest_checkpoint(tmp_path)
     consolidate([str(run), "--output", str(out)])  # a run directory: its newest checkpoint
     flat = torch.load(out, weights_only=True)
     assert torch.equal(safetensors.torch.load_file(out.with_suffix(".safetensors"))["pos_embed"], flat["pos_embed"])
-    reference = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    load_backbone_state_dict(reference, flat)  # chunks flattened: loads into an unchunked backbone
+    with safetensors.safe_open(out.with_suffix(".safetensors"), framework="pt") as twin:
+        assert twin.metadata() == {"format": "pt"}  # what transformers-style loaders require of a torch file
+    reference = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_chunks=0)
+    assert flat.keys() == reference.state_dict().keys()  # the published layout: blocks.N., no chunk level
+    load_backbone_state_dict(reference, flat)
     assert torch.equal(reference.pos_embed, backbone.pos_embed)
+    # a step directory itself, and --no-safetensors: the .pth alone
+    older = tmp_path / "older" / "teacher.pth"
+    consolidate([str(run / "checkpoints" / "step_0000001"), "--output", str(older), "--no-safetensors"])
+    assert sorted(p.name for p in older.parent.iterdir()) == ["teacher.pth"]
+    assert torch.equal(torch.load(older, weights_only=True)["pos_embed"], first_pos_embed)
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty"))):
         consolidate([str(tmp_path / "empty"), "--output", str(out)])
     with pytest.raises(KeyError, match="model.student.backbone."):

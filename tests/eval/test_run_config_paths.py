@@ -59,6 +59,32 @@ def test_a_folder_under_checkpoints_that_is_no_step_is_not_taken_for_one(tmp_pat
     assert run_config_of(downloads) is None
 
 
+def test_a_folder_under_eval_that_is_no_export_is_not_taken_for_one(tmp_path):
+    """Only ``eval/training_N`` (and the files in it) are the run's exports: other results under eval/
+    (downloaded or copied weights among them) are not attributed to the run's config."""
+    out = make_run(tmp_path / "OUT")
+    other = out / "eval" / "downloads"
+    other.mkdir()
+    (other / "weights.pth").write_bytes(b"weights")
+    assert run_config_of(other) is None
+    assert run_config_of(other / "weights.pth") is None
+
+
+def test_a_run_layout_without_its_config_belongs_to_no_run(tmp_path):
+    out = make_run(tmp_path / "OUT")
+    (out / "config.yaml").unlink()
+    for location in (out / "checkpoints" / "step_0000001", out / "eval" / "training_1" / "teacher_checkpoint.pth"):
+        assert run_config_of(location) is None, location
+
+
+def test_a_relative_location_gives_the_config_as_an_absolute_path(tmp_path, monkeypatch):
+    """The config found stays valid if the working directory changes later."""
+    out = make_run(tmp_path / "OUT")
+    monkeypatch.chdir(tmp_path)
+    assert run_config_of("OUT/checkpoints/step_0000001") == out / "config.yaml"
+    assert run_config_of("OUT/eval/training_1/teacher_checkpoint.pth") == out / "config.yaml"
+
+
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links")
 def test_symbolic_links_to_and_inside_a_run(tmp_path):
     out = make_run(tmp_path / "OUT")
