@@ -208,3 +208,93 @@ def test_two_copies_of_one_parameter_under_wrapper_names_are_an_error_naming_bot
     whole = {f"teacher.{k}": v for k, v in state.items()}
     with pytest.raises(ValueError, match=r"'teacher.pos_embed' and 'teacher.module.pos_embed'"):
         branch_state_dict(whole, "teacher")
+
+
+# ----------------------------------------------------------------------------- found by a mutation audit
+def test_wrapper_segments_are_whole_name_segments():
+    from dinov2.checkpoint.adapters import strip_wrapper_segments
+
+    assert strip_wrapper_segments("module._orig_mod.blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
+    assert strip_wrapper_segments("head.module.weight") == "head.weight"
+    # a name that only ends in "module" is a module of its own, not a wrapper
+    assert strip_wrapper_segments("head.submodule.weight") == "head.submodule.weight"
+    assert strip_wrapper_segments("my_orig_mod.weight") == "my_orig_mod.weight"
+
+
+def test_a_mismatch_message_lists_twelve_keys_and_counts_the_rest():
+    missing = [f"k{i:02d}" for i in range(20)]
+    message = str(StateDictMismatchError(missing, [], [], "w.pth"))
+    assert message.startswith("checkpoint w.pth does not match the model:")
+    assert "missing keys: " + ", ".join(missing[:12]) + ", ... (20 in all)" in message
+    assert "k12" not in message
+
+
+def test_an_empty_state_dict_or_container_is_not_a_state_dict():
+    with pytest.raises(ValueError, match="Not a state dict"):
+        adapt_backbone_state_dict({})
+    # an empty teacher container beside a whole model's state dict: the model's teacher is loaded
+    source, target = _vit(), _vit()
+    model = {f"teacher.backbone.{k}": v for k, v in source.state_dict().items()}
+    report = load_backbone_state_dict(target, {"teacher": {}, "model": model})
+    assert report.container == "model"
+    _assert_same_weights(source, target)
+
+
+def test_an_unknown_branch_is_refused_even_for_a_branchless_file():
+    from dinov2.checkpoint.adapters import branch_state_dict
+
+    with pytest.raises(ValueError, match=r"branch must be one of \('teacher', 'student'\), got 'ema'"):
+        adapt_backbone_state_dict(_vit().state_dict(), branch="ema")
+    with pytest.raises(ValueError, match="got 'ema'"):
+        branch_state_dict(_vit().state_dict(), branch="ema")
+
+
+def test_branch_state_dict_takes_the_branch_container_over_a_whole_model():
+    from dinov2.checkpoint.adapters import branch_state_dict
+
+    a, b, c = torch.ones(2), torch.zeros(2), torch.full((2,), 5.0)
+    export = {"teacher": {"backbone.w": a}, "student": {"backbone.w": b}, "model": {"teacher.backbone.w": c}}
+    assert torch.equal(branch_state_dict(export, "teacher")["backbone.w"], a)
+    assert torch.equal(branch_state_dict(export, "student")["backbone.w"], b)
+    assert torch.equal(branch_state_dict({"model": {"teacher.backbone.w": c}}, "teacher")["backbone.w"], c)
+
+
+def test_hugging_face_keys_that_map_to_one_tensor_twice_are_errors():
+    state = _hf_names(_vit().state_dict(), hub_layout=True)
+    both = dict(state)  # the same layer's q/k/v in the Hub file's and in transformers 5's names
+    for name in ("q", "k", "v"):
+        both[f"encoder.layer.0.attention.{name}_proj.weight"] = torch.zeros(32, 32)
+    with pytest.raises(ValueError, match=r"both map to 'blocks\.0\.attn\.qkv\.weight'"):
+        load_backbone_state_dict(_vit(), both)
+    ours_too = dict(state, **{"blocks.0.attn.qkv.weight": torch.zeros(96, 32)})  # an HF key and one of ours
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv\.weight' and another key both map to"):
+        load_backbone_state_dict(_vit(), ours_too)
+
+
+def test_a_position_grid_that_differs_because_the_patch_size_does_is_reported_not_resampled():
+    # patch 8 -> 4 on 16 px: 2x2 -> 4x4 grid; resampling pos_embed would hide the cause in the report
+    with pytest.raises(StateDictMismatchError) as error:
+        load_backbone_state_dict(_vit(patch_size=4), _vit().state_dict())
+    mismatched = " ".join(error.value.mismatched)
+    assert "pos_embed (1, 5, 32) vs model (1, 17, 32)" in mismatched and "patch_embed.proj.weight" in mismatched
+
+
+def test_a_resampled_half_precision_position_grid_keeps_its_dtype():
+    state = {k: v.half() for k, v in _vit().state_dict().items()}
+    adapted, report = adapt_backbone_state_dict(state, _vit(img_size=24))
+    assert report.pos_embed_grid == (2, 3) and adapted["pos_embed"].shape == (1, 10, 32)
+    assert adapted["pos_embed"].dtype == torch.float16
+
+
+def test_a_top_level_weight_norm_key_is_renamed_without_a_leading_dot():
+    from dinov2.checkpoint.adapters import convert_weight_norm_keys
+
+    renamed = convert_weight_norm_keys({"weight_g": torch.ones(1), "last_layer.weight_v": torch.ones(1)})
+    assert set(renamed) == {"parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"}
+
+
+def test_a_transposed_tensor_of_the_right_size_is_a_shape_mismatch():
+    state = _vit().state_dict()
+    state["blocks.0.mlp.fc1.weight"] = state["blocks.0.mlp.fc1.weight"].t()  # 128 x 32 stored as 32 x 128
+    with pytest.raises(StateDictMismatchError, match=r"blocks\.0\.mlp\.fc1\.weight \(32, 128\) vs model \(128, 32\)"):
+        load_backbone_state_dict(_vit(), state)
