@@ -2,7 +2,8 @@
 
 A store is a directory::
 
-    manifest.json            source, number of images, chunk size, dim, storage dtype, embedder
+    manifest.json            source, number of images, chunk size, storage dtype, embedder
+                             (the dim is read from the chunks; a ``dim`` another tool records is not compared)
     sources.txt              every input image path, one per line (the order that chunks follow)
     chunk_00000.npy          (rows, dim) embeddings of the images of chunk 0 that could be read
     chunk_00000.paths.txt    the path of each row, one per line
@@ -301,9 +302,20 @@ class EmbeddingStore:
                 vectors = self.load_chunk(c, mmap=True)
                 yield ids, np.asarray(vectors[ids - offsets[c]], dtype=np.float32)
 
+    def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` as int64, or a :class:`StoreError` naming those outside ``[0, len(self))``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        outside = ids[(ids < 0) | (ids >= len(self))]
+        if len(outside):
+            raise StoreError(
+                f"{self.dir} holds {len(self)} vectors (ids 0 to {len(self) - 1}); {len(outside)} requested "
+                f"ids are outside that range, e.g. {int(outside[0])}"
+            )
+        return ids
+
     def read(self, ids: np.ndarray) -> np.ndarray:
         """float32 vectors of ``ids`` (any order), read through memory maps chunk by chunk."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = self._checked_ids(ids)
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         offsets = self.offsets
         chunk_of = np.searchsorted(offsets, ids, side="right") - 1
@@ -327,7 +339,7 @@ class EmbeddingStore:
         offsets = self.offsets
         if ids is None:
             return [p for c in range(self.num_chunks) for p in self.chunk_paths(c)]
-        ids = np.sort(np.asarray(ids, dtype=np.int64))
+        ids = np.sort(self._checked_ids(ids))
         out: list[str] = []
         for c in range(self.num_chunks):
             inside = ids[(ids >= offsets[c]) & (ids < offsets[c + 1])] - offsets[c]
