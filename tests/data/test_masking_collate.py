@@ -313,3 +313,75 @@ def test_training_mask_generator_follows_the_recipe():
     assert generator.min_num_patches == 4 and generator.max_num_patches == 128
     assert generator.log_aspect_ratio == pytest.approx((math.log(0.3), -math.log(0.3)))
     assert settings["mask_probability"] == 0.5 and tuple(settings["mask_ratio_tuple"]) == (0.1, 0.5)
+
+
+# ----------------------------------------------------------------------------- found by a mutation audit
+class _FixedArea:
+    """A ``random.Random`` stand-in: every rectangle has area ``area`` and aspect 1, at the top-left."""
+
+    def __init__(self, area):
+        self.area = area
+
+    def uniform(self, low, high):
+        return 0.0 if low < 0 else self.area  # the log-aspect range is (log a, -log a): centred on 0
+
+    def randint(self, low, high):
+        return low
+
+
+def test_rectangle_sides_are_rounded_to_the_nearest_patch():
+    # area 13 at aspect 1: sides sqrt(13) = 3.6 round to 4 (a 4 x 4 block), not down to 3
+    mask = MaskingGenerator(8, min_num_patches=4)(20, rng=_FixedArea(13))
+    assert mask.sum() == 16 and mask[:4, :4].all()
+
+
+def test_each_rectangle_is_capped_by_the_masking_count_when_no_maximum_is_given(monkeypatch):
+    gen = MaskingGenerator(16, num_masking_patches=10, min_num_patches=4, rng=random.Random(0))
+    budgets = []
+    real = MaskingGenerator._add_rectangle
+    monkeypatch.setattr(
+        MaskingGenerator, "_add_rectangle", lambda self, m, b, r: budgets.append(b) or real(self, m, b, r)
+    )
+    gen(60)
+    assert budgets and max(budgets) == 10  # every rectangle drawn with an area of at most 10
+
+
+def test_an_aspect_range_whose_minimum_exceeds_its_maximum_is_refused():
+    with pytest.raises(ValueError, match=r"need 0 < min_aspect <= max_aspect, got 2.0, 1.0"):
+        MaskingGenerator(8, min_aspect=2.0, max_aspect=1.0)
+
+
+def test_rectangles_reach_every_row_and_column_of_the_grid():
+    gen = MaskingGenerator(8, min_num_patches=4, max_num_patches=16, rng=random.Random(0))
+    covered = np.zeros((8, 8), dtype=int)
+    for _ in range(300):
+        covered += gen(12)
+    assert (covered.sum(axis=1) > 0).all() and (covered.sum(axis=0) > 0).all()
+
+
+def test_a_request_that_no_rectangle_fits_gives_up_after_one_round_of_tries(monkeypatch):
+    gen = MaskingGenerator(4, min_num_patches=20, rng=random.Random(0))  # every rectangle spans the grid
+    rounds = []
+    real = MaskingGenerator._add_rectangle
+
+    def counted(self, mask, budget, rng):
+        rounds.append(budget)
+        if len(rounds) > 3:  # a generator that kept retrying would never return
+            raise AssertionError("still retrying after a round that added nothing")
+        return real(self, mask, budget, rng)
+
+    monkeypatch.setattr(MaskingGenerator, "_add_rectangle", counted)
+    assert not gen(8).any() and rounds == [8]
+
+
+def test_an_empty_crop_group_has_the_batch_dtype():
+    out = _collate(dtype=torch.bfloat16, n_local=0)
+    assert out["collated_local_crops"].shape == (0,) and out["collated_local_crops"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("ratios", [(0.1, 0.2, 0.5), (0.3,)])
+def test_a_mask_ratio_range_that_is_not_a_pair_is_refused(ratios):
+    from dinov2.data.collate import check_mask_settings
+
+    with pytest.raises(ValueError, match=r"ibot: mask_ratio_tuple must be a \(min, max\) pair"):
+        check_mask_settings(ratios, 0.5, where="ibot")
