@@ -108,6 +108,8 @@ def test_teacher_is_a_target():
         soft_cross_entropy(student, teacher_rows(4, 5), 0.1)
     with pytest.raises(ValueError, match="chunk_rows"):
         soft_cross_entropy(student, teacher_rows(4, 6), 0.1, chunk_rows=0)
+    with pytest.raises(ValueError, match="at least one dimension"):  # a scalar has no class axis
+        soft_cross_entropy(torch.tensor(1.0), torch.tensor(1.0), 0.1)
     with torch.no_grad():  # a teacher requiring grad is fine where no graph is built
         soft_cross_entropy(student, teacher_rows(4, 6).requires_grad_(), 0.1)
 
