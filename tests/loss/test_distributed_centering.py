@@ -34,6 +34,11 @@ def _sinkhorn_results(rank, data):
         n_masked = torch.tensor([counts[rank]])
         out[f"ibot_sk_{name}"] = iBOTPatchLoss(K).sinkhorn_knopp_teacher(rows, TEMP, n_masked, n_iterations=5)
         out[f"n_masked_after_{name}"] = n_masked
+    # all logits far below 0 and no rows on rank 0: its empty batch must not pull the all-rank maximum
+    # up to 0 (exp((z - 0) / T) underflows to 0 for every entry, and the targets become NaN)
+    rows = _rank_rows(data["ibot_logits"] - 30.0, IBOT_SPLITS["empty_rank"], rank)
+    n_masked = torch.tensor([IBOT_SPLITS["empty_rank"][rank]])
+    out["ibot_sk_negative_empty_rank"] = iBOTPatchLoss(K).sinkhorn_knopp_teacher(rows, TEMP, n_masked, n_iterations=5)
     return out
 
 
@@ -99,6 +104,15 @@ def test_ibot_sinkhorn_with_unequal_masked_counts(run, name):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     # each rank's count tensor was not all-reduced in place
     assert [r[f"n_masked_after_{name}"].item() for r in results] == list(counts)
+
+
+def test_an_empty_rank_leaves_the_shift_of_negative_logits_to_the_ranks_with_rows(run):
+    data, results = run
+    full = data["ibot_logits"][: sum(IBOT_SPLITS["empty_rank"])] - 30.0
+    expected = iBOTPatchLoss(K).sinkhorn_knopp_teacher(full, TEMP, torch.tensor([len(full)]), n_iterations=5)
+    got = torch.cat([r["ibot_sk_negative_empty_rank"] for r in results])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_center_updates_equal_single_process_on_full_batch(run):

@@ -124,3 +124,14 @@ def test_default_student_temperature_is_the_recipes_0_1():
         rows = [cross_entropy(students[b, p].tolist(), teacher[b, p].tolist(), 0.1) for p in range(3) if masks[b, p]]
         per_image.append(sum(rows) / len(rows))
     assert ibot == pytest.approx(sum(per_image) / 2, rel=1e-5)
+
+
+def test_softmax_centering_of_large_logits_is_finite():
+    # 1000 / 0.5 = 2000: exp overflows float32 (above ~88) unless the row maximum is subtracted first
+    from dinov2.loss.centering import softmax_center
+
+    logits = torch.tensor([[1000.0, 0.0, 999.5], [-500.0, -500.0, -500.0]])
+    probs = softmax_center(logits, torch.zeros(1, 3), teacher_temp=0.5)
+    e = math.exp(-0.5 / 0.5)  # the third logit is 0.5 below the first: weight e^-1 relative to it
+    torch.testing.assert_close(probs[0], torch.tensor([1 / (1 + e), 0.0, e / (1 + e)]))
+    torch.testing.assert_close(probs[1], torch.full((3,), 1 / 3))
