@@ -424,3 +424,53 @@ def test_value_conversion_follows_annotations():
     assert _convert(".a, .b", tuple[str, ...]) == (".a", ".b")
     with pytest.raises(ValueError):
         _convert("maybe", bool)
+
+
+# ----------------------------------------------------------------------------- found by a mutation audit
+def test_imagenet_test_images_have_no_class_id(imagenet_root, tmp_path):
+    ImageNet(split="TEST", root=str(imagenet_root), extra=str(tmp_path / "e")).dump_extra()
+    test = ImageNet(split="TEST", root=str(imagenet_root), extra=str(tmp_path / "e"))
+    assert [test.get_class_id(i) for i in range(len(test))] == [None, None]
+
+
+def test_imagenet_labels_are_stripped_and_an_empty_wnid_is_refused(imagenet_root, tmp_path):
+    from pathlib import Path
+
+    from dinov2.data.datasets.imagenet import read_labels
+
+    (imagenet_root / "labels.txt").write_text(" n02000000 ,  goldfish \nn01000000,tench\n\nn03000000,shark\n")
+    ids, names = read_labels(Path(imagenet_root))
+    assert ids == sorted(WNIDS) and names == ["tench", "goldfish", "shark"]
+    (imagenet_root / "labels.txt").write_text("n01000000,tench\n , nameless\n")
+    with pytest.raises(ValueError, match=r"labels.txt:2: expected '<wnid>,<class name>'"):
+        read_labels(Path(imagenet_root))
+
+
+def test_an_imagenet_image_named_for_another_class_than_its_folder_is_refused(imagenet_root, tmp_path):
+    _write(imagenet_root / "train" / "n01000000" / "n02000000_3.JPEG")  # a goldfish file among the tench
+    with pytest.raises(ValueError, match=r"unexpected file.*n01000000/n02000000_3\.JPEG"):
+        ImageNet(split="TRAIN", root=str(imagenet_root), extra=str(tmp_path / "e")).dump_extra()
+
+
+def test_imagenet_main_dumps_only_the_splits_that_are_there(imagenet_root, tmp_path):
+    import shutil
+
+    from dinov2.data.datasets.imagenet import main
+
+    shutil.rmtree(imagenet_root / "val")
+    shutil.rmtree(imagenet_root / "test")
+    main(["--root", str(imagenet_root), "--extra", str(tmp_path / "e")])
+    assert sorted(p.name for p in (tmp_path / "e").glob("entries-*.npy")) == ["entries-TRAIN.npy"]
+
+
+def test_imagenet22k_lists_class_folders_only_and_a_second_dump_is_seen(tmp_path):
+    root = tmp_path / "in22k"
+    for w in ("n0001", "n0002"):
+        _write(root / w / f"{w}_0.JPEG")
+    _write(root / "stray.JPEG")  # no class folder: not an ImageNet-22k image
+    ds = ImageNet22k(root=str(root), extra=str(tmp_path / "e"))
+    ds.dump_extra()
+    assert (len(ds), ds.classes) == (2, ["n0001", "n0002"])
+    _write(root / "n0003" / "n0003_0.JPEG")
+    ds.dump_extra()  # the same object reads the new metadata, not what it had loaded
+    assert (len(ds), ds.classes) == (3, ["n0001", "n0002", "n0003"])
