@@ -68,7 +68,8 @@ def load_weights_file(location: str | os.PathLike, map_location: str | torch.dev
         )
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    source = f"{path} (downloaded from {location})" if is_url(location) else str(path)
+    # a download the server cut short or answered with an error page stays cached: say how to redo it
+    source = f"{path} (downloaded from {location}; delete it to download again)" if is_url(location) else str(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

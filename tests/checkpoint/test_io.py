@@ -81,3 +81,33 @@ def test_an_unknown_home_directory_is_a_missing_file():
     # Path.expanduser raised "RuntimeError: Could not determine home directory" for ~unknown_user.
     with pytest.raises(FileNotFoundError, match=re.escape("weights file not found: ~no_such_user_x1/w.pth")):
         load_weights_file("~no_such_user_x1/w.pth")
+
+
+# ----------------------------------------------------------------------------- found by a mutation audit
+def test_plain_http_urls_are_downloaded_and_a_url_without_a_file_name_gets_one(tmp_path, monkeypatch):
+    downloads = _fake_downloads(monkeypatch, tmp_path)
+    url = "http://intranet.example/weights/"
+    assert torch.equal(load_weights_file(url)["source"], _expected(url))
+    assert downloads == [url]
+    assert [p.name for p in (tmp_path / "hub" / "checkpoints").rglob("*") if p.is_file()] == ["weights.pth"]
+
+
+def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save({"w": torch.ones(2)}, tmp_path / "mine.pth")
+    assert torch.equal(load_weights_file("~/mine.pth")["w"], torch.ones(2))
+
+
+def test_an_unreadable_download_is_named_with_its_url(tmp_path, monkeypatch):
+    def download_url_to_file(url, dst, hash_prefix=None, progress=True):
+        torch.save({"w": torch.zeros(64)}, dst)
+        with open(dst, "r+b") as f:
+            f.truncate(100)  # a download cut short
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download_url_to_file)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    url = "https://example.org/models/vit.pth"
+    with pytest.raises(
+        CheckpointLoadError, match=re.escape(f"vit.pth (downloaded from {url}; delete it to download again)")
+    ):
+        load_weights_file(url)
