@@ -123,3 +123,47 @@ def test_mean_per_class_accuracy_averages_the_classes_present():
     assert mean_per_class_accuracy(tied, torch.tensor([0, 1, 1, 2])) == pytest.approx(100.0 / 3)
     with pytest.raises(ValueError, match="zero samples"):
         mean_per_class_accuracy(scores[:0], labels[:0])
+
+
+# ----------------------------------------------------------------------------- found by a mutation audit
+def test_labels_of_another_length_or_outside_the_classes_are_refused():
+    from dinov2.eval.metrics import true_class_rank
+
+    scores = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"need scores \(N, C\) and labels \(N,\), got \(3, 4\) and \(2,\)"):
+        true_class_rank(scores, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got \[-1, 2\]"):
+        true_class_rank(scores, torch.tensor([0, -1, 2]))  # -1 would silently index the last class
+
+
+def test_the_results_json_takes_paths_as_strings_under_any_key_and_ends_with_a_newline(tmp_path):
+    from pathlib import Path
+
+    path = write_json_atomic(tmp_path / "r.json", {"weights": Path("/w/teacher.pth"), Path("/data"): 1, 10: 2})
+    text = path.read_text()
+    assert text.endswith("}\n")
+    assert json.loads(text) == {"weights": "/w/teacher.pth", "/data": 1, "10": 2}
+
+
+def test_table_cells_are_right_aligned_under_their_headers():
+    table = format_table([["vit_s", 81.234], ["vit_giant2", 7.0]], ["model", "top1"])
+    assert table.splitlines() == [
+        "     model   top1",
+        "----------  -----",
+        "     vit_s  81.23",
+        "vit_giant2   7.00",
+    ]
+
+
+def test_the_run_record_names_the_checkpoint_read_and_the_skipped_images():
+    from types import SimpleNamespace
+
+    from dinov2.eval.metrics import run_record
+
+    args = SimpleNamespace(config_file="c.yaml", pretrained_weights="runs/a", train_dataset="T", val_dataset="V")
+    data = {"train_labels": [0, 1, 1], "val_labels": [1], "num_skipped": {"train": 2, "val": 0}}
+    record = run_record("knn", args, data, {"total": 1.5}, results={"top1": 50.0})
+    assert record["weights_read"] == "runs/a"  # nothing resolved: the argument itself
+    assert (record["num_train"], record["num_val"], record["num_skipped"]) == (3, 1, {"train": 2, "val": 0})
+    args.weights_read = "runs/a/checkpoints/step_0000010"
+    assert run_record("knn", args, data, {})["weights_read"] == "runs/a/checkpoints/step_0000010"
