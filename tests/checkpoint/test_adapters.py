@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dinov2.checkpoint import StateDictMismatchError, adapt_backbone_state_dict, load_backbone_state_dict
+from dinov2.checkpoint.adapters import branch_state_dict, convert_weight_norm_keys, strip_wrapper_segments
 from dinov2.models import DinoVisionTransformer
 
 
@@ -199,8 +200,6 @@ def test_flat_state_dict_with_a_non_tensor_entry_names_it():
 
 
 def test_two_copies_of_one_parameter_under_wrapper_names_are_an_error_naming_both():
-    from dinov2.checkpoint.adapters import branch_state_dict
-
     state = dict(_vit().state_dict())
     state["module.pos_embed"] = state["pos_embed"] + 1  # a second, different copy: neither may win silently
     with pytest.raises(ValueError, match=r"'pos_embed' and 'module.pos_embed' both become 'pos_embed'"):
@@ -212,8 +211,6 @@ def test_two_copies_of_one_parameter_under_wrapper_names_are_an_error_naming_bot
 
 # ----------------------------------------------------------------------------- found by a mutation audit
 def test_wrapper_segments_are_whole_name_segments():
-    from dinov2.checkpoint.adapters import strip_wrapper_segments
-
     assert strip_wrapper_segments("module._orig_mod.blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
     assert strip_wrapper_segments("head.module.weight") == "head.weight"
     # a name that only ends in "module" is a module of its own, not a wrapper
@@ -241,8 +238,6 @@ def test_an_empty_state_dict_or_container_is_not_a_state_dict():
 
 
 def test_an_unknown_branch_is_refused_even_for_a_branchless_file():
-    from dinov2.checkpoint.adapters import branch_state_dict
-
     with pytest.raises(ValueError, match=r"branch must be one of \('teacher', 'student'\), got 'ema'"):
         adapt_backbone_state_dict(_vit().state_dict(), branch="ema")
     with pytest.raises(ValueError, match="got 'ema'"):
@@ -250,8 +245,6 @@ def test_an_unknown_branch_is_refused_even_for_a_branchless_file():
 
 
 def test_branch_state_dict_takes_the_branch_container_over_a_whole_model():
-    from dinov2.checkpoint.adapters import branch_state_dict
-
     a, b, c = torch.ones(2), torch.zeros(2), torch.full((2,), 5.0)
     export = {"teacher": {"backbone.w": a}, "student": {"backbone.w": b}, "model": {"teacher.backbone.w": c}}
     assert torch.equal(branch_state_dict(export, "teacher")["backbone.w"], a)
@@ -287,8 +280,6 @@ def test_a_resampled_half_precision_position_grid_keeps_its_dtype():
 
 
 def test_a_top_level_weight_norm_key_is_renamed_without_a_leading_dot():
-    from dinov2.checkpoint.adapters import convert_weight_norm_keys
-
     renamed = convert_weight_norm_keys({"weight_g": torch.ones(1), "last_layer.weight_v": torch.ones(1)})
     assert set(renamed) == {"parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"}
 

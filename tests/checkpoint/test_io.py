@@ -9,12 +9,15 @@ import torch
 from dinov2.checkpoint import CheckpointLoadError, load_weights_file
 
 
-def _fake_downloads(monkeypatch, tmp_path):
-    """No network: a URL "downloads" a state dict that says which URL it came from."""
+def _fake_downloads(monkeypatch, tmp_path, write=None):
+    """No network: a URL "downloads" a state dict that says which URL it came from (or what
+    ``write(url, dst)`` writes)."""
     downloads = []
 
     def download_url_to_file(url, dst, hash_prefix=None, progress=True):
         downloads.append(url)
+        if write is not None:
+            return write(url, dst)
         torch.save({"source": torch.tensor([len(url), sum(map(ord, url))])}, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download_url_to_file)
@@ -99,13 +102,12 @@ def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
 
 
 def test_an_unreadable_download_is_named_with_its_url(tmp_path, monkeypatch):
-    def download_url_to_file(url, dst, hash_prefix=None, progress=True):
+    def cut_short(url, dst):
         torch.save({"w": torch.zeros(64)}, dst)
         with open(dst, "r+b") as f:
             f.truncate(100)  # a download cut short
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", download_url_to_file)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    _fake_downloads(monkeypatch, tmp_path, write=cut_short)
     url = "https://example.org/models/vit.pth"
     with pytest.raises(
         CheckpointLoadError, match=re.escape(f"vit.pth (downloaded from {url}; delete it to download again)")

@@ -434,16 +434,14 @@ def test_imagenet_test_images_have_no_class_id(imagenet_root, tmp_path):
 
 
 def test_imagenet_labels_are_stripped_and_an_empty_wnid_is_refused(imagenet_root, tmp_path):
-    from pathlib import Path
-
     from dinov2.data.datasets.imagenet import read_labels
 
     (imagenet_root / "labels.txt").write_text(" n02000000 ,  goldfish \nn01000000,tench\n\nn03000000,shark\n")
-    ids, names = read_labels(Path(imagenet_root))
+    ids, names = read_labels(imagenet_root)
     assert ids == sorted(WNIDS) and names == ["tench", "goldfish", "shark"]
     (imagenet_root / "labels.txt").write_text("n01000000,tench\n , nameless\n")
     with pytest.raises(ValueError, match=r"labels.txt:2: expected '<wnid>,<class name>'"):
-        read_labels(Path(imagenet_root))
+        read_labels(imagenet_root)
 
 
 def test_an_imagenet_image_named_for_another_class_than_its_folder_is_refused(imagenet_root, tmp_path):

@@ -329,6 +329,21 @@ class _FixedArea:
         return low
 
 
+def _recorded_budgets(monkeypatch, limit=None):
+    """The budget of every rectangle the generators try from now on; past ``limit`` tries, an
+    AssertionError stops a generator that would never return."""
+    budgets, real = [], MaskingGenerator._add_rectangle
+
+    def recorded(self, mask, budget, rng):
+        budgets.append(budget)
+        if limit is not None and len(budgets) > limit:
+            raise AssertionError(f"still trying rectangles after {limit} tries")
+        return real(self, mask, budget, rng)
+
+    monkeypatch.setattr(MaskingGenerator, "_add_rectangle", recorded)
+    return budgets
+
+
 def test_rectangle_sides_are_rounded_to_the_nearest_patch():
     # area 13 at aspect 1: sides sqrt(13) = 3.6 round to 4 (a 4 x 4 block), not down to 3
     mask = MaskingGenerator(8, min_num_patches=4)(20, rng=_FixedArea(13))
@@ -337,11 +352,7 @@ def test_rectangle_sides_are_rounded_to_the_nearest_patch():
 
 def test_each_rectangle_is_capped_by_the_masking_count_when_no_maximum_is_given(monkeypatch):
     gen = MaskingGenerator(16, num_masking_patches=10, min_num_patches=4, rng=random.Random(0))
-    budgets = []
-    real = MaskingGenerator._add_rectangle
-    monkeypatch.setattr(
-        MaskingGenerator, "_add_rectangle", lambda self, m, b, r: budgets.append(b) or real(self, m, b, r)
-    )
+    budgets = _recorded_budgets(monkeypatch)
     gen(60)
     assert budgets and max(budgets) == 10  # every rectangle drawn with an area of at most 10
 
@@ -361,16 +372,7 @@ def test_rectangles_reach_every_row_and_column_of_the_grid():
 
 def test_a_request_that_no_rectangle_fits_gives_up_after_one_round_of_tries(monkeypatch):
     gen = MaskingGenerator(4, min_num_patches=20, rng=random.Random(0))  # every rectangle spans the grid
-    rounds = []
-    real = MaskingGenerator._add_rectangle
-
-    def counted(self, mask, budget, rng):
-        rounds.append(budget)
-        if len(rounds) > 3:  # a generator that kept retrying would never return
-            raise AssertionError("still retrying after a round that added nothing")
-        return real(self, mask, budget, rng)
-
-    monkeypatch.setattr(MaskingGenerator, "_add_rectangle", counted)
+    rounds = _recorded_budgets(monkeypatch, limit=3)
     assert not gen(8).any() and rounds == [8]
 
 
