@@ -26,14 +26,38 @@ def total_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
             plain.append(grad)
     squares = []
     for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
-        squares.append(norm.full_tensor().float() ** 2)
+        squares.append(_sharded_square(grads))
     if plain:
-        squares.append(torch.nn.utils.get_total_norm(plain, norm_type=2.0).float() ** 2)
+        squares.append(_local_square(plain))
     if not squares:
         return torch.zeros(())
     device = squares[0].device
     return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+
+
+def _local_square(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of squares of these (local) tensors, accumulated in fp32: a half-precision norm above
+    about 256 would overflow fp16 when squared, and bf16 would round it."""
+    norms = [torch.linalg.vector_norm(t, 2.0, dtype=torch.float32) for t in tensors]
+    return torch.stack([n.to(norms[0].device) for n in norms]).square().sum()
+
+
+def _sharded_square(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The squared norm of DTensor gradients that share a mesh and placements, with one reduction:
+    each rank squares its local shards in fp32, then the sums add up over the mesh dimensions the
+    gradients are sharded along (replicated dimensions hold the same values and are not added)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    first = grads[0]
+    placements = first.placements
+    if not all(p.is_shard() or p.is_replicate() for p in placements):
+        raise ValueError(
+            f"gradient norm: DTensor gradients must be sharded or replicated, not {list(placements)} "
+            "(FSDP2 and HSDP give only those)"
+        )
+    local = _local_square([g.to_local() for g in grads])
+    summed = [Partial() if p.is_shard() else Replicate() for p in placements]
+    return DTensor.from_local(local, first.device_mesh, summed, run_check=False).full_tensor()
 
 
 @torch.no_grad()

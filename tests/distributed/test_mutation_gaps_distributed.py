@@ -146,7 +146,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     result.update(_sharding_part(rank))
     # bf16 sharded gradients (one element per rank) whose norm's square bf16 does not hold: squared in fp32
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     from dinov2.distributed.grads import total_grad_norm
 
@@ -154,6 +154,22 @@ def _worker(rank: int, port: int, out: str) -> None:
     param = nn.Parameter(distribute_tensor(torch.zeros(WORLD, dtype=torch.bfloat16), mesh, [Shard(0)]))
     param.grad = distribute_tensor(torch.tensor(HALF_GRAD, dtype=torch.bfloat16), mesh, [Shard(0)])
     result["bf16_norm"] = total_grad_norm([param])
+    param = nn.Parameter(distribute_tensor(torch.zeros(WORLD, dtype=torch.float16), mesh, [Shard(0)]))
+    param.grad = distribute_tensor(torch.tensor(HALF_GRAD, dtype=torch.float16), mesh, [Shard(0)])
+    result["fp16_norm"] = total_grad_norm([param])  # the reduction of fp16 squares (90000) would be inf
+    # HSDP's layout: replicated over a mesh dimension of 2 ranks, sharded over one of 1. The replicas
+    # hold the same gradient; adding their squares would give sqrt(2) times the norm
+    hsdp = init_device_mesh("cpu", (WORLD, 1))
+    replicated = nn.Parameter(distribute_tensor(torch.zeros(2), hsdp, [Replicate(), Shard(0)]))
+    replicated.grad = distribute_tensor(torch.tensor([3.0, 4.0]), hsdp, [Replicate(), Shard(0)])
+    result["hsdp_norm"] = total_grad_norm([replicated])
+    partial = nn.Parameter(torch.zeros(2))
+    partial.grad = DTensor.from_local(torch.ones(2), mesh, [Partial()])
+    try:
+        total_grad_norm([partial])
+        result["partial"] = "no error"
+    except ValueError as error:
+        result["partial"] = str(error)
     torch.save(result, Path(out) / f"r{rank}.pt")
     # shutdown waits for every rank: rank 1 arrives SLEEP_S after rank 0
     torch.distributed.barrier()
@@ -231,10 +247,18 @@ def test_each_module_computes_and_reduces_gradients_in_its_own_dtypes(ranks):
 
 
 @pytest.mark.distributed
-def test_the_norm_of_bf16_sharded_gradients_is_squared_in_fp32(ranks):
+def test_the_norm_of_half_precision_sharded_gradients_is_squared_in_fp32(ranks):
     for result in ranks[1]:
-        assert result["bf16_norm"].dtype == torch.float32
-        torch.testing.assert_close(result["bf16_norm"], torch.tensor(HALF_GRAD).norm())
+        for key in ("bf16_norm", "fp16_norm"):
+            assert result[key].dtype == torch.float32, key
+            torch.testing.assert_close(result[key], torch.tensor(HALF_GRAD).norm(), msg=key)
+
+
+@pytest.mark.distributed
+def test_the_norm_adds_squares_over_sharded_mesh_dimensions_only(ranks):
+    for result in ranks[1]:
+        torch.testing.assert_close(result["hsdp_norm"], torch.tensor(5.0))  # the 3-4-5 gradient, not 5 * sqrt(2)
+        assert "Partial" in result["partial"] and "sharded or replicated" in result["partial"]
 
 
 def test_clipping_skips_parameters_without_gradients_and_norms_half_gradients_in_fp32():
