@@ -99,3 +99,33 @@ def dinov2_logger():
     for handler in set(logger.handlers) - set(state[0]):
         handler.close()
     logger.handlers[:], logger.propagate, logger.level = state
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def log_messages():
+    """``log_messages(name)``: the list of messages the logger ``name`` handles from then on (DEBUG
+    and up; ``""`` is the root logger). The handler is removed and the level given back after the test."""
+    attached: list[tuple[logging.Logger, _Messages, int]] = []
+
+    def collect(name: str = "dinov2") -> list[str]:
+        logger = logging.getLogger(name)
+        handler = _Messages()
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        if name:  # the root logger's level stays: it decides for every logger without its own
+            logger.setLevel(logging.DEBUG)
+        return handler.messages
+
+    yield collect
+    for logger, handler, level in reversed(attached):
+        logger.removeHandler(handler)
+        logger.setLevel(level)

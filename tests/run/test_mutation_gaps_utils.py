@@ -5,7 +5,6 @@ descriptions, and the CPU peak-memory figure in MiB)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -18,34 +17,21 @@ from dinov2.utils.device import peak_memory_mb
 from dinov2.utils.logging import MetricsWriter, describe_error, format_duration, setup_logging
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_a_rank_other_than_0_logs_warnings_only_to_the_console_and_everything_to_its_own_file(
-    tmp_path, capsys, dinov2_logger
+    tmp_path, capsys, dinov2_logger, log_messages
 ):
-    root = _Collect()
-    logging.getLogger().addHandler(root)
-    try:
-        logger = setup_logging(tmp_path, rank=3)
-        logger.info("an info line")
-        logger.warning("a warning line")
-        for handler in logger.handlers:
-            handler.flush()
-    finally:
-        logging.getLogger().removeHandler(root)
+    root = log_messages("")
+    logger = setup_logging(tmp_path, rank=3)
+    logger.info("an info line")
+    logger.warning("a warning line")
+    for handler in logger.handlers:
+        handler.flush()
     console = capsys.readouterr().out
     assert "a warning line" in console and "an info line" not in console
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.rank3.txt"]
     logged = (tmp_path / "log.rank3.txt").read_text()
     assert "an info line" in logged and "a warning line" in logged
-    assert root.messages == []  # not also handed to the root logger (each line would print twice)
+    assert root == []  # not also handed to the root logger (each line would print twice)
 
 
 def test_rank_0_logs_info_to_the_console(tmp_path, capsys, dinov2_logger):
@@ -76,14 +62,13 @@ def test_non_finite_metrics_are_kept_out_of_tensorboard_but_written_to_the_file(
     assert '"grad_norm": NaN' in writer.path.read_text()
 
 
-def test_blank_lines_in_the_metrics_file_are_not_counted_as_torn_records(tmp_path, dinov2_logger):
-    collect = _Collect()
-    dinov2_logger.addHandler(collect)
+def test_blank_lines_in_the_metrics_file_are_not_counted_as_torn_records(tmp_path, log_messages):
+    messages = log_messages()
     writer = MetricsWriter(tmp_path, tensorboard=False)
     writer.path.write_text('{"iteration": 1, "loss": 1.0}\n\n{"iteration": 2, "loss": 2.0}\n\n')
     writer.truncate_after(5)
     assert writer.path.read_text() == '{"iteration": 1, "loss": 1.0}\n{"iteration": 2, "loss": 2.0}\n'
-    assert not [m for m in collect.messages if "not whole records" in m]
+    assert not [m for m in messages if "not whole records" in m]
 
 
 def test_an_error_is_described_by_its_type_and_the_first_line_of_its_message():
