@@ -1,7 +1,8 @@
 """Checkpoint and run-lock behaviour that a line-coverage pass of the suite found unexercised: an
 export of a teacher without a backbone, leftover temporaries that cannot be deleted, temporary
-names that collide, CUDA RNG states in a checkpoint read without CUDA, and the run lock's holder
-description (unreadable, or a SLURM job's) and file systems without locks."""
+names that collide, CUDA RNG states in a checkpoint read without CUDA, the run lock's holder
+description (unreadable, or a SLURM job's) and file systems without locks; and DCP checkpoints
+with unreadable RNG states, without metadata, without the tensors asked for, or cut short."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from test_hostile_storage import _hold_lock_in_child
+from test_training_checkpoint import _model_and_optimizer, _save
 from torch import nn
 
-from dinov2.checkpoint import export_teacher, training
+from dinov2.checkpoint import export_teacher, sharded, training
 from dinov2.checkpoint import lock as run_lock
 from dinov2.models import DinoVisionTransformer
 
@@ -135,3 +137,35 @@ def test_a_file_system_without_locks_gets_a_warning_and_the_next_run_tries_again
         assert os.path.realpath(tmp_path / run_lock.LOCK_FILE) in run_lock._HELD_LOCKS
     finally:
         run_lock.unlock_output_directory(tmp_path)
+
+
+# ------------------------------------------------------------------------------ DCP checkpoints
+def test_unreadable_rng_states_are_named_and_the_model_keeps_its_weights(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    path = _save(tmp_path, 1, model, optimizer)
+    (path / sharded.rng_file(0)).write_bytes(b"not a torch file")
+    fresh, fresh_optimizer = _model_and_optimizer(1)
+    with pytest.raises(sharded.CheckpointLoadError, match=f"cannot read the RNG states {path / sharded.rng_file(0)}"):
+        sharded.load_checkpoint(path, fresh, fresh_optimizer)
+
+
+def test_reading_tensors_of_what_is_not_a_whole_dcp_checkpoint_names_the_problem(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"not a DCP checkpoint \\(no .metadata\\): {tmp_path / 'plain'}"):
+        sharded.load_full_tensors(tmp_path / "plain", "model.")
+    model, optimizer = _model_and_optimizer(0)
+    path = _save(tmp_path, 1, model, optimizer)
+    with pytest.raises(KeyError, match=f"no tensor under 'student.' in checkpoint {path}"):
+        sharded.load_full_tensors(path, "student.")
+    loaded = sharded.load_full_tensors(path, "model.")  # whole, before the damage
+    assert torch.equal(loaded["0.weight"], model[0].weight.detach())
+    (shard,) = path.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:16])  # a shard cut short (a copy that did not finish)
+    with pytest.raises(sharded.CheckpointLoadError, match=f"cannot read tensors of checkpoint {path}"):
+        sharded.load_full_tensors(path, "model.")
+
+
+def test_a_negative_iteration_has_no_checkpoint_path(tmp_path):
+    assert sharded.step_path(tmp_path, 0) == tmp_path / "step_0000000"
+    with pytest.raises(ValueError, match="iteration must be >= 0, got -1"):
+        sharded.step_path(tmp_path, -1)
