@@ -1,7 +1,8 @@
 """Data behaviour that a line-coverage pass of the suite found unexercised: the ImageNet datasets'
 refusals of a tree they cannot read (each names what is missing), their pickled state for loader
-workers, an out-of-memory error while decoding (not a corrupt image), and the transforms' argument
-checks and descriptions."""
+workers, an out-of-memory error while decoding (not a corrupt image), the transforms' argument
+checks and descriptions, an image-folder root that is a file, a list line without its path, and an
+image folder's description."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dinov2.data import transforms
-from dinov2.data.datasets import ImageNet, ImageNet22k, base
+from dinov2.data.datasets import FileList, ImageFolder, ImageNet, ImageNet22k, base
 from dinov2.data.datasets import imagenet as imagenet_module
 
 
@@ -114,3 +115,23 @@ def test_an_aspect_limit_below_one_is_refused():
         transforms.CentreToAspect(0)
     with pytest.raises(ValueError, match="max_aspect must be >= 1, got 0"):
         transforms.centre_to_aspect(Image.new("RGB", (4, 2)), max_aspect=0)
+
+
+# ------------------------------------------------------------------------ folders and file lists
+def test_an_image_folder_root_that_is_a_file_is_refused_as_no_directory(tmp_path):
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    with pytest.raises(NotADirectoryError, match=f"ImageFolder root is not a directory: {tmp_path / 'images.zip'}"):
+        ImageFolder(str(tmp_path / "images.zip"))
+
+
+def test_a_file_list_line_with_a_label_but_no_path_is_refused_with_its_line(tmp_path):
+    _jpeg(tmp_path / "a.jpg")
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'a.jpg'},0\n,1\n")
+    with pytest.raises(ValueError, match=r"list\.txt:2: missing image path before the label"):
+        FileList(str(tmp_path / "list.txt"))
+
+
+def test_an_image_folder_describes_its_root_and_counts(tmp_path):
+    for name in ("cat/a.jpg", "cat/b.jpg", "dog/c.jpg"):
+        _jpeg(tmp_path / name)
+    assert repr(ImageFolder(str(tmp_path))) == f"ImageFolder(root={str(tmp_path)!r}, images=3, classes=2)"

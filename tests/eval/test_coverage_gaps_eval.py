@@ -1,7 +1,8 @@
 """Evaluation behaviour that a line-coverage pass of the suite found unexercised: k-NN's refusal of
 both sharding modes at once and of the faiss backend without faiss, a linear head asked for more
 blocks than the features hold, an unknown selection metric, ``--n-last-blocks`` outside the
-backbone's depth, a model whose output is not per-image features, and the extraction's progress bar."""
+backbone's depth, a model whose output is not per-image features, the extraction's progress bar,
+and logistic regression's non-positive C and a split with nothing to hold out."""
 
 from __future__ import annotations
 
@@ -86,3 +87,14 @@ def test_extraction_with_progress_draws_a_bar_that_reaches_the_dataset_size(caps
     assert "100%" in bar and "6.00/6.00" in bar and "img/s" in bar
     extract_features(_Mean(), IndexImages(6), batch_size=4, progress=False)
     assert "100%" not in capsys.readouterr().err
+
+
+def test_logistic_regression_refuses_a_non_positive_c_and_a_split_with_nothing_to_hold_out():
+    from dinov2.eval.log_regression import fit_logistic_regression, stratified_split
+
+    with pytest.raises(ValueError, match="C must be positive, got 0"):
+        fit_logistic_regression(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]), 0.0, num_classes=2)
+    with pytest.raises(ValueError, match="no class has two samples: cannot hold any out to choose C"):
+        stratified_split(torch.tensor([0, 1, 2]), holdout_fraction=0.5)
+    fit, holdout = stratified_split(torch.tensor([0, 0, 1]), holdout_fraction=0.5)  # class 0 can spare one
+    assert len(holdout) == 1 and sorted(torch.cat((fit, holdout)).tolist()) == [0, 1, 2]

@@ -1,7 +1,8 @@
 """Training-entry behaviour that a line-coverage pass of the suite found unexercised: ``--no-resume``
 in a directory without a run (nothing moved) and twice within one second (a second folder, the first
-kept), ``--eval-only`` before any checkpoint, and the initialisation rules for loss centres, running
-statistics and tensors no rule covers."""
+kept), ``--eval-only`` before any checkpoint, the initialisation rules for loss centres, running
+statistics and tensors no rule covers, and schedules read at a negative iteration or given epochs
+that are no number."""
 
 from __future__ import annotations
 
@@ -74,3 +75,16 @@ def test_a_tensor_no_rule_covers_is_refused_by_its_name_and_owner():
     model = nn.ModuleDict({"head": nn.ModuleDict({"extra": _Unknown()})})
     with pytest.raises(TypeError, match=r"no initialisation rule for 'head\.extra\.gate' \(_Unknown\.gate\)"):
         seeded_init_(model, seed=0)
+
+
+def test_a_schedule_refuses_a_negative_iteration_and_epochs_that_are_no_number():
+    from dinov2.train.schedules import CosineScheduler, epochs_to_iterations
+
+    schedule = CosineScheduler(base_value=1.0, final_value=0.0, total_iters=10)
+    assert schedule[0] == 1.0
+    with pytest.raises(IndexError, match="iteration must be non-negative, got -1"):
+        schedule[-1]  # not the last value, as a Python sequence would give
+    with pytest.raises(ValueError, match="teacher.warmup_teacher_temp_epochs must be a number of epochs, got 'ten'"):
+        epochs_to_iterations("ten", 100, key="teacher.warmup_teacher_temp_epochs")
+    with pytest.raises(ValueError, match="optim.epochs must be a number of epochs, got None"):
+        epochs_to_iterations(None, 100)
