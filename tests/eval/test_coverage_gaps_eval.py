@@ -2,7 +2,8 @@
 both sharding modes at once and of the faiss backend without faiss, a linear head asked for more
 blocks than the features hold, an unknown selection metric, ``--n-last-blocks`` outside the
 backbone's depth, a model whose output is not per-image features, the extraction's progress bar,
-and logistic regression's non-positive C and a split with nothing to hold out."""
+logistic regression's non-positive C and a split with nothing to hold out, a training checkpoint
+without a teacher backbone, and PCA colours of a single patch and a figure of no images."""
 
 from __future__ import annotations
 
@@ -98,3 +99,26 @@ def test_logistic_regression_refuses_a_non_positive_c_and_a_split_with_nothing_t
         stratified_split(torch.tensor([0, 1, 2]), holdout_fraction=0.5)
     fit, holdout = stratified_split(torch.tensor([0, 0, 1]), holdout_fraction=0.5)  # class 0 can spare one
     assert len(holdout) == 1 and sorted(torch.cat((fit, holdout)).tolist()) == [0, 1, 2]
+
+
+def test_a_training_checkpoint_without_a_teacher_backbone_is_refused_by_name(tmp_path):
+    from dinov2.checkpoint.sharded import save_checkpoint
+    from dinov2.eval.setup import read_pretrained_weights
+
+    model = nn.ModuleDict({"student": nn.ModuleDict({"backbone": nn.Linear(2, 2)})})  # no teacher
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = save_checkpoint(tmp_path / "checkpoints", 1, model, optimizer, {"iteration": 1}, {})
+    with pytest.raises(ValueError, match=f"training checkpoint {step} holds no teacher backbone"):
+        read_pretrained_weights(tmp_path)
+
+
+def test_pca_colours_need_two_patches_and_a_figure_needs_an_image():
+    from dinov2.eval.pca import foreground_mask, foreground_rgb, pca_figure
+
+    one_patch = torch.randn(1, 1, 1, 8)
+    assert foreground_mask(one_patch).tolist() == [[[False]]]  # no component to fit: all background
+    features = torch.randn(1, 2, 2, 8)
+    lone = torch.tensor([[[True, False], [False, False]]])
+    assert torch.equal(foreground_rgb(features, lone), torch.zeros(1, 2, 2, 3))  # black, not NaN
+    with pytest.raises(ValueError, match="need at least one image"):
+        pca_figure(_Mean(), [], image_size=16)
