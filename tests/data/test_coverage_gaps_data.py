@@ -135,3 +135,11 @@ def test_an_image_folder_describes_its_root_and_counts(tmp_path):
     for name in ("cat/a.jpg", "cat/b.jpg", "dog/c.jpg"):
         _jpeg(tmp_path / name)
     assert repr(ImageFolder(str(tmp_path))) == f"ImageFolder(root={str(tmp_path)!r}, images=3, classes=2)"
+
+
+def test_a_dataset_string_without_a_name_is_refused_with_the_expected_form():
+    from dinov2.data.datasets import parse_dataset_str
+
+    assert parse_dataset_str("ImageFolder:root=/x") == ("ImageFolder", {"root": "/x"})
+    with pytest.raises(ValueError, match=r"dataset string ':root=/x' has no dataset name; expected 'Name:key=value"):
+        parse_dataset_str(":root=/x")

@@ -91,3 +91,12 @@ def test_select_returns_the_given_default_for_a_missing_key():
     assert select({"a": {"b": None}}, "a.b", default=3) is None  # a present null is the value
     with pytest.raises(KeyError, match="optim.no_such_key"):
         select(cfg, "optim.no_such_key")
+
+
+def test_select_reads_through_attributes_and_names_the_missing_part():
+    from types import SimpleNamespace
+
+    cfg = {"train": SimpleNamespace(batch_size_per_gpu=8)}  # a dict holding an object, as tests and scripts pass
+    assert select(cfg, "train.batch_size_per_gpu") == 8
+    with pytest.raises(KeyError, match=r"config key 'train\.seed' is missing \('seed' not found\)"):
+        select(cfg, "train.seed")
