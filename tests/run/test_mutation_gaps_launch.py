@@ -1,6 +1,6 @@
 """The submitit launcher: behaviour a mutation audit found untested (``--redo=STAGE`` among other
 arguments, a job SLURM requeued by itself, job shapes without GPUs, the requeue limit, the printed
-output directory, and evaluations submitted without ``--output-dir``)."""
+output directory, and evaluations submitted without ``--output-dir``, and a SLURM submission from a machine without srun)."""
 
 from __future__ import annotations
 
@@ -132,3 +132,12 @@ def test_stopped_peers_get_the_failure_as_their_result_unless_they_wrote_their_o
     status, message = pickle.loads(JobPaths(tmp_path, "55", 2).result_pickle.read_bytes())
     assert status == "error" and "task 0 of job 55 failed" in message and "ValueError: bad" in message
     assert "ValueError: bad" in JobPaths(tmp_path, "55", 2).stderr.read_text()
+
+
+def test_submitting_to_slurm_where_there_is_no_srun_says_to_run_locally(tmp_path, monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, no sbatch on it
+    args = argparse.Namespace(executor="slurm", max_num_timeout=3)
+    with pytest.raises(SystemExit, match=r"cannot submit to SLURM from here \(.*srun.*\); --executor local runs"):
+        launcher.make_executor(args, tmp_path / "slurm", "a job")
