@@ -1,6 +1,7 @@
 """The submitit launcher: behaviour a mutation audit found untested (``--redo=STAGE`` among other
 arguments, a job SLURM requeued by itself, job shapes without GPUs, the requeue limit, the printed
-output directory, and evaluations submitted without ``--output-dir``, and a SLURM submission from a machine without srun)."""
+output directory, evaluations submitted without ``--output-dir``, and a SLURM submission from a
+machine without srun)."""
 
 from __future__ import annotations
 
