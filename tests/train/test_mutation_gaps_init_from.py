@@ -1,9 +1,11 @@
 """``train.init_from``: behaviour a mutation audit found untested (an empty value, a URL, a
 ``--no-resume`` run beside its own checkpoints, what counts as a whole-model file, a symlink into
-the outputs that ``--no-resume`` moves, and a source without backbone weights)."""
+the outputs that ``--no-resume`` moves, a source without backbone weights, and a file refused for an
+object other than a ShardedTensor)."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,14 @@ def test_a_source_without_backbone_weights_is_an_error_not_a_fresh_backbone():
     model = build_model(cfg, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"train.init_from: empty.pth holds no student.backbone weights"):
         init_from._load_branches_and_centres(model, lambda prefix: {}, "empty.pth")
+
+
+class _NotAllowed:
+    """An object of a class ``torch.load(weights_only=True)`` refuses (not a ShardedTensor)."""
+
+
+def test_a_file_refused_for_another_object_keeps_torch_s_refusal_not_the_sharded_tensor_hint(tmp_path):
+    torch.save({"model": {"w": _NotAllowed()}}, tmp_path / "other.pth")
+    with pytest.raises(pickle.UnpicklingError, match=r"weights file .*other\.pth was refused") as error:
+        init_from._read_weights_file(str(tmp_path / "other.pth"))
+    assert "ShardedTensor" not in str(error.value)
