@@ -14,22 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from test_hostile_storage import _hold_lock_in_child
-from test_training_checkpoint import _model_and_optimizer, _save
+from test_training_checkpoint import _model_and_optimizer, _save, _teacher
 from torch import nn
 
 from dinov2.checkpoint import export_teacher, sharded, training
 from dinov2.checkpoint import lock as run_lock
-from dinov2.models import DinoVisionTransformer
 
 
 @pytest.fixture
 def dinov2_messages(log_messages) -> list[str]:
     return log_messages()
-
-
-def _teacher() -> nn.ModuleDict:
-    backbone = DinoVisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)
-    return nn.ModuleDict({"backbone": backbone, "dino_head": nn.Linear(16, 4)})
 
 
 # ------------------------------------------------------------------------------------ exports

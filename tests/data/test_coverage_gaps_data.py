@@ -10,20 +10,16 @@ import pickle
 
 import pytest
 from PIL import Image
+from test_datasets import _write
 
 from dinov2.data import transforms
 from dinov2.data.datasets import FileList, ImageFolder, ImageNet, ImageNet22k, base
 from dinov2.data.datasets import imagenet as imagenet_module
 
 
-def _jpeg(path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4), (9, 0, 0)).save(path, format="JPEG")
-
-
 def _root(tmp_path, labels: bool = True):
     root = tmp_path / "in1k"
-    _jpeg(root / "train" / "n01000000" / "n01000000_1.JPEG")
+    _write(root / "train" / "n01000000" / "n01000000_1.JPEG")
     if labels:
         (root / "labels.txt").write_text("n01000000,a class\n")
     return root
@@ -50,7 +46,7 @@ def test_imagenet_without_the_split_folder_or_its_images_names_the_folder(tmp_pa
 def test_imagenet22k_without_a_root_or_class_folders_is_refused_by_name(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"ImageNet22k root does not exist .*: {tmp_path / 'missing'}"):
         ImageNet22k(root=str(tmp_path / "missing"), extra=str(tmp_path / "extra"))
-    _jpeg(tmp_path / "flat" / "loose.JPEG")  # an image, but in no class folder
+    _write(tmp_path / "flat" / "loose.JPEG")  # an image, but in no class folder
     with pytest.raises(FileNotFoundError, match=f"no images in class folders under {tmp_path / 'flat'}"):
         ImageNet22k(root=str(tmp_path / "flat"), extra=str(tmp_path / "extra")).dump_extra()
 
@@ -66,7 +62,7 @@ def test_the_metadata_command_refuses_a_missing_root_or_one_without_splits(tmp_p
 
 def test_a_pickled_dataset_leaves_its_loaded_metadata_behind_and_reads_it_again(tmp_path):
     root = _root(tmp_path)
-    _jpeg(tmp_path / "in22k" / "n0001" / "a.JPEG")
+    _write(tmp_path / "in22k" / "n0001" / "a.JPEG")
     datasets = [
         ImageNet(split="TRAIN", root=str(root), extra=str(tmp_path / "extra")),
         ImageNet22k(root=str(tmp_path / "in22k"), extra=str(tmp_path / "extra22k")),
@@ -125,7 +121,7 @@ def test_an_image_folder_root_that_is_a_file_is_refused_as_no_directory(tmp_path
 
 
 def test_a_file_list_line_with_a_label_but_no_path_is_refused_with_its_line(tmp_path):
-    _jpeg(tmp_path / "a.jpg")
+    _write(tmp_path / "a.jpg")
     (tmp_path / "list.txt").write_text(f"{tmp_path / 'a.jpg'},0\n,1\n")
     with pytest.raises(ValueError, match=r"list\.txt:2: missing image path before the label"):
         FileList(str(tmp_path / "list.txt"))
@@ -133,7 +129,7 @@ def test_a_file_list_line_with_a_label_but_no_path_is_refused_with_its_line(tmp_
 
 def test_an_image_folder_describes_its_root_and_counts(tmp_path):
     for name in ("cat/a.jpg", "cat/b.jpg", "dog/c.jpg"):
-        _jpeg(tmp_path / name)
+        _write(tmp_path / name)
     assert repr(ImageFolder(str(tmp_path))) == f"ImageFolder(root={str(tmp_path)!r}, images=3, classes=2)"
 
 
